@@ -1,0 +1,12 @@
+"""act_kernels: fused CUDA and Triton kernels for Adaptive Computation Time.
+
+    import act_kernels as ak
+    out = ak.ponder(step_fn, state, weight, bias, max_steps=100, eps=0.01)
+"""
+from . import reference
+from .api import ponder
+from .backends import available_backends
+from .output import HaltingProbs, PonderOutput
+
+__version__ = "0.1.0"
+__all__ = ["ponder", "reference", "available_backends", "PonderOutput", "HaltingProbs", "__version__"]

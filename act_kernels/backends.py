@@ -1,0 +1,76 @@
+"""Which backends can serve a call, and the dispatch of `backend="auto"`."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+from typing import List
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@lru_cache(maxsize=None)
+def cuda_extension_error() -> str:
+    """Empty when `act_kernels._C` imports; otherwise why it does not."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as exc:
+        return f"the CUDA extension act_kernels._C is not built ({exc})"
+    return ""
+
+
+def available_backends() -> List[str]:
+    """Backends that can run on this machine, e.g. ["reference", "triton", "cuda"]."""
+    out = ["reference"]
+    if _triton_importable() and (torch.cuda.is_available() or triton_interpreted()):
+        out.append("triton")
+    if not cuda_extension_error() and torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+def why_unavailable(backend: str, device: torch.device) -> str:
+    """Empty when `backend` can serve tensors on `device`; otherwise the reason."""
+    if backend == "reference":
+        return ""
+    if backend == "triton":
+        if not _triton_importable():
+            return "the triton backend needs the triton package (pip install triton)"
+        if device.type == "cuda":
+            return ""
+        if device.type == "cpu" and triton_interpreted():
+            return ""
+        return (f"the triton backend needs CUDA tensors (got {device.type}); on the CPU it runs "
+                "only under TRITON_INTERPRET=1")
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got tensors on {device.type}"
+        return cuda_extension_error()
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend for a call; raises a clear error if it cannot serve it."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        if device.type == "cuda":
+            for candidate in ("cuda", "triton"):
+                if not why_unavailable(candidate, device):
+                    return candidate
+        return "reference"
+    reason = why_unavailable(backend, device)
+    if reason:
+        raise RuntimeError(reason)
+    return backend

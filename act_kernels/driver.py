@@ -1,0 +1,171 @@
+"""The ragged ponder loop that runs on the fused kernels (DESIGN §2-§3).
+
+At step n the step function sees only the A_n rows still running. After it,
+one fused halting-step launch evaluates the halting unit, decides which rows
+halt, and accumulates p * s into the mean-field state; the survivors are
+compacted for the next step. Nothing is sized B * max_steps.
+
+Autograd: the step function's own graph carries gradients from step to step;
+`_RaggedCombine` attaches the backward of S = sum p s and rho = N + R to the
+per-step states, weight and bias, and runs it as one combine-backward launch
+over all T packed rows.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, NamedTuple, Sequence, Tuple
+
+import torch
+
+from ._validation import accumulation_dtype, as_state_tuple, check_ponder_args, check_step_output
+from .ops.ragged import packed_step_index
+from .output import HaltingProbs, PonderOutput
+
+
+class Kernels(NamedTuple):
+    """One backend's implementations of the two kernel contracts."""
+
+    halting_step: Callable
+    combine_backward: Callable
+
+
+class _Saved:
+    """What the loop produced, handed to the autograd Function untouched."""
+
+    def __init__(self, mean_field, ponder_cost, p, h, batch_index, steps, counts, kernels, dtype):
+        self.mean_field = mean_field
+        self.ponder_cost = ponder_cost
+        self.p, self.h, self.batch_index, self.steps = p, h, batch_index, steps
+        self.counts = counts
+        self.kernels = kernels
+        self.dtype = dtype
+
+
+class _RaggedCombine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, saved: _Saved, weight, bias, *step_states):
+        # The fused forward already ran inside the ponder loop (it has to
+        # interleave with the step function); this only exposes its results.
+        ctx.saved = saved
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
+        ctx.save_for_backward(weight, *step_states)
+        outs = tuple(m.to(saved.dtype) for m in saved.mean_field)
+        return (*outs, saved.ponder_cost)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved: _Saved = ctx.saved
+        weight, *step_states = ctx.saved_tensors
+        n_comp = len(saved.mean_field)
+        n_steps = len(saved.counts)
+        acc = saved.p.dtype
+        grad_states = list(grads[:n_comp])
+        grad_ponder = grads[n_comp]
+        for k, g in enumerate(grad_states):
+            if g is None:
+                grad_states[k] = torch.zeros_like(saved.mean_field[k], dtype=saved.dtype)
+        if grad_ponder is None:
+            grad_ponder = torch.zeros_like(saved.ponder_cost)
+        grad_ponder = grad_ponder.contiguous()
+
+        per_step = [step_states[n * n_comp:(n + 1) * n_comp] for n in range(n_steps)]
+        rows = torch.split(saved.batch_index, saved.counts)
+        p_rows = torch.split(saved.p, saved.counts)
+
+        # Further tensors of a tuple state are mean-fielded with the same p:
+        # their <gS', s'> joins the halting gradient, and gs' = p gS'.
+        extra_dot = None
+        extra_grads: List[List[torch.Tensor]] = [[] for _ in range(n_steps)]
+        if n_comp > 1:
+            dots = []
+            for n in range(n_steps):
+                d = torch.zeros(saved.counts[n], dtype=acc, device=saved.p.device)
+                for k in range(1, n_comp):
+                    g = grad_states[k].to(acc)[rows[n]]
+                    d = d + (g * per_step[n][k].to(acc)).sum(-1)
+                    extra_grads[n].append((p_rows[n][:, None] * g).to(saved.dtype))
+                dots.append(d)
+            extra_dot = torch.cat(dots)
+
+        gs, gw, gc = saved.kernels.combine_backward(
+            [s[0] for s in per_step], saved.batch_index, saved.p, saved.h, saved.steps,
+            grad_states[0], grad_ponder, weight.detach().reshape(-1).contiguous(), extra_dot,
+        )
+        gs_rows = torch.split(gs, saved.counts)
+        flat = []
+        for n in range(n_steps):
+            flat.append(gs_rows[n])
+            flat.extend(extra_grads[n])
+        gw = gw.to(ctx.weight_dtype).reshape(ctx.weight_shape)
+        gc = gc.to(ctx.bias_dtype).reshape(ctx.bias_shape)
+        return (None, gw, gc, *flat)
+
+
+def _unit_column_stride(t: torch.Tensor) -> torch.Tensor:
+    # Row strides are passed to the kernels; only a strided feature dim is copied.
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
+def ragged_ponder(
+    kernels: Kernels,
+    step_fn: Callable,
+    state,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    max_steps: int = 100,
+    eps: float = 0.01,
+) -> PonderOutput:
+    """`ponder` on the fused kernels of one backend; same contract as the reference."""
+    states, was_tuple = as_state_tuple(state)
+    check_ponder_args(states, weight, bias, max_steps, eps)
+    states = tuple(_unit_column_stride(s) for s in states)
+    batch, device, dtype = states[0].shape[0], states[0].device, states[0].dtype
+    acc = accumulation_dtype(dtype)
+    w = weight.detach().reshape(-1).contiguous()
+    c = bias.detach().reshape(1)
+    threshold = torch.full((1,), 1.0 - eps, dtype=acc, device=device)
+
+    running_sum = torch.zeros(batch, dtype=acc, device=device)
+    steps = torch.zeros(batch, dtype=torch.int64, device=device)
+    remainder = torch.zeros(batch, dtype=acc, device=device)
+    mean_field = [torch.zeros(s.shape, dtype=acc, device=device) for s in states]
+    active = torch.arange(batch, device=device)
+    current: Sequence[torch.Tensor] = states
+    step_states: List[torch.Tensor] = []
+    ps, hs, rows, counts = [], [], [], []
+
+    for n in range(1, max_steps + 1):
+        given = tuple(current) if was_tuple else current[0]
+        new = check_step_output(step_fn(given, n, active), states, active.numel(), n)
+        new = tuple(_unit_column_stride(t) for t in new)
+        p, h, halted = kernels.halting_step(
+            new[0].detach(), active, w, c, threshold,
+            running_sum, mean_field[0], steps, remainder, n, max_steps,
+        )
+        for m, t in zip(mean_field[1:], new[1:]):
+            m.index_add_(0, active, p[:, None] * t.detach().to(acc))
+        step_states.extend(new)
+        ps.append(p)
+        hs.append(h)
+        rows.append(active)
+        counts.append(active.numel())
+
+        keep = torch.nonzero(~halted).squeeze(1)  # the one host sync per step: A_{n+1}
+        if keep.numel() == 0:
+            break
+        active = active[keep]
+        current = tuple(t[keep] for t in new)
+
+    p_all, h_all, batch_index = torch.cat(ps), torch.cat(hs), torch.cat(rows)
+    ponder_cost = steps.to(acc) + remainder
+    saved = _Saved(mean_field, ponder_cost, p_all, h_all, batch_index, steps, counts, kernels, dtype)
+    *out_states, ponder_cost = _RaggedCombine.apply(saved, weight, bias, *step_states)
+    step_index = packed_step_index(counts, device)
+    return PonderOutput(
+        state=tuple(out_states) if was_tuple else out_states[0],
+        ponder_cost=ponder_cost,
+        steps=steps,
+        remainder=remainder,
+        halting_probs=HaltingProbs(p_all, batch_index, step_index, batch),
+    )

@@ -1,0 +1,189 @@
+"""Triton kernels for the two contracts of DESIGN §3, and their launchers.
+
+Both kernels hold a whole state row in registers (BLOCK_H = next power of two
+of H): the halting unit needs the full dot product w.s before it knows p, and
+then needs s again for the accumulation, so keeping the row avoids a second
+read from global memory. z, h, the running sum and all accumulation are done
+in the accumulation dtype (float32; float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .ragged import row_offsets, rows_by_batch
+
+MAX_HIDDEN = 32768
+
+
+def _block_and_warps(hidden: int) -> Tuple[int, int]:
+    if hidden > MAX_HIDDEN:
+        raise ValueError(f"the triton backend supports H <= {MAX_HIDDEN}, got H = {hidden}")
+    block = triton.next_power_of_2(hidden)
+    return block, min(max(block // 256, 1), 16)
+
+
+@triton.jit(do_not_specialize=["step", "max_steps"])
+def _halting_step_kernel(
+    s_ptr, stride_s, active_ptr, w_ptr, c_ptr, thr_ptr,
+    running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr,
+    p_ptr, h_ptr, halted_ptr,
+    H, step, max_steps,
+    BLOCK_H: tl.constexpr,
+):
+    ACC = running_ptr.dtype.element_ty
+    i_a = tl.program_id(0).to(tl.int64)
+    i_b = tl.load(active_ptr + i_a)
+    o_h = tl.arange(0, BLOCK_H)
+    m_h = o_h < H
+
+    b_s = tl.load(s_ptr + i_a * stride_s + o_h, mask=m_h, other=0.0).to(ACC)
+    b_w = tl.load(w_ptr + o_h, mask=m_h, other=0.0).to(ACC)
+    b_z = tl.sum(b_s * b_w, axis=0) + tl.load(c_ptr).to(ACC)
+    b_h = 1.0 / (1.0 + tl.exp(-b_z))
+
+    # Halting test of DESIGN §1: running sum of the earlier h plus this h, in ACC.
+    b_r = tl.load(running_ptr + i_b)
+    b_halt = (b_r + b_h >= tl.load(thr_ptr)) | (step >= max_steps)
+    b_p = tl.where(b_halt, 1.0 - b_r, b_h)
+    tl.store(running_ptr + i_b, tl.where(b_halt, b_r, b_r + b_h))
+    tl.store(steps_ptr + i_b, step.to(tl.int64), mask=b_halt)
+    tl.store(rem_ptr + i_b, b_p, mask=b_halt)
+
+    p_acc = acc_ptr + i_b * stride_acc + o_h
+    tl.store(p_acc, tl.load(p_acc, mask=m_h, other=0.0) + b_p * b_s, mask=m_h)
+    tl.store(p_ptr + i_a, b_p)
+    tl.store(h_ptr + i_a, b_h)
+    tl.store(halted_ptr + i_a, b_halt)
+
+
+def halting_step(
+    state: torch.Tensor,
+    active: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    threshold: torch.Tensor,
+    running_sum: torch.Tensor,
+    accumulator: torch.Tensor,
+    steps: torch.Tensor,
+    remainder: torch.Tensor,
+    step: int,
+    max_steps: int,
+):
+    """Triton twin of `act_kernels.reference.halting_step` (same contract)."""
+    num_active, hidden = state.shape
+    acc = running_sum.dtype
+    p = torch.empty(num_active, dtype=acc, device=state.device)
+    h = torch.empty(num_active, dtype=acc, device=state.device)
+    halted = torch.empty(num_active, dtype=torch.bool, device=state.device)
+    if num_active == 0:
+        return p, h, halted
+    block, warps = _block_and_warps(hidden)
+    _halting_step_kernel[(num_active,)](
+        state, state.stride(0), active, weight, bias, threshold,
+        running_sum, accumulator, accumulator.stride(0), steps, remainder,
+        p, h, halted,
+        hidden, step, max_steps,
+        BLOCK_H=block, num_warps=warps,
+    )
+    return p, h, halted
+
+
+@triton.jit
+def _combine_backward_kernel(
+    base_ptr, row_off_ptr, order_ptr, first_ptr, steps_ptr,
+    p_ptr, h_ptr, extra_ptr, gS_ptr, stride_gS, grho_ptr, w_ptr,
+    gs_ptr, gw_part_ptr, gc_part_ptr,
+    B, H,
+    HAS_EXTRA: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    ACC = p_ptr.dtype.element_ty
+    i_p = tl.program_id(0)
+    n_p = tl.num_programs(0)
+    o_h = tl.arange(0, BLOCK_H)
+    m_h = o_h < H
+    b_w = tl.load(w_ptr + o_h, mask=m_h, other=0.0).to(ACC)
+    b_gw = tl.zeros([BLOCK_H], dtype=ACC)
+    b_gc = tl.sum(tl.zeros([BLOCK_H], dtype=ACC), axis=0)
+
+    # One program walks whole batch rows: gS_b and <gS_b, s^N_b> are loaded
+    # once per batch row, not once per packed row.
+    for i_b in range(i_p, B, n_p):
+        bos = tl.load(first_ptr + i_b)
+        n_b = tl.load(steps_ptr + i_b)
+        b_g = tl.load(gS_ptr + tl.cast(i_b, tl.int64) * stride_gS + o_h, mask=m_h, other=0.0).to(ACC)
+        t_last = tl.load(order_ptr + bos + n_b - 1)
+        b_last = tl.load(base_ptr + tl.load(row_off_ptr + t_last) + o_h, mask=m_h, other=0.0).to(ACC)
+        d_last = tl.sum(b_g * b_last, axis=0) + tl.load(grho_ptr + i_b).to(ACC)
+        if HAS_EXTRA:
+            d_last += tl.load(extra_ptr + t_last).to(ACC)
+        for k in range(0, n_b - 1):
+            t = tl.load(order_ptr + bos + k)
+            b_s = tl.load(base_ptr + tl.load(row_off_ptr + t) + o_h, mask=m_h, other=0.0).to(ACC)
+            b_dot = tl.sum(b_g * b_s, axis=0)
+            if HAS_EXTRA:
+                b_dot += tl.load(extra_ptr + t).to(ACC)
+            b_hv = tl.load(h_ptr + t)
+            b_gz = (b_dot - d_last) * b_hv * (1.0 - b_hv)
+            b_gs = tl.load(p_ptr + t) * b_g + b_gz * b_w
+            tl.store(gs_ptr + t * H + o_h, b_gs.to(gs_ptr.dtype.element_ty), mask=m_h)
+            b_gw += b_gz * b_s
+            b_gc += b_gz
+        # The last step's weight is the remainder: no path through its h.
+        b_gs_last = tl.load(p_ptr + t_last) * b_g
+        tl.store(gs_ptr + t_last * H + o_h, b_gs_last.to(gs_ptr.dtype.element_ty), mask=m_h)
+
+    tl.store(gw_part_ptr + i_p * H + o_h, b_gw, mask=m_h)
+    tl.store(gc_part_ptr + i_p, b_gc)
+
+
+def _num_programs(batch: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(batch, 8 * sms))
+    return max(1, min(batch, 4))  # the CPU interpreter runs programs one by one
+
+
+def combine_backward(
+    states: Sequence[torch.Tensor],
+    batch_index: torch.Tensor,
+    p: torch.Tensor,
+    h: torch.Tensor,
+    steps: torch.Tensor,
+    grad_state: torch.Tensor,
+    grad_ponder: torch.Tensor,
+    weight: torch.Tensor,
+    extra_dot: Optional[torch.Tensor] = None,
+):
+    """Triton twin of `act_kernels.reference.combine_backward` (same contract).
+
+    gw and gc are reduced deterministically: each program owns a fixed set of
+    batch rows and writes its partial sum; the partials are summed in a fixed
+    order afterwards, so the same inputs give bitwise the same gradients.
+    """
+    hidden = states[0].shape[1]
+    batch = steps.shape[0]
+    device = states[0].device
+    acc = p.dtype
+    base, offsets = row_offsets(states)
+    order, first = rows_by_batch(batch_index, steps)
+    if grad_state.stride(-1) != 1:
+        grad_state = grad_state.contiguous()
+    total = p.shape[0]
+    gs = torch.empty(total, hidden, dtype=base.dtype, device=device)
+    programs = _num_programs(batch, device)
+    gw_part = torch.empty(programs, hidden, dtype=acc, device=device)
+    gc_part = torch.empty(programs, dtype=acc, device=device)
+    block, warps = _block_and_warps(hidden)
+    _combine_backward_kernel[(programs,)](
+        base, offsets, order, first, steps,
+        p, h, extra_dot if extra_dot is not None else p, grad_state, grad_state.stride(0),
+        grad_ponder, weight,
+        gs, gw_part, gc_part,
+        batch, hidden,
+        HAS_EXTRA=extra_dot is not None, BLOCK_H=block, num_warps=warps,
+    )
+    return gs, gw_part.sum(0), gc_part.sum()
