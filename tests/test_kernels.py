@@ -1,0 +1,125 @@
+"""The kernel contracts (DESIGN §3) called directly, against their reference twins."""
+import pytest
+import torch
+
+from act_kernels import reference
+from act_kernels.ops import get_kernels
+from backends import KERNEL_BACKENDS
+from helpers import DEVICE, assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def halting_inputs(batch, hidden, active, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    state = torch.randn(len(active), hidden, generator=g).to(DEVICE, dtype)
+    weight = (torch.randn(hidden, generator=g) / hidden ** 0.5).to(DEVICE, dtype)
+    buffers = dict(
+        running_sum=(torch.rand(batch, generator=g) * 0.9).to(DEVICE, acc),
+        accumulator=torch.randn(batch, hidden, generator=g).to(DEVICE, acc),
+        steps=torch.zeros(batch, dtype=torch.int64, device=DEVICE),
+        remainder=torch.zeros(batch, dtype=acc, device=DEVICE),
+    )
+    return dict(
+        state=state,
+        active=torch.tensor(active, dtype=torch.int64, device=DEVICE),
+        weight=weight,
+        bias=torch.tensor([bias], dtype=dtype, device=DEVICE),
+        threshold=torch.tensor([0.99], dtype=acc, device=DEVICE),
+    ), buffers
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [1, 7, 64, 100])
+@pytest.mark.parametrize("active,step,max_steps", [
+    ([0, 2, 3, 6], 3, 10),
+    ([1], 1, 1),                      # last allowed step: everything halts
+    ([], 4, 10),                      # A_n = 0
+    (list(range(8)), 2, 10),
+])
+def test_halting_step(backend, dtype, hidden, active, step, max_steps):
+    kernel = get_kernels(backend).halting_step
+    args, buffers = halting_inputs(8, hidden, active, dtype, bias=0.5)
+    ref_buffers = {k: v.clone() for k, v in buffers.items()}
+    p, h, halted = kernel(**args, **buffers, step=step, max_steps=max_steps)
+    rp, rh, rhalted = reference.halting_step(**args, **ref_buffers, step=step, max_steps=max_steps)
+    assert torch.equal(halted, rhalted)
+    if max_steps == step:
+        assert bool(halted.all())
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for a, b, name in [(p, rp, "p"), (h, rh, "h")]:
+        assert a.dtype == acc_dtype
+        assert_close(a, b, torch.float32 if dtype != torch.float64 else dtype, name)
+    assert torch.equal(buffers["steps"], ref_buffers["steps"])
+    for name in ("running_sum", "accumulator", "remainder"):
+        assert_close(buffers[name], ref_buffers[name], acc_dtype, name)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_halting_step_mixed_decisions(backend):
+    """Rows on both sides of the threshold in one launch."""
+    kernel = get_kernels(backend).halting_step
+    args, buffers = halting_inputs(6, 4, list(range(6)), torch.float32, bias=0.0)
+    args["state"].zero_()  # z = bias = 0, h = 0.5 for every row
+    buffers["running_sum"] = torch.tensor([0.0, 0.2, 0.48, 0.49, 0.5, 0.9], device=DEVICE)
+    _, _, halted = kernel(**args, **buffers, step=2, max_steps=5)
+    assert halted.tolist() == [False, False, False, True, True, True]
+    torch.testing.assert_close(buffers["remainder"][3:], torch.tensor([0.51, 0.5, 0.1], device=DEVICE))
+    assert buffers["steps"].tolist() == [0, 0, 0, 2, 2, 2]
+
+
+def combine_inputs(counts, hidden, dtype, seed=0, strided=False):
+    """A packed ragged layout with `counts[n]` rows at step n."""
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    batch = counts[0]
+    alive = list(range(batch))
+    rows, steps = [], torch.zeros(batch, dtype=torch.int64)
+    states = []
+    for n, a in enumerate(counts, start=1):
+        perm = torch.randperm(len(alive), generator=g)[:a].sort().values
+        alive = [alive[i] for i in perm]
+        rows.append(torch.tensor(alive))
+        steps[alive] = n
+        if strided:  # row-strided step outputs: a slice of a wider tensor
+            states.append(torch.randn(a, hidden + 3, generator=g).to(DEVICE, dtype)[:, 1:hidden + 1])
+        else:
+            states.append(torch.randn(a, hidden, generator=g).to(DEVICE, dtype))
+    batch_index = torch.cat(rows).to(DEVICE)
+    total = batch_index.numel()
+    return dict(
+        states=states,
+        batch_index=batch_index,
+        p=torch.rand(total, generator=g).to(DEVICE, acc),
+        h=torch.rand(total, generator=g).to(DEVICE, acc),
+        steps=steps.to(DEVICE),
+        grad_state=torch.randn(batch, hidden, generator=g).to(DEVICE, dtype),
+        grad_ponder=torch.randn(batch, generator=g).to(DEVICE, acc),
+        weight=torch.randn(hidden, generator=g).to(DEVICE, dtype),
+    )
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("counts,hidden", [
+    ([1], 1),               # B = 1, one step
+    ([5], 33),              # every row halts at step 1
+    ([4, 4, 4, 4], 16),     # no row halts before the last step
+    ([9, 6, 3, 3, 1], 70),  # skewed
+])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("extra", [False, True])
+def test_combine_backward(backend, dtype, counts, hidden, strided, extra):
+    kernel = get_kernels(backend).combine_backward
+    args = combine_inputs(counts, hidden, dtype, strided=strided)
+    if extra:
+        args["extra_dot"] = torch.randn(args["p"].shape[0], dtype=args["p"].dtype, device=DEVICE)
+    gs, gw, gc = kernel(**args)
+    rgs, rgw, rgc = reference.combine_backward(**args)
+    assert gs.dtype == dtype and gs.shape == rgs.shape
+    tol_dtype = dtype if dtype in (torch.float64,) else torch.float32
+    assert_close(gs.float() if dtype != torch.float64 else gs, rgs, dtype, "gs")
+    assert_close(gw, rgw, tol_dtype, "gw")
+    assert_close(gc, rgc, tol_dtype, "gc")
