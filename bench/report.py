@@ -1,0 +1,84 @@
+"""Turns bench/results/*.json into the README's markdown tables (stdout) and a
+plot (bench/results/<device>.png).
+
+    python bench/report.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def kernel_table(data, group):
+    copy = data.get("copy_GBps")
+    lines = [f"| {group} | rows x H | dtype | median (us) | GB/s | % of copy |", "|---|---|---|---|---|---|"]
+    for r in (r for r in data["rows"] if r["group"] == group):
+        pct = f"{100 * r['GBps'] / copy:.0f} %" if copy else "n/a (no copy figure)"
+        lines.append(f"| {r['name']} | {r['rows']} x {r['hidden']} | {r['dtype'].replace('torch.', '')} "
+                     f"| {r['median_s'] * 1e6:.1f} | {r['GBps']:.1f} | {pct} |")
+    return "\n".join(lines)
+
+
+def ponder_table(data):
+    by_size = defaultdict(dict)
+    for r in (r for r in data["rows"] if r["group"] == "ponder_gru"):
+        by_size[(r["batch"], r["hidden"])][r["name"]] = r
+    lines = ["| B x H | impl | fwd+bwd (ms) | speedup vs padded | ideal (B max N / sum N) |",
+             "|---|---|---|---|---|"]
+    for (b, h), rows in sorted(by_size.items()):
+        base = rows.get("padded")
+        for name, r in rows.items():
+            speed = f"{base['median_s'] / r['median_s']:.2f} x" if base else "-"
+            lines.append(f"| {b} x {h} | {name} | {r['median_s'] * 1e3:.2f} | {speed} | {r['ideal_speedup']:.2f} x |")
+    return "\n".join(lines)
+
+
+def plot(data, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [r for r in data["rows"] if r["group"] == "ponder_gru"]
+    if not rows:
+        return
+    sizes = sorted({(r["batch"], r["hidden"]) for r in rows})
+    impls = sorted({r["name"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        ys = [next((r["median_s"] * 1e3 for r in rows if r["name"] == impl and (r["batch"], r["hidden"]) == s), 0)
+              for s in sizes]
+        ax.bar([k + i * width for k in range(len(sizes))], ys, width, label=impl)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(sizes))])
+    ax.set_xticklabels([f"B={b} H={h}" for b, h in sizes])
+    ax.set_ylabel("fwd+bwd ms (lower is better)")
+    ax.set_title(f"GRU ponder, skewed halting, {data['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    files = sorted(RESULTS.glob("*.json"))
+    if not files:
+        sys.exit("no results in bench/results/; run: pytest bench/ --benchmark-only")
+    for f in files:
+        data = json.loads(f.read_text())
+        print(f"### {data['device']} (torch {data['torch']}, triton {data['triton']}, "
+              f"commit {data['commit']}, {data['date'][:10]})\n")
+        if data.get("copy_GBps"):
+            print(f"Measured device copy bandwidth: {data['copy_GBps']:.0f} GB/s\n")
+        print(ponder_table(data) + "\n")
+        print(kernel_table(data, "halting_step") + "\n")
+        print(kernel_table(data, "combine_backward") + "\n")
+        plot(data, f.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
