@@ -89,7 +89,7 @@ class _RaggedCombine(torch.autograd.Function):
 
         gs, gw, gc = saved.kernels.combine_backward(
             [s[0] for s in per_step], saved.batch_index, saved.p, saved.h, saved.steps,
-            grad_states[0], grad_ponder, weight.detach().reshape(-1).contiguous(), extra_dot,
+            grad_states[0], grad_ponder, weight.detach().reshape(-1).to(acc).contiguous(), extra_dot,
         )
         gs_rows = torch.split(gs, saved.counts)
         flat = []
@@ -122,8 +122,9 @@ def ragged_ponder(
     states = tuple(_unit_column_stride(s) for s in states)
     batch, device, dtype = states[0].shape[0], states[0].device, states[0].dtype
     acc = accumulation_dtype(dtype)
-    w = weight.detach().reshape(-1).contiguous()
-    c = bias.detach().reshape(1)
+    # Cast once per call: every kernel reads w and c in the accumulation dtype.
+    w = weight.detach().reshape(-1).to(acc).contiguous()
+    c = bias.detach().reshape(1).to(acc)
     threshold = torch.full((1,), 1.0 - eps, dtype=acc, device=device)
 
     running_sum = torch.zeros(batch, dtype=acc, device=device)

@@ -1,0 +1,134 @@
+"""The CUDA extension act_kernels._C behind the two kernel contracts.
+
+Same signatures as `act_kernels.reference.halting_step` / `combine_backward`.
+The extension takes raw pointers, so every tensor is checked here: device,
+dtype, and unit column stride; outputs are allocated here.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .ragged import row_offsets, rows_by_batch
+
+try:
+    from .. import _C
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _C = None
+    _IMPORT_ERROR = exc
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _extension():
+    if _C is None:
+        raise RuntimeError(f"the CUDA extension act_kernels._C is not built ({_IMPORT_ERROR})")
+    return _C
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _check_cuda(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def halting_step(
+    state: torch.Tensor,
+    active: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    threshold: torch.Tensor,
+    running_sum: torch.Tensor,
+    accumulator: torch.Tensor,
+    steps: torch.Tensor,
+    remainder: torch.Tensor,
+    step: int,
+    max_steps: int,
+):
+    """CUDA twin of `act_kernels.reference.halting_step` (same contract)."""
+    ext = _extension()
+    device = state.device
+    acc = running_sum.dtype
+    num_active, hidden = state.shape
+    if state.dtype not in DTYPE_CODES:
+        raise TypeError(f"state dtype {state.dtype} is not supported")
+    if hidden > 1 and state.stride(1) != 1:
+        raise ValueError("state must have unit column stride")
+    for name, t in (("active", active), ("weight", weight), ("bias", bias), ("threshold", threshold),
+                    ("running_sum", running_sum), ("accumulator", accumulator), ("steps", steps),
+                    ("remainder", remainder)):
+        _check_cuda(name, t, device)
+    if accumulator.dtype != acc or remainder.dtype != acc or threshold.dtype != acc:
+        raise TypeError("running_sum, accumulator, remainder and threshold share the accumulation dtype")
+    if accumulator.stride(1) != 1:
+        raise ValueError("accumulator must have unit column stride")
+    weight = weight.to(acc).contiguous()
+    bias = bias.to(acc).contiguous()
+    active = active.contiguous()
+    p = torch.empty(num_active, dtype=acc, device=device)
+    h = torch.empty(num_active, dtype=acc, device=device)
+    halted = torch.empty(num_active, dtype=torch.bool, device=device)
+    if num_active == 0:
+        return p, h, halted
+    ext.halting_step(
+        state.data_ptr(), state.stride(0), active.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+        threshold.data_ptr(), running_sum.data_ptr(), accumulator.data_ptr(), accumulator.stride(0),
+        steps.data_ptr(), remainder.data_ptr(), p.data_ptr(), h.data_ptr(), halted.data_ptr(),
+        num_active, hidden, int(step), int(max_steps), DTYPE_CODES[state.dtype], _stream(device),
+    )
+    return p, h, halted
+
+
+def combine_backward(
+    states: Sequence[torch.Tensor],
+    batch_index: torch.Tensor,
+    p: torch.Tensor,
+    h: torch.Tensor,
+    steps: torch.Tensor,
+    grad_state: torch.Tensor,
+    grad_ponder: torch.Tensor,
+    weight: torch.Tensor,
+    extra_dot: Optional[torch.Tensor] = None,
+):
+    """CUDA twin of `act_kernels.reference.combine_backward` (same contract).
+
+    gw and gc are deterministic: one partial per row group, summed over the
+    groups in a fixed order by a second kernel."""
+    ext = _extension()
+    device = states[0].device
+    dtype = states[0].dtype
+    acc = p.dtype
+    hidden = states[0].shape[1]
+    batch = steps.shape[0]
+    base, offsets = row_offsets(states)
+    order, first = rows_by_batch(batch_index, steps)
+    if grad_state.dtype != dtype:
+        grad_state = grad_state.to(dtype)
+    if hidden > 1 and grad_state.stride(1) != 1:
+        grad_state = grad_state.contiguous()
+    grad_ponder = grad_ponder.to(acc).contiguous()
+    weight = weight.to(acc).contiguous()
+    p, h = p.contiguous(), h.contiguous()
+    if extra_dot is not None:
+        extra_dot = extra_dot.to(acc).contiguous()
+    vec = 16 // states[0].element_size()
+    rows_aligned = all(t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or t.stride(0) % vec == 0)
+                       for t in states)
+    groups = ext.combine_backward_groups(batch, hidden)
+    gs = torch.empty(p.shape[0], hidden, dtype=dtype, device=device)
+    gw_part = torch.empty(groups, hidden, dtype=acc, device=device)
+    gc_part = torch.empty(groups, dtype=acc, device=device)
+    gw = torch.empty(hidden, dtype=acc, device=device)
+    gc = torch.empty((), dtype=acc, device=device)
+    ext.combine_backward(
+        base.data_ptr(), offsets.data_ptr(), order.data_ptr(), first.data_ptr(), steps.data_ptr(),
+        p.data_ptr(), h.data_ptr(), 0 if extra_dot is None else extra_dot.data_ptr(),
+        grad_state.data_ptr(), grad_state.stride(0), grad_ponder.data_ptr(), weight.data_ptr(),
+        gs.data_ptr(), gw_part.data_ptr(), gc_part.data_ptr(), gw.data_ptr(), gc.data_ptr(),
+        batch, hidden, groups, rows_aligned, DTYPE_CODES[dtype], _stream(device),
+    )
+    return gs, gw, gc

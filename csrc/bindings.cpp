@@ -1,0 +1,94 @@
+// pybind11 module act_kernels._C: the two kernels, called with raw device
+// pointers (as integers), sizes, strides, a dtype code and the CUDA stream.
+// No libtorch: one build serves every torch version. Errors surface as
+// Python RuntimeError / ValueError.
+#include <pybind11/pybind11.h>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename P> P* ptr(uintptr_t v) { return reinterpret_cast<P*>(v); }
+
+void halting_step(uintptr_t state, int64_t state_row_stride, uintptr_t active, uintptr_t weight,
+                  uintptr_t bias, uintptr_t threshold, uintptr_t running_sum, uintptr_t accumulator,
+                  int64_t acc_row_stride, uintptr_t steps, uintptr_t remainder, uintptr_t p,
+                  uintptr_t h, uintptr_t halted, int64_t num_active, int64_t hidden, int64_t step,
+                  int64_t max_steps, int dtype, uintptr_t stream) {
+  act::HaltingStepParams params{};
+  params.state = ptr<const void>(state);
+  params.state_row_stride = state_row_stride;
+  params.active = ptr<const int64_t>(active);
+  params.weight = ptr<const void>(weight);
+  params.bias = ptr<const void>(bias);
+  params.threshold = ptr<const void>(threshold);
+  params.running_sum = ptr<void>(running_sum);
+  params.accumulator = ptr<void>(accumulator);
+  params.acc_row_stride = acc_row_stride;
+  params.steps = ptr<int64_t>(steps);
+  params.remainder = ptr<void>(remainder);
+  params.p = ptr<void>(p);
+  params.h = ptr<void>(h);
+  params.halted = ptr<bool>(halted);
+  params.num_active = num_active;
+  params.hidden = hidden;
+  params.step = step;
+  params.max_steps = max_steps;
+  act::halting_step(params, dtype, reinterpret_cast<cudaStream_t>(stream));
+}
+
+int64_t combine_backward(uintptr_t base, uintptr_t row_offsets, uintptr_t order, uintptr_t first,
+                         uintptr_t steps, uintptr_t p, uintptr_t h, uintptr_t extra_dot,
+                         uintptr_t grad_state, int64_t grad_state_row_stride, uintptr_t grad_ponder,
+                         uintptr_t weight, uintptr_t grad_states, uintptr_t grad_weight_partial,
+                         uintptr_t grad_bias_partial, uintptr_t grad_weight, uintptr_t grad_bias,
+                         int64_t batch, int64_t hidden, int64_t num_groups, bool rows_aligned_16,
+                         int dtype, uintptr_t stream) {
+  act::CombineBackwardParams params{};
+  params.base = ptr<const void>(base);
+  params.row_offsets = ptr<const int64_t>(row_offsets);
+  params.order = ptr<const int64_t>(order);
+  params.first = ptr<const int64_t>(first);
+  params.steps = ptr<const int64_t>(steps);
+  params.p = ptr<const void>(p);
+  params.h = ptr<const void>(h);
+  params.extra_dot = ptr<const void>(extra_dot);  // 0 -> nullptr: no tuple-state term
+  params.grad_state = ptr<const void>(grad_state);
+  params.grad_state_row_stride = grad_state_row_stride;
+  params.grad_ponder = ptr<const void>(grad_ponder);
+  params.weight = ptr<const void>(weight);
+  params.grad_states = ptr<void>(grad_states);
+  params.grad_weight_partial = ptr<void>(grad_weight_partial);
+  params.grad_bias_partial = ptr<void>(grad_bias_partial);
+  params.grad_weight = ptr<void>(grad_weight);
+  params.grad_bias = ptr<void>(grad_bias);
+  params.batch = batch;
+  params.hidden = hidden;
+  params.num_groups = num_groups;
+  params.rows_aligned_16 = rows_aligned_16;
+  act::combine_backward(params, dtype, reinterpret_cast<cudaStream_t>(stream));
+  return params.num_groups;
+}
+
+int64_t combine_backward_groups(int64_t batch, int64_t hidden) {
+  return act::combine_backward_groups(batch, hidden);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "act_kernels CUDA kernels (raw-pointer interface; see act_kernels/ops/cuda_kernels.py)";
+  m.def("halting_step", &halting_step, "Fused ACT halting step over the active rows");
+  m.def("combine_backward", &combine_backward, "Fused ACT combine backward over the packed rows");
+  m.def("combine_backward_groups", &combine_backward_groups,
+        "Number of row groups (gw partial rows) the combine backward uses for (B, H)");
+  py::register_exception_translator([](std::exception_ptr e) {
+    try {
+      if (e) std::rethrow_exception(e);
+    } catch (const std::invalid_argument& err) {
+      PyErr_SetString(PyExc_ValueError, err.what());
+    }
+  });
+}
