@@ -1,0 +1,62 @@
+"""A task network: one ACT recurrent layer and a linear read-out, run on
+packed variable-length sequences so padding is never computed."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .nn import ACTLSTM, ACTRNN
+from .tasks import Batch, Task
+
+
+class TaskOutput(NamedTuple):
+    logits: Tensor       # (L, B, heads, classes)
+    ponder_cost: Tensor  # (L, B), zero past each sequence's length
+    steps: Tensor        # (L, B) int64, zero past each sequence's length
+
+
+class TaskModel(nn.Module):
+    """The paper's network for `task`; `fixed_steps=True` gives the same network
+    with exactly one computation step per input (ACT with max_steps = 1)."""
+
+    def __init__(self, task: Task, hidden: int, *, max_steps: int, eps: float = 0.01,
+                 backend: str = "auto", fixed_steps: bool = False, halting_bias_init: float = 1.0):
+        super().__init__()
+        layer = ACTRNN if task.cell == "rnn" else ACTLSTM
+        self.task = task
+        self.rnn = layer(task.input_size, hidden, max_steps=1 if fixed_steps else max_steps, eps=eps,
+                         backend=backend, halting_bias_init=halting_bias_init)
+        self.readout = nn.Linear(hidden, task.heads * task.classes)
+
+    def forward(self, batch: Batch) -> TaskOutput:
+        L = batch.inputs.shape[0]
+        packed = pack_padded_sequence(batch.inputs, batch.lengths.cpu(), enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        hidden, _ = pad_packed_sequence(out, total_length=L)
+
+        def pad(values: Tensor) -> Tensor:
+            as_packed = PackedSequence(values[:, None], out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+            return pad_packed_sequence(as_packed, total_length=L)[0][..., 0]
+
+        logits = self.readout(hidden).reshape(L, -1, self.task.heads, self.task.classes)
+        return TaskOutput(logits, pad(self.rnn.ponder_cost), pad(self.rnn.steps))
+
+
+def task_loss(out: TaskOutput, batch: Batch, tau: float) -> Tensor:
+    """Cross-entropy over the steps with targets, plus tau times the ponder
+    cost summed over each sequence's time steps, averaged over the batch."""
+    logits = out.logits[batch.mask]                     # (targets, heads, classes)
+    targets = batch.targets[batch.mask]
+    ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    ponder = out.ponder_cost.sum(0).mean()  # zero past each length
+    return ce + tau * ponder
+
+
+@torch.no_grad()
+def sequence_errors(out: TaskOutput, batch: Batch) -> Tensor:
+    """(B,) bool: a sequence is wrong if any of its outputs is (the paper's metric)."""
+    wrong = (out.logits.argmax(-1) != batch.targets).any(-1) & batch.mask
+    return wrong.any(0)
