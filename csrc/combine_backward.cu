@@ -19,7 +19,7 @@ combine_backward_kernel(const CombineBackwardParams p) {
   using A = typename AccOf<T>::type;
   constexpr int ROWS = THREADS == 32 ? 8 : 1;
   __shared__ A scratch[ROWS][THREADS / 32];
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int group = threadIdx.x / THREADS;
   const int lane = threadIdx.x % THREADS;
   const int64_t H = p.hidden;
@@ -48,27 +48,14 @@ combine_backward_kernel(const CombineBackwardParams p) {
     const int64_t t_last = p.order[bos + n_b - 1];
     const T* s_last = base + p.row_offsets[t_last];
 
-    A d = 0;
-    for (int64_t j = first_col; j < H; j += col_step) {
-      const Vec<T, VEC> gv = *reinterpret_cast<const Vec<T, VEC>*>(g + j);
-      const Vec<T, VEC> sv = *reinterpret_cast<const Vec<T, VEC>*>(s_last + j);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) d += load_as<A>(gv.v[k]) * load_as<A>(sv.v[k]);
-    }
-    d = row_sum<THREADS>(d, scratch[group]) + static_cast<const A*>(p.grad_ponder)[b];
+    A d = row_sum<THREADS>(partial_dot<A, T, THREADS, VEC>(g, s_last, H, lane), scratch[group]) +
+          static_cast<const A*>(p.grad_ponder)[b];
     if (extra != nullptr) d += extra[t_last];
 
     for (int64_t k_step = 0; k_step + 1 < n_b; ++k_step) {
       const int64_t t = p.order[bos + k_step];
       const T* s = base + p.row_offsets[t];
-      A dot = 0;
-      for (int64_t j = first_col; j < H; j += col_step) {
-        const Vec<T, VEC> gv = *reinterpret_cast<const Vec<T, VEC>*>(g + j);
-        const Vec<T, VEC> sv = *reinterpret_cast<const Vec<T, VEC>*>(s + j);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) dot += load_as<A>(gv.v[k]) * load_as<A>(sv.v[k]);
-      }
-      dot = row_sum<THREADS>(dot, scratch[group]);
+      A dot = row_sum<THREADS>(partial_dot<A, T, THREADS, VEC>(g, s, H, lane), scratch[group]);
       if (extra != nullptr) dot += extra[t];
       const A hv = hh[t];
       const A gz = (dot - d) * hv * (A(1) - hv);
@@ -123,10 +110,6 @@ __global__ void reduce_partials_kernel(const CombineBackwardParams p) {
     for (int64_t g = 0; g < p.num_groups; ++g) total += static_cast<const A*>(p.grad_bias_partial)[g];
     *static_cast<A*>(p.grad_bias) = total;
   }
-}
-
-bool aligned(const void* ptr, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
 int device_sms() {

@@ -111,7 +111,24 @@ __device__ __forceinline__ A row_sum(A v, A* scratch) {
   }
 }
 
+// This thread's share of <a, b> over a row of H elements (VEC per access);
+// the caller reduces it over the row group with row_sum.
+template <typename A, typename T, int THREADS, int VEC>
+__device__ __forceinline__ A partial_dot(const T* a, const T* b, int64_t H, int lane) {
+  A acc = 0;
+  for (int64_t j = static_cast<int64_t>(lane) * VEC; j < H; j += THREADS * VEC) {
+    const Vec<T, VEC> av = *reinterpret_cast<const Vec<T, VEC>*>(a + j);
+    const Vec<T, VEC> bv = *reinterpret_cast<const Vec<T, VEC>*>(b + j);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc += load_as<A>(av.v[k]) * load_as<A>(bv.v[k]);
+  }
+  return acc;
+}
 #endif  // __CUDACC__
+
+inline bool aligned(const void* ptr, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
 
 // Runs `body` with T bound to the C++ type of `code`.
 #define ACT_DISPATCH_DTYPE(code, ...)                                   \

@@ -64,10 +64,6 @@ halting_step_kernel(const HaltingStepParams p) {
   }
 }
 
-bool aligned(const void* ptr, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
 template <typename T, int THREADS>
 void launch_threads(const HaltingStepParams& p, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
