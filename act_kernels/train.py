@@ -32,7 +32,7 @@ def parse_args(argv=None):
                    help="task and network size (default: paper on a GPU, small on the CPU)")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=INT",
                    help="override one task setting, e.g. --knob size=16 for parity")
-    p.add_argument("--iterations", type=int, default=3000)
+    p.add_argument("--iterations", type=int, default=15000)
     p.add_argument("--batch-size", type=int, default=None, help="default: the paper's for the task")
     p.add_argument("--hidden", type=int, default=None, help="default: the paper's (small: 64, parity 128)")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-4 (paper), 1e-3 (small)")
