@@ -12,7 +12,7 @@ over all T packed rows.
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Sequence
 
 import torch
 
@@ -28,16 +28,18 @@ class Kernels(NamedTuple):
     combine_backward: Callable
 
 
-class _Saved:
-    """What the loop produced, handed to the autograd Function untouched."""
+class _Saved(NamedTuple):
+    """What the loop produced, handed to the autograd Function."""
 
-    def __init__(self, mean_field, ponder_cost, p, h, batch_index, steps, counts, kernels, dtype):
-        self.mean_field = mean_field
-        self.ponder_cost = ponder_cost
-        self.p, self.h, self.batch_index, self.steps = p, h, batch_index, steps
-        self.counts = counts
-        self.kernels = kernels
-        self.dtype = dtype
+    mean_field: List[torch.Tensor]
+    ponder_cost: torch.Tensor
+    p: torch.Tensor
+    h: torch.Tensor
+    batch_index: torch.Tensor
+    steps: torch.Tensor
+    counts: List[int]
+    kernels: Kernels
+    dtype: torch.dtype
 
 
 class _RaggedCombine(torch.autograd.Function):
@@ -45,32 +47,35 @@ class _RaggedCombine(torch.autograd.Function):
     def forward(ctx, saved: _Saved, weight, bias, *step_states):
         # The fused forward already ran inside the ponder loop (it has to
         # interleave with the step function); this only exposes its results.
-        ctx.saved = saved
+        # The outputs are not kept on ctx (that would be a reference cycle
+        # through the graph): only their shapes.
+        ctx.counts, ctx.kernels, ctx.dtype = saved.counts, saved.kernels, saved.dtype
+        ctx.state_shapes = [m.shape for m in saved.mean_field]
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
         ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
-        ctx.save_for_backward(weight, *step_states)
+        ctx.save_for_backward(weight, saved.p, saved.h, saved.batch_index, saved.steps, *step_states)
         outs = tuple(m.to(saved.dtype) for m in saved.mean_field)
         return (*outs, saved.ponder_cost)
 
     @staticmethod
     def backward(ctx, *grads):
-        saved: _Saved = ctx.saved
-        weight, *step_states = ctx.saved_tensors
-        n_comp = len(saved.mean_field)
-        n_steps = len(saved.counts)
-        acc = saved.p.dtype
+        weight, p, h, batch_index, steps, *step_states = ctx.saved_tensors
+        counts = ctx.counts
+        n_comp = len(ctx.state_shapes)
+        n_steps = len(counts)
+        acc = p.dtype
         grad_states = list(grads[:n_comp])
         grad_ponder = grads[n_comp]
         for k, g in enumerate(grad_states):
             if g is None:
-                grad_states[k] = torch.zeros_like(saved.mean_field[k], dtype=saved.dtype)
+                grad_states[k] = torch.zeros(ctx.state_shapes[k], dtype=ctx.dtype, device=p.device)
         if grad_ponder is None:
-            grad_ponder = torch.zeros_like(saved.ponder_cost)
+            grad_ponder = torch.zeros(steps.shape, dtype=acc, device=p.device)
         grad_ponder = grad_ponder.contiguous()
 
         per_step = [step_states[n * n_comp:(n + 1) * n_comp] for n in range(n_steps)]
-        rows = torch.split(saved.batch_index, saved.counts)
-        p_rows = torch.split(saved.p, saved.counts)
+        rows = torch.split(batch_index, counts)
+        p_rows = torch.split(p, counts)
 
         # Further tensors of a tuple state are mean-fielded with the same p:
         # their <gS', s'> joins the halting gradient, and gs' = p gS'.
@@ -79,19 +84,19 @@ class _RaggedCombine(torch.autograd.Function):
         if n_comp > 1:
             dots = []
             for n in range(n_steps):
-                d = torch.zeros(saved.counts[n], dtype=acc, device=saved.p.device)
+                d = torch.zeros(counts[n], dtype=acc, device=p.device)
                 for k in range(1, n_comp):
                     g = grad_states[k].to(acc)[rows[n]]
                     d = d + (g * per_step[n][k].to(acc)).sum(-1)
-                    extra_grads[n].append((p_rows[n][:, None] * g).to(saved.dtype))
+                    extra_grads[n].append((p_rows[n][:, None] * g).to(ctx.dtype))
                 dots.append(d)
             extra_dot = torch.cat(dots)
 
-        gs, gw, gc = saved.kernels.combine_backward(
-            [s[0] for s in per_step], saved.batch_index, saved.p, saved.h, saved.steps,
+        gs, gw, gc = ctx.kernels.combine_backward(
+            [s[0] for s in per_step], batch_index, p, h, steps,
             grad_states[0], grad_ponder, weight.detach().reshape(-1).to(acc).contiguous(), extra_dot,
         )
-        gs_rows = torch.split(gs, saved.counts)
+        gs_rows = torch.split(gs, counts)
         flat = []
         for n in range(n_steps):
             flat.append(gs_rows[n])

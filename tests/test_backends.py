@@ -198,3 +198,21 @@ def test_unavailable_backend_names_what_is_missing():
         ak.ponder(TanhStep(3, 4, device="cpu"), s0, w, c, backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         ak.ponder(TanhStep(3, 4, device="cpu"), s0, w, c, backend="magic")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_outputs_free_without_garbage_collection(backend):
+    """The autograd Function keeps no reference cycle through its outputs:
+    dropping the result frees the state at once."""
+    import gc
+    import weakref
+
+    s0, w, c = make_problem(4, 6, torch.float32, -1.0)
+    gc.disable()
+    try:
+        out = ak.ponder(TanhStep(4, 6), s0, w, c, max_steps=5, backend=backend)
+        alive = weakref.ref(out.state)
+        del out
+        assert alive() is None
+    finally:
+        gc.enable()
