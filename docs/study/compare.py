@@ -45,7 +45,7 @@ def main(run_dirs):
     axes[1].set_ylim(bottom=0)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    out = Path(run_dirs[0]).parent / "compare.png"
+    out = Path(run_dirs[0]).parent / f"compare-{Path(run_dirs[0]).name}.png"
     fig.savefig(out, dpi=110)
     print(f"\n(figure: {out})")
 
