@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..backends import cuda_extension_error
 from . import get_kernels
+from .ragged import packed_step_index
 
 
 def _kernels_for(device: torch.device):
@@ -84,9 +85,7 @@ def combine(
     s = torch.cat([t.to(acc) for t in states])
     mean = torch.zeros(batch, s.shape[1], dtype=acc, device=s.device)
     mean.index_add_(0, batch_index, p[:, None] * s)
-    step_index = torch.repeat_interleave(
-        torch.arange(1, len(states) + 1, device=s.device),
-        torch.tensor([t.shape[0] for t in states], device=s.device))
+    step_index = packed_step_index([t.shape[0] for t in states], s.device)
     is_last = step_index == steps[batch_index]
     remainder = torch.zeros(batch, dtype=acc, device=s.device)
     remainder.index_add_(0, batch_index[is_last], p[is_last])
