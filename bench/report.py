@@ -27,13 +27,18 @@ def ponder_table(data):
     by_size = defaultdict(dict)
     for r in (r for r in data["rows"] if r["group"] == "ponder_gru"):
         by_size[(r["batch"], r["hidden"])][r["name"]] = r
-    lines = ["| B x H | impl | fwd+bwd (ms) | speedup vs padded | ideal (B max N / sum N) |",
-             "|---|---|---|---|---|"]
+    lines = ["| B x H | impl | fwd+bwd (ms) | speedup vs padded | ideal (B max N / sum N) | outside the step function |",
+             "|---|---|---|---|---|---|"]
     for (b, h), rows in sorted(by_size.items()):
         base = rows.get("padded")
+        step_only = rows.get("step_fn_only")
         for name, r in rows.items():
             speed = f"{base['median_s'] / r['median_s']:.2f} x" if base else "-"
-            lines.append(f"| {b} x {h} | {name} | {r['median_s'] * 1e3:.2f} | {speed} | {r['ideal_speedup']:.2f} x |")
+            outside = "-"
+            if step_only and name not in ("padded", "step_fn_only"):
+                outside = f"{100 * (1 - step_only['median_s'] / r['median_s']):.0f} %"
+            lines.append(f"| {b} x {h} | {name} | {r['median_s'] * 1e3:.2f} | {speed} "
+                         f"| {r['ideal_speedup']:.2f} x | {outside} |")
     return "\n".join(lines)
 
 

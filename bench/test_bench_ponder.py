@@ -140,3 +140,28 @@ def test_ponder_gru_fwd_bwd(benchmark, record, impl, batch, hidden):
     record("ponder_gru", impl, batch=batch, hidden=hidden, max_steps=20,
            ragged_rows=work.ragged_rows, padded_rows=work.padded_rows,
            ideal_speedup=work.padded_rows / work.ragged_rows)
+
+
+@pytest.mark.parametrize("batch,hidden", PONDER_SIZES)
+def test_ponder_gru_step_fn_only(benchmark, record, batch, hidden):
+    """The step function alone on the same ragged row counts (forward +
+    backward): what a ponder costs beyond it is halting, accumulation,
+    compaction and bookkeeping."""
+    work = GRUPonder(batch, hidden, max_steps=20, device=DEVICE)
+    actives = [torch.nonzero(work.target >= n).squeeze(1) for n in range(1, int(work.target.max()) + 1)]
+    params = [work.h0, *work.cell.parameters()]
+
+    def run():
+        state, outs = work.h0, []
+        for n, active in enumerate(actives, start=1):
+            keep = torch.searchsorted(actives[n - 2], active) if n > 1 else active
+            state = work.step(state[keep], n, active)
+            outs.append(state)
+        loss = sum(o.float().square().sum() for o in outs)
+        torch.autograd.grad(loss, params)
+        sync()
+
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2)
+    record("ponder_gru", "step_fn_only", batch=batch, hidden=hidden, max_steps=20,
+           ragged_rows=work.ragged_rows, padded_rows=work.padded_rows,
+           ideal_speedup=work.padded_rows / work.ragged_rows)
