@@ -42,6 +42,8 @@ def record(benchmark):
     just run, with the figures that describe it."""
 
     def _record(group, name, **figures):
+        if benchmark.stats is None:  # --benchmark-disable: the code ran once, untimed
+            pytest.skip("benchmarks disabled: no timing to record")
         stats = benchmark.stats.stats
         row = dict(group=group, name=name, median_s=stats.median, min_s=stats.min,
                    rounds=stats.rounds, **figures)

@@ -24,10 +24,9 @@ ROUNDS = 20 if GPU else 3
 
 
 def needs(backend):
-    reason = why_unavailable(backend, DEVICE) if backend != "twins" else ""
-    if backend in ("triton", "cuda") and not GPU:
-        reason = "GPU-only benchmark row"
-    return pytest.mark.skipif(bool(reason), reason=reason or "-")
+    """Skips a triton/cuda row without a GPU, or when that backend cannot run."""
+    reason = why_unavailable(backend, DEVICE) if GPU else "GPU-only benchmark row"
+    return pytest.mark.skipif(bool(reason), reason=reason or "available")
 
 
 KERNEL_IMPLS = [
