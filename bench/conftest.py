@@ -1,9 +1,13 @@
-"""Collects every benchmark's figures and writes bench/results/<device>.json
-(device, date, torch/triton versions, commit) at the end of the session."""
+"""Collects every benchmark's figures into bench/results/<device>.json (device,
+date, torch/triton versions, commit). The file is rewritten after every row,
+so a run cut short keeps what it measured, and rows from an earlier run on the
+same device are kept unless this run measures the same row again (so the
+kernel sweep and the end-to-end runs can be separate invocations)."""
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import re
 import subprocess
@@ -12,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# ACT_BENCH_RESULTS redirects the JSON (a device run writes straight to its output folder)
+RESULTS = Path(os.environ.get("ACT_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 _rows: list = []
 _meta: dict = {}
 
@@ -24,9 +29,12 @@ def device_name() -> str:
 
 
 def _commit() -> str:
+    # a copy of the tree without .git (a remote device run) passes it in
+    if os.environ.get("ACT_BENCH_COMMIT"):
+        return os.environ["ACT_BENCH_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=RESULTS.parent, stderr=subprocess.DEVNULL).strip()
+                                       cwd=Path(__file__).resolve().parent, stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
 
@@ -49,6 +57,7 @@ def record(benchmark):
                    rounds=stats.rounds, **figures)
         benchmark.extra_info.update(figures)
         _rows.append(row)
+        _write()
         return row
 
     return _record
@@ -59,26 +68,43 @@ def meta():
     return _meta
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if not _rows:
-        return
+def _row_key(row):
+    return tuple(sorted((k, v) for k, v in row.items() if k not in ("median_s", "min_s", "rounds", "GBps", "commit")))
+
+
+def _write():
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    device = device_name()
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    path = RESULTS / f"{slug}.json"
+    kept, meta = [], {}
+    if path.exists():
+        old = json.loads(path.read_text())
+        mine = {_row_key(r) for r in _rows}
+        kept = [r for r in old.get("rows", []) if _row_key(r) not in mine]
+        meta = {k: v for k, v in old.items() if k.endswith("_GBps")}
+    commit = _commit()
+    for r in _rows:
+        r.setdefault("commit", commit)
     out = dict(
-        device=device_name(),
+        device=device,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         torch=torch.__version__,
         triton=triton_version,
         cuda=torch.version.cuda,
-        commit=_commit(),
-        **_meta,
-        rows=_rows,
+        commit=commit,
+        **{**meta, **_meta},
+        rows=kept + _rows,
     )
     RESULTS.mkdir(exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", out["device"]).strip("-").lower()
-    path = RESULTS / f"{slug}.json"
     path.write_text(json.dumps(out, indent=1))
-    print(f"\nbenchmark results written to {path}")
+    return path
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _rows:
+        print(f"\nbenchmark results written to {_write()}")

@@ -1,7 +1,7 @@
 """Turns bench/results/*.json into the README's markdown tables (stdout) and a
 plot (bench/results/<device>.png).
 
-    python bench/report.py
+    python bench/report.py [results folder]
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results")
 
 
 def kernel_table(data, group):

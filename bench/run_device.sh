@@ -1,20 +1,60 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the CUDA extension, run the whole test suite
-# (every backend), then the benchmarks. Everything lands in $OUT (or
-# bench/results/ when OUT is unset): test log, benchmark JSON and report.
-#   bash bench/run_device.sh
+# On a GPU machine: build the CUDA extension, run the whole test suite (every
+# backend), the kernel bandwidth sweep, the end-to-end GRU ponder and
+# compute-sanitizer. Output goes to $OUT (or bench/results/ when OUT is unset):
+# build.log (device, versions, build), tests.log, bench.log, sanitize.log, the
+# results JSON (rewritten after every benchmark row), report.md and the plot.
+# Each phase has its own time limit, so a slow one cannot take the others'
+# output with it.
+#   bash bench/run_device.sh                      # every phase
+#   bash bench/run_device.sh build kernels        # some phases, in this order
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} > "$out/device.txt" 2>&1
-ACT_KERNELS_CUDA=1 pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1 || { tail -50 "$out/build.log"; exit 1; }
-python -m pytest -q -rs tests > "$out/tests.log" 2>&1; echo "tests exit $?" >> "$out/tests.log"
-tail -5 "$out/tests.log"
-python -m pytest -q bench --benchmark-only --benchmark-json="$out/pytest-benchmark.json" > "$out/bench.log" 2>&1
-tail -5 "$out/bench.log"
-cp bench/results/*.json "$out/" 2>/dev/null || true
-python bench/report.py > "$out/report.md" 2>&1
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(build tests kernels ponder sanitize)
+export PYTHONUNBUFFERED=1 ACT_BENCH_RESULTS="$out"
+# keep the earlier GPU rows: a run of some phases adds to them
+for f in bench/results/*.json; do
+  case "$f" in *cpu-*) ;; *) [ -e "$f" ] && [ "$out" != bench/results ] && cp "$f" "$out/" ;; esac
+done
+
+for phase in "${phases[@]}"; do
+  start=$SECONDS
+  case "$phase" in
+    build)
+      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+        "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+        nvcc --version | tail -2
+        ACT_KERNELS_CUDA=1 ACT_KERNELS_CUDA_ARCHS="${ACT_KERNELS_CUDA_ARCHS:-90}" MAX_JOBS=16 \
+          "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . ; } > "$out/build.log" 2>&1 \
+        || { tail -50 "$out/build.log"; exit 1; }
+      head -4 "$out/build.log" ;;
+    tests)
+      # xdist spreads Triton's compile time over the cores; the one GPU is shared
+      timeout "${TESTS_TIMEOUT:-200}" "$PY" -m pytest -q -rs -n 8 --timeout 120 -p no:cacheprovider \
+        ${TESTS_ARGS:-tests} > "$out/tests.log" 2>&1; echo "tests exit $?" >> "$out/tests.log"
+      tail -4 "$out/tests.log" ;;
+    kernels)
+      timeout "${KERNELS_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider bench \
+        -k "copy or halting_step or combine_backward" --benchmark-only >> "$out/bench.log" 2>&1
+      echo "kernels exit $?" | tee -a "$out/bench.log" ;;
+    ponder)
+      timeout "${PONDER_TIMEOUT:-180}" "$PY" -m pytest -q -p no:cacheprovider bench \
+        -k "${PONDER_K:-ponder_gru}" --benchmark-only >> "$out/bench.log" 2>&1
+      echo "ponder exit $?" | tee -a "$out/bench.log" ;;
+    sanitize)
+      # memcheck and racecheck over the CUDA backend's kernel tests
+      for tool in memcheck racecheck; do
+        timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "${SANITIZE_K:-cuda}" \
+          >> "$out/sanitize.log" 2>&1
+        echo "$tool exit $?" | tee -a "$out/sanitize.log"
+      done ;;
+    *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+  echo "phase $phase: $((SECONDS - start)) s"
+done
+"$PY" bench/report.py "$out" > "$out/report.md" 2>&1 || true

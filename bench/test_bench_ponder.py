@@ -34,7 +34,10 @@ KERNEL_IMPLS = [
     pytest.param("triton", id="triton", marks=needs("triton")),
     pytest.param("cuda", id="cuda", marks=needs("cuda")),
 ]
-SIZES = [(1 << 12, 256), (1 << 14, 1024), (1 << 16, 1024)] if GPU else [(512, 64), (2048, 128)]
+# rows x H from 2^16 to 2^26 elements (H = 1024: a warp per row in the CUDA
+# kernels), plus H = 256 and H = 4096 (a block per row) at the large end
+SIZES = ([(1 << k, 1024) for k in (6, 8, 10, 12, 14, 16)] + [(1 << 16, 256), (1 << 14, 4096)]
+         if GPU else [(512, 64), (2048, 128)])
 DTYPES = [torch.float32, torch.bfloat16]
 
 
