@@ -133,7 +133,7 @@ def main(argv=None):
         ckpt = torch.load(ckpt_path, map_location=device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        train_gen.set_state(ckpt["generator"])
+        train_gen.set_state(ckpt["generator"].cpu())  # map_location moved it
         start, history = ckpt["iteration"], ckpt["history"]
 
     config = dict(task=task.name, size=size, knobs=task.knobs, cell=task.cell, hidden=hidden,

@@ -1,16 +1,38 @@
-"""GPU-only: large shapes and the kernel backends against each other.
+"""GPU-only: large shapes, every kernel backend against an fp64 oracle.
 Skipped (never passed) without a CUDA device."""
 import pytest
 import torch
 
 from backends import KERNEL_BACKENDS
-from test_backends import compare
+from test_backends import run
 
 pytestmark = pytest.mark.gpu
+
+NAMES = ["state", "ponder cost", "grad s0", "grad w", "grad c", "grad W", "grad u"]
+
+
+def outputs(backend, batch, hidden, dtype):
+    out, grads, _ = run(backend, batch, hidden, dtype, -2.0, 12)
+    return out, [out.state, out.ponder_cost, *grads]
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("batch,hidden", [(4096, 1024), (1024, 4100), (64, 8192), (8192, 96)])
 def test_large_shapes(backend, dtype, batch, hidden):
-    compare(backend, batch, hidden, dtype, -2.0, 12)
+    """At these sizes grad w and the step function's weight gradient sum over
+    thousands of rows, so two correct backends differ by their summation
+    order. Each output is held to what its precision allows: against an fp64
+    oracle, the backend's largest error is at most twice the reference's in
+    the same dtype (plus one ulp of the output's scale)."""
+    out, ours = outputs(backend, batch, hidden, dtype)
+    ref, theirs = outputs("reference", batch, hidden, dtype)
+    _, exact = outputs("reference", batch, hidden, torch.float64)
+    assert torch.equal(out.steps, ref.steps)
+    eps = torch.finfo(dtype).eps
+    for name, a, b, o in zip(NAMES, ours, theirs, exact):
+        assert a.dtype == b.dtype and bool(torch.isfinite(a).all()), name
+        err = float((a.double() - o).abs().max())
+        base = float((b.double() - o).abs().max())
+        floor = eps * float(o.abs().max())
+        assert err <= 2 * base + floor, f"{name}: error {err:.3g} vs reference's {base:.3g} (floor {floor:.3g})"

@@ -5,8 +5,11 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import act_kernels.nn as acn
+from backends import KERNEL_BACKENDS
 from helpers import DEVICE
 
+# on a GPU machine the layers run on CUDA tensors (the naive twin too)
+BACKENDS = [pytest.param("reference", id="reference"), *KERNEL_BACKENDS]
 LAYERS = {"rnn": acn.ACTRNN, "gru": acn.ACTGRU, "lstm": acn.ACTLSTM}
 
 
@@ -24,7 +27,7 @@ def naive_layer(layer, x, hx, lengths):
             cum = 0.0
             mean = None
             for n in range(1, M + 1):
-                flag = torch.ones(1, 1, dtype=x.dtype) if n == 1 else torch.zeros(1, 1, dtype=x.dtype)
+                flag = torch.full((1, 1), 1.0 if n == 1 else 0.0, dtype=x.dtype, device=x.device)
                 inp = torch.cat([x[t, b:b + 1], flag], 1)
                 state_n = layer.cell(inp, state if n == 1 else state_n)
                 hid = state_n[0] if lstm else state_n
@@ -49,13 +52,13 @@ def naive_layer(layer, x, hx, lengths):
 
 def build(kind, seed=0, **kw):
     torch.manual_seed(seed)
-    layer = LAYERS[kind](3, 6, max_steps=6, halting_bias_init=-1.0, **kw).double()
+    layer = LAYERS[kind](3, 6, max_steps=6, halting_bias_init=-1.0, **kw).double().to(DEVICE)
     with torch.no_grad():
         layer.halting.weight.mul_(3.0)  # spread the halting times
     return layer
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("give_hx", [False, True])
@@ -63,12 +66,12 @@ def test_layer_matches_naive(backend, kind, batch_first, give_hx):
     layer = build(kind, backend=backend, batch_first=batch_first)
     L, B = 4, 3
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(L, B, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(L, B, 3, generator=g, dtype=torch.float64).to(DEVICE)
     lstm = kind == "lstm"
     hx = None
     if give_hx:
-        hx = tuple(torch.randn(1, B, 6, generator=g, dtype=torch.float64) for _ in range(2)) if lstm \
-            else torch.randn(1, B, 6, generator=g, dtype=torch.float64)
+        hx = tuple(torch.randn(1, B, 6, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2)) if lstm \
+            else torch.randn(1, B, 6, generator=g, dtype=torch.float64).to(DEVICE)
     out, h_n = layer(x.transpose(0, 1) if batch_first else x, hx)
     if batch_first:
         assert out.shape == (B, L, 6) and layer.ponder_cost.shape == (B, L)
@@ -78,7 +81,7 @@ def test_layer_matches_naive(backend, kind, batch_first, give_hx):
         cost, steps = layer.ponder_cost, layer.steps
     assert layer.steps.dtype == torch.int64
 
-    zeros = torch.zeros(B, 6, dtype=torch.float64)
+    zeros = torch.zeros(B, 6, dtype=torch.float64, device=DEVICE)
     init = (tuple(t[0] for t in hx) if lstm else hx[0]) if give_hx else ((zeros, zeros) if lstm else zeros)
     n_out, n_cost, n_steps, n_final = naive_layer(layer, x, init, [L] * B)
     for b in range(B):
@@ -100,16 +103,16 @@ def test_layer_matches_naive(backend, kind, batch_first, give_hx):
         torch.testing.assert_close(a, e)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_packed_sequence(backend, kind):
     layer = build(kind, seed=2, backend=backend, batch_first=True)
     lengths = [2, 5, 1, 3]
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(4, 5, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 5, 3, generator=g, dtype=torch.float64).to(DEVICE)
     lstm = kind == "lstm"
-    hx = tuple(torch.randn(1, 4, 6, generator=g, dtype=torch.float64) for _ in range(2)) if lstm \
-        else torch.randn(1, 4, 6, generator=g, dtype=torch.float64)
+    hx = tuple(torch.randn(1, 4, 6, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2)) if lstm \
+        else torch.randn(1, 4, 6, generator=g, dtype=torch.float64).to(DEVICE)
     calls = {"rows": 0}
     cell_forward = layer.cell.forward
 
