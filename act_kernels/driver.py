@@ -74,14 +74,14 @@ class _RaggedCombine(torch.autograd.Function):
         grad_ponder = grad_ponder.contiguous()
 
         per_step = [step_states[n * n_comp:(n + 1) * n_comp] for n in range(n_steps)]
-        rows = torch.split(batch_index, counts)
-        p_rows = torch.split(p, counts)
 
         # Further tensors of a tuple state are mean-fielded with the same p:
         # their <gS', s'> joins the halting gradient, and gs' = p gS'.
         extra_dot = None
         extra_grads: List[List[torch.Tensor]] = [[] for _ in range(n_steps)]
         if n_comp > 1:
+            rows = torch.split(batch_index, counts)
+            p_rows = torch.split(p, counts)
             dots = []
             for n in range(n_steps):
                 d = torch.zeros(counts[n], dtype=acc, device=p.device)

@@ -39,7 +39,7 @@ void halting_step(uintptr_t state, int64_t state_row_stride, uintptr_t active, u
   act::halting_step(params, dtype, reinterpret_cast<cudaStream_t>(stream));
 }
 
-int64_t combine_backward(uintptr_t base, uintptr_t row_offsets, uintptr_t order, uintptr_t first,
+int64_t combine_backward(uintptr_t base, uintptr_t step_table, int64_t num_steps, uintptr_t order, uintptr_t first,
                          uintptr_t steps, uintptr_t p, uintptr_t h, uintptr_t extra_dot,
                          uintptr_t grad_state, int64_t grad_state_row_stride, uintptr_t grad_ponder,
                          uintptr_t weight, uintptr_t grad_states, uintptr_t grad_weight_partial,
@@ -48,7 +48,8 @@ int64_t combine_backward(uintptr_t base, uintptr_t row_offsets, uintptr_t order,
                          int dtype, uintptr_t stream) {
   act::CombineBackwardParams params{};
   params.base = ptr<const void>(base);
-  params.row_offsets = ptr<const int64_t>(row_offsets);
+  params.step_table = ptr<const int64_t>(step_table);
+  params.num_steps = num_steps;
   params.order = ptr<const int64_t>(order);
   params.first = ptr<const int64_t>(first);
   params.steps = ptr<const int64_t>(steps);

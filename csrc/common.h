@@ -48,8 +48,10 @@ struct HaltingStepParams {
 };
 
 struct CombineBackwardParams {
-  const void* base;             // every packed state row lives at base + row_offsets[t]
-  const int64_t* row_offsets;   // (T,) element offsets
+  const void* base;             // packed row t of step k (0-based) starts at element
+  const int64_t* step_table;    //   base + delta[k] + (t - first_row[k]) * row_stride[k];
+                                //   step_table = (3, S) int64: delta, row_stride, first_row
+  int64_t num_steps;            // S
   const int64_t* order;         // (T,) packed rows grouped by batch row, in step order
   const int64_t* first;         // (B,) start of each batch row in `order`
   const int64_t* steps;         // (B,) N

@@ -7,12 +7,44 @@
 namespace act {
 namespace {
 
-// THREADS threads share one row: 32 = a warp per row (8 rows per 256-thread
-// block), more = a block per row. VEC elements per access (16-byte loads
-// where the row width and alignment allow).
-template <typename T, int THREADS, int VEC>
+// The tail of the halting step shared by both kernel shapes: halting test,
+// p, and the per-row outputs (written by one thread).
+template <typename A>
+struct Decision {
+  A h, r, p;
+  bool halt;
+};
+
+template <typename A>
+__device__ __forceinline__ Decision<A> decide(const HaltingStepParams& p, int64_t b, A dot) {
+  const A z = dot + *static_cast<const A*>(p.bias);
+  const A h = A(1) / (A(1) + exp(-z));
+  const A r = static_cast<const A*>(p.running_sum)[b];
+  const bool halt = (r + h >= *static_cast<const A*>(p.threshold)) || (p.step >= p.max_steps);
+  return {h, r, halt ? A(1) - r : h, halt};
+}
+
+template <typename A>
+__device__ __forceinline__ void write_row_outputs(const HaltingStepParams& p, int64_t i, int64_t b,
+                                                  const Decision<A>& d) {
+  static_cast<A*>(p.running_sum)[b] = d.halt ? d.r : d.r + d.h;
+  if (d.halt) {
+    p.steps[b] = p.step;
+    static_cast<A*>(p.remainder)[b] = d.p;
+  }
+  static_cast<A*>(p.p)[i] = d.p;
+  static_cast<A*>(p.h)[i] = d.h;
+  p.halted[i] = d.halt;
+}
+
+// Row held in registers: THREADS threads share one row (32 = a warp per row,
+// 8 rows per 256-thread block; more = a block per row), each owning CHUNKS
+// accesses of VEC elements (16 bytes). The accumulator row does not depend on
+// the dot product, so its loads are issued together with the state's: one
+// round trip to DRAM per row instead of two.
+template <typename T, int THREADS, int VEC, int CHUNKS>
 __global__ void __launch_bounds__(THREADS == 32 ? 256 : THREADS)
-halting_step_kernel(const HaltingStepParams p) {
+halting_step_registers_kernel(const HaltingStepParams p) {
   using A = typename AccOf<T>::type;
   constexpr int ROWS = THREADS == 32 ? 8 : 1;
   __shared__ A scratch[ROWS][THREADS / 32];
@@ -25,59 +57,101 @@ halting_step_kernel(const HaltingStepParams p) {
   const int64_t H = p.hidden;
   const T* s = static_cast<const T*>(p.state) + i * p.state_row_stride;
   const A* w = static_cast<const A*>(p.weight);
+  A* acc = static_cast<A*>(p.accumulator) + b * p.acc_row_stride;
 
-  A dot = 0;
-  for (int64_t j = static_cast<int64_t>(lane) * VEC; j < H; j += THREADS * VEC) {
-    const Vec<T, VEC> sv = *reinterpret_cast<const Vec<T, VEC>*>(s + j);
-    const Vec<A, VEC> wv = *reinterpret_cast<const Vec<A, VEC>*>(w + j);
+  Vec<T, VEC> sv[CHUNKS];
+  Vec<A, VEC> av[CHUNKS];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) dot += load_as<A>(sv.v[k]) * wv.v[k];
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int64_t j = (static_cast<int64_t>(c) * THREADS + lane) * VEC;
+    if (j < H) {
+      sv[c] = *reinterpret_cast<const Vec<T, VEC>*>(s + j);
+      av[c] = *reinterpret_cast<const Vec<A, VEC>*>(acc + j);
+    }
+  }
+  A dot = 0;
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int64_t j = (static_cast<int64_t>(c) * THREADS + lane) * VEC;
+    if (j < H) {
+      const Vec<A, VEC> wv = *reinterpret_cast<const Vec<A, VEC>*>(w + j);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) dot += load_as<A>(sv[c].v[k]) * wv.v[k];
+    }
   }
   dot = row_sum<THREADS>(dot, scratch[group]);
-
-  const A z = dot + *static_cast<const A*>(p.bias);
-  const A h = A(1) / (A(1) + exp(-z));
-  A* running = static_cast<A*>(p.running_sum);
-  const A r = running[b];
-  const bool halt = (r + h >= *static_cast<const A*>(p.threshold)) || (p.step >= p.max_steps);
-  const A pv = halt ? A(1) - r : h;
-
-  // Second pass over the row: it was just read by this row group, so it comes
-  // from L1/L2, not DRAM.
-  A* acc = static_cast<A*>(p.accumulator) + b * p.acc_row_stride;
-  for (int64_t j = static_cast<int64_t>(lane) * VEC; j < H; j += THREADS * VEC) {
-    const Vec<T, VEC> sv = *reinterpret_cast<const Vec<T, VEC>*>(s + j);
-    Vec<A, VEC> av = *reinterpret_cast<const Vec<A, VEC>*>(acc + j);
+  const Decision<A> d = decide<A>(p, b, dot);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) av.v[k] += pv * load_as<A>(sv.v[k]);
-    *reinterpret_cast<Vec<A, VEC>*>(acc + j) = av;
-  }
-  if (lane == 0) {
-    running[b] = halt ? r : r + h;
-    if (halt) {
-      p.steps[b] = p.step;
-      static_cast<A*>(p.remainder)[b] = pv;
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int64_t j = (static_cast<int64_t>(c) * THREADS + lane) * VEC;
+    if (j < H) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) av[c].v[k] += d.p * load_as<A>(sv[c].v[k]);
+      *reinterpret_cast<Vec<A, VEC>*>(acc + j) = av[c];
     }
-    static_cast<A*>(p.p)[i] = pv;
-    static_cast<A*>(p.h)[i] = h;
-    p.halted[i] = halt;
+  }
+  if (lane == 0) write_row_outputs(p, i, b, d);
+}
+
+// Any width and alignment (scalar accesses, very wide rows, float64): the row
+// is streamed twice, the second pass hitting L1/L2.
+template <typename T, int THREADS>
+__global__ void __launch_bounds__(THREADS == 32 ? 256 : THREADS)
+halting_step_loop_kernel(const HaltingStepParams p) {
+  using A = typename AccOf<T>::type;
+  constexpr int ROWS = THREADS == 32 ? 8 : 1;
+  __shared__ A scratch[ROWS][THREADS / 32];
+  const int group = threadIdx.x / THREADS;
+  const int lane = threadIdx.x % THREADS;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * ROWS + group;
+  if (i >= p.num_active) return;
+
+  const int64_t b = p.active[i];
+  const int64_t H = p.hidden;
+  const T* s = static_cast<const T*>(p.state) + i * p.state_row_stride;
+  const A* w = static_cast<const A*>(p.weight);
+  A dot = 0;
+  for (int64_t j = lane; j < H; j += THREADS) dot += load_as<A>(s[j]) * w[j];
+  dot = row_sum<THREADS>(dot, scratch[group]);
+  const Decision<A> d = decide<A>(p, b, dot);
+  A* acc = static_cast<A*>(p.accumulator) + b * p.acc_row_stride;
+  for (int64_t j = lane; j < H; j += THREADS) acc[j] += d.p * load_as<A>(s[j]);
+  if (lane == 0) write_row_outputs(p, i, b, d);
+}
+
+template <typename T, int THREADS, int VEC, int CHUNKS>
+void launch(const HaltingStepParams& p, cudaStream_t stream, void (*kernel)(HaltingStepParams)) {
+  constexpr int ROWS = THREADS == 32 ? 8 : 1;
+  const dim3 grid(static_cast<unsigned>((p.num_active + ROWS - 1) / ROWS));
+  kernel<<<grid, THREADS * ROWS, 0, stream>>>(p);
+}
+
+// Picks the smallest register tile that covers H for THREADS threads per row.
+template <typename T, int THREADS>
+bool launch_registers(const HaltingStepParams& p, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  constexpr int VEC = 16 / sizeof(T);
+  const bool vec_ok = p.hidden % VEC == 0 && p.state_row_stride % VEC == 0 &&
+                      p.acc_row_stride % VEC == 0 && aligned(p.state, 16) &&
+                      aligned(p.accumulator, VEC * sizeof(A)) && aligned(p.weight, VEC * sizeof(A));
+  if constexpr (sizeof(T) == 8) {
+    return false;  // float64 is for checking, not speed: the loop kernel serves it
+  } else {
+    if (!vec_ok) return false;
+    const int64_t chunks = (p.hidden + THREADS * VEC - 1) / (THREADS * VEC);
+    if (chunks <= 1) launch<T, THREADS, VEC, 1>(p, stream, halting_step_registers_kernel<T, THREADS, VEC, 1>);
+    else if (chunks <= 2) launch<T, THREADS, VEC, 2>(p, stream, halting_step_registers_kernel<T, THREADS, VEC, 2>);
+    else if (chunks <= 4) launch<T, THREADS, VEC, 4>(p, stream, halting_step_registers_kernel<T, THREADS, VEC, 4>);
+    else if (chunks <= 8) launch<T, THREADS, VEC, 8>(p, stream, halting_step_registers_kernel<T, THREADS, VEC, 8>);
+    else return false;
+    return true;
   }
 }
 
 template <typename T, int THREADS>
 void launch_threads(const HaltingStepParams& p, cudaStream_t stream) {
-  using A = typename AccOf<T>::type;
-  constexpr int ROWS = THREADS == 32 ? 8 : 1;
-  constexpr int VEC = 16 / sizeof(T);
-  const dim3 grid(static_cast<unsigned>((p.num_active + ROWS - 1) / ROWS));
-  const dim3 block(THREADS * ROWS);
-  const bool vec_ok = p.hidden % VEC == 0 && p.state_row_stride % VEC == 0 &&
-                      p.acc_row_stride % VEC == 0 && aligned(p.state, 16) &&
-                      aligned(p.accumulator, VEC * sizeof(A)) && aligned(p.weight, VEC * sizeof(A));
-  if (vec_ok) {
-    halting_step_kernel<T, THREADS, VEC><<<grid, block, 0, stream>>>(p);
-  } else {
-    halting_step_kernel<T, THREADS, 1><<<grid, block, 0, stream>>>(p);
+  if (!launch_registers<T, THREADS>(p, stream)) {
+    launch<T, THREADS, 1, 0>(p, stream, halting_step_loop_kernel<T, THREADS>);
   }
 }
 
@@ -86,6 +160,8 @@ void launch_threads(const HaltingStepParams& p, cudaStream_t stream) {
 void halting_step(const HaltingStepParams& params, int dtype, cudaStream_t stream) {
   if (params.num_active == 0) return;
   ACT_DISPATCH_DTYPE(dtype, [&] {
+    // A warp per row up to 1024 columns; wider rows get a block, so that each
+    // thread holds at most 8 16-byte accesses of the row.
     if (params.hidden <= 1024) {
       launch_threads<T, 32>(params, stream);
     } else if (params.hidden <= 4096) {

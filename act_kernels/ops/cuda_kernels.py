@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ragged import row_offsets, rows_by_batch
+from .ragged import rows_by_batch, step_table
 
 try:
     from .. import _C
@@ -104,7 +104,7 @@ def combine_backward(
     acc = p.dtype
     hidden = states[0].shape[1]
     batch = steps.shape[0]
-    base, offsets = row_offsets(states)
+    base, table, rows_aligned = step_table(states)
     order, first = rows_by_batch(batch_index, steps)
     if grad_state.dtype != dtype:
         grad_state = grad_state.to(dtype)
@@ -115,9 +115,6 @@ def combine_backward(
     p, h = p.contiguous(), h.contiguous()
     if extra_dot is not None:
         extra_dot = extra_dot.to(acc).contiguous()
-    vec = 16 // states[0].element_size()
-    rows_aligned = all(t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or t.stride(0) % vec == 0)
-                       for t in states)
     groups = ext.combine_backward_groups(batch, hidden)
     gs = torch.empty(p.shape[0], hidden, dtype=dtype, device=device)
     gw_part = torch.empty(groups, hidden, dtype=acc, device=device)
@@ -125,7 +122,7 @@ def combine_backward(
     gw = torch.empty(hidden, dtype=acc, device=device)
     gc = torch.empty((), dtype=acc, device=device)
     ext.combine_backward(
-        base.data_ptr(), offsets.data_ptr(), order.data_ptr(), first.data_ptr(), steps.data_ptr(),
+        base.data_ptr(), table.data_ptr(), table.shape[1], order.data_ptr(), first.data_ptr(), steps.data_ptr(),
         p.data_ptr(), h.data_ptr(), 0 if extra_dot is None else extra_dot.data_ptr(),
         grad_state.data_ptr(), grad_state.stride(0), grad_ponder.data_ptr(), weight.data_ptr(),
         gs.data_ptr(), gw_part.data_ptr(), gc_part.data_ptr(), gw.data_ptr(), gc.data_ptr(),

@@ -6,22 +6,34 @@ per-row element offset, so the per-step tensors are never concatenated.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import NamedTuple, Sequence, Tuple
 
 import torch
 
 
-def row_offsets(states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns (base, offsets): offsets (T,) int64 such that packed row t starts
-    at element `offsets[t]` counted from base.data_ptr().
+class StepTable(NamedTuple):
+    base: torch.Tensor
+    table: torch.Tensor
+    rows_aligned_16: bool  # every packed row starts on a 16-byte boundary
 
-    Every tensor must be 2-D with unit column stride and the same dtype; rows
-    may be strided. Offsets between separate allocations are exact because the
-    allocator aligns every block to far more than one element.
+
+def step_table(states: Sequence[torch.Tensor]) -> StepTable:
+    """Returns (base, table, rows_aligned_16): table (3, S) int64 on the states' device holding,
+    for every step k, the element offset of its tensor from base.data_ptr(),
+    its row stride, and its first packed row. Packed row t of step k starts at
+    element `table[0, k] + (t - table[2, k]) * table[1, k]` from base.
+
+    S numbers built on the host and one small copy: the kernels never need a
+    per-row offset array. Every tensor must be 2-D with unit column stride and
+    the same dtype; rows may be strided. Offsets between separate allocations
+    are exact because the allocator aligns every block to far more than one
+    element.
     """
     base = states[0]
     elem = base.element_size()
-    deltas, strides, counts = [], [], []
+    deltas, strides, firsts = [], [], []
+    first = 0
+    aligned = True
     for t in states:
         if t.dtype != base.dtype or t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
             raise ValueError("packed states must be 2-D, of one dtype, with unit column stride")
@@ -30,13 +42,11 @@ def row_offsets(states: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Ten
             raise ValueError("a state tensor is not aligned to its element size")
         deltas.append(diff // elem)
         strides.append(t.stride(0))
-        counts.append(t.shape[0])
-    counts_t = torch.tensor(counts, dtype=torch.int64)
-    step_of_row = torch.repeat_interleave(torch.arange(len(states)), counts_t)
-    first_of_step = torch.cumsum(counts_t, 0) - counts_t
-    pos = torch.arange(int(counts_t.sum())) - first_of_step[step_of_row]
-    offsets = torch.tensor(deltas)[step_of_row] + pos * torch.tensor(strides)[step_of_row]
-    return base, offsets.to(base.device, non_blocking=True)
+        firsts.append(first)
+        first += t.shape[0]
+        aligned = aligned and t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or (t.stride(0) * elem) % 16 == 0)
+    table = torch.tensor([deltas, strides, firsts], dtype=torch.int64)
+    return StepTable(base, table.to(base.device, non_blocking=True), aligned)
 
 
 def rows_by_batch(batch_index: torch.Tensor, steps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ragged import row_offsets, rows_by_batch
+from .ragged import rows_by_batch, step_table
 
 MAX_HIDDEN = 32768
 
@@ -93,8 +93,14 @@ def halting_step(
 
 
 @triton.jit
+def _row_offset(table_ptr, S, k, t):
+    # packed row t of step k (0-based): see ops.ragged.step_table
+    return tl.load(table_ptr + k) + (t - tl.load(table_ptr + 2 * S + k)) * tl.load(table_ptr + S + k)
+
+
+@triton.jit
 def _combine_backward_kernel(
-    base_ptr, row_off_ptr, order_ptr, first_ptr, steps_ptr,
+    base_ptr, table_ptr, S, order_ptr, first_ptr, steps_ptr,
     p_ptr, h_ptr, extra_ptr, gS_ptr, stride_gS, grho_ptr, w_ptr,
     gs_ptr, gw_part_ptr, gc_part_ptr,
     B, H,
@@ -116,13 +122,13 @@ def _combine_backward_kernel(
         n_b = tl.load(steps_ptr + i_b)
         b_g = tl.load(gS_ptr + tl.cast(i_b, tl.int64) * stride_gS + o_h, mask=m_h, other=0.0).to(ACC)
         t_last = tl.load(order_ptr + bos + n_b - 1)
-        b_last = tl.load(base_ptr + tl.load(row_off_ptr + t_last) + o_h, mask=m_h, other=0.0).to(ACC)
+        b_last = tl.load(base_ptr + _row_offset(table_ptr, S, n_b - 1, t_last) + o_h, mask=m_h, other=0.0).to(ACC)
         d_last = tl.sum(b_g * b_last, axis=0) + tl.load(grho_ptr + i_b).to(ACC)
         if HAS_EXTRA:
             d_last += tl.load(extra_ptr + t_last).to(ACC)
         for k in range(0, n_b - 1):
             t = tl.load(order_ptr + bos + k)
-            b_s = tl.load(base_ptr + tl.load(row_off_ptr + t) + o_h, mask=m_h, other=0.0).to(ACC)
+            b_s = tl.load(base_ptr + _row_offset(table_ptr, S, k, t) + o_h, mask=m_h, other=0.0).to(ACC)
             b_dot = tl.sum(b_g * b_s, axis=0)
             if HAS_EXTRA:
                 b_dot += tl.load(extra_ptr + t).to(ACC)
@@ -168,7 +174,7 @@ def combine_backward(
     batch = steps.shape[0]
     device = states[0].device
     acc = p.dtype
-    base, offsets = row_offsets(states)
+    base, table, _ = step_table(states)
     order, first = rows_by_batch(batch_index, steps)
     if grad_state.stride(-1) != 1:
         grad_state = grad_state.contiguous()
@@ -179,7 +185,7 @@ def combine_backward(
     gc_part = torch.empty(programs, dtype=acc, device=device)
     block, warps = _block_and_warps(hidden)
     _combine_backward_kernel[(programs,)](
-        base, offsets, order, first, steps,
+        base, table, table.shape[1], order, first, steps,
         p, h, extra_dot if extra_dot is not None else p, grad_state, grad_state.stride(0),
         grad_ponder, weight,
         gs, gw_part, gc_part,
