@@ -160,8 +160,9 @@ def ragged_ponder(
         keep = torch.nonzero(~halted).squeeze(1)  # the one host sync per step: A_{n+1}
         if keep.numel() == 0:
             break
-        active = active[keep]
-        current = tuple(t[keep] for t in new)
+        # index_select: the same gather as t[keep] with less host work per call
+        active = active.index_select(0, keep)
+        current = tuple(t.index_select(0, keep) for t in new)
 
     p_all, h_all, batch_index = torch.cat(ps), torch.cat(hs), torch.cat(rows)
     ponder_cost = steps.to(acc) + remainder

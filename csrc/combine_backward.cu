@@ -23,17 +23,17 @@ struct BatchRowWalk {
   int64_t num_steps, bos, n_b, prefetched;
 
   __device__ __forceinline__ BatchRowWalk(const CombineBackwardParams& p, int64_t b)
-      : order(p.order), table(p.step_table), num_steps(p.num_steps), bos(p.first[b]), n_b(p.steps[b]) {
+      : order(p.order), table(p.step_table), num_steps(p.num_steps), bos(__ldg(p.first + b)), n_b(__ldg(p.steps + b)) {
     const int lane = threadIdx.x % 32;
-    prefetched = lane < n_b ? order[bos + lane] : 0;
+    prefetched = lane < n_b ? __ldg(order + bos + lane) : 0;
   }
   __device__ __forceinline__ int64_t packed_row(int64_t k) const {
     const int64_t t = __shfl_sync(0xffffffffu, prefetched, static_cast<int>(k & 31));
-    return k < 32 ? t : order[bos + k];
+    return k < 32 ? t : __ldg(order + bos + k);
   }
   template <typename T>
   __device__ __forceinline__ const T* row(const T* base, int64_t k, int64_t t) const {
-    return base + table[k] + (t - table[2 * num_steps + k]) * table[num_steps + k];
+    return base + __ldg(table + k) + (t - __ldg(table + 2 * num_steps + k)) * __ldg(table + num_steps + k);
   }
 };
 
@@ -80,7 +80,7 @@ combine_backward_registers_kernel(const CombineBackwardParams p) {
   auto load_row = [&](const T* src, Vec<T, VEC>(&dst)[CHUNKS]) {
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c)
-      if (col(c) < H) dst[c] = *reinterpret_cast<const Vec<T, VEC>*>(src + col(c));
+      if (col(c) < H) dst[c] = load_readonly(reinterpret_cast<const Vec<T, VEC>*>(src + col(c)));
   };
 
   for (int64_t b = gid; b < p.batch; b += stride_groups) {
@@ -88,23 +88,25 @@ combine_backward_registers_kernel(const CombineBackwardParams p) {
     Vec<T, VEC> g[CHUNKS], s[CHUNKS];
     load_row(static_cast<const T*>(p.grad_state) + b * p.grad_state_row_stride, g);
     const int64_t t_last = walk.packed_row(walk.n_b - 1);
+    const A d_extra = __ldg(static_cast<const A*>(p.grad_ponder) + b) + (extra != nullptr ? __ldg(extra + t_last) : A(0));
+    const A p_last = __ldg(pp + t_last);
     load_row(walk.row(base, walk.n_b - 1, t_last), s);
-    A d = row_sum<THREADS>(dot_with(g, s), scratch[group]) + static_cast<const A*>(p.grad_ponder)[b];
-    if (extra != nullptr) d += extra[t_last];
+    const A d = row_sum<THREADS>(dot_with(g, s), scratch[group]) + d_extra;
 
     for (int64_t k = 0; k + 1 < walk.n_b; ++k) {
       const int64_t t = walk.packed_row(k);
+      // h, p and the extra term are issued with the row: one memory round trip per step
+      const A hv = __ldg(hh + t);
+      const A pt = __ldg(pp + t);
+      const A ex = extra != nullptr ? __ldg(extra + t) : A(0);
       load_row(walk.row(base, k, t), s);
-      A dot = row_sum<THREADS>(dot_with(g, s), scratch[group]);
-      if (extra != nullptr) dot += extra[t];
-      const A hv = hh[t];
+      const A dot = row_sum<THREADS>(dot_with(g, s), scratch[group]) + ex;
       const A gz = (dot - d) * hv * (A(1) - hv);
-      const A pt = pp[t];
       T* gs = gs_out + t * H;
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c) {
         if (col(c) < H) {
-          const Vec<A, VEC> wv = *reinterpret_cast<const Vec<A, VEC>*>(w + col(c));
+          const Vec<A, VEC> wv = load_readonly(reinterpret_cast<const Vec<A, VEC>*>(w + col(c)));
           Vec<T, VEC> out;
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
@@ -117,7 +119,6 @@ combine_backward_registers_kernel(const CombineBackwardParams p) {
       gc += gz;
     }
     // The last step's weight is the remainder R: no gradient path through its h.
-    const A p_last = pp[t_last];
     T* gs = gs_out + t_last * H;
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {

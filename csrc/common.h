@@ -91,6 +91,26 @@ template <> __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16, flo
 // VEC consecutive elements moved as one aligned access (16 bytes for VEC * sizeof(T) = 16).
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec { T v[VEC]; };
 
+// A read-only (non-coherent path) load of a Vec: tells the compiler the data
+// cannot alias this kernel's stores, so loads may be issued early and grouped.
+template <typename V>
+__device__ __forceinline__ V load_readonly(const V* src) {
+  static_assert(sizeof(V) % 4 == 0, "Vec of at least 4 bytes");
+  V out;
+  if constexpr (sizeof(V) % 16 == 0) {
+    const int4* from = reinterpret_cast<const int4*>(src);
+    int4* to = reinterpret_cast<int4*>(&out);
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(V) / 16); ++i) to[i] = __ldg(from + i);
+  } else {
+    const int* from = reinterpret_cast<const int*>(src);
+    int* to = reinterpret_cast<int*>(&out);
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(V) / 4); ++i) to[i] = __ldg(from + i);
+  }
+  return out;
+}
+
 // Sum over the THREADS threads that share one row; THREADS is 32 (a warp per
 // row) or a multiple of 32 (a block per row, reduced through shared memory).
 // The reduction tree is fixed, so results are bitwise reproducible.

@@ -65,7 +65,7 @@ halting_step_registers_kernel(const HaltingStepParams p) {
   for (int c = 0; c < CHUNKS; ++c) {
     const int64_t j = (static_cast<int64_t>(c) * THREADS + lane) * VEC;
     if (j < H) {
-      sv[c] = *reinterpret_cast<const Vec<T, VEC>*>(s + j);
+      sv[c] = load_readonly(reinterpret_cast<const Vec<T, VEC>*>(s + j));
       av[c] = *reinterpret_cast<const Vec<A, VEC>*>(acc + j);
     }
   }
@@ -74,7 +74,7 @@ halting_step_registers_kernel(const HaltingStepParams p) {
   for (int c = 0; c < CHUNKS; ++c) {
     const int64_t j = (static_cast<int64_t>(c) * THREADS + lane) * VEC;
     if (j < H) {
-      const Vec<A, VEC> wv = *reinterpret_cast<const Vec<A, VEC>*>(w + j);
+      const Vec<A, VEC> wv = load_readonly(reinterpret_cast<const Vec<A, VEC>*>(w + j));
 #pragma unroll
       for (int k = 0; k < VEC; ++k) dot += load_as<A>(sv[c].v[k]) * wv.v[k];
     }

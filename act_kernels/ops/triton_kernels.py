@@ -128,13 +128,15 @@ def _combine_backward_kernel(
             d_last += tl.load(extra_ptr + t_last).to(ACC)
         for k in range(0, n_b - 1):
             t = tl.load(order_ptr + bos + k)
+            # h and p are loaded with the row: one memory round trip per step
+            b_hv = tl.load(h_ptr + t)
+            b_pt = tl.load(p_ptr + t)
             b_s = tl.load(base_ptr + _row_offset(table_ptr, S, k, t) + o_h, mask=m_h, other=0.0).to(ACC)
             b_dot = tl.sum(b_g * b_s, axis=0)
             if HAS_EXTRA:
                 b_dot += tl.load(extra_ptr + t).to(ACC)
-            b_hv = tl.load(h_ptr + t)
             b_gz = (b_dot - d_last) * b_hv * (1.0 - b_hv)
-            b_gs = tl.load(p_ptr + t) * b_g + b_gz * b_w
+            b_gs = b_pt * b_g + b_gz * b_w
             tl.store(gs_ptr + t * H + o_h, b_gs.to(gs_ptr.dtype.element_ty), mask=m_h)
             b_gw += b_gz * b_s
             b_gc += b_gz
