@@ -15,11 +15,14 @@ struct Decision {
   bool halt;
 };
 
+// `r` is running_sum[b] as read by every thread BEFORE the row reduction: the
+// reduction's barrier orders those reads before thread 0 stores the new sum,
+// so no slow warp of the row can read the updated value and decide (and
+// accumulate) with the wrong p.
 template <typename A>
-__device__ __forceinline__ Decision<A> decide(const HaltingStepParams& p, int64_t b, A dot) {
+__device__ __forceinline__ Decision<A> decide(const HaltingStepParams& p, A r, A dot) {
   const A z = dot + *static_cast<const A*>(p.bias);
   const A h = A(1) / (A(1) + exp(-z));
-  const A r = static_cast<const A*>(p.running_sum)[b];
   const bool halt = (r + h >= *static_cast<const A*>(p.threshold)) || (p.step >= p.max_steps);
   return {h, r, halt ? A(1) - r : h, halt};
 }
@@ -58,6 +61,7 @@ halting_step_registers_kernel(const HaltingStepParams p) {
   const T* s = static_cast<const T*>(p.state) + i * p.state_row_stride;
   const A* w = static_cast<const A*>(p.weight);
   A* acc = static_cast<A*>(p.accumulator) + b * p.acc_row_stride;
+  const A r = static_cast<const A*>(p.running_sum)[b];
 
   Vec<T, VEC> sv[CHUNKS];
   Vec<A, VEC> av[CHUNKS];
@@ -80,7 +84,8 @@ halting_step_registers_kernel(const HaltingStepParams p) {
     }
   }
   dot = row_sum<THREADS>(dot, scratch[group]);
-  const Decision<A> d = decide<A>(p, b, dot);
+  if constexpr (THREADS == 32) __syncwarp();  // row_sum's block barrier does this for wider groups
+  const Decision<A> d = decide<A>(p, r, dot);
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int64_t j = (static_cast<int64_t>(c) * THREADS + lane) * VEC;
@@ -110,10 +115,12 @@ halting_step_loop_kernel(const HaltingStepParams p) {
   const int64_t H = p.hidden;
   const T* s = static_cast<const T*>(p.state) + i * p.state_row_stride;
   const A* w = static_cast<const A*>(p.weight);
+  const A r = static_cast<const A*>(p.running_sum)[b];
   A dot = 0;
   for (int64_t j = lane; j < H; j += THREADS) dot += load_as<A>(s[j]) * w[j];
   dot = row_sum<THREADS>(dot, scratch[group]);
-  const Decision<A> d = decide<A>(p, b, dot);
+  if constexpr (THREADS == 32) __syncwarp();
+  const Decision<A> d = decide<A>(p, r, dot);
   A* acc = static_cast<A*>(p.accumulator) + b * p.acc_row_stride;
   for (int64_t j = lane; j < H; j += THREADS) acc[j] += d.p * load_as<A>(s[j]);
   if (lane == 0) write_row_outputs(p, i, b, d);

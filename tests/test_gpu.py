@@ -44,3 +44,16 @@ def test_large_shapes(backend, dtype, batch, hidden):
                           f"oracle {int(oracle.steps[row])}), value {float(a.flatten()[where]):.6g} "
                           f"(reference {float(b.flatten()[where]):.6g}, oracle {float(o.flatten()[where]):.6g})")
             raise AssertionError(f"{name}: error {err:.3g} vs reference's {base:.3g} (floor {floor:.3g}){detail}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("hidden", [4100, 8192])
+def test_wide_rows_repeatable(backend, hidden):
+    """Rows wide enough to span several warps: every warp must decide with the
+    running sum as it was before this step (a warp that read it after the
+    row's new sum was stored used a wrong p, in a few percent of runs)."""
+    ref, _, _ = run("reference", 512, hidden, torch.float32, -2.0, 12)
+    for _ in range(6):
+        out, _, _ = run(backend, 512, hidden, torch.float32, -2.0, 12)
+        assert torch.equal(out.steps, ref.steps)
+        torch.testing.assert_close(out.state, ref.state, atol=1e-5, rtol=1e-5)

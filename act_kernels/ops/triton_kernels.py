@@ -40,14 +40,18 @@ def _halting_step_kernel(
     o_h = tl.arange(0, BLOCK_H)
     m_h = o_h < H
 
+    # Every warp of the program reads the running sum before the barrier
+    # below; only then is the new sum stored. Read after the store, a slow
+    # warp would decide (and accumulate) with the updated sum and a wrong p.
+    b_r = tl.load(running_ptr + i_b)
     b_s = tl.load(s_ptr + i_a * stride_s + o_h, mask=m_h, other=0.0).to(ACC)
     b_w = tl.load(w_ptr + o_h, mask=m_h, other=0.0).to(ACC)
     b_z = tl.sum(b_s * b_w, axis=0) + tl.load(c_ptr).to(ACC)
     b_h = 1.0 / (1.0 + tl.exp(-b_z))
 
     # Halting test of DESIGN §1: running sum of the earlier h plus this h, in ACC.
-    b_r = tl.load(running_ptr + i_b)
     b_halt = (b_r + b_h >= tl.load(thr_ptr)) | (step >= max_steps)
+    tl.debug_barrier()
     b_p = tl.where(b_halt, 1.0 - b_r, b_h)
     tl.store(running_ptr + i_b, tl.where(b_halt, b_r, b_r + b_h))
     tl.store(steps_ptr + i_b, step.to(tl.int64), mask=b_halt)
