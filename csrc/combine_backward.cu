@@ -42,10 +42,10 @@ struct BatchRowWalk {
 // of VEC elements (16 bytes). Every state row and gS_b is read from DRAM
 // exactly once and every gs row written once: the minimum the contract moves.
 template <typename T, int THREADS, int VEC, int CHUNKS>
-__global__ void __launch_bounds__(THREADS == 32 ? 256 : THREADS)
+__global__ void __launch_bounds__(THREADS * rows_per_block(THREADS))
 combine_backward_registers_kernel(const CombineBackwardParams p) {
   using A = typename AccOf<T>::type;
-  constexpr int ROWS = THREADS == 32 ? 8 : 1;
+  constexpr int ROWS = rows_per_block(THREADS);
   __shared__ A scratch[ROWS][THREADS / 32];
   const int group = threadIdx.x / THREADS;
   const int lane = threadIdx.x % THREADS;
@@ -143,10 +143,10 @@ combine_backward_registers_kernel(const CombineBackwardParams p) {
 // Any width and alignment (scalar accesses, very wide rows, float64): gw per
 // row group in shared memory, rows streamed twice (the second pass hits L1/L2).
 template <typename T, int THREADS>
-__global__ void __launch_bounds__(THREADS == 32 ? 256 : THREADS)
+__global__ void __launch_bounds__(THREADS * rows_per_block(THREADS))
 combine_backward_loop_kernel(const CombineBackwardParams p) {
   using A = typename AccOf<T>::type;
-  constexpr int ROWS = THREADS == 32 ? 8 : 1;
+  constexpr int ROWS = rows_per_block(THREADS);
   __shared__ A scratch[ROWS][THREADS / 32];
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int group = threadIdx.x / THREADS;
@@ -170,13 +170,13 @@ combine_backward_loop_kernel(const CombineBackwardParams p) {
     const T* g = static_cast<const T*>(p.grad_state) + b * p.grad_state_row_stride;
     const int64_t t_last = walk.packed_row(walk.n_b - 1);
     const T* s_last = walk.row(base, walk.n_b - 1, t_last);
-    A d = row_sum<THREADS>(partial_dot<A, T, THREADS, 1>(g, s_last, H, lane), scratch[group]) +
+    A d = row_sum<THREADS>(partial_dot<A, T, THREADS>(g, s_last, H, lane), scratch[group]) +
           static_cast<const A*>(p.grad_ponder)[b];
     if (extra != nullptr) d += extra[t_last];
     for (int64_t k = 0; k + 1 < walk.n_b; ++k) {
       const int64_t t = walk.packed_row(k);
       const T* s = walk.row(base, k, t);
-      A dot = row_sum<THREADS>(partial_dot<A, T, THREADS, 1>(g, s, H, lane), scratch[group]);
+      A dot = row_sum<THREADS>(partial_dot<A, T, THREADS>(g, s, H, lane), scratch[group]);
       if (extra != nullptr) dot += extra[t];
       const A hv = hh[t];
       const A gz = (dot - d) * hv * (A(1) - hv);
@@ -238,7 +238,7 @@ int threads_per_row(int64_t hidden) { return hidden <= 1024 ? 32 : hidden <= 409
 
 template <int THREADS>
 void launch(const CombineBackwardParams& p, size_t smem, cudaStream_t stream, void (*kernel)(CombineBackwardParams)) {
-  constexpr int ROWS = THREADS == 32 ? 8 : 1;
+  constexpr int ROWS = rows_per_block(THREADS);
   if (smem > 48 * 1024) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                "cudaFuncSetAttribute");
@@ -259,23 +259,18 @@ bool launch_registers(const CombineBackwardParams& p, cudaStream_t stream) {
                         aligned(p.weight, VEC * sizeof(A));
     if (!vec_ok) return false;
     const int64_t chunks = (p.hidden + THREADS * VEC - 1) / (THREADS * VEC);
-    if (chunks <= 1) launch<THREADS>(p, 0, stream, combine_backward_registers_kernel<T, THREADS, VEC, 1>);
-    else if (chunks <= 2) launch<THREADS>(p, 0, stream, combine_backward_registers_kernel<T, THREADS, VEC, 2>);
-    else if (chunks <= 4) launch<THREADS>(p, 0, stream, combine_backward_registers_kernel<T, THREADS, VEC, 4>);
-    else if constexpr (THREADS < 512) {  // 512 threads x 8 chunks would spill: gw, gS_b and s all live in registers
-      if (chunks > 8) return false;
-      launch<THREADS>(p, 0, stream, combine_backward_registers_kernel<T, THREADS, VEC, 8>);
-    } else {
-      return false;
-    }
-    return true;
+    // 512 threads x 8 chunks would spill: gw, gS_b and s all live in registers
+    constexpr int max_chunks = THREADS < 512 ? 8 : 4;
+    return dispatch_chunks<max_chunks>(chunks, [&](auto tile) {
+      launch<THREADS>(p, 0, stream, combine_backward_registers_kernel<T, THREADS, VEC, decltype(tile)::value>);
+    });
   }
 }
 
 template <typename T, int THREADS>
 void launch_threads(const CombineBackwardParams& p, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
-  constexpr int ROWS = THREADS == 32 ? 8 : 1;
+  constexpr int ROWS = rows_per_block(THREADS);
   if (launch_registers<T, THREADS>(p, stream)) return;
   const size_t smem = static_cast<size_t>(ROWS) * p.hidden * sizeof(A);
   int device = 0, optin = 0;
@@ -296,7 +291,7 @@ int64_t combine_backward_groups(int64_t batch, int64_t hidden) {
   // load waits on its own reduction), few enough that the gw partials stay a
   // small share of the traffic.
   const int threads = threads_per_row(hidden);
-  const int64_t rows = threads == 32 ? 8 : 1;  // row groups per block, as launched
+  const int64_t rows = rows_per_block(threads);
   const int64_t per_sm = threads == 32 ? 16 : threads == 128 ? 8 : 2;
   const int64_t wanted = std::min<int64_t>(batch, device_sms() * per_sm);
   return (wanted + rows - 1) / rows * rows;

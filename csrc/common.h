@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace act {
 
@@ -73,6 +74,23 @@ struct CombineBackwardParams {
   bool rows_aligned_16;         // every packed state row starts on a 16-byte boundary
 };
 
+// Row groups: THREADS threads share one row. 32 = a warp per row, 8 rows per
+// 256-thread block; more = a block per row. Kernels and launchers both use it.
+__host__ __device__ constexpr int rows_per_block(int threads) { return threads == 32 ? 8 : 1; }
+
+// Calls f(std::integral_constant<int, C>) for the smallest register tile C in
+// 1, 2, 4, 8 (at most MAX_CHUNKS) with C >= chunks; false when none fits.
+template <int MAX_CHUNKS, typename F>
+bool dispatch_chunks(int64_t chunks, F&& f) {
+  if (chunks <= 1) { f(std::integral_constant<int, 1>{}); return true; }
+  if (chunks <= 2) { f(std::integral_constant<int, 2>{}); return true; }
+  if (chunks <= 4) { f(std::integral_constant<int, 4>{}); return true; }
+  if constexpr (MAX_CHUNKS >= 8) {
+    if (chunks <= 8) { f(std::integral_constant<int, 8>{}); return true; }
+  }
+  return false;
+}
+
 #ifdef __CUDACC__  // device helpers: only the .cu files see them
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
@@ -133,17 +151,12 @@ __device__ __forceinline__ A row_sum(A v, A* scratch) {
   }
 }
 
-// This thread's share of <a, b> over a row of H elements (VEC per access);
-// the caller reduces it over the row group with row_sum.
-template <typename A, typename T, int THREADS, int VEC>
+// This thread's share of <a, b> over a row of H elements; the caller reduces
+// it over the row group with row_sum.
+template <typename A, typename T, int THREADS>
 __device__ __forceinline__ A partial_dot(const T* a, const T* b, int64_t H, int lane) {
   A acc = 0;
-  for (int64_t j = static_cast<int64_t>(lane) * VEC; j < H; j += THREADS * VEC) {
-    const Vec<T, VEC> av = *reinterpret_cast<const Vec<T, VEC>*>(a + j);
-    const Vec<T, VEC> bv = *reinterpret_cast<const Vec<T, VEC>*>(b + j);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) acc += load_as<A>(av.v[k]) * load_as<A>(bv.v[k]);
-  }
+  for (int64_t j = lane; j < H; j += THREADS) acc += load_as<A>(a[j]) * load_as<A>(b[j]);
   return acc;
 }
 #endif  // __CUDACC__

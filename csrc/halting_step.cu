@@ -46,10 +46,10 @@ __device__ __forceinline__ void write_row_outputs(const HaltingStepParams& p, in
 // the dot product, so its loads are issued together with the state's: one
 // round trip to DRAM per row instead of two.
 template <typename T, int THREADS, int VEC, int CHUNKS>
-__global__ void __launch_bounds__(THREADS == 32 ? 256 : THREADS)
+__global__ void __launch_bounds__(THREADS * rows_per_block(THREADS))
 halting_step_registers_kernel(const HaltingStepParams p) {
   using A = typename AccOf<T>::type;
-  constexpr int ROWS = THREADS == 32 ? 8 : 1;
+  constexpr int ROWS = rows_per_block(THREADS);
   __shared__ A scratch[ROWS][THREADS / 32];
   const int group = threadIdx.x / THREADS;
   const int lane = threadIdx.x % THREADS;
@@ -101,10 +101,10 @@ halting_step_registers_kernel(const HaltingStepParams p) {
 // Any width and alignment (scalar accesses, very wide rows, float64): the row
 // is streamed twice, the second pass hitting L1/L2.
 template <typename T, int THREADS>
-__global__ void __launch_bounds__(THREADS == 32 ? 256 : THREADS)
+__global__ void __launch_bounds__(THREADS * rows_per_block(THREADS))
 halting_step_loop_kernel(const HaltingStepParams p) {
   using A = typename AccOf<T>::type;
-  constexpr int ROWS = THREADS == 32 ? 8 : 1;
+  constexpr int ROWS = rows_per_block(THREADS);
   __shared__ A scratch[ROWS][THREADS / 32];
   const int group = threadIdx.x / THREADS;
   const int lane = threadIdx.x % THREADS;
@@ -126,9 +126,9 @@ halting_step_loop_kernel(const HaltingStepParams p) {
   if (lane == 0) write_row_outputs(p, i, b, d);
 }
 
-template <typename T, int THREADS, int VEC, int CHUNKS>
+template <int THREADS>
 void launch(const HaltingStepParams& p, cudaStream_t stream, void (*kernel)(HaltingStepParams)) {
-  constexpr int ROWS = THREADS == 32 ? 8 : 1;
+  constexpr int ROWS = rows_per_block(THREADS);
   const dim3 grid(static_cast<unsigned>((p.num_active + ROWS - 1) / ROWS));
   kernel<<<grid, THREADS * ROWS, 0, stream>>>(p);
 }
@@ -146,19 +146,16 @@ bool launch_registers(const HaltingStepParams& p, cudaStream_t stream) {
   } else {
     if (!vec_ok) return false;
     const int64_t chunks = (p.hidden + THREADS * VEC - 1) / (THREADS * VEC);
-    if (chunks <= 1) launch<T, THREADS, VEC, 1>(p, stream, halting_step_registers_kernel<T, THREADS, VEC, 1>);
-    else if (chunks <= 2) launch<T, THREADS, VEC, 2>(p, stream, halting_step_registers_kernel<T, THREADS, VEC, 2>);
-    else if (chunks <= 4) launch<T, THREADS, VEC, 4>(p, stream, halting_step_registers_kernel<T, THREADS, VEC, 4>);
-    else if (chunks <= 8) launch<T, THREADS, VEC, 8>(p, stream, halting_step_registers_kernel<T, THREADS, VEC, 8>);
-    else return false;
-    return true;
+    return dispatch_chunks<8>(chunks, [&](auto tile) {
+      launch<THREADS>(p, stream, halting_step_registers_kernel<T, THREADS, VEC, decltype(tile)::value>);
+    });
   }
 }
 
 template <typename T, int THREADS>
 void launch_threads(const HaltingStepParams& p, cudaStream_t stream) {
   if (!launch_registers<T, THREADS>(p, stream)) {
-    launch<T, THREADS, 1, 0>(p, stream, halting_step_loop_kernel<T, THREADS>);
+    launch<THREADS>(p, stream, halting_step_loop_kernel<T, THREADS>);
   }
 }
 
