@@ -6,7 +6,8 @@
 from . import reference
 from .api import ponder
 from .backends import available_backends
+from .ops.attention import ragged_attention
 from .output import HaltingProbs, PonderOutput
 
 __version__ = "0.1.0"
-__all__ = ["ponder", "reference", "available_backends", "PonderOutput", "HaltingProbs", "__version__"]
+__all__ = ["ponder", "ragged_attention", "reference", "available_backends", "PonderOutput", "HaltingProbs", "__version__"]

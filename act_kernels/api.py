@@ -42,7 +42,7 @@ def ponder(
     chosen = resolve(backend, states[0].device)
     if chosen == "reference":
         return reference.ponder(step_fn, state, weight, bias, max_steps=max_steps, eps=eps)
-    from .ops import get_kernels
+    from .ops.act import get_kernels
 
     return ragged_ponder(get_kernels(chosen), step_fn, state, weight, bias,
                          max_steps=max_steps, eps=eps)

@@ -1,4 +1,9 @@
-"""Which backends can serve a call, and the dispatch of `backend="auto"`."""
+"""Which backend serves a call: the one place where backends are chosen.
+
+Two op families: ACT's halting kernels (`resolve`, for `ponder` and the
+layers), which have reference, Triton and CUDA implementations, and ragged
+attention (`resolve_attention`), which has reference and Triton ones.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -73,4 +78,28 @@ def resolve(backend: str, device: torch.device) -> str:
     reason = why_unavailable(backend, device)
     if reason:
         raise RuntimeError(reason)
+    return backend
+
+
+def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend for ragged attention: "reference" or "triton".
+
+    "auto" takes Triton on CUDA tensors (float16, bfloat16, float32) and the
+    reference otherwise (the CPU, float64). There is no CUDA C++ kernel for
+    this op: backend="cuda" is an error that says so.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        if device.type == "cuda" and dtype != torch.float64 and not why_unavailable("triton", device):
+            return "triton"
+        return "reference"
+    if backend == "cuda":
+        raise RuntimeError("ragged_attention has no CUDA C++ kernel; use backend='triton' (or 'auto')")
+    reason = why_unavailable(backend, device)
+    if reason:
+        raise RuntimeError(reason)
+    if backend == "triton" and dtype == torch.float64:
+        raise TypeError("the triton ragged_attention supports float16, bfloat16 and float32, got "
+                        "torch.float64; use backend='reference' for float64")
     return backend

@@ -60,7 +60,7 @@ def test_copy_bandwidth(benchmark, record, meta):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,hidden", SIZES)
 def test_halting_step(benchmark, record, impl, dtype, rows, hidden):
-    from act_kernels.ops import get_kernels
+    from act_kernels.ops.act import get_kernels
 
     kernel = get_kernels(impl).halting_step
     args, buffers = halting_step_inputs(rows, hidden, dtype, DEVICE)
@@ -80,7 +80,7 @@ def test_halting_step(benchmark, record, impl, dtype, rows, hidden):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,hidden", SIZES)
 def test_combine_backward(benchmark, record, impl, dtype, rows, hidden):
-    from act_kernels.ops import get_kernels
+    from act_kernels.ops.act import get_kernels
 
     kernel = get_kernels(impl).combine_backward
     batch = rows // 3

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from act_kernels import reference
-from act_kernels.ops import get_kernels
+from act_kernels.ops.act import get_kernels
 from backends import KERNEL_BACKENDS
 from helpers import DEVICE, assert_close
 

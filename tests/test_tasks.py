@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from act_kernels.tasks import make_task
-from act_kernels.tasks.logic import GATES
+from act_kernels.train.tasks import make_task
+from act_kernels.train.tasks.logic import GATES
 
 
 def sample(name, batch=64, seed=0, **knobs):

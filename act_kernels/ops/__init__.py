@@ -1,17 +1,10 @@
-"""Kernel backends behind the two contracts of DESIGN §3."""
-from __future__ import annotations
+"""The kernel library, one folder per op family (DESIGN §12):
 
-from ..driver import Kernels
+    act/        the ACT halting step and combine backward (reference twins,
+                Triton, CUDA launcher, torch.library ops)
+    attention/  ragged attention over a subset of packed queries (reference
+                twin, Triton forward and backward, autograd Function, op)
+    ragged.py   index helpers for the packed, step-major layout
 
-
-def get_kernels(backend: str) -> Kernels:
-    """The (halting_step, combine_backward) pair of a kernel backend."""
-    if backend == "triton":
-        from . import triton_kernels as mod
-    elif backend == "cuda":
-        from . import cuda_kernels as mod
-    elif backend == "twins":  # the reference twins on the kernel driver, for tests
-        from .. import reference as mod
-    else:
-        raise ValueError(f"no kernels for backend {backend!r}")
-    return Kernels(mod.halting_step, mod.combine_backward)
+Which backend serves a call is decided in `act_kernels.backends`.
+"""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .nn import ACTLSTM, ACTRNN
+from ..nn import ACTLSTM, ACTRNN
 from .tasks import Batch, Task
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ragged import rows_by_batch, step_table
+from ..ragged import rows_by_batch, step_table
 
 MAX_HIDDEN = 32768
 

@@ -188,6 +188,3 @@ def main(argv=None):
     print(f"final sequence error {100 * final_err:.2f} %; wrote {out_dir}/summary.json and summary.png")
     return summary
 
-
-if __name__ == "__main__":
-    main()

@@ -10,10 +10,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ragged import rows_by_batch, step_table
+from ..ragged import rows_by_batch, step_table
 
 try:
-    from .. import _C
+    from ... import _C
 except ImportError as exc:  # pragma: no cover - depends on the build
     _C = None
     _IMPORT_ERROR = exc

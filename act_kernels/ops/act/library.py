@@ -18,9 +18,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..backends import cuda_extension_error
+from ...backends import cuda_extension_error
 from . import get_kernels
-from .ragged import packed_step_index
+from ..ragged import packed_step_index
 
 
 def _kernels_for(device: torch.device):

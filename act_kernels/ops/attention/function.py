@@ -1,0 +1,224 @@
+"""Ragged attention as an autograd Function, a torch.library op, and the public
+function `ragged_attention` (DESIGN §9).
+
+The eager path calls the Triton launchers through `RaggedAttention` directly;
+the op `act_kernels::ragged_attention` (with its backward op and fake
+implementations) serves torch.compile and fake-tensor users.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ...backends import resolve_attention, triton_interpreted
+from ..._validation import as_pool, check_attention_args
+from . import reference
+from .index import query_offsets, row_offsets
+
+
+def _max_seqlen(cu_seqlens: Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
+def _pool_grads(d_tok: Tensor, pool: Sequence[Tensor], kv_rows: Optional[Tensor]) -> List[Tensor]:
+    """Per-token gradients (T_tok, heads, d) back onto the pool's segments."""
+    if kv_rows is None and len(pool) == 1:
+        return [d_tok]
+    total = sum(t.shape[0] for t in pool)
+    d_pool = d_tok.new_zeros(total, *d_tok.shape[1:])
+    rows = torch.arange(d_tok.shape[0], device=d_tok.device) if kv_rows is None else kv_rows.to(torch.int64)
+    d_pool.index_add_(0, rows, d_tok)
+    return list(d_pool.split([t.shape[0] for t in pool]))
+
+
+class _Launch:
+    """The Triton forward and backward for one call, with the index tables
+    they share (built once per forward)."""
+
+    def __init__(self, k_pool, v_pool, cu_seqlens, q_rows, kv_rows, num_tokens):
+        from .triton_kernels import uniform_pool
+
+        self.k_pool, self.v_pool = uniform_pool(k_pool), uniform_pool(v_pool)
+        self.k_off = row_offsets(self.k_pool, kv_rows, num_tokens)
+        self.v_off = row_offsets(self.v_pool, kv_rows, num_tokens)
+        self.cu_q = query_offsets(cu_seqlens, q_rows)
+
+
+class RaggedAttention(torch.autograd.Function):
+    """forward(ctx, causal, scale, max_seqlen, n_k, q, cu_seqlens, q_rows, kv_rows, *k_pool, *v_pool)."""
+
+    @staticmethod
+    def forward(ctx, causal, scale, max_seqlen, n_k, q, cu_seqlens, q_rows, kv_rows, *pool):
+        from .triton_kernels import attention_forward
+
+        k_pool, v_pool = pool[:n_k], pool[n_k:]
+        num_tokens = kv_rows.numel() if kv_rows is not None else sum(t.shape[0] for t in k_pool)
+        launch = _Launch(k_pool, v_pool, cu_seqlens, q_rows, kv_rows, num_tokens)
+        out, lse = attention_forward(q, launch.k_pool, launch.v_pool, launch.k_off, launch.v_off,
+                                     cu_seqlens, launch.cu_q, q_rows, causal, scale, max_seqlen)
+        ctx.meta = (causal, scale, max_seqlen, n_k, len(launch.k_pool), kv_rows is None)
+        ctx.pool_shapes = [t.shape for t in pool]
+        ctx.save_for_backward(q, cu_seqlens, q_rows, kv_rows, launch.cu_q, launch.k_off, launch.v_off,
+                              out, lse, *launch.k_pool, *launch.v_pool)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .triton_kernels import attention_backward
+
+        causal, scale, max_seqlen, n_k, n_kl, no_rows = ctx.meta
+        q, cu_seqlens, q_rows, kv_rows, cu_q, k_off, v_off, out, lse, *pool = ctx.saved_tensors
+        k_pool, v_pool = pool[:n_kl], pool[n_kl:]
+        dq, dk, dv = attention_backward(grad_out, q, k_pool, v_pool, k_off, v_off, cu_seqlens, cu_q, q_rows,
+                                        out, lse, causal, scale, max_seqlen)
+        dks = _pool_grads(dk, k_pool, kv_rows)
+        dvs = _pool_grads(dv, v_pool, kv_rows)
+        return (None, None, None, None, dq, None, None, None, *dks, *dvs)
+
+
+def attend(q: Tensor, k_pool: Sequence[Tensor], v_pool: Sequence[Tensor], cu_seqlens: Tensor, q_rows: Tensor,
+           kv_rows: Optional[Tensor], causal: bool, scale: float, max_seqlen: int, backend: str) -> Tensor:
+    """`ragged_attention` without the argument checks, for callers that build
+    valid indices themselves (the transformer layer). backend is concrete."""
+    if backend == "reference":
+        return reference.ragged_attention(q, list(k_pool), list(v_pool), cu_seqlens, q_rows, kv_rows, causal, scale)
+    return RaggedAttention.apply(causal, scale, max_seqlen, len(k_pool), q, cu_seqlens, q_rows, kv_rows,
+                                 *k_pool, *v_pool)
+
+
+def ragged_attention(
+    q: Tensor,
+    k,
+    v,
+    cu_seqlens: Tensor,
+    q_rows: Tensor,
+    *,
+    kv_rows: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    max_seqlen: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Softmax attention of a subset of packed tokens (the running queries)
+    over the tokens of their own sequences.
+
+    q:          (A, heads, d) queries, one per running token
+    k, v:       (P, heads, d) key and value pools, or sequences of such
+                tensors read as their row-wise concatenation (never copied)
+    cu_seqlens: (B + 1,) int32 offsets of the B packed sequences, T_tok tokens
+    q_rows:     (A,) int64/int32 packed token index of every query, strictly ascending
+    kv_rows:    (T_tok,) optional: token j's key and value are pool row
+                kv_rows[j] (default: row j, so P = T_tok)
+    causal:     query at position i sees positions <= i of its sequence
+                (positions counted from the sequence start, not bottom-right aligned)
+    scale:      default 1 / sqrt(d); max_seqlen: optional longest length (saves a sync)
+    backend:    "auto" | "reference" | "triton"
+
+    Returns (A, heads, d) in q's dtype. Softmax statistics are float32
+    (float64 on the reference for float64 inputs); the Triton kernels never
+    store an (A, T_tok) matrix and recompute the scores in the backward.
+
+        cu = torch.tensor([0, 3, 5], dtype=torch.int32)   # two sequences: 3 and 2 tokens
+        q_rows = torch.tensor([0, 2, 4])                   # tokens 0, 2 (seq 0) and 4 (seq 1) run
+        out = ak.ragged_attention(q, k, v, cu, q_rows, causal=True)
+    """
+    k_pool, v_pool = as_pool(k, "k"), as_pool(v, "v")
+    check_attention_args(q, k_pool, v_pool, cu_seqlens, q_rows, kv_rows, scale, max_seqlen)
+    chosen = resolve_attention(backend, q.device, q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if max_seqlen is None:
+        max_seqlen = _max_seqlen(cu_seqlens)
+    return attend(q, k_pool, v_pool, cu_seqlens, q_rows, kv_rows, bool(causal), scale, max_seqlen, chosen)
+
+
+# ---------------------------------------------------------------------------
+# torch.library ops: act_kernels::ragged_attention and its backward
+# ---------------------------------------------------------------------------
+
+def _op_backend(device: torch.device, dtype: torch.dtype) -> str:
+    # Triton on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 so
+    # the CPU test suite runs the op's Triton path; the reference otherwise.
+    if dtype != torch.float64 and (device.type == "cuda" or triton_interpreted()):
+        try:
+            return resolve_attention("triton", device, dtype)
+        except RuntimeError:
+            pass
+    return "reference"
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("act_kernels::ragged_attention", mutates_args=())
+def ragged_attention_op(
+    q: Tensor, k: List[Tensor], v: List[Tensor], cu_seqlens: Tensor, q_rows: Tensor,
+    kv_rows: Optional[Tensor], causal: bool, scale: float, max_seqlen: int,
+) -> Tuple[Tensor, Tensor]:
+    """Returns (out (A, heads, d), lse (A, heads)); see `ragged_attention`."""
+    if _op_backend(q.device, q.dtype) == "reference":
+        out, lse = reference.ragged_attention_lse(q, k, v, cu_seqlens, q_rows, kv_rows, causal, scale)
+        return out.clone(), lse.clone()
+    from .triton_kernels import attention_forward
+
+    num_tokens = kv_rows.numel() if kv_rows is not None else sum(t.shape[0] for t in k)
+    launch = _Launch(k, v, cu_seqlens, q_rows, kv_rows, num_tokens)
+    return attention_forward(q, launch.k_pool, launch.v_pool, launch.k_off, launch.v_off, cu_seqlens,
+                             launch.cu_q, q_rows, causal, scale, max_seqlen)
+
+
+@ragged_attention_op.register_fake
+def _(q, k, v, cu_seqlens, q_rows, kv_rows, causal, scale, max_seqlen):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=_acc(q.dtype))
+
+
+@torch.library.custom_op("act_kernels::ragged_attention_backward", mutates_args=())
+def ragged_attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: List[Tensor], v: List[Tensor], cu_seqlens: Tensor, q_rows: Tensor,
+    kv_rows: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool, scale: float, max_seqlen: int,
+) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    """Returns (dq, dk per segment of k, dv per segment of v)."""
+    if _op_backend(q.device, q.dtype) == "reference":
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (q, *k, *v)]
+            o = reference.ragged_attention(leaves[0], leaves[1:1 + len(k)], leaves[1 + len(k):], cu_seqlens,
+                                           q_rows, kv_rows, causal, scale)
+            grads = torch.autograd.grad(o, leaves, grad_out, allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+        return grads[0], grads[1:1 + len(k)], grads[1 + len(k):]
+    from .triton_kernels import attention_backward
+
+    num_tokens = kv_rows.numel() if kv_rows is not None else sum(t.shape[0] for t in k)
+    launch = _Launch(k, v, cu_seqlens, q_rows, kv_rows, num_tokens)
+    dq, dk, dv = attention_backward(grad_out, q, launch.k_pool, launch.v_pool, launch.k_off, launch.v_off,
+                                    cu_seqlens, launch.cu_q, q_rows, out, lse, causal, scale, max_seqlen)
+    return dq, _pool_grads(dk, k, kv_rows), _pool_grads(dv, v, kv_rows)
+
+
+@ragged_attention_backward_op.register_fake
+def _(grad_out, q, k, v, cu_seqlens, q_rows, kv_rows, out, lse, causal, scale, max_seqlen):
+    return q.new_empty(q.shape), [t.new_empty(t.shape) for t in k], [t.new_empty(t.shape) for t in v]
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, q_rows, kv_rows, causal, scale, max_seqlen = inputs
+    out, lse = output
+    ctx.meta = (len(k), causal, scale, max_seqlen, kv_rows is None)
+    saved = [q, cu_seqlens, q_rows, out, lse, *k, *v] + ([] if kv_rows is None else [kv_rows])
+    ctx.save_for_backward(*saved)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    n_k, causal, scale, max_seqlen, no_rows = ctx.meta
+    q, cu_seqlens, q_rows, out, lse, *rest = ctx.saved_tensors
+    kv_rows = None if no_rows else rest.pop()
+    k, v = rest[:n_k], rest[n_k:]
+    dq, dk, dv = ragged_attention_backward_op(grad_out.contiguous(), q, k, v, cu_seqlens, q_rows, kv_rows,
+                                              out, lse, causal, scale, max_seqlen)
+    return dq, list(dk), list(dv), None, None, None, None, None, None
+
+
+ragged_attention_op.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,303 @@
+"""Triton kernels for ragged attention (DESIGN §9), flash-style, and their launchers.
+
+Forward: one program per (block of BLOCK_M queries of one sequence, sequence,
+head). It streams the sequence's keys and values in blocks of BLOCK_N with an
+online softmax in float32 and writes the output and the logsumexp; no
+(queries, keys) matrix is ever stored. Backward recomputes the scores from the
+saved logsumexp: one kernel per (key block, sequence, head) accumulates dK and
+dV over the sequence's running queries, one per (query block, sequence, head)
+accumulates dQ. Each output element has exactly one writer, so the backward is
+deterministic and needs no atomics.
+
+Keys and values are read through a per-token element offset (see
+`index.row_offsets`), so a pool of key/value rows spread over several tensors
+is never copied.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ...backends import triton_interpreted
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+def _blocks(head_dim: int, device: torch.device) -> Tuple[int, int, int, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_D and the warp count for a head dim."""
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"the triton backend supports head dims up to {MAX_HEAD_DIM}, got {head_dim}")
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device.type != "cuda" or triton_interpreted():
+        return 16, 16, block_d, 1   # the interpreter runs every program in Python: keep tiles small
+    if block_d <= 64:
+        return 64, 64, block_d, 4
+    return 64, 32, block_d, 4 if block_d <= 128 else 8
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # float32 inputs are multiplied in full precision, not TF32, so the kernel
+    # matches PyTorch's float32 attention to float32 rounding.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, k_off_ptr, v_off_ptr, cu_k_ptr, cu_q_ptr, q_rows_ptr,
+    o_ptr, lse_ptr,
+    stride_qa, stride_qh, stride_kh, stride_vh, stride_oa, stride_oh,
+    heads, D, qk_scale,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_m, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_bos = tl.load(cu_q_ptr + i_b)
+    q_eos = tl.load(cu_q_ptr + i_b + 1)
+    if i_m * BLOCK_M >= q_eos - q_bos:
+        return
+    bos = tl.load(cu_k_ptr + i_b)
+    seq_len = tl.load(cu_k_ptr + i_b + 1) - bos
+
+    o_m = q_bos + i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < q_eos
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    p_q = q_ptr + o_m[:, None].to(tl.int64) * stride_qa + i_h * stride_qh + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    # position of each query in its sequence; key 0 is visible to every query,
+    # so the running maximum is finite after the first key block
+    b_pos = tl.where(m_m, tl.load(q_rows_ptr + o_m, mask=m_m, other=0).to(tl.int32) - bos, 0)
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = seq_len
+    if CAUSAL:
+        hi = tl.minimum(seq_len, tl.max(b_pos, axis=0) + 1)
+    for start_n in range(0, hi, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < hi
+        b_koff = tl.load(k_off_ptr + bos + o_n, mask=m_n, other=0)
+        b_voff = tl.load(v_off_ptr + bos + o_n, mask=m_n, other=0)
+        b_k = tl.load(k_ptr + b_koff[:, None] + i_h * stride_kh + o_d[None, :],
+                      mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale          # log2 domain
+        valid = m_n[None, :]
+        if CAUSAL:
+            valid = valid & (o_n[None, :] <= b_pos[:, None])
+        b_s = tl.where(valid, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_alpha = tl.exp2(b_m - b_m_new)
+        b_p = tl.exp2(b_s - b_m_new[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_v = tl.load(v_ptr + b_voff[:, None] + i_h * stride_vh + o_d[None, :],
+                      mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, IEEE)
+        b_m = b_m_new
+
+    b_acc = b_acc / b_l[:, None]
+    p_o = o_ptr + o_m[:, None].to(tl.int64) * stride_oa + i_h * stride_oh + o_d[None, :]
+    tl.store(p_o, b_acc.to(o_ptr.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
+    # natural-log logsumexp of the scaled scores
+    tl.store(lse_ptr + o_m.to(tl.int64) * heads + i_h, (b_m + tl.log2(b_l)) / 1.4426950408889634, mask=m_m)
+
+
+@triton.jit
+def _attn_bwd_kv_kernel(
+    q_ptr, k_ptr, v_ptr, k_off_ptr, v_off_ptr, cu_k_ptr, cu_q_ptr, q_rows_ptr,
+    do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qa, stride_qh, stride_kh, stride_vh, stride_doa, stride_doh,
+    heads, D, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_n, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(cu_k_ptr + i_b)
+    seq_len = tl.load(cu_k_ptr + i_b + 1) - bos
+    if i_n * BLOCK_N >= seq_len:
+        return
+    q_bos = tl.load(cu_q_ptr + i_b)
+    q_eos = tl.load(cu_q_ptr + i_b + 1)
+
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < seq_len
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    m_nd = m_n[:, None] & m_d[None, :]
+    b_koff = tl.load(k_off_ptr + bos + o_n, mask=m_n, other=0)
+    b_voff = tl.load(v_off_ptr + bos + o_n, mask=m_n, other=0)
+    b_k = tl.load(k_ptr + b_koff[:, None] + i_h * stride_kh + o_d[None, :], mask=m_nd, other=0.0)
+    b_v = tl.load(v_ptr + b_voff[:, None] + i_h * stride_vh + o_d[None, :], mask=m_nd, other=0.0)
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # every running query of the sequence may attend to this key block
+    for start_m in range(q_bos, q_eos, BLOCK_M):
+        o_m = start_m + tl.arange(0, BLOCK_M)
+        m_m = o_m < q_eos
+        m_md = m_m[:, None] & m_d[None, :]
+        b_q = tl.load(q_ptr + o_m[:, None].to(tl.int64) * stride_qa + i_h * stride_qh + o_d[None, :],
+                      mask=m_md, other=0.0)
+        b_do = tl.load(do_ptr + o_m[:, None].to(tl.int64) * stride_doa + i_h * stride_doh + o_d[None, :],
+                       mask=m_md, other=0.0)
+        b_lse = tl.load(lse_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0) * 1.4426950408889634
+        b_delta = tl.load(delta_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0)
+        valid = m_m[:, None] & m_n[None, :]
+        if CAUSAL:
+            b_pos = tl.load(q_rows_ptr + o_m, mask=m_m, other=0).to(tl.int32) - bos
+            valid = valid & (o_n[None, :] <= b_pos[:, None])
+        b_s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale
+        b_p = tl.where(valid, tl.exp2(b_s - b_lse[:, None]), 0.0)          # (M, N)
+        b_dv += _dot(tl.trans(b_p.to(b_do.dtype)), b_do, IEEE)
+        b_dp = _dot(b_do, tl.trans(b_v), IEEE)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dk += _dot(tl.trans(b_ds.to(b_q.dtype)), b_q, IEEE)
+
+    # dK and dV are written per token (T_tok, heads, d), contiguous
+    p_out = o_n[:, None].to(tl.int64) * heads * D + bos.to(tl.int64) * heads * D + i_h * D + o_d[None, :]
+    tl.store(dk_ptr + p_out, (b_dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=m_nd)
+    tl.store(dv_ptr + p_out, b_dv.to(dv_ptr.dtype.element_ty), mask=m_nd)
+
+
+@triton.jit
+def _attn_bwd_q_kernel(
+    q_ptr, k_ptr, v_ptr, k_off_ptr, v_off_ptr, cu_k_ptr, cu_q_ptr, q_rows_ptr,
+    do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qa, stride_qh, stride_kh, stride_vh, stride_doa, stride_doh,
+    heads, D, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_m, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_bos = tl.load(cu_q_ptr + i_b)
+    q_eos = tl.load(cu_q_ptr + i_b + 1)
+    if i_m * BLOCK_M >= q_eos - q_bos:
+        return
+    bos = tl.load(cu_k_ptr + i_b)
+    seq_len = tl.load(cu_k_ptr + i_b + 1) - bos
+
+    o_m = q_bos + i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < q_eos
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    m_md = m_m[:, None] & m_d[None, :]
+    b_q = tl.load(q_ptr + o_m[:, None].to(tl.int64) * stride_qa + i_h * stride_qh + o_d[None, :],
+                  mask=m_md, other=0.0)
+    b_do = tl.load(do_ptr + o_m[:, None].to(tl.int64) * stride_doa + i_h * stride_doh + o_d[None, :],
+                   mask=m_md, other=0.0)
+    b_lse = tl.load(lse_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0) * 1.4426950408889634
+    b_delta = tl.load(delta_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0)
+    b_pos = tl.where(m_m, tl.load(q_rows_ptr + o_m, mask=m_m, other=0).to(tl.int32) - bos, 0)
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = seq_len
+    if CAUSAL:
+        hi = tl.minimum(seq_len, tl.max(b_pos, axis=0) + 1)
+    for start_n in range(0, hi, BLOCK_N):
+        o_n = start_n + tl.arange(0, BLOCK_N)
+        m_n = o_n < hi
+        m_nd = m_n[:, None] & m_d[None, :]
+        b_koff = tl.load(k_off_ptr + bos + o_n, mask=m_n, other=0)
+        b_voff = tl.load(v_off_ptr + bos + o_n, mask=m_n, other=0)
+        b_k = tl.load(k_ptr + b_koff[:, None] + i_h * stride_kh + o_d[None, :], mask=m_nd, other=0.0)
+        b_v = tl.load(v_ptr + b_voff[:, None] + i_h * stride_vh + o_d[None, :], mask=m_nd, other=0.0)
+        valid = m_m[:, None] & m_n[None, :]
+        if CAUSAL:
+            valid = valid & (o_n[None, :] <= b_pos[:, None])
+        b_s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale
+        b_p = tl.where(valid, tl.exp2(b_s - b_lse[:, None]), 0.0)
+        b_dp = _dot(b_do, tl.trans(b_v), IEEE)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += _dot(b_ds.to(b_k.dtype), b_k, IEEE)
+
+    p_dq = dq_ptr + o_m[:, None].to(tl.int64) * heads * D + i_h * D + o_d[None, :]
+    tl.store(p_dq, (b_dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=m_md)
+
+
+def uniform_pool(pool: Sequence[torch.Tensor]) -> list:
+    """The kernels read every segment of a pool with pool[0]'s head stride and a
+    unit feature stride; a segment that differs is copied once (rare: the rows
+    of one projection output already agree)."""
+    first = pool[0] if pool[0].stride(2) == 1 else pool[0].contiguous()
+    out = [first]
+    for seg in pool[1:]:
+        ok = seg.stride(2) == 1 and (seg.shape[1] == 1 or seg.stride(1) == first.stride(1))
+        out.append(seg if ok else _restride(seg, first.stride(1)))
+    return out
+
+
+def _restride(seg: torch.Tensor, head_stride: int) -> torch.Tensor:
+    rows, heads, dim = seg.shape
+    out = torch.empty_strided((rows, heads, dim), (heads * head_stride, head_stride, 1),
+                              dtype=seg.dtype, device=seg.device)
+    out.copy_(seg)
+    return out
+
+
+def _grid(max_seqlen: int, block: int, batch: int, heads: int):
+    return (triton.cdiv(max(max_seqlen, 1), block), batch, heads)
+
+
+def attention_forward(
+    q: torch.Tensor, k_pool: Sequence[torch.Tensor], v_pool: Sequence[torch.Tensor],
+    k_off: torch.Tensor, v_off: torch.Tensor, cu_seqlens: torch.Tensor, cu_q: torch.Tensor,
+    q_rows: torch.Tensor, causal: bool, scale: float, max_seqlen: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns out (A, heads, d) in q's dtype and lse (A, heads) float32.
+    k_off / v_off (T_tok,) int64 are element offsets from k_pool[0] / v_pool[0]
+    (`index.row_offsets` of the pools as given here)."""
+    num_q, heads, dim = q.shape
+    out = torch.empty(num_q, heads, dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(num_q, heads, dtype=torch.float32, device=q.device)
+    if num_q == 0:
+        return out, lse
+    block_m, block_n, block_d, warps = _blocks(dim, q.device)
+    batch = cu_seqlens.shape[0] - 1
+    k0, v0 = k_pool[0], v_pool[0]
+    _attn_fwd_kernel[_grid(max_seqlen, block_m, batch, heads)](
+        q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, out, lse,
+        q.stride(0), q.stride(1), k0.stride(1), v0.stride(1), out.stride(0), out.stride(1),
+        heads, dim, scale * LOG2E,
+        CAUSAL=causal, IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+    )
+    return out, lse
+
+
+def attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k_pool: Sequence[torch.Tensor], v_pool: Sequence[torch.Tensor],
+    k_off: torch.Tensor, v_off: torch.Tensor, cu_seqlens: torch.Tensor, cu_q: torch.Tensor,
+    q_rows: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, max_seqlen: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns dq (A, heads, d) and dk, dv per token (T_tok, heads, d), in q's dtype."""
+    num_q, heads, dim = q.shape
+    num_tokens = k_off.shape[0]
+    dq = torch.empty(num_q, heads, dim, dtype=q.dtype, device=q.device)
+    dk = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
+    dv = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return dq, dk, dv
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    # delta = rowsum(dO * O), the softmax backward's correction term
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    block_m, block_n, block_d, warps = _blocks(dim, q.device)
+    batch = cu_seqlens.shape[0] - 1
+    k0, v0 = k_pool[0], v_pool[0]
+    common = (q.stride(0), q.stride(1), k0.stride(1), v0.stride(1), grad_out.stride(0), grad_out.stride(1),
+              heads, dim, scale * LOG2E, scale)
+    meta = dict(CAUSAL=causal, IEEE=q.dtype == torch.float32,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+    _attn_bwd_kv_kernel[_grid(max_seqlen, block_n, batch, heads)](
+        q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dk, dv, *common, **meta)
+    if num_q:
+        _attn_bwd_q_kernel[_grid(max_seqlen, block_m, batch, heads)](
+            q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dq, *common, **meta)
+    return dq, dk, dv
