@@ -3,11 +3,11 @@
     import act_kernels as ak
     out = ak.ponder(step_fn, state, weight, bias, max_steps=100, eps=0.01)
 """
-from . import reference
+from . import nn, reference
 from .api import ponder
 from .backends import available_backends
 from .ops.attention import ragged_attention
 from .output import HaltingProbs, PonderOutput
 
 __version__ = "0.1.0"
-__all__ = ["ponder", "ragged_attention", "reference", "available_backends", "PonderOutput", "HaltingProbs", "__version__"]
+__all__ = ["nn", "ponder", "ragged_attention", "reference", "available_backends", "PonderOutput", "HaltingProbs", "__version__"]

@@ -1,4 +1,6 @@
-"""Drop-in ACT layers: torch.nn.RNN / GRU / LSTM conventions, each time step ponders."""
-from .act import ACTCell, ACTGRU, ACTLSTM, ACTRNN
+"""Drop-in ACT layers: torch.nn.RNN / GRU / LSTM conventions, each time step
+ponders (rnn.py); a per-token ACT transformer encoder (transformer.py)."""
+from .rnn import ACTCell, ACTGRU, ACTLSTM, ACTRNN
+from .transformer import ACTTransformerEncoder
 
-__all__ = ["ACTCell", "ACTRNN", "ACTGRU", "ACTLSTM"]
+__all__ = ["ACTCell", "ACTRNN", "ACTGRU", "ACTLSTM", "ACTTransformerEncoder"]

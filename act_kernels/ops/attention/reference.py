@@ -26,9 +26,12 @@ def gather_keys(pool: Pool, kv_rows: Optional[torch.Tensor]) -> torch.Tensor:
 def ragged_attention_lse(
     q: torch.Tensor, k: Pool, v: Pool, cu_seqlens: torch.Tensor, q_rows: torch.Tensor,
     kv_rows: Optional[torch.Tensor] = None, causal: bool = False, scale: Optional[float] = None,
+    dropout_p: float = 0.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """`ragged_attention` that also returns the logsumexp (A, heads) of every
-    query's scaled scores, in the accumulation dtype."""
+    query's scaled scores, in the accumulation dtype. dropout_p > 0 drops
+    attention probabilities as torch.nn.MultiheadAttention does in training
+    (only the reference offers it)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     keys, values = gather_keys(k, kv_rows), gather_keys(v, kv_rows)
     num_q, heads, dim = q.shape
@@ -63,7 +66,10 @@ def ragged_attention_lse(
     # must not produce NaN on the way (NaN * 0 would poison the gradients).
     scores = torch.where(allowed.any(-1, keepdim=True), scores, torch.zeros_like(scores))
     lse = torch.logsumexp(scores, dim=-1)                                  # (B, heads, max_q)
-    out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, dim=-1), vp)
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vp)
     return out[q_seq, q_slot].to(q.dtype), lse.permute(0, 2, 1)[q_seq, q_slot]
 
 

@@ -40,11 +40,24 @@ def _blocks(head_dim: int, device: torch.device) -> Tuple[int, int, int, int]:
     return 64, 32, block_d, 4 if block_d <= 128 else 8
 
 
+def _dot_mode(dtype: torch.dtype) -> int:
+    """0: the tensor cores' native product (float16, bfloat16, float32 accumulation);
+    1: float32 in full precision, not TF32, so the kernel matches PyTorch's
+       float32 attention to float32 rounding;
+    2: bfloat16 under the interpreter, whose bfloat16 dot is wrong: the
+       operands are widened first, which gives the same exact products."""
+    if dtype == torch.float32:
+        return 1
+    if dtype == torch.bfloat16 and triton_interpreted():
+        return 2
+    return 0
+
+
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
-    # float32 inputs are multiplied in full precision, not TF32, so the kernel
-    # matches PyTorch's float32 attention to float32 rounding.
-    if IEEE:
+    if IEEE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if IEEE == 1:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
 
@@ -265,7 +278,7 @@ def attention_forward(
         q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, out, lse,
         q.stride(0), q.stride(1), k0.stride(1), v0.stride(1), out.stride(0), out.stride(1),
         heads, dim, scale * LOG2E,
-        CAUSAL=causal, IEEE=q.dtype == torch.float32,
+        CAUSAL=causal, IEEE=_dot_mode(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
     )
     return out, lse
@@ -293,7 +306,7 @@ def attention_backward(
     k0, v0 = k_pool[0], v_pool[0]
     common = (q.stride(0), q.stride(1), k0.stride(1), v0.stride(1), grad_out.stride(0), grad_out.stride(1),
               heads, dim, scale * LOG2E, scale)
-    meta = dict(CAUSAL=causal, IEEE=q.dtype == torch.float32,
+    meta = dict(CAUSAL=causal, IEEE=_dot_mode(q.dtype),
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
     _attn_bwd_kv_kernel[_grid(max_seqlen, block_n, batch, heads)](
         q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dk, dv, *common, **meta)
