@@ -182,20 +182,17 @@ def ragged_attention_backward_op(
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Returns (dq, dk per segment of k, dv per segment of v)."""
     if _op_backend(q.device, q.dtype) == "reference":
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (q, *k, *v)]
-            o = reference.ragged_attention(leaves[0], leaves[1:1 + len(k)], leaves[1 + len(k):], cu_seqlens,
-                                           q_rows, kv_rows, causal, scale)
-            grads = torch.autograd.grad(o, leaves, grad_out, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
-        return grads[0], grads[1:1 + len(k)], grads[1 + len(k):]
+        dq, dk, dv = reference.ragged_attention_backward(grad_out, q, k, v, cu_seqlens, q_rows, kv_rows,
+                                                         causal, scale)
+        return dq, [t.clone() for t in _pool_grads(dk, k, kv_rows)], [t.clone() for t in _pool_grads(dv, v, kv_rows)]
     from .triton_kernels import attention_backward
 
     num_tokens = kv_rows.numel() if kv_rows is not None else sum(t.shape[0] for t in k)
     launch = _Launch(k, v, cu_seqlens, q_rows, kv_rows, num_tokens)
     dq, dk, dv = attention_backward(grad_out, q, launch.k_pool, launch.v_pool, launch.k_off, launch.v_off,
                                     cu_seqlens, launch.cu_q, q_rows, out, lse, causal, scale, max_seqlen)
-    return dq, _pool_grads(dk, k, kv_rows), _pool_grads(dv, v, kv_rows)
+    # an op's outputs may not alias each other: no views of one buffer
+    return dq, [t.clone() for t in _pool_grads(dk, k, kv_rows)], [t.clone() for t in _pool_grads(dv, v, kv_rows)]
 
 
 @ragged_attention_backward_op.register_fake
