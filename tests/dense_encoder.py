@@ -13,8 +13,7 @@ def dense_act_encoder(layer, halting, src, pad=None, causal=False, max_steps=8, 
     acc = torch.float64 if src.dtype == torch.float64 else torch.float32
     real = torch.ones(batch, length, dtype=torch.bool) if pad is None else ~pad
     real = real.to(src.device)
-    mask = torch.nn.Transformer.generate_square_subsequent_mask(length, device=src.device, dtype=src.dtype) \
-        if causal else None
+    mask = torch.ones(length, length, dtype=torch.bool, device=src.device).triu(1) if causal else None
     visible = src
     running = real.clone()
     sum_h = torch.zeros(batch, length, dtype=acc, device=src.device)

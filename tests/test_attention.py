@@ -308,3 +308,12 @@ def test_reference_backward_twin_matches_autograd(causal):
     got = reference.ragged_attention_backward(g, q, k, v, cu, q_rows, causal=causal)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_public_reference_function_gradcheck_float64():
+    """The recomputing Function on the reference backend (what the CPU path runs)."""
+    q, k, v, cu, q_rows = problem([3, 5], 2, 4, torch.float64, seed=13)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    for causal in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: ak.ragged_attention(q, k, v, cu, q_rows, causal=causal, backend="reference"), leaves)

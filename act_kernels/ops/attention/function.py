@@ -48,44 +48,54 @@ class _Launch:
 
 
 class RaggedAttention(torch.autograd.Function):
-    """forward(ctx, causal, scale, max_seqlen, n_k, q, cu_seqlens, q_rows, kv_rows, *k_pool, *v_pool)."""
+    """forward(ctx, backend, causal, scale, max_seqlen, n_k, q, cu_seqlens, q_rows, kv_rows, *k_pool, *v_pool).
+
+    Flash-style on every backend: the forward saves q, the pools, the output
+    and the logsumexp; the backward recomputes the probabilities ("triton":
+    the Triton kernels; "reference": the reference twin's written-out
+    backward). No (queries, keys) matrix is kept between the two."""
 
     @staticmethod
-    def forward(ctx, causal, scale, max_seqlen, n_k, q, cu_seqlens, q_rows, kv_rows, *pool):
-        from .triton_kernels import attention_forward
-
+    def forward(ctx, backend, causal, scale, max_seqlen, n_k, q, cu_seqlens, q_rows, kv_rows, *pool):
         k_pool, v_pool = pool[:n_k], pool[n_k:]
         num_tokens = kv_rows.numel() if kv_rows is not None else sum(t.shape[0] for t in k_pool)
-        launch = _Launch(k_pool, v_pool, cu_seqlens, q_rows, kv_rows, num_tokens)
-        out, lse = attention_forward(q, launch.k_pool, launch.v_pool, launch.k_off, launch.v_off,
-                                     cu_seqlens, launch.cu_q, q_rows, causal, scale, max_seqlen)
-        ctx.meta = (causal, scale, max_seqlen, n_k, len(launch.k_pool), kv_rows is None)
-        ctx.pool_shapes = [t.shape for t in pool]
-        ctx.save_for_backward(q, cu_seqlens, q_rows, kv_rows, launch.cu_q, launch.k_off, launch.v_off,
-                              out, lse, *launch.k_pool, *launch.v_pool)
+        if backend == "triton":
+            from .triton_kernels import attention_forward
+
+            launch = _Launch(k_pool, v_pool, cu_seqlens, q_rows, kv_rows, num_tokens)
+            out, lse = attention_forward(q, launch.k_pool, launch.v_pool, launch.k_off, launch.v_off,
+                                         cu_seqlens, launch.cu_q, q_rows, causal, scale, max_seqlen)
+            k_pool, v_pool, tables = launch.k_pool, launch.v_pool, (launch.cu_q, launch.k_off, launch.v_off)
+        else:
+            out, lse = reference.ragged_attention_lse(q, k_pool, v_pool, cu_seqlens, q_rows, kv_rows, causal, scale)
+            tables = (None, None, None)
+        ctx.meta = (backend, causal, scale, max_seqlen, len(k_pool))
+        ctx.save_for_backward(q, cu_seqlens, q_rows, kv_rows, *tables, out, lse, *k_pool, *v_pool)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        from .triton_kernels import attention_backward
-
-        causal, scale, max_seqlen, n_k, n_kl, no_rows = ctx.meta
+        backend, causal, scale, max_seqlen, n_k = ctx.meta
         q, cu_seqlens, q_rows, kv_rows, cu_q, k_off, v_off, out, lse, *pool = ctx.saved_tensors
-        k_pool, v_pool = pool[:n_kl], pool[n_kl:]
-        dq, dk, dv = attention_backward(grad_out, q, k_pool, v_pool, k_off, v_off, cu_seqlens, cu_q, q_rows,
-                                        out, lse, causal, scale, max_seqlen)
+        k_pool, v_pool = pool[:n_k], pool[n_k:]
+        if backend == "triton":
+            from .triton_kernels import attention_backward
+
+            dq, dk, dv = attention_backward(grad_out, q, k_pool, v_pool, k_off, v_off, cu_seqlens, cu_q, q_rows,
+                                            out, lse, causal, scale, max_seqlen)
+        else:
+            dq, dk, dv = reference.ragged_attention_backward(grad_out, q, k_pool, v_pool, cu_seqlens, q_rows,
+                                                             kv_rows, causal, scale)
         dks = _pool_grads(dk, k_pool, kv_rows)
         dvs = _pool_grads(dv, v_pool, kv_rows)
-        return (None, None, None, None, dq, None, None, None, *dks, *dvs)
+        return (None, None, None, None, None, dq, None, None, None, *dks, *dvs)
 
 
 def attend(q: Tensor, k_pool: Sequence[Tensor], v_pool: Sequence[Tensor], cu_seqlens: Tensor, q_rows: Tensor,
            kv_rows: Optional[Tensor], causal: bool, scale: float, max_seqlen: int, backend: str) -> Tensor:
     """`ragged_attention` without the argument checks, for callers that build
     valid indices themselves (the transformer layer). backend is concrete."""
-    if backend == "reference":
-        return reference.ragged_attention(q, list(k_pool), list(v_pool), cu_seqlens, q_rows, kv_rows, causal, scale)
-    return RaggedAttention.apply(causal, scale, max_seqlen, len(k_pool), q, cu_seqlens, q_rows, kv_rows,
+    return RaggedAttention.apply(backend, causal, scale, max_seqlen, len(k_pool), q, cu_seqlens, q_rows, kv_rows,
                                  *k_pool, *v_pool)
 
 
@@ -118,8 +128,11 @@ def ragged_attention(
     backend:    "auto" | "reference" | "triton"
 
     Returns (A, heads, d) in q's dtype. Softmax statistics are float32
-    (float64 on the reference for float64 inputs); the Triton kernels never
-    store an (A, T_tok) matrix and recompute the scores in the backward.
+    (float64 on the reference for float64 inputs). Every backend saves only
+    q, k, v, the output and the logsumexp for the backward, which recomputes
+    the probabilities; the Triton kernels never store an (A, T_tok) matrix
+    at all. `act_kernels.ops.attention.reference.ragged_attention` is the
+    plain autograd twin.
 
         cu = torch.tensor([0, 3, 5], dtype=torch.int32)   # two sequences: 3 and 2 tokens
         q_rows = torch.tensor([0, 2, 4])                   # tokens 0, 2 (seq 0) and 4 (seq 1) run
