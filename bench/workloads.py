@@ -10,8 +10,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from naive import naive_ponder  # noqa: E402  the padded-and-masked baseline
+from dense_encoder import dense_act_encoder  # noqa: E402  the dense-loop baseline of DESIGN §9
 
-__all__ = ["GRUPonder", "skewed_steps", "naive_ponder", "halting_step_inputs"]
+__all__ = ["GRUPonder", "EncoderPonder", "skewed_steps", "naive_ponder", "dense_act_encoder", "ut_act_encoder",
+           "halting_step_inputs"]
 
 
 def skewed_steps(batch: int, max_steps: int, mean: float = 3.0, seed: int = 0) -> torch.Tensor:
@@ -77,3 +79,68 @@ def halting_step_inputs(rows, hidden, dtype, device, seed=0):
         remainder=torch.zeros(rows, device=device, dtype=acc),
     )
     return args, buffers
+
+
+class EncoderPonder:
+    """A per-token ACT encoder over a pre-norm layer, with a controlled skewed
+    halting distribution: feature 0 of every token never changes (the rows of
+    out_proj and linear2 that write it are zero), and the halting unit reads
+    only it, so token j halts after exactly target[j] steps (h_j = 0.99 / N_j
+    + 1e-4 each step). Every sequence holds at least one token at max_steps,
+    so the dense loop pays for max_steps steps, as it does in practice."""
+
+    def __init__(self, batch, length, d_model, max_steps=8, mean=2.5, dtype=torch.float32, device="cpu",
+                 seed=0, heads=None, backend="auto"):
+        import act_kernels as ak
+
+        torch.manual_seed(seed)
+        heads = heads or max(1, d_model // 64)
+        layer = torch.nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, batch_first=True,
+                                                 norm_first=True).to(device, dtype)
+        with torch.no_grad():
+            for lin in (layer.self_attn.out_proj, layer.linear2):
+                lin.weight[0].zero_()
+                lin.bias[0].zero_()
+        self.enc = ak.nn.ACTTransformerEncoder(layer, max_steps=max_steps, backend=backend).to(device, dtype)
+        with torch.no_grad():
+            self.enc.halting.weight.zero_()
+            self.enc.halting.weight[0, 0] = 1.0
+            self.enc.halting.bias.zero_()
+        target = skewed_steps(batch * length, max_steps, mean, seed).reshape(batch, length)
+        target[:, 0] = max_steps
+        self.target = target.to(device)
+        h = 0.99 / self.target.double() + 1e-4
+        self.x = torch.randn(batch, length, d_model, device=device, dtype=dtype)
+        self.x[..., 0] = torch.log(h / (1 - h)).to(dtype)
+        self.x.requires_grad_()
+        self.max_steps = max_steps
+
+    @property
+    def ideal_speedup(self) -> float:
+        """T_tok * max N / sum N: the dense loop's rows over the ragged rows."""
+        return self.target.numel() * int(self.target.max()) / int(self.target.sum())
+
+
+def ut_act_encoder(layer, halting, src, max_steps=8, eps=0.01):
+    """tensor2tensor-style Universal Transformer ACT: every token is transformed
+    at every step until the whole batch has halted (halted tokens keep
+    changing and keep serving as keys and values); only the accumulation
+    freezes them. The baseline of DESIGN §9's comparison, not our semantics."""
+    batch, length, _ = src.shape
+    state = src
+    running = torch.ones(batch, length, dtype=torch.bool, device=src.device)
+    sum_h = torch.zeros(batch, length, device=src.device)
+    out = torch.zeros(src.shape, device=src.device)
+    cost = torch.zeros(batch, length, device=src.device)
+    for n in range(1, max_steps + 1):
+        state = layer(state)
+        h = torch.sigmoid(halting(state).squeeze(-1).float())
+        halt = running & ((sum_h + h >= 1 - eps) | (n == max_steps))
+        p = torch.where(running, torch.where(halt, 1 - sum_h, h), torch.zeros_like(h))
+        out = out + p[..., None] * state.float()
+        cost = cost + running.float() + torch.where(halt, p, torch.zeros_like(p))
+        sum_h = torch.where(running & ~halt, sum_h + h, sum_h)
+        running = running & ~halt
+        if not bool(running.any()):
+            break
+    return out.to(src.dtype), cost

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..api import ponder
 from ..backends import BACKENDS, resolve, resolve_attention
 from ..ops.attention.function import attend
-from ..ops.attention.reference import ragged_attention_lse
+from ..ops.attention.reference import ragged_attention as reference_attention
 
 
 def _check_options(max_steps, eps, backend) -> None:
@@ -175,8 +175,8 @@ class ACTTransformerEncoder(nn.Module):
         q = self._heads(F.linear(x, w[:d], None if b is None else b[:d]))
         scale = 1.0 / (d // attn.num_heads) ** 0.5
         if self.training and attn.dropout > 0:
-            out = ragged_attention_lse(q, step.k_pool, step.v_pool, step.cu_seqlens, active, step.kv_rows,
-                                       step.causal, scale, dropout_p=attn.dropout)[0]
+            out = reference_attention(q, step.k_pool, step.v_pool, step.cu_seqlens, active, step.kv_rows,
+                                      step.causal, scale, dropout_p=attn.dropout)
         else:
             out = attend(q, step.k_pool, step.v_pool, step.cu_seqlens, active, step.kv_rows, step.causal, scale,
                          step.max_seqlen, step.backend)

@@ -67,8 +67,8 @@ class RaggedAttention(torch.autograd.Function):
                                          cu_seqlens, launch.cu_q, q_rows, causal, scale, max_seqlen)
             k_pool, v_pool, tables = launch.k_pool, launch.v_pool, (launch.cu_q, launch.k_off, launch.v_off)
         else:
-            out, lse = reference.ragged_attention_lse(q, k_pool, v_pool, cu_seqlens, q_rows, kv_rows, causal, scale)
-            tables = (None, None, None)
+            out = reference.ragged_attention(q, k_pool, v_pool, cu_seqlens, q_rows, kv_rows, causal, scale)
+            lse, tables = None, (None, None, None)
         ctx.meta = (backend, causal, scale, max_seqlen, len(k_pool))
         ctx.save_for_backward(q, cu_seqlens, q_rows, kv_rows, *tables, out, lse, *k_pool, *v_pool)
         return out
@@ -83,9 +83,15 @@ class RaggedAttention(torch.autograd.Function):
 
             dq, dk, dv = attention_backward(grad_out, q, k_pool, v_pool, k_off, v_off, cu_seqlens, cu_q, q_rows,
                                             out, lse, causal, scale, max_seqlen)
-        else:
-            dq, dk, dv = reference.ragged_attention_backward(grad_out, q, k_pool, v_pool, cu_seqlens, q_rows,
-                                                             kv_rows, causal, scale)
+        else:  # recompute through the reference (PyTorch's fused CPU attention saves no matrix)
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in (q, *k_pool, *v_pool)]
+                tokens = [reference.gather_keys(leaves[1:1 + n_k], kv_rows),
+                          reference.gather_keys(leaves[1 + n_k:], kv_rows)]
+                tokens = [t.detach().requires_grad_() for t in tokens]
+                o = reference.ragged_attention(leaves[0], tokens[0], tokens[1], cu_seqlens, q_rows, None,
+                                               causal, scale)
+                dq, dk, dv = torch.autograd.grad(o, [leaves[0], *tokens], grad_out)
         dks = _pool_grads(dk, k_pool, kv_rows)
         dvs = _pool_grads(dv, v_pool, kv_rows)
         return (None, None, None, None, None, dq, None, None, None, *dks, *dvs)
