@@ -86,6 +86,40 @@ def test_sort_labels():
         assert order == sorted(range(n), key=lambda i: values[i])
 
 
+def test_pointer_labels():
+    """Every token's target recomputed by following its pointers hop by hop."""
+    task = make_task("pointer", "small")
+    b = task.sample(64, torch.Generator().manual_seed(3))
+    V, L, K = task.values, task.max_len, task.max_hops
+    assert b.inputs.shape == (L, 64, V + L + K + 1)
+    for row in range(64):
+        n = int(b.lengths[row])
+        assert 2 <= n <= L and b.mask[:, row].tolist() == [True] * n + [False] * (L - n)
+        x = b.inputs[:n, row]
+        values = x[:, :V].argmax(-1).tolist()
+        pointers = x[:, V:V + L].argmax(-1).tolist()
+        hops = x[:, V + L:].argmax(-1).tolist()
+        assert max(pointers) < n and bool((b.inputs[n:, row] == 0).all())
+        for i in range(n):
+            j = i
+            for _ in range(hops[i]):
+                j = pointers[j]
+            assert b.targets[i, row, 0] == values[j] and b.difficulty[i, row] == hops[i]
+    assert set(b.difficulty[b.mask].tolist()) == set(range(K + 1))
+
+
+def test_fixed_depth_baseline_for_the_transformer_task(tmp_path):
+    from act_kernels.train import main
+
+    summary = main(["pointer", "--iterations", "2", "--eval-every", "2", "--eval-batches", "1",
+                    "--batch-size", "4", "--hidden", "16", "--fixed-steps", "3", "--out", str(tmp_path),
+                    "--no-progress"])
+    assert summary["config"]["max_steps"] == 3
+    assert all(v["mean_steps"] == 3 for v in summary["by_difficulty"].values())
+    with pytest.raises(SystemExit, match="only available for the transformer task"):
+        main(["parity", "--iterations", "1", "--fixed-steps", "2", "--out", str(tmp_path / "p"), "--no-progress"])
+
+
 def test_training_command_smoke(tmp_path):
     from act_kernels.train import main
 
@@ -104,7 +138,7 @@ def test_training_command_smoke(tmp_path):
     assert [h["iteration"] for h in again["history"]] == [3, 6, 9]
 
 
-@pytest.mark.parametrize("name", ["logic", "addition", "sort"])
+@pytest.mark.parametrize("name", ["logic", "addition", "sort", "pointer"])
 def test_training_runs_on_every_task(tmp_path, name):
     from act_kernels.train import main
 

@@ -3,6 +3,8 @@
     python -m act_kernels.train parity                    # reduced size, CPU, minutes
     python -m act_kernels.train parity --size paper       # the paper's sizes (GPU)
     python -m act_kernels.train parity --fixed-steps      # the same network, one step
+    python -m act_kernels.train pointer                   # per-token ACT transformer encoder
+    python -m act_kernels.train pointer --fixed-steps 8   # the same layer at a fixed depth of 8
 
 Writes to --out (default runs/<task>[-fixed]): checkpoint.pt (at every
 evaluation; --resume continues from it), summary.json (settings, final error,
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .model import TaskModel, sequence_errors, task_loss
+from .model import TaskModel, TokenTaskModel, sequence_errors, task_loss
 from .tasks import TASKS, make_task
 
 
@@ -39,7 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--tau", type=float, default=1e-3, help="time penalty")
     p.add_argument("--max-steps", type=int, default=None, help="M (default: the paper's for the task)")
     p.add_argument("--eps", type=float, default=0.01)
-    p.add_argument("--fixed-steps", action="store_true", help="baseline: one computation step per input")
+    p.add_argument("--fixed-steps", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="baseline: the same network with exactly K computation steps and no halting "
+                        "(bare flag: K = 1; K > 1 for the transformer task)")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--backend", default="auto")
@@ -56,6 +60,7 @@ def evaluate(model, task, batches, batch_size, generator, device):
     errors, total = 0, 0
     by_difficulty = defaultdict(lambda: [0.0, 0, 0])   # ponder steps sum, count, wrong sequences
     seq_by_difficulty = defaultdict(lambda: [0, 0])
+    tok_by_difficulty = defaultdict(lambda: [0, 0])    # wrong outputs, outputs (time steps with a target)
     with torch.no_grad():
         for _ in range(batches):
             batch = task.sample(batch_size, generator).to(device)
@@ -67,6 +72,10 @@ def evaluate(model, task, batches, batch_size, generator, device):
             for d, n in zip(batch.difficulty[valid].tolist(), out.steps[valid].tolist()):
                 by_difficulty[d][0] += n
                 by_difficulty[d][1] += 1
+            token_wrong = (out.logits.argmax(-1) != batch.targets).any(-1)
+            for d, w in zip(batch.difficulty[batch.mask].tolist(), token_wrong[batch.mask].tolist()):
+                tok_by_difficulty[d][0] += int(w)
+                tok_by_difficulty[d][1] += 1
             # a sequence's difficulty: its largest per-step difficulty
             seq_d = (batch.difficulty * valid).max(0).values
             for d, w in zip(seq_d.tolist(), wrong.tolist()):
@@ -75,10 +84,13 @@ def evaluate(model, task, batches, batch_size, generator, device):
     model.train()
     table = {
         int(d): dict(mean_steps=s / c, error=seq_by_difficulty[d][0] / max(seq_by_difficulty[d][1], 1)
-                     if d in seq_by_difficulty else None)
+                     if d in seq_by_difficulty else None,
+                     token_error=tok_by_difficulty[d][0] / tok_by_difficulty[d][1] if d in tok_by_difficulty else None)
         for d, (s, c, _) in sorted(by_difficulty.items())
     }
-    return errors / total, table
+    tokens = sum(c for _, c in tok_by_difficulty.values())
+    token_error = sum(w for w, _ in tok_by_difficulty.values()) / max(tokens, 1)
+    return errors / total, table, token_error
 
 
 def save_figure(path, task, table, title):
@@ -118,12 +130,21 @@ def main(argv=None):
     batch_size = args.batch_size or task.batch_size
     lr = args.lr or (1e-3 if small else 1e-4)
     max_steps = args.max_steps or (task.max_steps if not small else min(task.max_steps, 20))
-    out_dir = Path(args.out or f"runs/{task.name}{'-fixed' if args.fixed_steps else ''}")
+    suffix = "" if not args.fixed_steps else ("-fixed" if args.fixed_steps == 1 else f"-fixed{args.fixed_steps}")
+    out_dir = Path(args.out or f"runs/{task.name}{suffix}")
     out_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    model = TaskModel(task, hidden, max_steps=max_steps, eps=args.eps, backend=args.backend,
-                      fixed_steps=args.fixed_steps).to(device)
+    if args.fixed_steps < 0:
+        raise SystemExit(f"--fixed-steps must be >= 1, got {args.fixed_steps}")
+    if task.cell == "transformer":
+        model = TokenTaskModel(task, hidden, max_steps=max_steps, eps=args.eps, backend=args.backend,
+                               fixed_steps=args.fixed_steps).to(device)
+    elif args.fixed_steps > 1:
+        raise SystemExit("--fixed-steps K > 1 is only available for the transformer task (pointer)")
+    else:
+        model = TaskModel(task, hidden, max_steps=max_steps, eps=args.eps, backend=args.backend,
+                          fixed_steps=bool(args.fixed_steps)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     train_gen = torch.Generator().manual_seed(args.seed)
     start = 0
@@ -137,7 +158,7 @@ def main(argv=None):
         start, history = ckpt["iteration"], ckpt["history"]
 
     config = dict(task=task.name, size=size, knobs=task.knobs, cell=task.cell, hidden=hidden,
-                  batch_size=batch_size, lr=lr, tau=args.tau, max_steps=1 if args.fixed_steps else max_steps,
+                  batch_size=batch_size, lr=lr, tau=args.tau, max_steps=args.fixed_steps or max_steps,
                   eps=args.eps, fixed_steps=args.fixed_steps, iterations=args.iterations,
                   device=str(device), backend=args.backend, seed=args.seed)
     print(json.dumps(config))
@@ -161,10 +182,11 @@ def main(argv=None):
         loss.backward()
         optimizer.step()
         if (it + 1) % args.eval_every == 0 or it + 1 == args.iterations:
-            err, table = evaluate(model, task, args.eval_batches, batch_size,
+            err, table, token_err = evaluate(model, task, args.eval_batches, batch_size,
                                   torch.Generator().manual_seed(eval_gen_seed), device)
             mean_steps = sum(v["mean_steps"] for v in table.values()) / max(len(table), 1)
-            history.append(dict(iteration=it + 1, loss=loss.item(), error=err, mean_steps=mean_steps,
+            history.append(dict(iteration=it + 1, loss=loss.item(), error=err, token_error=token_err,
+                                mean_steps=mean_steps,
                                 seconds=time.time() - t0))
             msg = f"it {it + 1}: loss {loss.item():.4f}  sequence error {100 * err:.1f} %  mean N {mean_steps:.2f}"
             if bar is not None:
@@ -176,14 +198,15 @@ def main(argv=None):
                             generator=train_gen.get_state(), iteration=it + 1, history=history, config=config),
                        ckpt_path)
 
-    final_err, table = evaluate(model, task, 4 * args.eval_batches, batch_size,
+    final_err, table, final_token_err = evaluate(model, task, 4 * args.eval_batches, batch_size,
                                 torch.Generator().manual_seed(eval_gen_seed + 1), device)
-    summary = dict(config=config, final_sequence_error=final_err,
+    summary = dict(config=config, final_sequence_error=final_err, final_token_error=final_token_err,
                    mean_ponder_steps=sum(v["mean_steps"] for v in table.values()) / max(len(table), 1),
                    by_difficulty=table, history=history, train_seconds=time.time() - t0,
                    torch=torch.__version__)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    kind = "one fixed step" if args.fixed_steps else f"ACT, tau={args.tau}"
+    kind = (f"{args.fixed_steps} fixed step{'s' if args.fixed_steps > 1 else ''}" if args.fixed_steps
+            else f"ACT, tau={args.tau}")
     save_figure(out_dir / "summary.png", task, table, f"{task.name} ({size}), {kind}: error {100 * final_err:.1f} %")
     print(f"final sequence error {100 * final_err:.2f} %; wrote {out_dir}/summary.json and summary.png")
     return summary

@@ -1,5 +1,6 @@
-"""A task network: one ACT recurrent layer and a linear read-out, run on
-packed variable-length sequences so padding is never computed."""
+"""The task networks: one ACT recurrent layer and a linear read-out, run on
+packed variable-length sequences so padding is never computed (the paper's
+tasks); and a per-token ACT transformer encoder (per-token tasks)."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -8,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..nn import ACTLSTM, ACTRNN
+from ..nn import ACTLSTM, ACTRNN, ACTTransformerEncoder
 from .tasks import Batch, Task
 
 
@@ -60,3 +61,44 @@ def sequence_errors(out: TaskOutput, batch: Batch) -> Tensor:
     """(B,) bool: a sequence is wrong if any of its outputs is (the paper's metric)."""
     wrong = (out.logits.argmax(-1) != batch.targets).any(-1) & batch.mask
     return wrong.any(0)
+
+
+class TokenTaskModel(nn.Module):
+    """The network for a per-token task: an input projection plus a learned
+    position embedding, one shared pre-norm transformer layer pondered per
+    token by ACTTransformerEncoder, a final LayerNorm and a linear read-out.
+
+    fixed_steps=K gives the same layer applied exactly K times to every token
+    (a Universal Transformer of fixed depth, no halting)."""
+
+    def __init__(self, task: Task, hidden: int, *, max_steps: int, eps: float = 0.01, backend: str = "auto",
+                 fixed_steps: int = 0, halting_bias_init: float = 1.0, heads: int = 4):
+        super().__init__()
+        self.task = task
+        self.fixed_steps = fixed_steps
+        self.embed = nn.Linear(task.input_size, hidden)
+        self.position = nn.Embedding(task.max_len, hidden)
+        layer = nn.TransformerEncoderLayer(hidden, heads, 2 * hidden, dropout=0.0, batch_first=True, norm_first=True)
+        if fixed_steps:
+            self.layer = layer
+        else:
+            self.encoder = ACTTransformerEncoder(layer, max_steps=max_steps, eps=eps, backend=backend,
+                                                 halting_bias_init=halting_bias_init)
+        self.norm = nn.LayerNorm(hidden)
+        self.readout = nn.Linear(hidden, task.heads * task.classes)
+
+    def forward(self, batch: Batch) -> TaskOutput:
+        L = batch.inputs.shape[0]
+        x = batch.inputs.transpose(0, 1)                       # (B, L, I)
+        pad = ~batch.mask.t()
+        h = self.embed(x) + self.position.weight[:L]
+        if self.fixed_steps:
+            for _ in range(self.fixed_steps):
+                h = self.layer(h, src_key_padding_mask=pad)
+            cost = torch.zeros(pad.shape, device=h.device)
+            steps = (~pad).long() * self.fixed_steps
+        else:
+            h = self.encoder(h, src_key_padding_mask=pad)
+            cost, steps = self.encoder.ponder_cost, self.encoder.steps
+        logits = self.readout(self.norm(h)).reshape(x.shape[0], L, self.task.heads, self.task.classes)
+        return TaskOutput(logits.transpose(0, 1), cost.t(), steps.t())

@@ -1,11 +1,13 @@
-"""The four synthetic tasks of the ACT paper as batch generators."""
+"""The four synthetic tasks of the ACT paper as batch generators, and a
+per-token task for the transformer encoder (pointer chasing)."""
 from .addition import Addition
 from .base import Batch, Task
 from .logic import Logic
 from .parity import Parity
+from .pointer import PointerChase
 from .sort import Sort
 
-TASKS = {"parity": Parity, "logic": Logic, "addition": Addition, "sort": Sort}
+TASKS = {"parity": Parity, "logic": Logic, "addition": Addition, "sort": Sort, "pointer": PointerChase}
 
 # Reduced sizes that learn on a laptop CPU in minutes; the paper's sizes are
 # each class's defaults.
@@ -14,6 +16,7 @@ SMALL = {
     "logic": dict(max_len=5, max_gates=3),
     "addition": dict(max_len=3, max_digits=2),
     "sort": dict(max_len=5),
+    "pointer": dict(max_len=8, values=8, max_hops=3),
 }
 
 
@@ -29,4 +32,4 @@ def make_task(name: str, scale: str = "small", **knobs: int) -> Task:
     return TASKS[name](**settings)
 
 
-__all__ = ["Batch", "Task", "Parity", "Logic", "Addition", "Sort", "TASKS", "SMALL", "make_task"]
+__all__ = ["Batch", "Task", "Parity", "Logic", "Addition", "Sort", "PointerChase", "TASKS", "SMALL", "make_task"]
