@@ -63,7 +63,9 @@ def ponder(
         given = current if was_tuple else current[0]
         new = check_step_output(step_fn(given, n, active), states, active.numel(), n)
 
-        h = torch.sigmoid(new[0].to(acc) @ w + c)           # halting unit, eq. (3)
+        # halting unit, eq. (3), in the accumulation dtype even under autocast
+        with torch.autocast(device_type=device.type, enabled=False):
+            h = torch.sigmoid(new[0].to(acc) @ w + c)
         sum_before = running_sum[active]
         halt, p = halting_decision(sum_before, h, threshold, n == max_steps)
         running_sum = running_sum.index_add(0, active, torch.where(halt, torch.zeros_like(h), h))

@@ -262,3 +262,26 @@ def test_bad_call_raises_before_any_kernel(monkeypatch):
         enc.forward_packed(x[0], torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="rise from 0"):
         enc.forward_packed(x[0], torch.tensor([0, 5], dtype=torch.int32, device=DEVICE))
+
+
+def test_autocast_bfloat16_on_cpu():
+    """Under autocast the layer computes in bfloat16; the output keeps the
+    input's dtype and stays close to the float32 result."""
+    enc = make(dtype=torch.float32, halting_bias=2.0, halting_gain=0.0, max_steps=3)
+    x, pad = inputs(dtype=torch.float32, seed=14)
+    y32 = enc(x, src_key_padding_mask=pad)
+    steps32 = enc.steps
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        y16 = enc(x, src_key_padding_mask=pad)
+    assert y16.dtype == torch.float32 and enc.ponder_cost.dtype == torch.float32
+    assert torch.equal(enc.steps, steps32)   # h = sigmoid(2) for every token: N = 2 either way
+    torch.testing.assert_close(y16[~pad], y32[~pad], atol=0.1, rtol=0.1)
+    y16.sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def test_readme_example_runs():
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "examples" / "encoder_model.py"))

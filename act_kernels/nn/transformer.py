@@ -92,7 +92,9 @@ class _TokenStep:
         self.k_pool.append(k_new)
         self.v_pool.append(v_new)
         self.pool_size += k_new.shape[0]
-        new = enc._layer_rows(state, active, self)
+        # Under autocast the layer returns the autocast dtype; the ponder keeps
+        # the input's dtype (its halting math is float32 either way).
+        new = enc._layer_rows(state, active, self).to(state.dtype)
         self.changed, self.changed_rows = new, active
         return new
 
