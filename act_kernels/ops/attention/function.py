@@ -67,34 +67,65 @@ class RaggedAttention(torch.autograd.Function):
                                          cu_seqlens, launch.cu_q, q_rows, causal, scale, max_seqlen)
             k_pool, v_pool, tables = launch.k_pool, launch.v_pool, (launch.cu_q, launch.k_off, launch.v_off)
         else:
-            out = reference.ragged_attention(q, k_pool, v_pool, cu_seqlens, q_rows, kv_rows, causal, scale)
-            lse, tables = None, (None, None, None)
+            # PyTorch's fused attention over the padded sequences, keys and
+            # values gathered straight from the pool; only index vectors are
+            # kept for the backward's recomputation.
+            lay = reference.layout(cu_seqlens, q_rows, num_tokens, max_seqlen)
+            slots = lay.key_slots if kv_rows is None else kv_rows.to(torch.int64)[lay.key_slots]
+            out = _padded_sdpa(q, k_pool, v_pool, lay, slots, causal, scale)[0].detach()
+            lse, tables = None, (*lay, slots)
         ctx.meta = (backend, causal, scale, max_seqlen, len(k_pool))
-        ctx.save_for_backward(q, cu_seqlens, q_rows, kv_rows, *tables, out, lse, *k_pool, *v_pool)
+        ctx.save_for_backward(q, cu_seqlens, q_rows, kv_rows, out, lse, *k_pool, *v_pool, *tables)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         backend, causal, scale, max_seqlen, n_k = ctx.meta
-        q, cu_seqlens, q_rows, kv_rows, cu_q, k_off, v_off, out, lse, *pool = ctx.saved_tensors
-        k_pool, v_pool = pool[:n_k], pool[n_k:]
+        q, cu_seqlens, q_rows, kv_rows, out, lse, *rest = ctx.saved_tensors
+        k_pool, v_pool, tables = rest[:n_k], rest[n_k:2 * n_k], rest[2 * n_k:]
         if backend == "triton":
             from .triton_kernels import attention_backward
 
+            cu_q, k_off, v_off = tables
             dq, dk, dv = attention_backward(grad_out, q, k_pool, v_pool, k_off, v_off, cu_seqlens, cu_q, q_rows,
                                             out, lse, causal, scale, max_seqlen)
-        else:  # recompute through the reference (PyTorch's fused CPU attention saves no matrix)
-            with torch.enable_grad():
-                leaves = [t.detach().requires_grad_() for t in (q, *k_pool, *v_pool)]
-                tokens = [reference.gather_keys(leaves[1:1 + n_k], kv_rows),
-                          reference.gather_keys(leaves[1 + n_k:], kv_rows)]
-                tokens = [t.detach().requires_grad_() for t in tokens]
-                o = reference.ragged_attention(leaves[0], tokens[0], tokens[1], cu_seqlens, q_rows, None,
-                                               causal, scale)
-                dq, dk, dv = torch.autograd.grad(o, [leaves[0], *tokens], grad_out)
-        dks = _pool_grads(dk, k_pool, kv_rows)
-        dvs = _pool_grads(dv, v_pool, kv_rows)
-        return (None, None, None, None, None, dq, None, None, None, *dks, *dvs)
+            return (None, None, None, None, None, dq, None, None, None,
+                    *_pool_grads(dk, k_pool, kv_rows), *_pool_grads(dv, v_pool, kv_rows))
+        # the reference backend: recompute the fused attention with autograd
+        lay, slots = reference.Layout(*tables[:-1]), tables[-1]
+        with torch.enable_grad():
+            o, leaves = _padded_sdpa(q, k_pool, v_pool, lay, slots, causal, scale, grad=True)
+            dqp, dkp, dvp = torch.autograd.grad(o, leaves, grad_out)
+        dq = reference.unpadded(dqp, lay.q_flat).to(q.dtype)
+        return (None, None, None, None, None, dq, None, None, None,
+                *_slot_grads(dkp, slots, k_pool), *_slot_grads(dvp, slots, v_pool))
+
+
+def _padded_sdpa(q, k_pool, v_pool, lay, slots, causal, scale, grad=False):
+    """The reference backend's attention: PyTorch's scaled_dot_product_attention
+    over sequences padded to (B, heads, max_q, max_len), keys and values read
+    from the pool at `slots` (B, max_len). Returns the (A, heads, d) output and
+    the padded leaves (q, k, v) when grad is set."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k_rows = k_pool[0] if len(k_pool) == 1 else torch.cat(list(k_pool))
+    v_rows = v_pool[0] if len(v_pool) == 1 else torch.cat(list(v_pool))
+    leaves = [reference.padded(q, lay.query_slots, acc), reference.padded(k_rows, slots, acc),
+              reference.padded(v_rows, slots, acc)]
+    if grad:
+        leaves = [t.detach().requires_grad_() for t in leaves]
+    out = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=lay.allowed(causal), scale=scale)
+    return reference.unpadded(out, lay.q_flat).to(q.dtype), leaves
+
+
+def _slot_grads(d_padded: Tensor, slots: Tensor, pool: Sequence[Tensor]) -> List[Tensor]:
+    """Gradients of padded keys (B, heads, max_len, d) back onto the pool's
+    segments. Padding slots point at a real row but carry exactly zero: their
+    keys are masked out of every softmax."""
+    batch, heads, m, dim = d_padded.shape
+    total = sum(t.shape[0] for t in pool)
+    d_pool = d_padded.new_zeros(total, heads, dim, dtype=pool[0].dtype)
+    d_pool.index_add_(0, slots.reshape(-1), d_padded.transpose(1, 2).reshape(batch * m, heads, dim).to(pool[0].dtype))
+    return list(d_pool.split([t.shape[0] for t in pool]))
 
 
 def attend(q: Tensor, k_pool: Sequence[Tensor], v_pool: Sequence[Tensor], cu_seqlens: Tensor, q_rows: Tensor,

@@ -26,49 +26,63 @@ def gather_keys(pool: Pool, kv_rows: Optional[torch.Tensor]) -> torch.Tensor:
     return rows if kv_rows is None else rows.index_select(0, kv_rows.to(torch.int64))
 
 
-class _Layout(NamedTuple):
-    """Where queries and keys sit once padded per sequence."""
+class Layout(NamedTuple):
+    """Where queries and keys sit once padded per sequence: (B, max_q) query
+    slots and (B, max_len) key slots. Only index vectors, no (queries, keys)
+    matrix: `allowed()` builds the mask when it is needed."""
 
-    key_slots: torch.Tensor    # (B, max_len) int64: the token at each key slot (0 at padding)
+    key_slots: torch.Tensor    # (B, max_len) int64: the token at each key slot (a valid token at padding)
     query_slots: torch.Tensor  # (B, max_q) int64: the query at each query slot (0 at padding)
-    allowed: torch.Tensor      # (B, 1, max_q, max_len) bool: which keys each query slot sees
-    q_index: tuple             # (q_seq, q_slot): query a sits at [q_seq[a], q_slot[a]]
-    tok_index: tuple           # (tok_seq, tok_pos): token j sits at [tok_seq[j], tok_pos[j]]
+    real_q: torch.Tensor       # (B, max_q) bool: the slot holds a query
+    q_pos: torch.Tensor        # (B, max_q) int64: the query's position in its sequence
+    lengths: torch.Tensor      # (B,) int64
+    q_flat: torch.Tensor       # (A,) int64: query a sits at flat slot q_flat[a] of (B * max_q)
+    tok_flat: torch.Tensor     # (T_tok,) int64: token j sits at flat slot tok_flat[j] of (B * max_len)
+
+    def allowed(self, causal: bool) -> torch.Tensor:
+        """(B, 1, max_q, max_len) bool: which keys each query slot sees."""
+        key_pos = torch.arange(self.key_slots.shape[1], device=self.key_slots.device)
+        allowed = (key_pos[None, None, :] < self.lengths[:, None, None])
+        if causal:
+            allowed = allowed & (key_pos[None, None, :] <= self.q_pos[:, :, None])
+        # Padded query slots see every key: they are dropped afterwards, and a
+        # query that sees no key at all would be NaN on the way.
+        return (allowed | ~self.real_q[:, :, None])[:, None]
 
 
-def _layout(cu_seqlens, q_rows, causal, num_tokens, device) -> _Layout:
+def layout(cu_seqlens: torch.Tensor, q_rows: torch.Tensor, num_tokens: int, max_len: Optional[int] = None) -> Layout:
     cu = cu_seqlens.to(torch.int64)
     lengths = cu[1:] - cu[:-1]
-    batch = lengths.numel()
+    device = cu.device
+    q_rows = q_rows.to(torch.int64)
+    cu_q = query_offsets(cu_seqlens, q_rows).to(torch.int64)
+    counts = cu_q[1:] - cu_q[:-1]
+    max_len = int(lengths.max()) if max_len is None else max_len
+    max_q = int(counts.max())
+    slot_k = torch.arange(max_len, device=device)
+    slot_q = torch.arange(max_q, device=device)
+    key_slots = torch.where(slot_k[None] < lengths[:, None], cu[:-1, None] + slot_k[None], 0)
+    real_q = slot_q[None] < counts[:, None]
+    query_slots = torch.where(real_q, cu_q[:-1, None] + slot_q[None], 0)
+    q_pos = q_rows[query_slots] - cu[:-1, None]
+    q_seq = sequence_of_tokens(cu_seqlens, q_rows)
+    q_flat = q_seq * max_q + torch.arange(q_rows.numel(), device=device) - cu_q[q_seq]
     tokens = torch.arange(num_tokens, device=device)
     tok_seq = sequence_of_tokens(cu_seqlens, tokens)
-    tok_pos = tokens - cu[tok_seq]                     # position inside its sequence
-    cu_q = query_offsets(cu_seqlens, q_rows).to(torch.int64)
-    queries = torch.arange(q_rows.numel(), device=device)
-    q_seq = tok_seq[q_rows.to(torch.int64)]
-    q_slot = queries - cu_q[q_seq]
-    max_len, max_q = int(lengths.max()), int((cu_q[1:] - cu_q[:-1]).max())
-
-    key_slots = torch.zeros(batch, max_len, dtype=torch.int64, device=device).index_put((tok_seq, tok_pos), tokens)
-    query_slots = torch.zeros(batch, max_q, dtype=torch.int64, device=device).index_put((q_seq, q_slot), queries)
-    key_pos = torch.arange(max_len, device=device)
-    allowed = (key_pos[None, :] < lengths[:, None])[:, None, :].expand(batch, max_q, max_len)
-    if causal:
-        q_pos = torch.zeros(batch, max_q, dtype=torch.int64, device=device).index_put(
-            (q_seq, q_slot), tok_pos[q_rows.to(torch.int64)])
-        allowed = allowed & (key_pos[None, None, :] <= q_pos[:, :, None])
-    # Padded query slots see every key: they are dropped afterwards, and a
-    # query that sees no key at all would be NaN on the way.
-    real_q = torch.zeros(batch, max_q, dtype=torch.bool, device=device).index_put(
-        (q_seq, q_slot), torch.ones_like(q_seq, dtype=torch.bool))
-    allowed = allowed | ~real_q[:, :, None]
-    return _Layout(key_slots, query_slots, allowed[:, None], (q_seq, q_slot), (tok_seq, tok_pos))
+    tok_flat = tok_seq * max_len + tokens - cu[tok_seq]
+    return Layout(key_slots, query_slots, real_q, q_pos, lengths, q_flat, tok_flat)
 
 
-def _padded(rows: torch.Tensor, slots: torch.Tensor, dtype) -> torch.Tensor:
+def padded(rows: torch.Tensor, slots: torch.Tensor, dtype) -> torch.Tensor:
     """(B, heads, M, d) from (N, heads, d) rows and (B, M) slot indices."""
     batch, m = slots.shape
     return rows.index_select(0, slots.reshape(-1)).reshape(batch, m, *rows.shape[1:]).transpose(1, 2).to(dtype)
+
+
+def unpadded(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """(n, heads, d) rows at `flat` slots of a (B, heads, M, d) padded tensor."""
+    batch, heads, m, dim = x.shape
+    return x.transpose(1, 2).reshape(batch * m, heads, dim).index_select(0, flat)
 
 
 def ragged_attention(
@@ -94,17 +108,17 @@ def ragged_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[0] == 0:  # still a function of q, k and v, so autograd sees zero gradients
         return q.new_zeros(q.shape) + 0 * (keys.sum() + values.sum()).to(q.dtype)
-    lay = _layout(cu_seqlens, q_rows, causal, keys.shape[0], q.device)
+    lay = layout(cu_seqlens, q_rows, keys.shape[0])
     out = torch.nn.functional.scaled_dot_product_attention(
-        _padded(q, lay.query_slots, acc), _padded(keys, lay.key_slots, acc), _padded(values, lay.key_slots, acc),
-        attn_mask=lay.allowed, dropout_p=dropout_p, scale=scale)
-    return out.transpose(1, 2)[lay.q_index].to(q.dtype)
+        padded(q, lay.query_slots, acc), padded(keys, lay.key_slots, acc), padded(values, lay.key_slots, acc),
+        attn_mask=lay.allowed(causal), dropout_p=dropout_p, scale=scale)
+    return unpadded(out, lay.q_flat).to(q.dtype)
 
 
-def _probabilities(q, keys, lay: _Layout, scale: float, acc):
+def _probabilities(q, keys, lay: Layout, causal: bool, scale: float, acc):
     """Softmax probabilities (B, heads, max_q, max_len) and the logsumexp, written out."""
-    scores = _padded(q, lay.query_slots, acc) @ _padded(keys, lay.key_slots, acc).transpose(-1, -2) * scale
-    scores = scores.masked_fill(~lay.allowed, -math.inf)
+    scores = padded(q, lay.query_slots, acc) @ padded(keys, lay.key_slots, acc).transpose(-1, -2) * scale
+    scores = scores.masked_fill(~lay.allowed(causal), -math.inf)
     return torch.softmax(scores, dim=-1), torch.logsumexp(scores, dim=-1)
 
 
@@ -119,10 +133,10 @@ def ragged_attention_lse(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[0] == 0:
         return q.new_zeros(q.shape), q.new_zeros(0, q.shape[1], dtype=acc)
-    lay = _layout(cu_seqlens, q_rows, causal, keys.shape[0], q.device)
-    probs, lse = _probabilities(q, keys, lay, scale, acc)
-    out = probs @ _padded(values, lay.key_slots, acc)
-    return out.transpose(1, 2)[lay.q_index].to(q.dtype), lse.transpose(1, 2)[lay.q_index]
+    lay = layout(cu_seqlens, q_rows, keys.shape[0])
+    probs, lse = _probabilities(q, keys, lay, causal, scale, acc)
+    out = probs @ padded(values, lay.key_slots, acc)
+    return unpadded(out, lay.q_flat).to(q.dtype), lse.transpose(1, 2).reshape(-1, q.shape[1])[lay.q_flat]
 
 
 def ragged_attention_backward(
@@ -140,16 +154,14 @@ def ragged_attention_backward(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(keys), torch.zeros_like(values)
-    lay = _layout(cu_seqlens, q_rows, causal, keys.shape[0], q.device)
-    probs, _ = _probabilities(q, keys, lay, scale, acc)
-    real_q = torch.zeros(lay.query_slots.shape, dtype=torch.bool, device=q.device).index_put(
-        lay.q_index, torch.ones_like(lay.q_index[0], dtype=torch.bool))
-    d_out = _padded(grad_out, lay.query_slots, acc) * real_q[:, None, :, None]   # padded slots carry none
-    vp, qp, kp = _padded(values, lay.key_slots, acc), _padded(q, lay.query_slots, acc), _padded(keys, lay.key_slots, acc)
+    lay = layout(cu_seqlens, q_rows, keys.shape[0])
+    probs, _ = _probabilities(q, keys, lay, causal, scale, acc)
+    d_out = padded(grad_out, lay.query_slots, acc) * lay.real_q[:, None, :, None]   # padded slots carry none
+    vp, qp, kp = padded(values, lay.key_slots, acc), padded(q, lay.query_slots, acc), padded(keys, lay.key_slots, acc)
     out = probs @ vp
     d_v = probs.transpose(-1, -2) @ d_out
     d_s = probs * (d_out @ vp.transpose(-1, -2) - (d_out * out).sum(-1, keepdim=True))
     d_q = d_s @ kp * scale
     d_k = d_s.transpose(-1, -2) @ qp * scale
-    return (d_q.transpose(1, 2)[lay.q_index].to(q.dtype), d_k.transpose(1, 2)[lay.tok_index].to(q.dtype),
-            d_v.transpose(1, 2)[lay.tok_index].to(q.dtype))
+    return (unpadded(d_q, lay.q_flat).to(q.dtype), unpadded(d_k, lay.tok_flat).to(q.dtype),
+            unpadded(d_v, lay.tok_flat).to(q.dtype))
