@@ -8,6 +8,7 @@ from .api import ponder
 from .backends import available_backends
 from .ops.attention import ragged_attention
 from .output import HaltingProbs, PonderOutput
+from .pondernet import PonderNetOutput, pondernet, pondernet_loss
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ponder", "ragged_attention", "reference", "available_backends", "PonderOutput", "HaltingProbs", "__version__"]
+__all__ = ["nn", "ponder", "pondernet", "pondernet_loss", "PonderNetOutput", "ragged_attention", "reference", "available_backends", "PonderOutput", "HaltingProbs", "__version__"]

@@ -94,4 +94,6 @@ def ponder(
     )
 
 
-__all__ = ["ponder", "halting_decision", "halting_step", "combine_backward"]
+from .pondernet.reference import pondernet  # noqa: E402  the PonderNet oracle
+
+__all__ = ["ponder", "pondernet", "halting_decision", "halting_step", "combine_backward"]
