@@ -69,7 +69,7 @@ def meta():
 
 
 def _row_key(row):
-    return tuple(sorted((k, v) for k, v in row.items() if k not in ("median_s", "min_s", "rounds", "GBps", "commit")))
+    return tuple(sorted((k, v) for k, v in row.items() if k not in ("median_s", "min_s", "rounds", "GBps", "TFLOPs", "commit")))
 
 
 def _write():

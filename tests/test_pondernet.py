@@ -215,3 +215,72 @@ def test_cuda_backend_is_a_clear_error():
     s0, w, c = make_problem(3, 4, torch.float32, 0.0)
     with pytest.raises(RuntimeError, match="no CUDA C\\+\\+ kernels"):
         ak.pondernet(lambda s, n, i: s, s0, w, c, backend="cuda")
+
+
+# ---------------------------------------------------------------------------
+# the torch.library ops
+# ---------------------------------------------------------------------------
+
+def ragged_run(batch=6, hidden=8, dtype=torch.float32, seed=0):
+    """A reference PonderNet, and its per-step states and halting decisions."""
+    from act_kernels import reference
+
+    s0, w, c = make_problem(batch, hidden, dtype, -1.0, seed=seed, w_scale=2.0)
+    out = reference.pondernet(TanhStep(batch, hidden, dtype, seed=seed, scale=2.0), s0, w, c, max_steps=8,
+                              eps=0.05, prior=0.3)
+    counts = torch.bincount(out.step_index).tolist()[1:]
+    states = [t.detach().clone().requires_grad_() for t in torch.split(out.states, counts)]
+    return out, states, w, c
+
+
+def test_opcheck_distribution_and_backward():
+    from act_kernels.ops.pondernet import library
+
+    out, states, w, c = ragged_run()
+    args = (states, w, c, out.batch_index, out.step_index, out.steps, 0.3)
+    torch.library.opcheck(library.distribution, args)
+    p, kl = library.distribution(*args)
+    assert_close(p, out.p, torch.float32, "p")
+    assert_close(kl, out.kl, torch.float32, "kl")
+    g = torch.Generator().manual_seed(1)
+    bargs = (out.p.detach(), torch.rand(out.p.shape, generator=g).to(DEVICE), torch.rand(out.p.shape, generator=g).to(DEVICE),
+             out.batch_index, out.step_index, out.steps, torch.randn(out.p.shape, generator=g).to(DEVICE),
+             torch.randn(out.steps.shape, generator=g).to(DEVICE), 0.3)
+    torch.library.opcheck(library.halting_backward, bargs)
+
+
+def test_distribution_op_gradients_match_reference_and_compile():
+    from act_kernels.ops.pondernet import library
+
+    out, states, w, c = ragged_run(seed=2)
+    wp, wk = torch.rand(out.p.shape, device=DEVICE), torch.rand(out.kl.shape, device=DEVICE)
+
+    def loss_fn(states, w, c):
+        p, kl = library.distribution(states, w, c, out.batch_index, out.step_index, out.steps, 0.3)
+        return (p * wp).sum() + (kl * wk).sum()
+
+    eager = torch.autograd.grad(loss_fn(states, w, c), [*states, w, c])
+    leaves = [*states, w, c]
+    # against plain autograd through the same formulas
+    lam, u = library._lambda_and_mass(states, w, c, out.batch_index, out.step_index, out.steps)
+    last = out.step_index == out.steps[out.batch_index]
+    from act_kernels.pondernet.prior import kl_per_row, log_prior
+    p = torch.where(last, u, lam * u)
+    kl = kl_per_row(p, log_prior(out.step_index, last, 0.3, p.dtype), out.batch_index, out.batch_size)
+    plain = torch.autograd.grad((p * wp).sum() + (kl * wk).sum(), leaves)
+    for a, b in zip(eager, plain):
+        assert_close(a, b, torch.float32, "op gradient")
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for a, b in zip(torch.autograd.grad(compiled(states, w, c), leaves), eager):
+        assert_close(a, b, torch.float32, "compiled gradient")
+
+
+def test_opcheck_halting_step():
+    from act_kernels.ops.pondernet import library
+
+    batch, hidden = 6, 8
+    args = (torch.randn(4, hidden, device=DEVICE), torch.tensor([0, 2, 3, 5], device=DEVICE),
+            torch.randn(hidden, device=DEVICE), torch.zeros(1, device=DEVICE),
+            torch.rand(batch, device=DEVICE), torch.zeros(batch, dtype=torch.int64, device=DEVICE),
+            None, 2, 10, 0, 0.05, 0.5)
+    torch.library.opcheck(library.halting_step, args)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .model import TaskModel, TokenTaskModel, sequence_errors, task_loss
+from .model import PonderNetTaskModel, TaskModel, TokenTaskModel, sequence_errors
 from .tasks import TASKS, make_task
 
 
@@ -34,6 +34,15 @@ def parse_args(argv=None):
                    help="task and network size (default: paper on a GPU, small on the CPU)")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=INT",
                    help="override one task setting, e.g. --knob size=16 for parity")
+    p.add_argument("--eval-knob", action="append", default=[], metavar="NAME=INT",
+                   help="override a task setting for the final evaluation only, e.g. "
+                        "--eval-knob max_nonzero=16 to test parity beyond the trained range")
+    p.add_argument("--method", choices=["act", "pondernet"], default="act",
+                   help="halting method: ACT (Graves 2016) or PonderNet (Banino et al. 2021; parity only)")
+    p.add_argument("--beta", type=float, default=0.01, help="PonderNet: weight of the KL term")
+    p.add_argument("--prior", type=float, default=0.2, help="PonderNet: lambda_p of the geometric prior")
+    p.add_argument("--eval-halting", choices=["sample", "threshold"], default="sample",
+                   help="PonderNet: how rows halt at evaluation")
     p.add_argument("--iterations", type=int, default=15000)
     p.add_argument("--batch-size", type=int, default=None, help="default: the paper's for the task")
     p.add_argument("--hidden", type=int, default=None, help="default: the paper's (small: 64, parity 128)")
@@ -114,17 +123,23 @@ def save_figure(path, task, table, title):
     plt.close(fig)
 
 
+def _knobs(items, flag):
+    knobs = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not value.lstrip("-").isdigit():
+            raise SystemExit(f"{flag} expects NAME=INT, got {item!r}")
+        knobs[name] = int(value)
+    return knobs
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     size = args.size or ("paper" if device.type == "cuda" else "small")
-    knobs = {}
-    for item in args.knob:
-        name, _, value = item.partition("=")
-        if not value.lstrip("-").isdigit():
-            raise SystemExit(f"--knob expects NAME=INT, got {item!r}")
-        knobs[name] = int(value)
+    knobs, eval_knobs = _knobs(args.knob, "--knob"), _knobs(args.eval_knob, "--eval-knob")
     task = make_task(args.task, size, **knobs)
+    eval_task = make_task(args.task, size, **{**knobs, **eval_knobs}) if eval_knobs else task
     small = size == "small"
     hidden = args.hidden or (task.hidden if not small else (128 if task.name == "parity" else 64))
     batch_size = args.batch_size or task.batch_size
@@ -137,7 +152,12 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.fixed_steps < 0:
         raise SystemExit(f"--fixed-steps must be >= 1, got {args.fixed_steps}")
-    if task.cell == "transformer":
+    if args.method == "pondernet":
+        if task.name != "parity" or args.fixed_steps:
+            raise SystemExit("--method pondernet is wired for parity, without --fixed-steps")
+        model = PonderNetTaskModel(task, hidden, max_steps=max_steps, eps=args.eps, backend=args.backend,
+                                   prior=args.prior, beta=args.beta, eval_halting=args.eval_halting).to(device)
+    elif task.cell == "transformer":
         model = TokenTaskModel(task, hidden, max_steps=max_steps, eps=args.eps, backend=args.backend,
                                fixed_steps=args.fixed_steps).to(device)
     elif args.fixed_steps > 1:
@@ -157,7 +177,9 @@ def main(argv=None):
         train_gen.set_state(ckpt["generator"].cpu())  # map_location moved it
         start, history = ckpt["iteration"], ckpt["history"]
 
-    config = dict(task=task.name, size=size, knobs=task.knobs, cell=task.cell, hidden=hidden,
+    config = dict(task=task.name, size=size, knobs=task.knobs, eval_knobs=eval_task.knobs, method=args.method,
+                  beta=args.beta if args.method == "pondernet" else None,
+                  prior=args.prior if args.method == "pondernet" else None, cell=task.cell, hidden=hidden,
                   batch_size=batch_size, lr=lr, tau=args.tau, max_steps=args.fixed_steps or max_steps,
                   eps=args.eps, fixed_steps=args.fixed_steps, iterations=args.iterations,
                   device=str(device), backend=args.backend, seed=args.seed)
@@ -176,8 +198,7 @@ def main(argv=None):
     eval_gen_seed = 10_000 + args.seed
     for it in progress:
         batch = task.sample(batch_size, train_gen).to(device)
-        out = model(batch)
-        loss = task_loss(out, batch, args.tau)
+        loss = model.loss(batch, args.tau)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -198,7 +219,7 @@ def main(argv=None):
                             generator=train_gen.get_state(), iteration=it + 1, history=history, config=config),
                        ckpt_path)
 
-    final_err, table, final_token_err = evaluate(model, task, 4 * args.eval_batches, batch_size,
+    final_err, table, final_token_err = evaluate(model, eval_task, 4 * args.eval_batches, batch_size,
                                 torch.Generator().manual_seed(eval_gen_seed + 1), device)
     summary = dict(config=config, final_sequence_error=final_err, final_token_error=final_token_err,
                    mean_ponder_steps=sum(v["mean_steps"] for v in table.values()) / max(len(table), 1),
@@ -206,6 +227,7 @@ def main(argv=None):
                    torch=torch.__version__)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     kind = (f"{args.fixed_steps} fixed step{'s' if args.fixed_steps > 1 else ''}" if args.fixed_steps
+            else f"PonderNet, beta={args.beta}, prior={args.prior}" if args.method == "pondernet"
             else f"ACT, tau={args.tau}")
     save_figure(out_dir / "summary.png", task, table, f"{task.name} ({size}), {kind}: error {100 * final_err:.1f} %")
     print(f"final sequence error {100 * final_err:.2f} %; wrote {out_dir}/summary.json and summary.png")

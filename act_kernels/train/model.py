@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..nn import ACTLSTM, ACTRNN, ACTTransformerEncoder
+from ..pondernet import pondernet, pondernet_loss
 from .tasks import Batch, Task
 
 
@@ -44,6 +45,9 @@ class TaskModel(nn.Module):
 
         logits = self.readout(hidden).reshape(L, -1, self.task.heads, self.task.classes)
         return TaskOutput(logits, pad(self.rnn.ponder_cost), pad(self.rnn.steps))
+
+    def loss(self, batch: Batch, tau: float) -> Tensor:
+        return task_loss(self(batch), batch, tau)
 
 
 def task_loss(out: TaskOutput, batch: Batch, tau: float) -> Tensor:
@@ -102,3 +106,50 @@ class TokenTaskModel(nn.Module):
             cost, steps = self.encoder.ponder_cost, self.encoder.steps
         logits = self.readout(self.norm(h)).reshape(x.shape[0], L, self.task.heads, self.task.classes)
         return TaskOutput(logits.transpose(0, 1), cost.t(), steps.t())
+
+    def loss(self, batch: Batch, tau: float) -> Tensor:
+        return task_loss(self(batch), batch, tau)
+
+
+class PonderNetTaskModel(nn.Module):
+    """PonderNet on a one-step task (parity), as in Banino et al. 2021: a GRU
+    cell ponders over the input vector, fed at every step; every step's state
+    is read out, and the loss is mean_b sum_n p_b^n CE(y_b^n) + beta * mean_b
+    KL(p_b || geometric(prior)). `forward` (evaluation) halts by sampling
+    ("sample", repeatable through `generator`) or at the median ("threshold"
+    0.5), and reads out the state at the halting step."""
+
+    def __init__(self, task: Task, hidden: int, *, max_steps: int, eps: float = 0.01, backend: str = "auto",
+                 prior: float = 0.2, beta: float = 0.01, eval_halting: str = "sample"):
+        super().__init__()
+        if task.name != "parity":
+            raise ValueError("PonderNet is wired for the one-step parity task")
+        self.task, self.hidden = task, hidden
+        self.max_steps, self.eps, self.backend = max_steps, eps, backend
+        self.prior, self.beta, self.eval_halting = prior, beta, eval_halting
+        self.cell = nn.GRUCell(task.input_size, hidden)
+        self.halting = nn.Linear(hidden, 1)
+        self.readout = nn.Linear(hidden, task.heads * task.classes)
+        self._draws = 0   # evaluation draws are repeatable: the k-th call uses seed k
+
+    def ponder(self, x: Tensor, halting: str, generator=None):
+        h0 = x.new_zeros(x.shape[0], self.hidden)
+        return pondernet(lambda h, n, idx: self.cell(x[idx], h), h0, self.halting.weight, self.halting.bias,
+                         max_steps=self.max_steps, eps=self.eps, prior=self.prior, halting=halting,
+                         threshold=0.5, generator=generator, backend=self.backend)
+
+    def forward(self, batch: Batch) -> TaskOutput:
+        x = batch.inputs[0]
+        generator = None
+        if self.eval_halting == "sample":
+            generator = torch.Generator(device=x.device).manual_seed(self._draws)
+            self._draws += 1
+        out = self.ponder(x, self.eval_halting, generator)
+        logits = self.readout(out.state).reshape(1, -1, self.task.heads, self.task.classes)
+        return TaskOutput(logits, torch.zeros(1, out.batch_size, device=logits.device), out.steps[None])
+
+    def loss(self, batch: Batch, tau: float) -> Tensor:
+        out = self.ponder(batch.inputs[0], "train")
+        logits = self.readout(out.states)
+        step_loss = nn.functional.cross_entropy(logits, batch.targets[0, out.batch_index, 0], reduction="none")
+        return pondernet_loss(out, step_loss, self.beta)

@@ -39,8 +39,12 @@ class Layout(NamedTuple):
     q_flat: torch.Tensor       # (A,) int64: query a sits at flat slot q_flat[a] of (B * max_q)
     tok_flat: torch.Tensor     # (T_tok,) int64: token j sits at flat slot tok_flat[j] of (B * max_len)
 
-    def allowed(self, causal: bool) -> torch.Tensor:
-        """(B, 1, max_q, max_len) bool: which keys each query slot sees."""
+    def allowed(self, causal: bool) -> Optional[torch.Tensor]:
+        """(B, 1, max_q, max_len) bool: which keys each query slot sees; None
+        when every slot sees every key (full attention over equal lengths),
+        which lets PyTorch take its unmasked fused kernel."""
+        if not causal and bool((self.lengths == self.key_slots.shape[1]).all()):
+            return None
         key_pos = torch.arange(self.key_slots.shape[1], device=self.key_slots.device)
         allowed = (key_pos[None, None, :] < self.lengths[:, None, None])
         if causal:
@@ -118,7 +122,9 @@ def ragged_attention(
 def _probabilities(q, keys, lay: Layout, causal: bool, scale: float, acc):
     """Softmax probabilities (B, heads, max_q, max_len) and the logsumexp, written out."""
     scores = padded(q, lay.query_slots, acc) @ padded(keys, lay.key_slots, acc).transpose(-1, -2) * scale
-    scores = scores.masked_fill(~lay.allowed(causal), -math.inf)
+    allowed = lay.allowed(causal)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -math.inf)
     return torch.softmax(scores, dim=-1), torch.logsumexp(scores, dim=-1)
 
 
