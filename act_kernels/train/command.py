@@ -39,6 +39,8 @@ def parse_args(argv=None):
                         "--eval-knob max_nonzero=16 to test parity beyond the trained range")
     p.add_argument("--method", choices=["act", "pondernet"], default="act",
                    help="halting method: ACT (Graves 2016) or PonderNet (Banino et al. 2021; parity only)")
+    p.add_argument("--cell", choices=["rnn", "gru", "lstm"], default=None,
+                   help="recurrent cell of the ACT network (default: the paper's for the task)")
     p.add_argument("--beta", type=float, default=0.01, help="PonderNet: weight of the KL term")
     p.add_argument("--prior", type=float, default=0.2, help="PonderNet: lambda_p of the geometric prior")
     p.add_argument("--eval-halting", choices=["sample", "threshold"], default="sample",
@@ -164,7 +166,7 @@ def main(argv=None):
         raise SystemExit("--fixed-steps K > 1 is only available for the transformer task (pointer)")
     else:
         model = TaskModel(task, hidden, max_steps=max_steps, eps=args.eps, backend=args.backend,
-                          fixed_steps=bool(args.fixed_steps)).to(device)
+                          fixed_steps=bool(args.fixed_steps), cell=args.cell or "").to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     train_gen = torch.Generator().manual_seed(args.seed)
     start = 0
@@ -179,7 +181,8 @@ def main(argv=None):
 
     config = dict(task=task.name, size=size, knobs=task.knobs, eval_knobs=eval_task.knobs, method=args.method,
                   beta=args.beta if args.method == "pondernet" else None,
-                  prior=args.prior if args.method == "pondernet" else None, cell=task.cell, hidden=hidden,
+                  prior=args.prior if args.method == "pondernet" else None,
+                  cell="gru" if args.method == "pondernet" else (args.cell or task.cell), hidden=hidden,
                   batch_size=batch_size, lr=lr, tau=args.tau, max_steps=args.fixed_steps or max_steps,
                   eps=args.eps, fixed_steps=args.fixed_steps, iterations=args.iterations,
                   device=str(device), backend=args.backend, seed=args.seed)

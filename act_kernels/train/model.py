@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..nn import ACTLSTM, ACTRNN, ACTTransformerEncoder
+from ..nn import ACTGRU, ACTLSTM, ACTRNN, ACTTransformerEncoder
 from ..pondernet import pondernet, pondernet_loss
 from .tasks import Batch, Task
 
@@ -25,9 +25,10 @@ class TaskModel(nn.Module):
     with exactly one computation step per input (ACT with max_steps = 1)."""
 
     def __init__(self, task: Task, hidden: int, *, max_steps: int, eps: float = 0.01,
-                 backend: str = "auto", fixed_steps: bool = False, halting_bias_init: float = 1.0):
+                 backend: str = "auto", fixed_steps: bool = False, halting_bias_init: float = 1.0,
+                 cell: str = ""):
         super().__init__()
-        layer = ACTRNN if task.cell == "rnn" else ACTLSTM
+        layer = {"rnn": ACTRNN, "gru": ACTGRU, "lstm": ACTLSTM}[cell or task.cell]
         self.task = task
         self.rnn = layer(task.input_size, hidden, max_steps=1 if fixed_steps else max_steps, eps=eps,
                          backend=backend, halting_bias_init=halting_bias_init)
