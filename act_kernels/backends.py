@@ -1,9 +1,9 @@
 """Which backend serves a call: the one place where backends are chosen.
 
 Three op families: ACT's halting kernels (`resolve`, for `ponder` and the
-layers), which have reference, Triton and CUDA implementations; ragged
-attention (`resolve_attention`) and PonderNet's halting kernels
-(`resolve_pondernet`), which have reference and Triton ones.
+layers) and PonderNet's (`resolve_pondernet`), which have reference, Triton
+and CUDA implementations; and ragged attention (`resolve_attention`), which
+has reference and Triton ones.
 """
 from __future__ import annotations
 
@@ -107,18 +107,7 @@ def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype) ->
 
 
 def resolve_pondernet(backend: str, device: torch.device) -> str:
-    """The concrete backend for PonderNet: "reference" or "triton" (as for
-    ACT; PonderNet has no CUDA C++ kernels yet, so "cuda" is an error that
-    says so and "auto" takes Triton on a GPU)."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    if backend == "auto":
-        if device.type == "cuda" and not why_unavailable("triton", device):
-            return "triton"
-        return "reference"
-    if backend == "cuda":
-        raise RuntimeError("PonderNet has no CUDA C++ kernels yet; use backend='triton' (or 'auto')")
-    reason = why_unavailable(backend, device)
-    if reason:
-        raise RuntimeError(reason)
-    return backend
+    """The concrete backend for PonderNet: the same rules as ACT's `resolve`
+    ("auto": the CUDA extension on a GPU when it is built, else Triton there,
+    else the reference)."""
+    return resolve(backend, device)

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common.h"
+#include "pondernet/pondernet.h"
 
 namespace py = pybind11;
 
@@ -73,6 +74,50 @@ int64_t combine_backward(uintptr_t base, uintptr_t step_table, int64_t num_steps
   return params.num_groups;
 }
 
+void pondernet_step(uintptr_t state, int64_t state_row_stride, uintptr_t active, uintptr_t weight,
+                    uintptr_t bias, uintptr_t unhalted, uintptr_t steps, uintptr_t uniform, uintptr_t limits,
+                    uintptr_t p, uintptr_t lam, uintptr_t u_before, uintptr_t halted, int64_t num_active,
+                    int64_t hidden, int64_t step, int64_t max_steps, int mode, int dtype, uintptr_t stream) {
+  act::PonderNetStepParams params{};
+  params.state = ptr<const void>(state);
+  params.state_row_stride = state_row_stride;
+  params.active = ptr<const int64_t>(active);
+  params.weight = ptr<const void>(weight);
+  params.bias = ptr<const void>(bias);
+  params.unhalted = ptr<void>(unhalted);
+  params.steps = ptr<int64_t>(steps);
+  params.uniform = ptr<const void>(uniform);  // 0 -> nullptr outside sample mode
+  params.limits = ptr<const void>(limits);
+  params.p = ptr<void>(p);
+  params.lam = ptr<void>(lam);
+  params.u_before = ptr<void>(u_before);
+  params.halted = ptr<bool>(halted);
+  params.num_active = num_active;
+  params.hidden = hidden;
+  params.step = step;
+  params.max_steps = max_steps;
+  params.mode = mode;
+  act::pondernet_step(params, dtype, reinterpret_cast<cudaStream_t>(stream));
+}
+
+void pondernet_backward(uintptr_t order, uintptr_t first, uintptr_t steps, uintptr_t p, uintptr_t lam,
+                        uintptr_t u_before, uintptr_t grad_p, uintptr_t grad_kl, uintptr_t logs,
+                        uintptr_t grad_z, int64_t batch, int acc_dtype, uintptr_t stream) {
+  act::PonderNetBackwardParams params{};
+  params.order = ptr<const int64_t>(order);
+  params.first = ptr<const int64_t>(first);
+  params.steps = ptr<const int64_t>(steps);
+  params.p = ptr<const void>(p);
+  params.lam = ptr<const void>(lam);
+  params.u_before = ptr<const void>(u_before);
+  params.grad_p = ptr<const void>(grad_p);
+  params.grad_kl = ptr<const void>(grad_kl);
+  params.logs = ptr<const void>(logs);
+  params.grad_z = ptr<void>(grad_z);
+  params.batch = batch;
+  act::pondernet_backward(params, acc_dtype, reinterpret_cast<cudaStream_t>(stream));
+}
+
 int64_t combine_backward_groups(int64_t batch, int64_t hidden) {
   return act::combine_backward_groups(batch, hidden);
 }
@@ -83,6 +128,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "act_kernels CUDA kernels (raw-pointer interface; see act_kernels/ops/cuda_kernels.py)";
   m.def("halting_step", &halting_step, "Fused ACT halting step over the active rows");
   m.def("combine_backward", &combine_backward, "Fused ACT combine backward over the packed rows");
+  m.def("pondernet_step", &pondernet_step, "Fused PonderNet halting step over the running rows");
+  m.def("pondernet_backward", &pondernet_backward, "PonderNet backward of p and kl: a reverse scan per row");
   m.def("combine_backward_groups", &combine_backward_groups,
         "Number of row groups (gw partial rows) the combine backward uses for (B, H)");
   py::register_exception_translator([](std::exception_ptr e) {

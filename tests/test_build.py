@@ -21,7 +21,8 @@ def _nvcc_present():
 def test_extension_built_and_imports():
     assert cuda_extension_error() == ""
     ext = importlib.import_module("act_kernels._C")
-    for name in ("halting_step", "combine_backward", "combine_backward_groups"):
+    for name in ("halting_step", "combine_backward", "combine_backward_groups", "pondernet_step",
+                 "pondernet_backward"):
         assert callable(getattr(ext, name))
 
 

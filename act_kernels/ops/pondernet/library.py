@@ -7,8 +7,9 @@ fake-tensor users (DESIGN §6, §10).
                                              halting decisions, differentiable (its
                                              backward is pondernet_halting_backward)
 
-Each op runs the Triton kernels on CUDA tensors and the reference twins on the
-CPU (Triton too under TRITON_INTERPRET=1, so the CPU tests reach that path).
+Each op runs the CUDA extension on CUDA tensors when it is built, else the
+Triton kernels, and the reference twins on the CPU (Triton under
+TRITON_INTERPRET=1, so the CPU tests reach that path).
 The eager `pondernet` loop calls the kernels directly.
 """
 from __future__ import annotations
@@ -18,12 +19,14 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...backends import triton_interpreted, why_unavailable
+from ...backends import cuda_extension_error, triton_interpreted, why_unavailable
 from ...pondernet.prior import kl_per_row, log_prior
 from . import get_kernels
 
 
 def _kernels_for(device: torch.device):
+    if device.type == "cuda" and not cuda_extension_error():
+        return get_kernels("cuda")
     if device.type == "cuda" or triton_interpreted():
         if not why_unavailable("triton", device):
             return get_kernels("triton")

@@ -1,0 +1,67 @@
+"""The CUDA extension's PonderNet kernels (csrc/pondernet/) behind the two
+contracts of `act_kernels.ops.pondernet.reference`, with the same signatures.
+The extension takes raw pointers, so every tensor is checked and made
+contiguous where the kernels need it here."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..act.cuda_kernels import DTYPE_CODES, _check_cuda, _extension, _stream
+from ..ragged import rows_by_batch
+
+
+def halting_step(state, active, weight, bias, unhalted, steps, uniform, step, max_steps, mode, eps, threshold):
+    """CUDA twin of `act_kernels.ops.pondernet.reference.halting_step`."""
+    ext = _extension()
+    device, acc = state.device, unhalted.dtype
+    num_active, hidden = state.shape
+    if state.dtype not in DTYPE_CODES:
+        raise TypeError(f"state dtype {state.dtype} is not supported")
+    if hidden > 1 and state.stride(1) != 1:
+        raise ValueError("state must have unit column stride")
+    for name, t in (("active", active), ("weight", weight), ("bias", bias), ("unhalted", unhalted),
+                    ("steps", steps)):
+        _check_cuda(name, t, device)
+    weight = weight.to(acc).contiguous()
+    bias = bias.to(acc).contiguous()
+    active = active.contiguous()
+    limits = torch.tensor([eps, threshold], dtype=acc).to(device, non_blocking=True)
+    p = torch.empty(num_active, dtype=acc, device=device)
+    lam = torch.empty(num_active, dtype=acc, device=device)
+    u_before = torch.empty(num_active, dtype=acc, device=device)
+    halted = torch.empty(num_active, dtype=torch.bool, device=device)
+    if num_active == 0:
+        return p, lam, u_before, halted
+    if mode == 1:
+        uniform = uniform.to(acc).contiguous()
+        _check_cuda("uniform", uniform, device)
+    ext.pondernet_step(
+        state.data_ptr(), state.stride(0), active.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+        unhalted.data_ptr(), steps.data_ptr(), uniform.data_ptr() if mode == 1 else 0, limits.data_ptr(),
+        p.data_ptr(), lam.data_ptr(), u_before.data_ptr(), halted.data_ptr(),
+        num_active, hidden, int(step), int(max_steps), int(mode), DTYPE_CODES[state.dtype], _stream(device),
+    )
+    return p, lam, u_before, halted
+
+
+def halting_backward(p, lam, u_before, batch_index, step_index, steps, grad_p, grad_kl, prior):
+    """CUDA twin of `act_kernels.ops.pondernet.reference.halting_backward`."""
+    ext = _extension()
+    device, acc = p.device, p.dtype
+    gz = torch.empty_like(p)
+    if p.numel() == 0:
+        return gz
+    order, first = rows_by_batch(batch_index, steps)
+    logs = torch.tensor([math.log(prior), math.log1p(-prior)], dtype=acc).to(device, non_blocking=True)
+    tensors = [t.to(acc).contiguous() for t in (lam, u_before, grad_p, grad_kl)]
+    for name, t in (("lam", tensors[0]), ("u_before", tensors[1]), ("grad_p", tensors[2]),
+                    ("grad_kl", tensors[3]), ("steps", steps)):
+        _check_cuda(name, t, device)
+    ext.pondernet_backward(
+        order.data_ptr(), first.data_ptr(), steps.contiguous().data_ptr(), p.contiguous().data_ptr(),
+        tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(), tensors[3].data_ptr(),
+        logs.data_ptr(), gz.data_ptr(), steps.shape[0], DTYPE_CODES[acc], _stream(device),
+    )
+    return gz
