@@ -42,6 +42,57 @@ def ponder_table(data):
     return "\n".join(lines)
 
 
+def encoder_table(data):
+    by_size = defaultdict(dict)
+    for r in (r for r in data["rows"] if r["group"] == "act_encoder"):
+        by_size[(r["batch"], r["length"], r["d_model"])][r["name"]] = r
+    lines = ["| B x L x D | impl | fwd+bwd (ms) | speedup vs dense loop | ideal (T max N / sum N) | % of ideal |",
+             "|---|---|---|---|---|---|"]
+    for (b, length, d), rows in sorted(by_size.items()):
+        base = rows.get("dense_loop")
+        for name in ("act_encoder", "dense_loop", "ut_t2t"):
+            r = rows.get(name)
+            if r is None:
+                continue
+            speed = base["median_s"] / r["median_s"] if base else float("nan")
+            pct = f"{100 * speed / r['ideal_speedup']:.0f} %" if name == "act_encoder" else "-"
+            lines.append(f"| {b} x {length} x {d} | {name} | {r['median_s'] * 1e3:.1f} | {speed:.2f} x "
+                         f"| {r['ideal_speedup']:.2f} x | {pct} |")
+    return "\n".join(lines)
+
+
+def attention_table(data):
+    groups = defaultdict(dict)
+    for r in (r for r in data["rows"] if r["group"] == "ragged_attention"):
+        groups[(r["batch"], r["length"], r["heads"], r["dim"], r["causal"], r["running"])][r["name"]] = r
+    lines = ["| B x L, heads x d | mask | running | impl | fwd+bwd (ms) | vs SDPA on all tokens "
+             "| ideal (T / A) | useful TFLOP/s |", "|---|---|---|---|---|---|---|---|"]
+    for (b, length, heads, dim, causal, running), rows in sorted(groups.items()):
+        base = rows.get("sdpa_dense")
+        for name, r in sorted(rows.items()):
+            speed = f"{base['median_s'] / r['median_s']:.2f} x" if base else "-"
+            lines.append(f"| {b} x {length}, {heads} x {dim} | {'causal' if causal else 'full'} | {running:.0%} "
+                         f"| {name} | {r['median_s'] * 1e3:.2f} | {speed} | {r['ideal_speedup']:.2f} x "
+                         f"| {r['TFLOPs']:.3f} |")
+    return "\n".join(lines)
+
+
+def pondernet_table(data):
+    by_size = defaultdict(dict)
+    for r in (r for r in data["rows"] if r["group"] == "pondernet"):
+        by_size[(r["batch"], r["hidden"])][r["name"]] = r
+    lines = ["| B x H | impl | fwd+bwd (ms) | speedup vs padded | ideal (B max N / sum N) | % of ideal |",
+             "|---|---|---|---|---|---|"]
+    for (b, h), rows in sorted(by_size.items()):
+        base = rows.get("padded")
+        for name, r in rows.items():
+            speed = base["median_s"] / r["median_s"] if base else float("nan")
+            pct = f"{100 * speed / r['ideal_speedup']:.0f} %" if name != "padded" else "-"
+            lines.append(f"| {b} x {h} | {name} | {r['median_s'] * 1e3:.2f} | {speed:.2f} x "
+                         f"| {r['ideal_speedup']:.2f} x | {pct} |")
+    return "\n".join(lines)
+
+
 def plot(data, path):
     try:
         import matplotlib
@@ -80,6 +131,8 @@ def main():
         if data.get("copy_GBps"):
             print(f"Measured device copy bandwidth: {data['copy_GBps']:.0f} GB/s\n")
         print(ponder_table(data) + "\n")
+        for table in (encoder_table, attention_table, pondernet_table):
+            print(table(data) + "\n")
         print(kernel_table(data, "halting_step") + "\n")
         print(kernel_table(data, "combine_backward") + "\n")
         plot(data, f.with_suffix(".png"))

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from naive import naive_ponder  # noqa: E402  the padded-and-masked baseline
 from dense_encoder import dense_act_encoder  # noqa: E402  the dense-loop baseline of DESIGN §9
 
-__all__ = ["GRUPonder", "EncoderPonder", "skewed_steps", "naive_ponder", "dense_act_encoder", "ut_act_encoder",
+__all__ = ["GRUPonder", "GRUPonderNet", "EncoderPonder", "skewed_steps", "naive_ponder", "dense_act_encoder", "ut_act_encoder",
            "halting_step_inputs"]
 
 
@@ -144,3 +144,16 @@ def ut_act_encoder(layer, halting, src, max_steps=8, eps=0.01):
         if not bool(running.any()):
             break
     return out.to(src.dtype), cost
+
+
+class GRUPonderNet(GRUPonder):
+    """The GRU ponder with lambda held per row so that PonderNet's training rule
+    halts row b after exactly target[b] steps: 1 - lambda_b = eps^(1 / (N_b - 1/2)),
+    so u^(N-1) >= eps > u^N."""
+
+    def __init__(self, batch, hidden, max_steps, eps=0.01, **kwargs):
+        super().__init__(batch, hidden, max_steps, **kwargs)
+        keep = eps ** (1.0 / (self.target.double() - 0.5))
+        lam = (1 - keep).clamp(1e-6, 1 - 1e-6)
+        self.logit = torch.log(lam / (1 - lam)).to(self.logit.dtype)
+        self.eps = eps
