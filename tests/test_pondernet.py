@@ -287,3 +287,10 @@ def test_opcheck_halting_step():
             torch.rand(batch, device=DEVICE), torch.zeros(batch, dtype=torch.int64, device=DEVICE),
             None, 2, 10, 0, 0.05, 0.5)
     torch.library.opcheck(library.halting_step, args)
+
+
+def test_readme_example_runs():
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "examples" / "pondernet_model.py"))
