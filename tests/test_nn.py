@@ -166,3 +166,31 @@ def test_act_cell_wraps_any_cell():
     out = cell(x, (torch.zeros(5, 7), torch.zeros(5, 7)))
     assert isinstance(out.state, tuple) and out.state[1].shape == (5, 7)
     assert out.steps.shape == (5,) and bool((out.steps >= 1).all())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_steps=0), "max_steps"),
+    (dict(eps=1.5), "eps"),
+    (dict(eps=0.0), "eps"),
+    (dict(backend="fast"), "backend must be one of"),
+])
+def test_bad_options_rejected_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        acn.ACTGRU(3, 4, **kwargs)
+
+
+def test_input_dtype_and_device_mismatch_named():
+    rnn = acn.ACTGRU(3, 4)
+    with pytest.raises(TypeError, match="input has dtype torch.float64, but the layer's parameters are torch.float32"):
+        rnn(torch.randn(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float64"):
+        rnn(torch.nn.utils.rnn.pack_sequence([torch.randn(3, 3, dtype=torch.float64)]))
+
+
+def test_nn_reachable_from_the_package():
+    import subprocess
+    import sys
+
+    code = "import act_kernels as ak; print(ak.nn.ACTGRU.__name__, ak.nn.ACTTransformerEncoder.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["ACTGRU", "ACTTransformerEncoder"]

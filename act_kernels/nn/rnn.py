@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .._validation import check_layer_input, check_layer_options
 from ..api import ponder
 from ..output import PonderOutput
 
@@ -32,6 +33,7 @@ class ACTCell(nn.Module):
     def __init__(self, cell: nn.Module, hidden_size: int, *, max_steps: int = 100, eps: float = 0.01,
                  backend: str = "auto", halting_bias_init: float = 1.0):
         super().__init__()
+        check_layer_options(max_steps, eps, backend)
         self.cell = cell
         self.hidden_size = hidden_size
         self.max_steps = max_steps
@@ -112,6 +114,8 @@ class _ACTLayer(nn.Module):
         return t[0]
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):
+        check_layer_input(input.data if isinstance(input, PackedSequence) else input,
+                          next(self.cell.parameters()))
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx)
         if input.dim() not in (2, 3):

@@ -17,18 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..api import ponder
-from ..backends import BACKENDS, resolve, resolve_attention
+from .._validation import check_layer_input, check_layer_options
+from ..backends import resolve, resolve_attention
 from ..ops.attention.function import attend
 from ..ops.attention.reference import ragged_attention as reference_attention
-
-
-def _check_options(max_steps, eps, backend) -> None:
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 1.0:
-        raise ValueError(f"eps must be a float in (0, 1), got {eps!r}")
-    if backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
 def causal_from(mask: Optional[Tensor], is_causal: bool, length: int) -> bool:
@@ -139,7 +131,7 @@ class ACTTransformerEncoder(nn.Module):
         if not isinstance(encoder_layer, nn.TransformerEncoderLayer):
             raise TypeError(f"encoder_layer must be a torch.nn.TransformerEncoderLayer, "
                             f"got {type(encoder_layer).__name__}")
-        _check_options(max_steps, eps, backend)
+        check_layer_options(max_steps, eps, backend)
         attn = encoder_layer.self_attn
         if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
             raise ValueError("the layer's self-attention must use one in-projection, no bias_k/bias_v "
@@ -260,8 +252,4 @@ class ACTTransformerEncoder(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         if x.shape[-1] != self.d_model:
             raise ValueError(f"input has {x.shape[-1]} features, expected d_model = {self.d_model}")
-        param = self.layer.self_attn.in_proj_weight
-        if x.dtype != param.dtype:
-            raise TypeError(f"input dtype {x.dtype} differs from the layer's {param.dtype}")
-        if x.device != param.device:
-            raise ValueError(f"input is on {x.device}, but the layer is on {param.device}")
+        check_layer_input(x, self.layer.self_attn.in_proj_weight)
