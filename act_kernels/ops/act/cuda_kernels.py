@@ -1,8 +1,10 @@
 """The CUDA extension act_kernels._C behind the two kernel contracts.
 
 Same signatures as `act_kernels.reference.halting_step` / `combine_backward`.
-The extension takes raw pointers, so every tensor is checked here: device,
-dtype, and unit column stride; outputs are allocated here.
+The extension takes raw pointers, so every tensor is checked here (device,
+dtype) and given to it densely or with unit column stride (any caller's
+strides work: `ops.launch`); outputs are allocated here, and every launch
+runs on the tensors' device.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..launch import WriteBack, dense, on_device, unit_columns
 from ..ragged import rows_by_batch, step_table
 
 try:
@@ -56,16 +59,13 @@ def halting_step(
     num_active, hidden = state.shape
     if state.dtype not in DTYPE_CODES:
         raise TypeError(f"state dtype {state.dtype} is not supported")
-    if hidden > 1 and state.stride(1) != 1:
-        raise ValueError("state must have unit column stride")
+    state = unit_columns(state)
     for name, t in (("active", active), ("weight", weight), ("bias", bias), ("threshold", threshold),
                     ("running_sum", running_sum), ("accumulator", accumulator), ("steps", steps),
                     ("remainder", remainder)):
         _check_cuda(name, t, device)
     if accumulator.dtype != acc or remainder.dtype != acc or threshold.dtype != acc:
         raise TypeError("running_sum, accumulator, remainder and threshold share the accumulation dtype")
-    if accumulator.stride(1) != 1:
-        raise ValueError("accumulator must have unit column stride")
     weight = weight.to(acc).contiguous()
     bias = bias.to(acc).contiguous()
     active = active.contiguous()
@@ -74,12 +74,17 @@ def halting_step(
     halted = torch.empty(num_active, dtype=torch.bool, device=device)
     if num_active == 0:
         return p, h, halted
-    ext.halting_step(
-        state.data_ptr(), state.stride(0), active.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-        threshold.data_ptr(), running_sum.data_ptr(), accumulator.data_ptr(), accumulator.stride(0),
-        steps.data_ptr(), remainder.data_ptr(), p.data_ptr(), h.data_ptr(), halted.data_ptr(),
-        num_active, hidden, int(step), int(max_steps), DTYPE_CODES[state.dtype], _stream(device),
-    )
+    out = WriteBack(running_sum=running_sum, accumulator=accumulator, steps=steps, remainder=remainder)
+    threshold = dense(threshold)
+    with on_device(device):
+        ext.halting_step(
+            state.data_ptr(), state.stride(0), active.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+            threshold.data_ptr(), out["running_sum"].data_ptr(), out["accumulator"].data_ptr(),
+            out["accumulator"].stride(0), out["steps"].data_ptr(), out["remainder"].data_ptr(), p.data_ptr(),
+            h.data_ptr(), halted.data_ptr(),
+            num_active, hidden, int(step), int(max_steps), DTYPE_CODES[state.dtype], _stream(device),
+        )
+    out.finish()
     return p, h, halted
 
 
@@ -104,8 +109,9 @@ def combine_backward(
     acc = p.dtype
     hidden = states[0].shape[1]
     batch = steps.shape[0]
-    base, table, rows_aligned = step_table(states)
-    order, first = rows_by_batch(batch_index, steps)
+    base, table, rows_aligned = step_table([unit_columns(t) for t in states])
+    steps = dense(steps)
+    order, first = rows_by_batch(dense(batch_index), steps)
     if grad_state.dtype != dtype:
         grad_state = grad_state.to(dtype)
     if hidden > 1 and grad_state.stride(1) != 1:
@@ -121,11 +127,12 @@ def combine_backward(
     gc_part = torch.empty(groups, dtype=acc, device=device)
     gw = torch.empty(hidden, dtype=acc, device=device)
     gc = torch.empty((), dtype=acc, device=device)
-    ext.combine_backward(
-        base.data_ptr(), table.data_ptr(), table.shape[1], order.data_ptr(), first.data_ptr(), steps.data_ptr(),
-        p.data_ptr(), h.data_ptr(), 0 if extra_dot is None else extra_dot.data_ptr(),
-        grad_state.data_ptr(), grad_state.stride(0), grad_ponder.data_ptr(), weight.data_ptr(),
-        gs.data_ptr(), gw_part.data_ptr(), gc_part.data_ptr(), gw.data_ptr(), gc.data_ptr(),
-        batch, hidden, groups, rows_aligned, DTYPE_CODES[dtype], _stream(device),
-    )
+    with on_device(device):
+        ext.combine_backward(
+            base.data_ptr(), table.data_ptr(), table.shape[1], order.data_ptr(), first.data_ptr(),
+            steps.data_ptr(), p.data_ptr(), h.data_ptr(), 0 if extra_dot is None else extra_dot.data_ptr(),
+            grad_state.data_ptr(), grad_state.stride(0), grad_ponder.data_ptr(), weight.data_ptr(),
+            gs.data_ptr(), gw_part.data_ptr(), gc_part.data_ptr(), gw.data_ptr(), gc.data_ptr(),
+            batch, hidden, groups, rows_aligned, DTYPE_CODES[dtype], _stream(device),
+        )
     return gs, gw, gc

@@ -8,7 +8,8 @@ users (DESIGN §6).
                                    combine_backward)
 
 Each op runs the CUDA extension on CUDA tensors when it is built, else the
-Triton kernels, and the reference twins on the CPU. The eager `ponder` loop
+Triton kernels; on the CPU the Triton kernels under TRITON_INTERPRET=1 (so the
+CPU test suite reaches that path), else the reference twins. The eager `ponder` loop
 calls the kernels directly and never crosses these registration boundaries.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...backends import cuda_extension_error
+from ...backends import cuda_extension_error, triton_interpreted
 from . import get_kernels
 from ..ragged import packed_step_index
 
@@ -26,6 +27,8 @@ from ..ragged import packed_step_index
 def _kernels_for(device: torch.device):
     if device.type == "cuda":
         return get_kernels("cuda" if not cuda_extension_error() else "triton")
+    if triton_interpreted():  # the CPU test suite reaches the ops' Triton path
+        return get_kernels("triton")
     return get_kernels("twins")
 
 

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import WriteBack, dense, on_device, unit_columns
 from ..ragged import rows_by_batch, step_table
 
 MAX_HIDDEN = 32768
@@ -86,13 +87,18 @@ def halting_step(
     if num_active == 0:
         return p, h, halted
     block, warps = _block_and_warps(hidden)
-    _halting_step_kernel[(num_active,)](
-        state, state.stride(0), active, weight, bias, threshold,
-        running_sum, accumulator, accumulator.stride(0), steps, remainder,
-        p, h, halted,
-        hidden, step, max_steps,
-        BLOCK_H=block, num_warps=warps,
-    )
+    state = unit_columns(state)
+    out = WriteBack(running_sum=running_sum, steps=steps, remainder=remainder, accumulator=accumulator)
+    acc_rows = out["accumulator"]
+    with on_device(state.device):
+        _halting_step_kernel[(num_active,)](
+            state, state.stride(0), dense(active), dense(weight), dense(bias), dense(threshold),
+            out["running_sum"], acc_rows, acc_rows.stride(0), out["steps"], out["remainder"],
+            p, h, halted,
+            hidden, step, max_steps,
+            BLOCK_H=block, num_warps=warps,
+        )
+    out.finish()
     return p, h, halted
 
 
@@ -180,22 +186,23 @@ def combine_backward(
     batch = steps.shape[0]
     device = states[0].device
     acc = p.dtype
-    base, table, _ = step_table(states)
-    order, first = rows_by_batch(batch_index, steps)
-    if grad_state.stride(-1) != 1:
-        grad_state = grad_state.contiguous()
+    base, table, _ = step_table([unit_columns(t) for t in states])
+    p, h, steps, grad_ponder, weight, extra_dot = (dense(t) for t in (p, h, steps, grad_ponder, weight, extra_dot))
+    order, first = rows_by_batch(dense(batch_index), steps)
+    grad_state = unit_columns(grad_state)
     total = p.shape[0]
     gs = torch.empty(total, hidden, dtype=base.dtype, device=device)
     programs = _num_programs(batch, device)
     gw_part = torch.empty(programs, hidden, dtype=acc, device=device)
     gc_part = torch.empty(programs, dtype=acc, device=device)
     block, warps = _block_and_warps(hidden)
-    _combine_backward_kernel[(programs,)](
-        base, table, table.shape[1], order, first, steps,
-        p, h, extra_dot if extra_dot is not None else p, grad_state, grad_state.stride(0),
-        grad_ponder, weight,
-        gs, gw_part, gc_part,
-        batch, hidden,
-        HAS_EXTRA=extra_dot is not None, BLOCK_H=block, num_warps=warps,
-    )
+    with on_device(device):
+        _combine_backward_kernel[(programs,)](
+            base, table, table.shape[1], order, first, steps,
+            p, h, extra_dot if extra_dot is not None else p, grad_state, grad_state.stride(0),
+            grad_ponder, weight,
+            gs, gw_part, gc_part,
+            batch, hidden,
+            HAS_EXTRA=extra_dot is not None, BLOCK_H=block, num_warps=warps,
+        )
     return gs, gw_part.sum(0), gc_part.sum()

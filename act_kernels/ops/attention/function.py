@@ -16,6 +16,7 @@ from torch import Tensor
 from ...backends import resolve_attention, triton_interpreted
 from ..._validation import as_pool, check_attention_args
 from . import reference
+from ..launch import dense
 from .index import query_offsets, row_offsets
 
 
@@ -62,6 +63,9 @@ class RaggedAttention(torch.autograd.Function):
         if backend == "triton":
             from .triton_kernels import attention_forward
 
+            # the kernels read q with a unit feature stride and the indices by position
+            q = q if q.shape[2] <= 1 or q.stride(2) == 1 else q.contiguous()
+            cu_seqlens, q_rows = dense(cu_seqlens), dense(q_rows)
             launch = _Launch(k_pool, v_pool, cu_seqlens, q_rows, kv_rows, num_tokens)
             out, lse = attention_forward(q, launch.k_pool, launch.v_pool, launch.k_off, launch.v_off,
                                          cu_seqlens, launch.cu_q, q_rows, causal, scale, max_seqlen)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ...backends import triton_interpreted
+from ..launch import on_device
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -274,13 +275,15 @@ def attention_forward(
     block_m, block_n, block_d, warps = _blocks(dim, q.device)
     batch = cu_seqlens.shape[0] - 1
     k0, v0 = k_pool[0], v_pool[0]
-    _attn_fwd_kernel[_grid(max_seqlen, block_m, batch, heads)](
-        q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, out, lse,
-        q.stride(0), q.stride(1), k0.stride(1), v0.stride(1), out.stride(0), out.stride(1),
-        heads, dim, scale * LOG2E,
-        CAUSAL=causal, IEEE=_dot_mode(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
-    )
+    q = q if dim <= 1 or q.stride(2) == 1 else q.contiguous()
+    with on_device(q.device):
+        _attn_fwd_kernel[_grid(max_seqlen, block_m, batch, heads)](
+            q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, out, lse,
+            q.stride(0), q.stride(1), k0.stride(1), v0.stride(1), out.stride(0), out.stride(1),
+            heads, dim, scale * LOG2E,
+            CAUSAL=causal, IEEE=_dot_mode(q.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+        )
     return out, lse
 
 
@@ -308,9 +311,10 @@ def attention_backward(
               heads, dim, scale * LOG2E, scale)
     meta = dict(CAUSAL=causal, IEEE=_dot_mode(q.dtype),
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
-    _attn_bwd_kv_kernel[_grid(max_seqlen, block_n, batch, heads)](
-        q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dk, dv, *common, **meta)
-    if num_q:
-        _attn_bwd_q_kernel[_grid(max_seqlen, block_m, batch, heads)](
-            q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dq, *common, **meta)
+    with on_device(q.device):
+        _attn_bwd_kv_kernel[_grid(max_seqlen, block_n, batch, heads)](
+            q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dk, dv, *common, **meta)
+        if num_q:
+            _attn_bwd_q_kernel[_grid(max_seqlen, block_m, batch, heads)](
+                q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dq, *common, **meta)
     return dq, dk, dv

@@ -9,6 +9,7 @@ import math
 import torch
 
 from ..act.cuda_kernels import DTYPE_CODES, _check_cuda, _extension, _stream
+from ..launch import WriteBack, dense, on_device, unit_columns
 from ..ragged import rows_by_batch
 
 
@@ -19,8 +20,7 @@ def halting_step(state, active, weight, bias, unhalted, steps, uniform, step, ma
     num_active, hidden = state.shape
     if state.dtype not in DTYPE_CODES:
         raise TypeError(f"state dtype {state.dtype} is not supported")
-    if hidden > 1 and state.stride(1) != 1:
-        raise ValueError("state must have unit column stride")
+    state = unit_columns(state)
     for name, t in (("active", active), ("weight", weight), ("bias", bias), ("unhalted", unhalted),
                     ("steps", steps)):
         _check_cuda(name, t, device)
@@ -37,12 +37,15 @@ def halting_step(state, active, weight, bias, unhalted, steps, uniform, step, ma
     if mode == 1:
         uniform = uniform.to(acc).contiguous()
         _check_cuda("uniform", uniform, device)
-    ext.pondernet_step(
-        state.data_ptr(), state.stride(0), active.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-        unhalted.data_ptr(), steps.data_ptr(), uniform.data_ptr() if mode == 1 else 0, limits.data_ptr(),
-        p.data_ptr(), lam.data_ptr(), u_before.data_ptr(), halted.data_ptr(),
-        num_active, hidden, int(step), int(max_steps), int(mode), DTYPE_CODES[state.dtype], _stream(device),
-    )
+    out = WriteBack(unhalted=unhalted, steps=steps)
+    with on_device(device):
+        ext.pondernet_step(
+            state.data_ptr(), state.stride(0), active.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+            out["unhalted"].data_ptr(), out["steps"].data_ptr(), uniform.data_ptr() if mode == 1 else 0,
+            limits.data_ptr(), p.data_ptr(), lam.data_ptr(), u_before.data_ptr(), halted.data_ptr(),
+            num_active, hidden, int(step), int(max_steps), int(mode), DTYPE_CODES[state.dtype], _stream(device),
+        )
+    out.finish()
     return p, lam, u_before, halted
 
 
@@ -53,15 +56,18 @@ def halting_backward(p, lam, u_before, batch_index, step_index, steps, grad_p, g
     gz = torch.empty_like(p)
     if p.numel() == 0:
         return gz
-    order, first = rows_by_batch(batch_index, steps)
+    steps = dense(steps)
+    order, first = rows_by_batch(dense(batch_index), steps)
     logs = torch.tensor([math.log(prior), math.log1p(-prior)], dtype=acc).to(device, non_blocking=True)
     tensors = [t.to(acc).contiguous() for t in (lam, u_before, grad_p, grad_kl)]
     for name, t in (("lam", tensors[0]), ("u_before", tensors[1]), ("grad_p", tensors[2]),
                     ("grad_kl", tensors[3]), ("steps", steps)):
         _check_cuda(name, t, device)
-    ext.pondernet_backward(
-        order.data_ptr(), first.data_ptr(), steps.contiguous().data_ptr(), p.contiguous().data_ptr(),
-        tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(), tensors[3].data_ptr(),
-        logs.data_ptr(), gz.data_ptr(), steps.shape[0], DTYPE_CODES[acc], _stream(device),
-    )
+    p = dense(p)
+    with on_device(device):
+        ext.pondernet_backward(
+            order.data_ptr(), first.data_ptr(), steps.data_ptr(), p.data_ptr(),
+            tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(), tensors[3].data_ptr(),
+            logs.data_ptr(), gz.data_ptr(), steps.shape[0], DTYPE_CODES[acc], _stream(device),
+        )
     return gz

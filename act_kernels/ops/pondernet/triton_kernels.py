@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import WriteBack, dense, on_device, unit_columns
 from ..ragged import rows_by_batch
 from ..act.triton_kernels import _block_and_warps
 
@@ -65,12 +66,16 @@ def halting_step(state, active, weight, bias, unhalted, steps, uniform, step, ma
         return p, lam, u_before, halted
     block, warps = _block_and_warps(hidden)
     limits = torch.tensor([eps, threshold], dtype=acc).to(device, non_blocking=True)
-    _halting_step_kernel[(num_active,)](
-        state, state.stride(0), active, weight, bias, unhalted, steps, uniform if uniform is not None else p,
-        limits, p, lam, u_before, halted,
-        hidden, step, max_steps,
-        MODE=mode, BLOCK_H=block, num_warps=warps,
-    )
+    state = unit_columns(state)
+    out = WriteBack(unhalted=unhalted, steps=steps)
+    with on_device(device):
+        _halting_step_kernel[(num_active,)](
+            state, state.stride(0), dense(active), dense(weight), dense(bias), out["unhalted"], out["steps"],
+            dense(uniform) if uniform is not None else p, limits, p, lam, u_before, halted,
+            hidden, step, max_steps,
+            MODE=mode, BLOCK_H=block, num_warps=warps,
+        )
+    out.finish()
     return p, lam, u_before, halted
 
 
@@ -112,12 +117,14 @@ def halting_backward(p, lam, u_before, batch_index, step_index, steps, grad_p, g
     gz = torch.empty(total, dtype=p.dtype, device=p.device)
     if total == 0:
         return gz
-    order, first = rows_by_batch(batch_index, steps)
+    p, lam, u_before, steps = (dense(t) for t in (p, lam, u_before, steps))
+    order, first = rows_by_batch(dense(batch_index), steps)
     block = 128 if p.device.type == "cuda" else 16
     logs = torch.tensor([math.log(prior), math.log1p(-prior)], dtype=p.dtype).to(p.device, non_blocking=True)
-    _halting_backward_kernel[(triton.cdiv(batch, block),)](
-        order, first, steps, p, lam, u_before, grad_p.to(p.dtype).contiguous(), grad_kl.to(p.dtype).contiguous(),
-        gz, logs, batch,
-        BLOCK_B=block,
-    )
+    with on_device(p.device):
+        _halting_backward_kernel[(triton.cdiv(batch, block),)](
+            order, first, steps, p, lam, u_before, grad_p.to(p.dtype).contiguous(),
+            grad_kl.to(p.dtype).contiguous(), gz, logs, batch,
+            BLOCK_B=block,
+        )
     return gz
