@@ -64,6 +64,19 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _rows(ptr, o_m, stride_a, stride_h, i_h, o_d, mask):
+    """A (rows, BLOCK_D) tile of a (A, heads, d) tensor: rows o_m, head i_h."""
+    return tl.load(ptr + o_m[:, None].to(tl.int64) * stride_a + i_h * stride_h + o_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _pool_rows(ptr, off_ptr, bos, o_n, m_n, stride_h, i_h, o_d, m_d):
+    """The key (or value) tile of tokens bos + o_n, read through their pool offsets."""
+    b_off = tl.load(off_ptr + bos + o_n, mask=m_n, other=0)
+    return tl.load(ptr + b_off[:, None] + i_h * stride_h + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, k_off_ptr, v_off_ptr, cu_k_ptr, cu_q_ptr, q_rows_ptr,
     o_ptr, lse_ptr,
@@ -84,8 +97,7 @@ def _attn_fwd_kernel(
     m_m = o_m < q_eos
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    p_q = q_ptr + o_m[:, None].to(tl.int64) * stride_qa + i_h * stride_qh + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_q = _rows(q_ptr, o_m, stride_qa, stride_qh, i_h, o_d, m_m[:, None] & m_d[None, :])
     # position of each query in its sequence; key 0 is visible to every query,
     # so the running maximum is finite after the first key block
     b_pos = tl.where(m_m, tl.load(q_rows_ptr + o_m, mask=m_m, other=0).to(tl.int32) - bos, 0)
@@ -99,10 +111,7 @@ def _attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < hi
-        b_koff = tl.load(k_off_ptr + bos + o_n, mask=m_n, other=0)
-        b_voff = tl.load(v_off_ptr + bos + o_n, mask=m_n, other=0)
-        b_k = tl.load(k_ptr + b_koff[:, None] + i_h * stride_kh + o_d[None, :],
-                      mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_k = _pool_rows(k_ptr, k_off_ptr, bos, o_n, m_n, stride_kh, i_h, o_d, m_d)
         b_s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale          # log2 domain
         valid = m_n[None, :]
         if CAUSAL:
@@ -112,8 +121,7 @@ def _attn_fwd_kernel(
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_s - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_v = tl.load(v_ptr + b_voff[:, None] + i_h * stride_vh + o_d[None, :],
-                      mask=m_n[:, None] & m_d[None, :], other=0.0)
+        b_v = _pool_rows(v_ptr, v_off_ptr, bos, o_n, m_n, stride_vh, i_h, o_d, m_d)
         b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, IEEE)
         b_m = b_m_new
 
@@ -146,10 +154,8 @@ def _attn_bwd_kv_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     m_nd = m_n[:, None] & m_d[None, :]
-    b_koff = tl.load(k_off_ptr + bos + o_n, mask=m_n, other=0)
-    b_voff = tl.load(v_off_ptr + bos + o_n, mask=m_n, other=0)
-    b_k = tl.load(k_ptr + b_koff[:, None] + i_h * stride_kh + o_d[None, :], mask=m_nd, other=0.0)
-    b_v = tl.load(v_ptr + b_voff[:, None] + i_h * stride_vh + o_d[None, :], mask=m_nd, other=0.0)
+    b_k = _pool_rows(k_ptr, k_off_ptr, bos, o_n, m_n, stride_kh, i_h, o_d, m_d)
+    b_v = _pool_rows(v_ptr, v_off_ptr, bos, o_n, m_n, stride_vh, i_h, o_d, m_d)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -158,10 +164,8 @@ def _attn_bwd_kv_kernel(
         o_m = start_m + tl.arange(0, BLOCK_M)
         m_m = o_m < q_eos
         m_md = m_m[:, None] & m_d[None, :]
-        b_q = tl.load(q_ptr + o_m[:, None].to(tl.int64) * stride_qa + i_h * stride_qh + o_d[None, :],
-                      mask=m_md, other=0.0)
-        b_do = tl.load(do_ptr + o_m[:, None].to(tl.int64) * stride_doa + i_h * stride_doh + o_d[None, :],
-                       mask=m_md, other=0.0)
+        b_q = _rows(q_ptr, o_m, stride_qa, stride_qh, i_h, o_d, m_md)
+        b_do = _rows(do_ptr, o_m, stride_doa, stride_doh, i_h, o_d, m_md)
         b_lse = tl.load(lse_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0) * 1.4426950408889634
         b_delta = tl.load(delta_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0)
         valid = m_m[:, None] & m_n[None, :]
@@ -203,10 +207,8 @@ def _attn_bwd_q_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     m_md = m_m[:, None] & m_d[None, :]
-    b_q = tl.load(q_ptr + o_m[:, None].to(tl.int64) * stride_qa + i_h * stride_qh + o_d[None, :],
-                  mask=m_md, other=0.0)
-    b_do = tl.load(do_ptr + o_m[:, None].to(tl.int64) * stride_doa + i_h * stride_doh + o_d[None, :],
-                   mask=m_md, other=0.0)
+    b_q = _rows(q_ptr, o_m, stride_qa, stride_qh, i_h, o_d, m_md)
+    b_do = _rows(do_ptr, o_m, stride_doa, stride_doh, i_h, o_d, m_md)
     b_lse = tl.load(lse_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0) * 1.4426950408889634
     b_delta = tl.load(delta_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0)
     b_pos = tl.where(m_m, tl.load(q_rows_ptr + o_m, mask=m_m, other=0).to(tl.int32) - bos, 0)
@@ -217,11 +219,8 @@ def _attn_bwd_q_kernel(
     for start_n in range(0, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < hi
-        m_nd = m_n[:, None] & m_d[None, :]
-        b_koff = tl.load(k_off_ptr + bos + o_n, mask=m_n, other=0)
-        b_voff = tl.load(v_off_ptr + bos + o_n, mask=m_n, other=0)
-        b_k = tl.load(k_ptr + b_koff[:, None] + i_h * stride_kh + o_d[None, :], mask=m_nd, other=0.0)
-        b_v = tl.load(v_ptr + b_voff[:, None] + i_h * stride_vh + o_d[None, :], mask=m_nd, other=0.0)
+        b_k = _pool_rows(k_ptr, k_off_ptr, bos, o_n, m_n, stride_kh, i_h, o_d, m_d)
+        b_v = _pool_rows(v_ptr, v_off_ptr, bos, o_n, m_n, stride_vh, i_h, o_d, m_d)
         valid = m_m[:, None] & m_n[None, :]
         if CAUSAL:
             valid = valid & (o_n[None, :] <= b_pos[:, None])
