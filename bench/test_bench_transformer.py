@@ -21,7 +21,7 @@ from workloads import EncoderPonder, dense_act_encoder, ut_act_encoder
 
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
-ROUNDS = 10 if GPU else 3
+ROUNDS = 10 if GPU else 5
 DTYPE = torch.bfloat16 if GPU else torch.float32
 
 
