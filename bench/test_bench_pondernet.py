@@ -20,7 +20,7 @@ from workloads import GRUPonderNet
 GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 ROUNDS = 20 if GPU else 5
-SIZES = [(4096, 256), (4096, 1024), (256, 256)] if GPU else [(256, 64), (1024, 128)]
+SIZES = [(4096, 256), (4096, 1024), (256, 256)] if GPU else [(256, 64), (1024, 128), (4096, 256)]
 
 
 def impl_marks(impl):
