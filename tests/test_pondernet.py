@@ -133,9 +133,11 @@ def test_sample_mode_is_geometric_and_repeatable(impl):
     s0 = torch.zeros(batch, 2, device=DEVICE)
     w = torch.zeros(2, device=DEVICE)
     c = torch.tensor([math.log(lam / (1 - lam))], device=DEVICE)
-    step = lambda s, n, idx: s + 0.0  # noqa: E731
+    rows = []
+    step = lambda s, n, idx: (rows.append(idx.numel()), s + 0.0)[1]  # noqa: E731
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     out = run(impl, step, s0, w, c, max_steps=max_steps, halting="sample", generator=gen)
+    assert sum(rows) == int(out.steps.sum())   # the step function saw exactly sum N rows
     n = out.steps.double()
     se = math.sqrt((1 - lam) / lam ** 2 / batch)
     assert abs(float(n.mean()) - 1 / lam) < 4 * se
@@ -294,3 +296,23 @@ def test_readme_example_runs():
     from pathlib import Path
 
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "examples" / "pondernet_model.py"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tuple_states(impl):
+    """An (h, c) state: halting reads h; both are returned packed and at the halting step."""
+    from helpers import PairStep
+
+    batch, hidden, width = 5, 6, 3
+    s0, w, c = make_problem(batch, hidden, torch.float64, -1.0, w_scale=2.0)
+    c0 = torch.randn(batch, width, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out = run(impl, PairStep(batch, hidden, width, torch.float64), (s0, c0), w, c, max_steps=7, eps=0.05)
+    ref = ak.reference.pondernet(PairStep(batch, hidden, width, torch.float64), (s0, c0), w, c, max_steps=7, eps=0.05)
+    assert isinstance(out.states, tuple) and isinstance(out.state, tuple) and len(out.states) == 2
+    assert torch.equal(out.steps, ref.steps)
+    for a, b in zip(out.states + out.state, ref.states + ref.state):
+        assert_close(a, b, torch.float64, "tuple state")
+    assert_close(out.p, ref.p, torch.float64, "p")
+    loss = lambda o: (o.p * o.states[1].sum(1)).sum() + o.kl.sum() + o.state[0].sum()  # noqa: E731
+    for a, b in zip(torch.autograd.grad(loss(out), [s0, c0, w, c]), torch.autograd.grad(loss(ref), [s0, c0, w, c])):
+        assert_close(a, b, torch.float64, "tuple-state gradient")
