@@ -108,14 +108,25 @@ def check_step_output(new, expected: Sequence[torch.Tensor], num_active: int, st
                 f"expected {want}: one row per active row"
             )
         if t.dtype != ref.dtype:
-            raise TypeError(
-                f"step_fn returned dtype {t.dtype} at step {step} (tensor {k}), expected {ref.dtype}"
-            )
+            if t.dtype != _autocast_dtype(t.device):
+                raise TypeError(
+                    f"step_fn returned dtype {t.dtype} at step {step} (tensor {k}), expected {ref.dtype}"
+                )
         if t.device != ref.device:
             raise ValueError(
                 f"step_fn returned a tensor on {t.device} at step {step}, expected {ref.device}"
             )
-    return tensors
+    # Under autocast a step computes in the autocast dtype; the ponder keeps
+    # the initial state's dtype (the halting math is float32 either way).
+    return tuple(t if t.dtype == ref.dtype else t.to(ref.dtype) for t, ref in zip(tensors, expected))
+
+
+def _autocast_dtype(device: torch.device):
+    """The dtype autocast computes in on this device type, or None when it is off."""
+    kind = device.type if device.type in ("cuda", "cpu") else None
+    if kind is None or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
 
 
 def as_pool(pool, name: str) -> Tuple[torch.Tensor, ...]:

@@ -57,9 +57,10 @@ class _Halting(torch.autograd.Function):
                                           ctx.prior)
         w = weight.detach().reshape(-1).to(acc)
         grads, gw = [], torch.zeros_like(w)
-        for g, s in zip(torch.split(gz, ctx.counts), step_states):
-            grads.append((g[:, None] * w).to(s.dtype))      # dz/ds = w
-            gw = gw + g @ s.to(acc)                          # dz/dw = s
+        with torch.autocast(device_type=p.device.type, enabled=False):  # gradients in acc, even under autocast
+            for g, s in zip(torch.split(gz, ctx.counts), step_states):
+                grads.append((g[:, None] * w).to(s.dtype))      # dz/ds = w
+                gw = gw + g @ s.to(acc)                          # dz/dw = s
         gw = gw.to(ctx.weight_meta[1]).reshape(ctx.weight_meta[0])
         gc = gz.sum().to(ctx.bias_meta[1]).reshape(ctx.bias_meta[0])
         return (None, gw, gc, *grads)

@@ -48,7 +48,8 @@ def halting_step(
     acc = running_sum.dtype
     with torch.no_grad():
         s = state.to(acc)
-        h = torch.sigmoid(s @ weight.to(acc) + bias.to(acc).reshape(()))
+        with torch.autocast(device_type=s.device.type, enabled=False):  # the halting math stays in acc
+            h = torch.sigmoid(s @ weight.to(acc) + bias.to(acc).reshape(()))
         sum_before = running_sum[active]
         halt, p = halting_decision(sum_before, h, threshold, step >= max_steps)
         running_sum[active] = torch.where(halt, sum_before, sum_before + h)

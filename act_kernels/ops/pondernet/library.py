@@ -71,7 +71,8 @@ def _lambda_and_mass(states, weight, bias, batch_index, step_index, steps):
     """lambda and u^(n-1) of every packed entry, recomputed from the states."""
     acc = torch.float64 if states[0].dtype == torch.float64 else torch.float32
     s = torch.cat([t.to(acc) for t in states])
-    lam = torch.sigmoid(s @ weight.reshape(-1).to(acc) + bias.reshape(()).to(acc))
+    with torch.autocast(device_type=s.device.type, enabled=False):  # the halting math stays in acc
+        lam = torch.sigmoid(s @ weight.reshape(-1).to(acc) + bias.reshape(()).to(acc))
     batch, max_n = steps.shape[0], len(states)
     keep = torch.ones(batch, max_n + 1, dtype=acc, device=s.device)
     keep[batch_index, step_index] = 1 - lam                       # column n holds 1 - lambda^n
@@ -118,7 +119,8 @@ def _backward(ctx, grad_p, grad_kl):
     w = weight.reshape(-1).to(p.dtype)
     parts = torch.split(gz, [t.shape[0] for t in states])
     grad_states = [(g[:, None] * w).to(t.dtype) for g, t in zip(parts, states)]
-    gw = sum(g @ t.to(p.dtype) for g, t in zip(parts, states))
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        gw = sum(g @ t.to(p.dtype) for g, t in zip(parts, states))
     return (grad_states, gw.to(ctx.weight_meta[1]).reshape(ctx.weight_meta[0]),
             gz.sum().to(ctx.bias_meta[1]).reshape(ctx.bias_meta[0]), None, None, None, None)
 

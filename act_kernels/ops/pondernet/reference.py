@@ -28,7 +28,8 @@ def halting_step(
     """
     acc = unhalted.dtype
     with torch.no_grad():
-        lam = torch.sigmoid(state.to(acc) @ weight.to(acc) + bias.to(acc).reshape(()))
+        with torch.autocast(device_type=state.device.type, enabled=False):  # the halting math stays in acc
+            lam = torch.sigmoid(state.to(acc) @ weight.to(acc) + bias.to(acc).reshape(()))
         u_before = unhalted[active]
         u_after = u_before * (1 - lam)
         if step >= max_steps:
