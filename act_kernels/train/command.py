@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import signal
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,12 +26,16 @@ from .model import PonderNetTaskModel, TaskModel, TokenTaskModel, sequence_error
 from .tasks import TASKS, make_task
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m act_kernels.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("task", choices=sorted(TASKS))
+                                formatter_class=_HelpFormatter)
+    p.add_argument("task", choices=sorted(TASKS), help="the task to train on")
     p.add_argument("--size", choices=["small", "paper"], default=None,
-                   help="task and network size (default: paper on a GPU, small on the CPU)")
+                   help="task and network size (None: paper on a GPU, small on the CPU)")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=INT",
                    help="override one task setting, e.g. --knob size=16 for parity")
     p.add_argument("--eval-knob", action="append", default=[], metavar="NAME=INT",
@@ -40,29 +44,33 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=["act", "pondernet"], default="act",
                    help="halting method: ACT (Graves 2016) or PonderNet (Banino et al. 2021; parity only)")
     p.add_argument("--cell", choices=["rnn", "gru", "lstm"], default=None,
-                   help="recurrent cell of the ACT network (default: the paper's for the task)")
+                   help="recurrent cell of the ACT network (None: the paper's for the task)")
     p.add_argument("--beta", type=float, default=0.01, help="PonderNet: weight of the KL term")
     p.add_argument("--prior", type=float, default=0.2, help="PonderNet: lambda_p of the geometric prior")
     p.add_argument("--eval-halting", choices=["sample", "threshold"], default="sample",
                    help="PonderNet: how rows halt at evaluation")
-    p.add_argument("--iterations", type=int, default=15000)
-    p.add_argument("--batch-size", type=int, default=None, help="default: the paper's for the task")
-    p.add_argument("--hidden", type=int, default=None, help="default: the paper's (small: 64, parity 128)")
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 (paper), 1e-3 (small)")
-    p.add_argument("--tau", type=float, default=1e-3, help="time penalty")
-    p.add_argument("--max-steps", type=int, default=None, help="M (default: the paper's for the task)")
-    p.add_argument("--eps", type=float, default=0.01)
+    p.add_argument("--iterations", type=int, default=15000, help="optimizer steps in all")
+    p.add_argument("--batch-size", type=int, default=None, help="None: the paper's for the task")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="network width (None: the paper's; small size: 64, parity 128)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (None: 1e-4 paper, 1e-3 small)")
+    p.add_argument("--tau", type=float, default=1e-3, help="ACT's time penalty")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="M, the most ponder steps (None: the paper's for the task, at most 20 when small)")
+    p.add_argument("--eps", type=float, default=0.01, help="halting epsilon (ACT and PonderNet)")
     p.add_argument("--fixed-steps", type=int, nargs="?", const=1, default=0, metavar="K",
                    help="baseline: the same network with exactly K computation steps and no halting "
-                        "(bare flag: K = 1; K > 1 for the transformer task)")
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--backend", default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+                        "(bare flag: K = 1; K > 1 for the transformer task; 0: off)")
+    p.add_argument("--eval-every", type=int, default=250, help="iterations between evaluations and checkpoints")
+    p.add_argument("--eval-batches", type=int, default=8,
+                   help="batches per evaluation (the final one uses four times as many)")
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"],
+                   help="kernel backend")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model and of the training data")
+    p.add_argument("--out", default=None, help="output folder (None: runs/<task>[-fixedK])")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: one line per evaluation")
     return p.parse_args(argv)
 
 
@@ -80,7 +88,8 @@ def evaluate(model, task, batches, batch_size, generator, device):
             errors += int(wrong.sum())
             total += wrong.numel()
             valid = torch.arange(batch.inputs.shape[0], device=device)[:, None] < batch.lengths[None]
-            for d, n in zip(batch.difficulty[valid].tolist(), out.steps[valid].tolist()):
+            # ponder against difficulty over the steps with a target (sort's input steps are left out)
+            for d, n in zip(batch.difficulty[batch.mask].tolist(), out.steps[batch.mask].tolist()):
                 by_difficulty[d][0] += n
                 by_difficulty[d][1] += 1
             token_wrong = (out.logits.argmax(-1) != batch.targets).any(-1)
@@ -114,6 +123,7 @@ def save_figure(path, task, table, title):
     axes[0].plot(ds, [table[d]["mean_steps"] for d in ds], "o-")
     axes[0].set_xlabel(task.difficulty_name)
     axes[0].set_ylabel("mean ponder steps N")
+    axes[0].set_ylim(bottom=0)   # an honest axis: steps start at 0
     errs = [(d, table[d]["error"]) for d in ds if table[d]["error"] is not None]
     axes[1].plot([d for d, _ in errs], [100 * e for _, e in errs], "o-", color="C3")
     axes[1].set_xlabel(task.difficulty_name)
@@ -123,6 +133,67 @@ def save_figure(path, task, table, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _matplotlib_or_say_so() -> bool:
+    """Whether the figure can be drawn; said before training, not after it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: training runs and writes summary.json and log.jsonl, "
+              "but no summary.png (pip install matplotlib, or the [train] extra)", flush=True)
+        return False
+    return True
+
+
+# What must match for a checkpoint to continue this run.
+_RESUME_KEYS = ("task", "size", "knobs", "method", "cell", "hidden", "max_steps", "fixed_steps", "batch_size")
+
+
+def _resume(path, config, model, optimizer, generator, device):
+    """Loads a checkpoint into the run; a corrupted file or one written for a
+    different run is a SystemExit that names the file and what differs."""
+    try:
+        ckpt = torch.load(path, map_location=device)
+        saved = ckpt["config"]
+    except Exception as exc:  # noqa: BLE001 - any failure to read it is the same error for the user
+        raise SystemExit(f"cannot resume from {path}: it is not a readable checkpoint ({type(exc).__name__}: "
+                         f"{exc}); delete it or choose another --out") from None
+    differ = [f"{k}: {saved.get(k)!r} in the checkpoint, {config[k]!r} now"
+              for k in _RESUME_KEYS if saved.get(k) != config[k]]
+    if differ:
+        raise SystemExit(f"cannot resume from {path}: it was written for a different run ("
+                         + "; ".join(differ) + ")")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["generator"].cpu())  # map_location moved it
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise SystemExit(f"cannot resume from {path}: {exc}") from None
+    return ckpt["iteration"], ckpt["history"]
+
+
+class _Interrupt:
+    """Turns the first Ctrl-C into a request the loop answers at the end of the
+    iteration (checkpoint, then a clean exit); a second one interrupts at once."""
+
+    def __enter__(self):
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def _knobs(items, flag):
@@ -169,16 +240,6 @@ def main(argv=None):
                           fixed_steps=bool(args.fixed_steps), cell=args.cell or "").to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     train_gen = torch.Generator().manual_seed(args.seed)
-    start = 0
-    history = []
-    ckpt_path = out_dir / "checkpoint.pt"
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        train_gen.set_state(ckpt["generator"].cpu())  # map_location moved it
-        start, history = ckpt["iteration"], ckpt["history"]
-
     config = dict(task=task.name, size=size, knobs=task.knobs, eval_knobs=eval_task.knobs, method=args.method,
                   beta=args.beta if args.method == "pondernet" else None,
                   prior=args.prior if args.method == "pondernet" else None,
@@ -186,6 +247,16 @@ def main(argv=None):
                   batch_size=batch_size, lr=lr, tau=args.tau, max_steps=args.fixed_steps or max_steps,
                   eps=args.eps, fixed_steps=args.fixed_steps, iterations=args.iterations,
                   device=str(device), backend=args.backend, seed=args.seed)
+    start, history = 0, []
+    ckpt_path = out_dir / "checkpoint.pt"
+    if args.resume:
+        if ckpt_path.exists():
+            start, history = _resume(ckpt_path, config, model, optimizer, train_gen, device)
+            print(f"resuming {ckpt_path} at iteration {start}")
+        else:
+            print(f"--resume: no checkpoint at {ckpt_path}; starting from iteration 0")
+    can_plot = _matplotlib_or_say_so()
+
     print(json.dumps(config))
     progress = range(start, args.iterations)
     bar = None
@@ -199,28 +270,44 @@ def main(argv=None):
 
     t0 = time.time()
     eval_gen_seed = 10_000 + args.seed
-    for it in progress:
-        batch = task.sample(batch_size, train_gen).to(device)
-        loss = model.loss(batch, args.tau)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if (it + 1) % args.eval_every == 0 or it + 1 == args.iterations:
-            err, table, token_err = evaluate(model, task, args.eval_batches, batch_size,
-                                  torch.Generator().manual_seed(eval_gen_seed), device)
-            mean_steps = sum(v["mean_steps"] for v in table.values()) / max(len(table), 1)
-            history.append(dict(iteration=it + 1, loss=loss.item(), error=err, token_error=token_err,
-                                mean_steps=mean_steps,
-                                seconds=time.time() - t0))
-            msg = f"it {it + 1}: loss {loss.item():.4f}  sequence error {100 * err:.1f} %  mean N {mean_steps:.2f}"
-            if bar is not None:
-                bar.set_postfix(err=f"{100 * err:.1f}%", N=f"{mean_steps:.2f}")
-                bar.write(msg)
-            else:
-                print(msg, flush=True)
-            torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            generator=train_gen.get_state(), iteration=it + 1, history=history, config=config),
-                       ckpt_path)
+    log_path = out_dir / "log.jsonl"
+
+    def save(iteration):
+        torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        generator=train_gen.get_state(), iteration=iteration, history=history, config=config),
+                   ckpt_path)
+
+    with _Interrupt() as interrupt:
+        for it in progress:
+            batch = task.sample(batch_size, train_gen).to(device)
+            loss = model.loss(batch, args.tau)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if (it + 1) % args.eval_every == 0 or it + 1 == args.iterations:
+                err, table, token_err = evaluate(model, task, args.eval_batches, batch_size,
+                                                 torch.Generator().manual_seed(eval_gen_seed), device)
+                mean_steps = sum(v["mean_steps"] for v in table.values()) / max(len(table), 1)
+                record = dict(iteration=it + 1, loss=loss.item(), error=err, token_error=token_err,
+                              mean_steps=mean_steps, seconds=time.time() - t0)
+                history.append(record)
+                with log_path.open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+                msg = (f"it {it + 1}: loss {loss.item():.4f}  sequence error {100 * err:.1f} %  "
+                       f"mean N {mean_steps:.2f}")
+                if bar is not None:
+                    bar.set_postfix(err=f"{100 * err:.1f}%", N=f"{mean_steps:.2f}")
+                    bar.write(msg)
+                else:
+                    print(msg, flush=True)
+                save(it + 1)
+            if interrupt.requested:
+                save(it + 1)
+                if bar is not None:
+                    bar.close()
+                print(f"interrupted at iteration {it + 1}: saved {ckpt_path}; continue with the same "
+                      "command and --resume", flush=True)
+                raise SystemExit(130)
 
     final_err, table, final_token_err = evaluate(model, eval_task, 4 * args.eval_batches, batch_size,
                                 torch.Generator().manual_seed(eval_gen_seed + 1), device)
@@ -232,7 +319,11 @@ def main(argv=None):
     kind = (f"{args.fixed_steps} fixed step{'s' if args.fixed_steps > 1 else ''}" if args.fixed_steps
             else f"PonderNet, beta={args.beta}, prior={args.prior}" if args.method == "pondernet"
             else f"ACT, tau={args.tau}")
-    save_figure(out_dir / "summary.png", task, table, f"{task.name} ({size}), {kind}: error {100 * final_err:.1f} %")
-    print(f"final sequence error {100 * final_err:.2f} %; wrote {out_dir}/summary.json and summary.png")
+    wrote = "summary.json"
+    if can_plot:
+        save_figure(out_dir / "summary.png", task, table,
+                    f"{task.name} ({size}), {kind}: error {100 * final_err:.1f} %")
+        wrote += " and summary.png"
+    print(f"final sequence error {100 * final_err:.2f} %; wrote {out_dir}/{wrote}")
     return summary
 
