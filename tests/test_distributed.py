@@ -1,0 +1,82 @@
+"""Distributed training with torch.distributed on the CPU (gloo, 2 processes):
+after k optimizer steps, DDP and FSDP2 (`fully_shard`) replicas hold the
+parameters of one process trained on the whole batch, for every layer."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import act_kernels as ak
+
+WORLD, STEPS = 2, 3
+LAYERS = ["ACTRNN", "ACTGRU", "ACTLSTM", "ACTTransformerEncoder"]
+
+
+def build(name):
+    torch.manual_seed(0)
+    if name == "ACTTransformerEncoder":
+        layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        model = ak.nn.ACTTransformerEncoder(layer, max_steps=4, halting_bias_init=0.0)
+    else:
+        model = getattr(ak.nn, name)(4, 8, max_steps=4, halting_bias_init=0.0, batch_first=True)
+    return model.double()
+
+
+def data(name, batch=4):
+    g = torch.Generator().manual_seed(1)
+    width = 8 if name == "ACTTransformerEncoder" else 4
+    return torch.randn(batch, 5, width, generator=g, dtype=torch.float64)
+
+
+def loss_of(model, x):
+    out = model(x)
+    out = out[0] if isinstance(out, tuple) else out
+    inner = model.module if hasattr(model, "module") else model
+    # a mean over the batch: the average of the two halves' losses is the whole batch's
+    return out.square().mean() + 0.01 * inner.ponder_cost.sum(1).mean()
+
+
+def train(model, x, params):
+    opt = torch.optim.SGD(params, lr=0.5)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss_of(model, x).backward()
+        opt.step()
+
+
+def _worker(rank, init_file, results, kind):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        for name in LAYERS:
+            model = build(name)
+            x = data(name).chunk(WORLD)[rank]
+            if kind == "ddp":
+                wrapped = torch.nn.parallel.DistributedDataParallel(model)
+                train(wrapped, x, wrapped.parameters())
+                state = {k: v.detach() for k, v in model.state_dict().items()}
+            else:
+                from torch.distributed.fsdp import fully_shard
+
+                fully_shard(model)
+                train(model, x, model.parameters())
+                state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+                         for k, v in model.state_dict().items()}
+            if rank == 0:
+                torch.save(state, os.path.join(results, f"{name}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_replicas_match_one_process_on_the_whole_batch(kind, tmp_path):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_worker, args=(init_file, str(tmp_path), kind), nprocs=WORLD, join=True)
+    for name in LAYERS:
+        single = build(name)
+        train(single, data(name), single.parameters())
+        got = torch.load(tmp_path / f"{name}.pt")
+        for key, value in single.state_dict().items():
+            torch.testing.assert_close(got[key], value, atol=1e-10, rtol=1e-8, msg=lambda m: f"{kind} {name} {key}: {m}")
