@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 _empty, _empty_like = torch.empty, torch.empty_like
 
 
+@torch.no_grad()   # a fresh tensor may be created with requires_grad=True (compilers do)
 def _poison(t):
     if t.is_floating_point():
         t.fill_(math.nan)
