@@ -32,15 +32,20 @@ def poison_fresh_outputs(monkeypatch):
     yield
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (minutes)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
-    config.addinivalue_line("markers", "slow: larger shapes")
+    config.addinivalue_line("markers", "slow: minutes long; outside the default suite, run with --run-slow")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA device")
+    no_gpu = pytest.mark.skip(reason="no CUDA device")
+    not_asked = pytest.mark.skip(reason="slow: run with --run-slow")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
+            item.add_marker(not_asked)

@@ -121,7 +121,8 @@ def combine_backward(
     p, h = p.contiguous(), h.contiguous()
     if extra_dot is not None:
         extra_dot = extra_dot.to(acc).contiguous()
-    groups = ext.combine_backward_groups(batch, hidden)
+    with on_device(device):  # the group count follows the tensors' device's SM count
+        groups = ext.combine_backward_groups(batch, hidden)
     gs = torch.empty(p.shape[0], hidden, dtype=dtype, device=device)
     gw_part = torch.empty(groups, hidden, dtype=acc, device=device)
     gc_part = torch.empty(groups, dtype=acc, device=device)
