@@ -17,7 +17,7 @@ def naive_layer(layer, x, hx, lengths):
     """One sequence and one ponder step at a time, written from the paper.
     x (L, B, I) time-major; hx: per-row initial state; returns per-row lists."""
     lstm = isinstance(layer, acn.ACTLSTM)
-    M, eps = layer.act.max_steps, layer.act.eps
+    M, eps = layer.ponder_cell().max_steps, layer.ponder_cell().eps
     w, c = layer.halting.weight[0], layer.halting.bias[0]
     outs, costs, steps, finals = [], [], [], []
     for b in range(x.shape[1]):
@@ -75,10 +75,11 @@ def test_layer_matches_naive(backend, kind, batch_first, give_hx):
     out, h_n = layer(x.transpose(0, 1) if batch_first else x, hx)
     if batch_first:
         assert out.shape == (B, L, 6) and layer.ponder_cost.shape == (B, L)
-        out, cost, steps = out.transpose(0, 1), layer.ponder_cost.t(), layer.steps.t()
+        assert layer.steps.shape == (1, B, L)
+        out, cost, steps = out.transpose(0, 1), layer.ponder_cost.t(), layer.steps[0].t()
     else:
-        assert out.shape == (L, B, 6) and layer.ponder_cost.shape == (L, B)
-        cost, steps = layer.ponder_cost, layer.steps
+        assert out.shape == (L, B, 6) and layer.ponder_cost.shape == (L, B) and layer.steps.shape == (1, L, B)
+        cost, steps = layer.ponder_cost, layer.steps[0]
     assert layer.steps.dtype == torch.int64
 
     zeros = torch.zeros(B, 6, dtype=torch.float64, device=DEVICE)
@@ -153,6 +154,7 @@ def test_layer_attributes_and_unbatched():
     assert float(layer.halting.bias.detach()) == 1.0  # the paper's initial halting bias
     out, h_n = layer(torch.randn(5, 4))
     assert out.shape == (5, 8) and h_n.shape == (1, 8) and layer.ponder_cost.shape == (5,)
+    assert layer.steps.shape == (1, 5)
     assert layer.ponder_cost.requires_grad
     with pytest.raises(ValueError, match="input_size = 4"):
         layer(torch.randn(5, 2, 3))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
@@ -60,58 +61,99 @@ class ACTCell(nn.Module):
 
 
 class _ACTLayer(nn.Module):
-    """A single-layer recurrent network whose every time step ponders.
+    """A recurrent network whose every time step ponders, with torch.nn.RNN /
+    GRU / LSTM's conventions: num_layers, dropout between layers (training
+    only), bidirectional (the reverse direction ponders over the reversed
+    sequence; with PackedSequence, over each sequence from its own end),
+    batch_first, unbatched (L, I) input and PackedSequence input (then the
+    output is a PackedSequence and only the real time steps are computed).
 
-    forward(input, hx=None) -> (output, h_n) shaped as torch.nn.RNN/GRU/LSTM
-    return them, for (L, B, I) / (B, L, I) with batch_first / unbatched (L, I)
-    input and for PackedSequence input (then the output is a PackedSequence and
-    only the real time steps of each sequence are computed).
+    forward(input, hx=None) -> (output, h_n) shaped exactly as torch's module
+    returns them: output (L, B, D * H), h_n (and c_n) (num_layers * D, B, H),
+    D = 2 if bidirectional else 1, ordered layer 0 forward, layer 0 reverse,
+    layer 1 forward, ...
 
     After a call, `.ponder_cost` (differentiable: add tau * ponder_cost.sum()
-    to the loss) and `.steps` are shaped like the output without its feature
-    dimension; for PackedSequence input they are 1-D and aligned with
-    `output.data`.
+    to the loss) is the ponder cost summed over layers and directions, shaped
+    like the output without its feature dimension (for PackedSequence input:
+    1-D, aligned with `output.data`). `.steps` (int64) is kept per layer and
+    direction: (num_layers * D, *ponder_cost.shape), in h_n's order.
+
+    Every (layer, direction) has its own cell and halting unit:
+    `ponder_cell(layer, reverse)` returns its ACTCell (`.cell`, `.halting`);
+    `.cell` and `.halting` name layer 0's forward ones.
     """
 
     _cell_class = None
     _is_lstm = False
 
-    def __init__(self, input_size: int, hidden_size: int, *, bias: bool = True, batch_first: bool = False,
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, *, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  max_steps: int = 100, eps: float = 0.01, backend: str = "auto",
                  halting_bias_init: float = 1.0, **cell_kwargs):
         super().__init__()
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.batch_first = batch_first
-        self.act = ACTCell(self._cell_class(input_size + 1, hidden_size, bias=bias, **cell_kwargs),
-                           hidden_size, max_steps=max_steps, eps=eps, backend=backend,
-                           halting_bias_init=halting_bias_init)
+        check_layer_options(max_steps, eps, backend)
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1], got {dropout!r}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.batch_first, self.dropout, self.bidirectional = batch_first, float(dropout), bool(bidirectional)
+        self.num_directions = 2 if bidirectional else 1
+        self.acts = nn.ModuleList()
+        for layer in range(num_layers):
+            width = input_size if layer == 0 else hidden_size * self.num_directions
+            for _ in range(self.num_directions):
+                cell = self._cell_class(width + 1, hidden_size, bias=bias, **cell_kwargs)
+                self.acts.append(ACTCell(cell, hidden_size, max_steps=max_steps, eps=eps, backend=backend,
+                                         halting_bias_init=halting_bias_init))
         self.ponder_cost: Optional[Tensor] = None
         self.steps: Optional[Tensor] = None
 
+    def ponder_cell(self, layer: int = 0, reverse: bool = False) -> ACTCell:
+        """The ACTCell (cell and halting unit) of one layer and direction."""
+        if reverse and not self.bidirectional:
+            raise ValueError("a unidirectional layer has no reverse direction")
+        return self.acts[layer * self.num_directions + int(reverse)]
+
     @property
     def cell(self) -> nn.Module:
-        return self.act.cell
+        return self.acts[0].cell
 
     @property
     def halting(self) -> nn.Linear:
-        return self.act.halting
+        return self.acts[0].halting
 
-    def _initial_state(self, hx, batch: int, like: Tensor):
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, dropout={self.dropout}, "
+                f"bidirectional={self.bidirectional}, batch_first={self.batch_first}")
+
+    def _initial_states(self, hx, batch: int, like: Tensor):
+        """One initial state per (layer, direction): a list of tensors (B, H), or of (h, c)."""
+        count = self.num_layers * self.num_directions
         if hx is None:
             zeros = like.new_zeros(batch, self.hidden_size)
-            return (zeros, zeros.clone()) if self._is_lstm else zeros
+            return [(zeros, zeros) if self._is_lstm else zeros for _ in range(count)]
         if self._is_lstm:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError("ACTLSTM expects hx = (h_0, c_0)")
-            return tuple(self._check_hidden(t, batch) for t in hx)
-        return self._check_hidden(hx, batch)
+            h, c = (self._check_hidden(t, batch) for t in hx)
+            return [(h[k], c[k]) for k in range(count)]
+        return list(self._check_hidden(hx, batch))
 
     def _check_hidden(self, t: Tensor, batch: int) -> Tensor:
-        want = (1, batch, self.hidden_size)
-        if tuple(t.shape) != want:
-            raise ValueError(f"hidden state must have shape {want}, got {tuple(t.shape)}")
-        return t[0]
+        want = (self.num_layers * self.num_directions, batch, self.hidden_size)
+        if not isinstance(t, Tensor) or tuple(t.shape) != want:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"hidden state must have shape {want} (num_layers * num_directions, batch, "
+                             f"hidden_size), got {got}")
+        return t
+
+    def _between_layers(self, x: Tensor, layer: int) -> Tensor:
+        # dropout on each layer's output but the last, as torch does it
+        if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+            return F.dropout(x, self.dropout, training=True)
+        return x
 
     def forward(self, input: Union[Tensor, PackedSequence], hx=None):
         check_layer_input(input.data if isinstance(input, PackedSequence) else input,
@@ -126,25 +168,45 @@ class _ACTLayer(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} features, expected input_size = {self.input_size}")
         if unbatched and hx is not None:
             hx = tuple(t.unsqueeze(1) for t in hx) if self._is_lstm else hx.unsqueeze(1)
-        state = self._initial_state(hx, x.shape[1], x)
-        outputs, costs, steps = [], [], []
-        for t in range(x.shape[0]):
-            out = self.act(x[t], state)
-            state = out.state
-            outputs.append(state[0] if self._is_lstm else state)
-            costs.append(out.ponder_cost)
-            steps.append(out.steps)
-        output = torch.stack(outputs)
-        self.ponder_cost, self.steps = torch.stack(costs), torch.stack(steps)
+        initial = self._initial_states(hx, x.shape[1], x)
+        finals, costs, steps = [], [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                k = layer * self.num_directions + direction
+                out, final, cost, n = self._direction(self.acts[k], x, initial[k], reverse=direction == 1)
+                outputs.append(out)
+                finals.append(final)
+                costs.append(cost)
+                steps.append(n)
+            x = self._between_layers(torch.cat(outputs, -1) if len(outputs) > 1 else outputs[0], layer)
+        output, cost, steps = x, torch.stack(costs).sum(0), torch.stack(steps)
         if self.batch_first and not unbatched:
-            output = output.transpose(0, 1)
-            self.ponder_cost, self.steps = self.ponder_cost.t(), self.steps.t()
-        h_n = tuple(s.unsqueeze(0) for s in state) if self._is_lstm else state.unsqueeze(0)
+            output, cost, steps = output.transpose(0, 1), cost.t(), steps.transpose(1, 2)
+        h_n = self._stack_finals(finals)
         if unbatched:
-            output = output.squeeze(1)
-            self.ponder_cost, self.steps = self.ponder_cost.squeeze(1), self.steps.squeeze(1)
-            h_n = tuple(s.squeeze(1) for s in h_n) if self._is_lstm else h_n.squeeze(1)
+            output, cost, steps = output.squeeze(1), cost.squeeze(1), steps.squeeze(2)
+            h_n = tuple(t.squeeze(1) for t in h_n) if self._is_lstm else h_n.squeeze(1)
+        self.ponder_cost, self.steps = cost, steps
         return output, h_n
+
+    def _stack_finals(self, finals):
+        if self._is_lstm:
+            return torch.stack([f[0] for f in finals]), torch.stack([f[1] for f in finals])
+        return torch.stack(finals)
+
+    def _direction(self, act: ACTCell, x: Tensor, state, reverse: bool):
+        """One direction of one layer over a (L, B, I) sequence: every time step
+        ponders. Returns the outputs (L, B, H), the final state, and the ponder
+        cost and steps per time step (L, B)."""
+        length = x.shape[0]
+        outputs, costs, steps = [None] * length, [None] * length, [None] * length
+        for t in (reversed(range(length)) if reverse else range(length)):
+            out = act(x[t], state)
+            state = out.state
+            outputs[t] = state[0] if self._is_lstm else state
+            costs[t], steps[t] = out.ponder_cost, out.steps
+        return torch.stack(outputs), state, torch.stack(costs), torch.stack(steps)
 
     def _forward_packed(self, packed: PackedSequence, hx):
         data, batch_sizes = packed.data, packed.batch_sizes
@@ -152,36 +214,55 @@ class _ACTLayer(nn.Module):
         if hx is not None and packed.sorted_indices is not None:
             order = packed.sorted_indices.to(data.device)
             hx = tuple(t.index_select(1, order) for t in hx) if self._is_lstm else hx.index_select(1, order)
-        state = self._initial_state(hx, batch, data)
-        states = state if self._is_lstm else (state,)
-        outputs, costs, steps = [], [], []
-        offset = 0
-        # Time step t holds the first batch_sizes[t] sequences (sorted by
-        # length): only those are computed; the others keep their last state.
-        for size in batch_sizes.tolist():
-            running = tuple(s[:size] for s in states)
-            out = self.act(data[offset:offset + size], running if self._is_lstm else running[0])
-            new = out.state if self._is_lstm else (out.state,)
-            states = tuple(torch.cat([n, s[size:]]) for n, s in zip(new, states))
-            outputs.append(new[0])
-            costs.append(out.ponder_cost)
-            steps.append(out.steps)
-            offset += size
-        self.ponder_cost, self.steps = torch.cat(costs), torch.cat(steps)
-        output = PackedSequence(torch.cat(outputs), batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        initial = self._initial_states(hx, batch, data)
+        sizes = batch_sizes.tolist()
+        finals, costs, steps = [], [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                k = layer * self.num_directions + direction
+                out, final, cost, n = self._direction_packed(self.acts[k], data, sizes, initial[k],
+                                                             reverse=direction == 1)
+                outputs.append(out)
+                finals.append(final)
+                costs.append(cost)
+                steps.append(n)
+            data = self._between_layers(torch.cat(outputs, -1) if len(outputs) > 1 else outputs[0], layer)
+        self.ponder_cost, self.steps = torch.stack(costs).sum(0), torch.stack(steps)
+        output = PackedSequence(data, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        h_n = self._stack_finals(finals)
         if packed.unsorted_indices is not None:
             order = packed.unsorted_indices.to(data.device)
-            states = tuple(s.index_select(0, order) for s in states)
-        h_n = tuple(s.unsqueeze(0) for s in states)
-        return output, (h_n if self._is_lstm else h_n[0])
+            h_n = tuple(t.index_select(1, order) for t in h_n) if self._is_lstm else h_n.index_select(1, order)
+        return output, h_n
+
+    def _direction_packed(self, act: ACTCell, data: Tensor, sizes, state, reverse: bool):
+        """One direction over packed data: time step t holds the first sizes[t]
+        sequences (sorted by length), and only those are computed; the others
+        keep their state. In reverse, a sequence starts at its own last step,
+        from its initial state, since no later step touched its row."""
+        states = state if self._is_lstm else (state,)
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        outputs, costs, steps = [None] * len(sizes), [None] * len(sizes), [None] * len(sizes)
+        for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
+            size = sizes[t]
+            running = tuple(s[:size] for s in states)
+            out = act(data[starts[t]:starts[t] + size], running if self._is_lstm else running[0])
+            new = out.state if self._is_lstm else (out.state,)
+            states = tuple(torch.cat([n, s[size:]]) for n, s in zip(new, states))
+            outputs[t], costs[t], steps[t] = new[0], out.ponder_cost, out.steps
+        final = states if self._is_lstm else states[0]
+        return torch.cat(outputs), final, torch.cat(costs), torch.cat(steps)
 
 
 class ACTRNN(_ACTLayer):
     __doc__ = "Elman RNN (tanh or relu) with ACT. " + _ACTLayer.__doc__
     _cell_class = nn.RNNCell
 
-    def __init__(self, input_size, hidden_size, *, nonlinearity: str = "tanh", **kwargs):
-        super().__init__(input_size, hidden_size, nonlinearity=nonlinearity, **kwargs)
+    def __init__(self, input_size, hidden_size, num_layers: int = 1, *, nonlinearity: str = "tanh", **kwargs):
+        super().__init__(input_size, hidden_size, num_layers, nonlinearity=nonlinearity, **kwargs)
 
 
 class ACTGRU(_ACTLayer):
@@ -193,3 +274,9 @@ class ACTLSTM(_ACTLayer):
     __doc__ = "LSTM with ACT: halting reads h, both h and c are mean-fielded. " + _ACTLayer.__doc__
     _cell_class = nn.LSTMCell
     _is_lstm = True
+
+    def __init__(self, input_size, hidden_size, num_layers: int = 1, *, proj_size: int = 0, **kwargs):
+        if proj_size:
+            raise ValueError(f"ACTLSTM supports no proj_size (got {proj_size}): the halting unit and the "
+                             "mean field act on the whole hidden state h; use proj_size=0 and a Linear after it")
+        super().__init__(input_size, hidden_size, num_layers, **kwargs)

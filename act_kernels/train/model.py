@@ -45,7 +45,7 @@ class TaskModel(nn.Module):
             return pad_packed_sequence(as_packed, total_length=L)[0][..., 0]
 
         logits = self.readout(hidden).reshape(L, -1, self.task.heads, self.task.classes)
-        return TaskOutput(logits, pad(self.rnn.ponder_cost), pad(self.rnn.steps))
+        return TaskOutput(logits, pad(self.rnn.ponder_cost), pad(self.rnn.steps[0]))
 
     def loss(self, batch: Batch, tau: float) -> Tensor:
         return task_loss(self(batch), batch, tau)
