@@ -160,6 +160,9 @@ def ragged_ponder(
         keep = torch.nonzero(~halted).squeeze(1)  # the one host sync per step: A_{n+1}
         if keep.numel() == 0:
             break
+        if keep.numel() == active.numel():  # nobody halted: the same rows run on
+            current = new
+            continue
         # index_select: the same gather as t[keep] with less host work per call
         active = active.index_select(0, keep)
         current = tuple(t.index_select(0, keep) for t in new)

@@ -77,10 +77,14 @@ def ponder(
         rows.append(active)
         row_steps.append(torch.full_like(active, n))
 
+        halted = int(halt.sum())
+        if halted == active.numel():
+            break
+        if halted == 0:       # nobody halted: the same rows run on, no compaction
+            current = new
+            continue
         keep = ~halt
         active = active[keep]
-        if active.numel() == 0:
-            break
         current = tuple(s[keep] for s in new)
 
     ponder_cost = steps.to(acc) + remainder                  # rho = N + R, eq. (9)

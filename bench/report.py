@@ -93,6 +93,22 @@ def pondernet_table(data):
     return "\n".join(lines)
 
 
+def layer_table(data):
+    groups = defaultdict(dict)
+    for r in (r for r in data["rows"] if r["group"] == "act_layer"):
+        groups[(r["length"], r["batch"], r["hidden"], r["kind"])][r["name"]] = r
+    lines = ["| L x B x H | workload | impl | fwd+bwd (ms) | speedup vs padded | ideal | % of ideal |",
+             "|---|---|---|---|---|---|---|"]
+    for (length, b, h, kind), rows in sorted(groups.items()):
+        base = rows.get("padded")
+        for name, r in rows.items():
+            speed = base["median_s"] / r["median_s"] if base else float("nan")
+            pct = f"{100 * speed / r['ideal_speedup']:.0f} %" if name != "padded" else "-"
+            lines.append(f"| {length} x {b} x {h} | {kind} | {name} | {r['median_s'] * 1e3:.1f} | {speed:.2f} x "
+                         f"| {r['ideal_speedup']:.2f} x | {pct} |")
+    return "\n".join(lines)
+
+
 def plot(data, path):
     try:
         import matplotlib
@@ -131,7 +147,7 @@ def main():
         if data.get("copy_GBps"):
             print(f"Measured device copy bandwidth: {data['copy_GBps']:.0f} GB/s\n")
         print(ponder_table(data) + "\n")
-        for table in (encoder_table, attention_table, pondernet_table):
+        for table in (layer_table, encoder_table, attention_table, pondernet_table):
             print(table(data) + "\n")
         print(kernel_table(data, "halting_step") + "\n")
         print(kernel_table(data, "combine_backward") + "\n")

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from naive import naive_ponder  # noqa: E402  the padded-and-masked baseline
 from dense_encoder import dense_act_encoder  # noqa: E402  the dense-loop baseline of DESIGN §9
 
-__all__ = ["GRUPonder", "GRUPonderNet", "EncoderPonder", "skewed_steps", "naive_ponder", "dense_act_encoder", "ut_act_encoder",
+__all__ = ["GRUPonder", "GRUPonderNet", "GRULayerWorkload", "EncoderPonder", "skewed_steps", "naive_ponder", "dense_act_encoder", "ut_act_encoder",
            "halting_step_inputs"]
 
 
@@ -157,3 +157,64 @@ class GRUPonderNet(GRUPonder):
         lam = (1 - keep).clamp(1e-6, 1 - 1e-6)
         self.logit = torch.log(lam / (1 - lam)).to(self.logit.dtype)
         self.eps = eps
+
+
+class GRULayerWorkload:
+    """An ACTGRU layer over a sequence whose halting is controlled per (time
+    step, row): hidden feature 0 copies tanh(x_0) (its update gate is shut,
+    its candidate reads only input feature 0) and the halting unit reads only
+    it, so a row halts after target[t, b] steps. "flat": every row at the same
+    N (nothing to skip); "skewed": N spread from 1 to max_steps."""
+
+    def __init__(self, length, batch, hidden, max_steps=8, kind="skewed", dtype=torch.float32, device="cpu",
+                 seed=0, gain=6.0):
+        import act_kernels as ak
+
+        torch.manual_seed(seed)
+        self.layer = ak.nn.ACTGRU(hidden, hidden, max_steps=max_steps).to(device, dtype)
+        cell = self.layer.cell
+        with torch.no_grad():
+            H = hidden
+            for w in (cell.weight_ih, cell.weight_hh):
+                w[0].zero_()            # reset gate row 0
+                w[H].zero_()            # update gate row 0
+                w[2 * H].zero_()        # candidate row 0
+            cell.weight_ih[2 * H, 0] = 1.0
+            for b in (cell.bias_ih, cell.bias_hh):
+                b[[0, H, 2 * H]] = 0.0
+            cell.bias_ih[H] = -30.0     # z_0 ~ 0: h_0 <- tanh(x_0) at every step
+            self.layer.halting.weight.zero_()
+            self.layer.halting.weight[0, 0] = gain
+            self.layer.halting.bias.zero_()
+        if kind == "flat":
+            target = torch.full((length, batch), 3, dtype=torch.long)
+        else:
+            target = skewed_steps(length * batch, max_steps, 2.5, seed).reshape(length, batch)
+        self.target = target.to(device)
+        h = 0.99 / target.double() + 1e-4
+        logit = torch.log(h / (1 - h)) / gain
+        self.x = torch.randn(length, batch, hidden, dtype=torch.float64)
+        self.x[..., 0] = torch.atanh(logit.clamp(-0.999, 0.999))
+        self.x = self.x.to(device, dtype)
+        self.max_steps = max_steps
+
+    @property
+    def ideal_speedup(self) -> float:
+        """Per time step, B * max N / sum N (the padded layer's rows over the ragged ones)."""
+        per_step = self.target.shape[1] * self.target.max(1).values
+        return float(per_step.sum() / self.target.sum())
+
+    def padded_layer(self):
+        """The padded-and-masked baseline layer: every time step steps all rows
+        until the slowest one halts (tests/naive.py), with the same cell."""
+        act, x = self.layer.ponder_cell(0), self.x
+        state = x.new_zeros(x.shape[1], self.layer.hidden_size)
+        outs, costs = [], []
+        for t in range(x.shape[0]):
+            first = torch.cat([x[t], x.new_ones(x.shape[1], 1)], 1)
+            later = torch.cat([x[t], x.new_zeros(x.shape[1], 1)], 1)
+            state, rho, _, _ = naive_ponder(lambda s, n, idx: act.cell(first if n == 1 else later, s), state,
+                                            act.halting.weight, act.halting.bias, act.max_steps, act.eps)
+            outs.append(state)
+            costs.append(rho)
+        return torch.stack(outs), torch.stack(costs)

@@ -115,6 +115,9 @@ def ragged_pondernet(
         keep = torch.nonzero(~halted).squeeze(1)  # the one host sync per step
         if keep.numel() == 0:
             break
+        if keep.numel() == active.numel():  # nobody halted: the same rows run on
+            current = new
+            continue
         active = active.index_select(0, keep)
         current = tuple(t.index_select(0, keep) for t in new)
 

@@ -80,10 +80,14 @@ def pondernet(
         step_rows.append(torch.full_like(active, n))
         for k, t in enumerate(new):
             packed[k].append(t)
+        halted = int(halt.sum())
+        if halted == active.numel():
+            break
+        if halted == 0:       # nobody halted: the same rows run on, no compaction
+            current = new
+            continue
         keep = ~halt
         active = active[keep]
-        if active.numel() == 0:
-            break
         current = tuple(t[keep] for t in new)
 
     p = torch.cat(ps)
