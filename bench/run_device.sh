@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine: build the CUDA extension, run the whole test suite (every
 # backend), the kernel bandwidth sweep, the end-to-end GRU ponder, the
-# ragged-attention and encoder benchmarks, and compute-sanitizer. Output goes to $OUT (or bench/results/ when OUT is unset):
+# ragged-attention, encoder, PonderNet and layer benchmarks, and
+# compute-sanitizer (ACT, attention and PonderNet kernels). Output goes to $OUT (or bench/results/ when OUT is unset):
 # build.log (device, versions, build), tests.log, bench.log, sanitize.log, the
 # results JSON (rewritten after every benchmark row), report.md and the plot.
 # Each phase has its own time limit, so a slow one cannot take the others'
@@ -14,7 +15,7 @@ out="${OUT:-bench/results}"
 mkdir -p "$out"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(build tests kernels ponder transformer sanitize)
+[ ${#phases[@]} -eq 0 ] && phases=(build tests kernels ponder transformer layers sanitize)
 export PYTHONUNBUFFERED=1 ACT_BENCH_RESULTS="$out"
 # keep the earlier GPU rows: a run of some phases adds to them
 for f in bench/results/*.json; do
@@ -50,6 +51,11 @@ for phase in "${phases[@]}"; do
       timeout "${TRANSFORMER_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_transformer.py \
         --benchmark-only >> "$out/bench.log" 2>&1
       echo "transformer exit $?" | tee -a "$out/bench.log" ;;
+    layers)
+      # PonderNet against the padded unroll; the ACTGRU layer against the padded layer (flat, skewed)
+      timeout "${LAYERS_TIMEOUT:-300}" "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_pondernet.py \
+        bench/test_bench_layers.py --benchmark-only >> "$out/bench.log" 2>&1
+      echo "layers exit $?" | tee -a "$out/bench.log" ;;
     sanitize)
       # memcheck and racecheck over the CUDA backend's kernel tests and the
       # Triton ragged-attention tests
@@ -62,6 +68,10 @@ for phase in "${phases[@]}"; do
           "$PY" -m pytest -q -x -p no:cacheprovider tests/test_attention.py -k "triton and float32" \
           >> "$out/sanitize.log" 2>&1
         echo "$tool attention exit $?" | tee -a "$out/sanitize.log"
+        timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          "$PY" -m pytest -q -x -p no:cacheprovider tests/test_pondernet.py -k "cuda or triton" \
+          >> "$out/sanitize.log" 2>&1
+        echo "$tool pondernet exit $?" | tee -a "$out/sanitize.log"
       done ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
