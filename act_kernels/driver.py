@@ -17,7 +17,7 @@ from typing import Callable, List, NamedTuple, Sequence
 import torch
 
 from ._validation import accumulation_dtype, as_state_tuple, check_ponder_args, check_step_output
-from .ops.ragged import packed_step_index
+from .ops.ragged import compact, packed_step_index
 from .output import HaltingProbs, PonderOutput
 
 
@@ -157,15 +157,10 @@ def ragged_ponder(
         rows.append(active)
         counts.append(active.numel())
 
-        keep = torch.nonzero(~halted).squeeze(1)  # the one host sync per step: A_{n+1}
-        if keep.numel() == 0:
+        nxt = compact(halted, active, new)  # the one host sync per step: A_{n+1}
+        if nxt is None:
             break
-        if keep.numel() == active.numel():  # nobody halted: the same rows run on
-            current = new
-            continue
-        # index_select: the same gather as t[keep] with less host work per call
-        active = active.index_select(0, keep)
-        current = tuple(t.index_select(0, keep) for t in new)
+        active, current = nxt
 
     p_all, h_all, batch_index = torch.cat(ps), torch.cat(hs), torch.cat(rows)
     ponder_cost = steps.to(acc) + remainder

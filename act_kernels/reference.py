@@ -16,6 +16,7 @@ import torch
 
 from ._validation import accumulation_dtype, as_state_tuple, check_ponder_args, check_step_output
 from .ops.act.reference import combine_backward, halting_decision, halting_step
+from .ops.ragged import survivors
 from .output import HaltingProbs, PonderOutput
 
 
@@ -77,15 +78,10 @@ def ponder(
         rows.append(active)
         row_steps.append(torch.full_like(active, n))
 
-        halted = int(halt.sum())
-        if halted == active.numel():
+        nxt = survivors(halt, active, new)
+        if nxt is None:
             break
-        if halted == 0:       # nobody halted: the same rows run on, no compaction
-            current = new
-            continue
-        keep = ~halt
-        active = active[keep]
-        current = tuple(s[keep] for s in new)
+        active, current = nxt
 
     ponder_cost = steps.to(acc) + remainder                  # rho = N + R, eq. (9)
     out_state = tuple(m.to(states[0].dtype) for m in mean_field)

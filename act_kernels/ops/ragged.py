@@ -67,3 +67,27 @@ def packed_step_index(counts: Sequence[int], device) -> torch.Tensor:
         torch.arange(1, len(counts) + 1, device=device),
         torch.tensor(list(counts), device=device),
     )
+
+
+def survivors(halt: torch.Tensor, active: torch.Tensor, new: Tuple[torch.Tensor, ...]):
+    """The rows a reference ponder loop runs next, from this step's halting
+    decisions: (active, states), or None when every row halted. When nobody
+    halted the same tensors run on, with no copy."""
+    halted = int(halt.sum())
+    if halted == active.numel():
+        return None
+    if halted == 0:
+        return active, new
+    keep = ~halt
+    return active[keep], tuple(t[keep] for t in new)
+
+
+def compact(halted: torch.Tensor, active: torch.Tensor, new: Tuple[torch.Tensor, ...]):
+    """`survivors` for the kernel drivers: one host sync (the survivors' count)
+    and index_select gathers, which cost less host work than boolean indexing."""
+    keep = torch.nonzero(~halted).squeeze(1)
+    if keep.numel() == 0:
+        return None
+    if keep.numel() == active.numel():
+        return active, new
+    return active.index_select(0, keep), tuple(t.index_select(0, keep) for t in new)

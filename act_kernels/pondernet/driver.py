@@ -18,7 +18,7 @@ import torch
 from .._validation import accumulation_dtype, as_state_tuple, check_pondernet_args, check_step_output
 from ..ops.pondernet import PonderNetKernels
 from ..ops.pondernet.reference import MODES
-from ..ops.ragged import packed_step_index
+from ..ops.ragged import compact, packed_step_index
 from .output import PonderNetOutput
 from .prior import kl_per_row, log_prior
 
@@ -112,14 +112,10 @@ def ragged_pondernet(
         counts.append(active.numel())
         for k, t in enumerate(new):
             packed[k].append(t)
-        keep = torch.nonzero(~halted).squeeze(1)  # the one host sync per step
-        if keep.numel() == 0:
+        nxt = compact(halted, active, new)  # the one host sync per step
+        if nxt is None:
             break
-        if keep.numel() == active.numel():  # nobody halted: the same rows run on
-            current = new
-            continue
-        active = active.index_select(0, keep)
-        current = tuple(t.index_select(0, keep) for t in new)
+        active, current = nxt
 
     p_all, batch_index = torch.cat(ps), torch.cat(rows)
     step_index = packed_step_index(counts, device)

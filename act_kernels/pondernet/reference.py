@@ -18,6 +18,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .._validation import accumulation_dtype, as_state_tuple, check_pondernet_args, check_step_output
+from ..ops.ragged import survivors
 from .output import PonderNetOutput
 from .prior import kl_per_row, log_prior
 
@@ -80,15 +81,10 @@ def pondernet(
         step_rows.append(torch.full_like(active, n))
         for k, t in enumerate(new):
             packed[k].append(t)
-        halted = int(halt.sum())
-        if halted == active.numel():
+        nxt = survivors(halt, active, new)
+        if nxt is None:
             break
-        if halted == 0:       # nobody halted: the same rows run on, no compaction
-            current = new
-            continue
-        keep = ~halt
-        active = active[keep]
-        current = tuple(t[keep] for t in new)
+        active, current = nxt
 
     p = torch.cat(ps)
     batch_index, step_index = torch.cat(rows), torch.cat(step_rows)
