@@ -5,8 +5,10 @@ At ponder step n only the running tokens are projected, attend as queries and
 go through the feed-forward block. Keys and values live in a pool of rows,
 one segment per step: a token's key and value are computed once each time its
 visible state changes (the step after it ran), and a halted token's frozen
-rows are read through the token -> pool-row index, never copied. Nothing of
-size (max_steps, T_tok, D) or (queries, keys) is kept for the backward.
+rows are read through the token -> pool-row index (the Triton kernels never
+copy them; the reference attention gathers them per call and keeps no copy).
+Nothing of size (max_steps, T_tok, D) or (queries, keys) is kept for the
+backward.
 """
 from __future__ import annotations
 
