@@ -170,8 +170,8 @@ def ragged_attention(
 
     Returns (A, heads, d) in q's dtype. Softmax statistics are float32
     (float64 on the reference for float64 inputs). Every backend saves only
-    q, k, v, the output and the logsumexp for the backward, which recomputes
-    the probabilities; the Triton kernels never store an (A, T_tok) matrix
+    q, k, v, the output and index vectors (Triton also the logsumexp) for
+    the backward, which recomputes the probabilities; the Triton kernels never store an (A, T_tok) matrix
     at all. `act_kernels.ops.attention.reference.ragged_attention` is the
     plain autograd twin.
 
