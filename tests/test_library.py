@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-import act_kernels as ak
 from act_kernels import reference
 from act_kernels.ops.act import library as ops
 from helpers import DEVICE, TanhStep, assert_close, make_problem

@@ -7,7 +7,7 @@ LSTM) becomes the state passed to the next time step and the output.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,6 @@ is never copied.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence, Tuple
 
 import torch
