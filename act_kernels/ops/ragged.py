@@ -17,36 +17,46 @@ class StepTable(NamedTuple):
     rows_aligned_16: bool  # every packed row starts on a 16-byte boundary
 
 
-def step_table(states: Sequence[torch.Tensor]) -> StepTable:
-    """Returns (base, table, rows_aligned_16): table (3, S) int64 on the states' device holding,
-    for every step k, the element offset of its tensor from base.data_ptr(),
-    its row stride, and its first packed row. Packed row t of step k starts at
-    element `table[0, k] + (t - table[2, k]) * table[1, k]` from base.
+def segment_table(segments: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(3, S) int64 on the segments' device: for every segment k, its element
+    offset from segments[0].data_ptr(), its row stride, and its first row in
+    the row-wise concatenation. Row t of segment k starts at element
+    `table[0, k] + (t - table[2, k]) * table[1, k]` from segments[0].
 
-    S numbers built on the host and one small copy: the kernels never need a
-    per-row offset array. Every tensor must be 2-D with unit column stride and
-    the same dtype; rows may be strided. Offsets between separate allocations
-    are exact because the allocator aligns every block to far more than one
-    element.
+    S numbers built on the host and one small copy. Offsets between separate
+    allocations are exact because the allocator aligns every block to far
+    more than one element.
     """
-    base = states[0]
+    base = segments[0]
     elem = base.element_size()
     deltas, strides, firsts = [], [], []
     first = 0
-    aligned = True
-    for t in states:
-        if t.dtype != base.dtype or t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
-            raise ValueError("packed states must be 2-D, of one dtype, with unit column stride")
+    for t in segments:
         diff = t.data_ptr() - base.data_ptr()
         if diff % elem:
-            raise ValueError("a state tensor is not aligned to its element size")
+            raise ValueError("a segment is not aligned to its element size")
         deltas.append(diff // elem)
         strides.append(t.stride(0))
         firsts.append(first)
         first += t.shape[0]
+    return torch.tensor([deltas, strides, firsts], dtype=torch.int64).to(base.device, non_blocking=True)
+
+
+def step_table(states: Sequence[torch.Tensor]) -> StepTable:
+    """Returns (base, table, rows_aligned_16): the `segment_table` of the
+    per-step state tensors, so packed row t of step k starts at element
+    `table[0, k] + (t - table[2, k]) * table[1, k]` from base: the kernels never
+    need a per-row offset array. Every tensor must be 2-D with unit column
+    stride and the same dtype; rows may be strided.
+    """
+    base = states[0]
+    elem = base.element_size()
+    aligned = True
+    for t in states:
+        if t.dtype != base.dtype or t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
+            raise ValueError("packed states must be 2-D, of one dtype, with unit column stride")
         aligned = aligned and t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or (t.stride(0) * elem) % 16 == 0)
-    table = torch.tensor([deltas, strides, firsts], dtype=torch.int64)
-    return StepTable(base, table.to(base.device, non_blocking=True), aligned)
+    return StepTable(base, segment_table(states), aligned)
 
 
 def rows_by_batch(batch_index: torch.Tensor, steps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

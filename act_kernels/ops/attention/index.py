@@ -8,13 +8,16 @@ are the contiguous range `cu_q[b] : cu_q[b + 1]` of q.
 Keys and values live in a pool: one tensor, or several tensors ("segments")
 read as their row-wise concatenation without copying. Token j reads pool row
 `kv_rows[j]`. The kernels address every pool row by an element offset from the
-first segment's data pointer, the same trick as `ops.ragged.step_table`.
+first segment's data pointer, through the same `ops.ragged.segment_table` as
+the ACT kernels' packed states.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+
+from ..ragged import segment_table
 
 
 def query_offsets(cu_seqlens: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
@@ -27,10 +30,6 @@ def sequence_of_tokens(cu_seqlens: torch.Tensor, tokens: torch.Tensor) -> torch.
     return torch.searchsorted(cu_seqlens.to(torch.int64)[1:], tokens.to(torch.int64), right=True)
 
 
-def pool_rows(pool: Sequence[torch.Tensor]) -> int:
-    return sum(t.shape[0] for t in pool)
-
-
 def row_offsets(pool: Sequence[torch.Tensor], kv_rows: Optional[torch.Tensor], num_tokens: int) -> torch.Tensor:
     """(T_tok,) int64: the element offset of token j's pool row from pool[0].data_ptr().
 
@@ -38,21 +37,9 @@ def row_offsets(pool: Sequence[torch.Tensor], kv_rows: Optional[torch.Tensor], n
     (the launcher makes sure of it); rows may be strided.
     """
     base = pool[0]
-    device = base.device
-    elem = base.element_size()
-    rows = (torch.arange(num_tokens, device=device) if kv_rows is None else kv_rows.to(torch.int64))
+    rows = (torch.arange(num_tokens, device=base.device) if kv_rows is None else kv_rows.to(torch.int64))
     if len(pool) == 1:
         return rows * base.stride(0)
-    deltas, strides, firsts = [], [], []
-    first = 0
-    for seg in pool:
-        diff = seg.data_ptr() - base.data_ptr()
-        if diff % elem:
-            raise ValueError("a key/value segment is not aligned to its element size")
-        deltas.append(diff // elem)
-        strides.append(seg.stride(0))
-        firsts.append(first)
-        first += seg.shape[0]
-    table = torch.tensor([deltas, strides, firsts], dtype=torch.int64).to(device, non_blocking=True)
+    table = segment_table(pool)
     seg_of_row = torch.searchsorted(table[2], rows, right=True) - 1
     return table[0][seg_of_row] + (rows - table[2][seg_of_row]) * table[1][seg_of_row]
