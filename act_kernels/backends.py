@@ -111,3 +111,16 @@ def resolve_pondernet(backend: str, device: torch.device) -> str:
     ("auto": the CUDA extension on a GPU when it is built, else Triton there,
     else the reference)."""
     return resolve(backend, device)
+
+
+def op_backend(device: torch.device, *, has_cuda_kernels: bool) -> str:
+    """The implementation a torch.library op runs ("cuda", "triton" or
+    "reference"; the eager paths choose with `resolve*`): the CUDA extension
+    on CUDA tensors when the op family has CUDA kernels and it is built, else
+    Triton on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 so
+    the CPU tests reach the Triton path; the reference otherwise."""
+    if has_cuda_kernels and device.type == "cuda" and not cuda_extension_error():
+        return "cuda"
+    if (device.type == "cuda" or triton_interpreted()) and not why_unavailable("triton", device):
+        return "triton"
+    return "reference"

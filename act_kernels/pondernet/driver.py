@@ -17,7 +17,7 @@ import torch
 
 from .._validation import accumulation_dtype, as_state_tuple, check_pondernet_args, check_step_output
 from ..ops.pondernet import PonderNetKernels
-from ..ops.pondernet.reference import MODES
+from ..ops.pondernet.reference import MODES, halting_unit_backward
 from ..ops.ragged import compact, packed_step_index
 from .output import PonderNetOutput
 from .prior import kl_per_row, log_prior
@@ -41,28 +41,19 @@ class _Halting(torch.autograd.Function):
     def forward(ctx, saved: _Saved, weight, bias, *step_states):
         # The fused forward already ran inside the loop; this exposes p and kl.
         ctx.counts, ctx.prior, ctx.kernels = saved.counts, saved.prior, saved.kernels
-        ctx.weight_meta = (weight.shape, weight.dtype)
-        ctx.bias_meta = (bias.shape, bias.dtype)
-        ctx.save_for_backward(weight, saved.p, saved.lam, saved.u_before, saved.batch_index, saved.step_index,
-                              saved.steps, *step_states)
+        ctx.save_for_backward(weight, bias, saved.p, saved.lam, saved.u_before, saved.batch_index,
+                              saved.step_index, saved.steps, *step_states)
         return saved.p.clone(), saved.kl.clone()
 
     @staticmethod
     def backward(ctx, grad_p, grad_kl):
-        weight, p, lam, u_before, batch_index, step_index, steps, *step_states = ctx.saved_tensors
+        weight, bias, p, lam, u_before, batch_index, step_index, steps, *step_states = ctx.saved_tensors
         acc = p.dtype
         grad_p = torch.zeros_like(p) if grad_p is None else grad_p
         grad_kl = torch.zeros(steps.shape, dtype=acc, device=p.device) if grad_kl is None else grad_kl
         gz = ctx.kernels.halting_backward(p, lam, u_before, batch_index, step_index, steps, grad_p, grad_kl,
                                           ctx.prior)
-        w = weight.detach().reshape(-1).to(acc)
-        grads, gw = [], torch.zeros_like(w)
-        with torch.autocast(device_type=p.device.type, enabled=False):  # gradients in acc, even under autocast
-            for g, s in zip(torch.split(gz, ctx.counts), step_states):
-                grads.append((g[:, None] * w).to(s.dtype))      # dz/ds = w
-                gw = gw + g @ s.to(acc)                          # dz/dw = s
-        gw = gw.to(ctx.weight_meta[1]).reshape(ctx.weight_meta[0])
-        gc = gz.sum().to(ctx.bias_meta[1]).reshape(ctx.bias_meta[0])
+        grads, gw, gc = halting_unit_backward(gz, weight, bias, step_states)
         return (None, gw, gc, *grads)
 
 

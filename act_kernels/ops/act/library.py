@@ -19,17 +19,14 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...backends import cuda_extension_error, triton_interpreted
+from ...backends import op_backend
 from . import get_kernels
 from ..ragged import packed_step_index
 
 
 def _kernels_for(device: torch.device):
-    if device.type == "cuda":
-        return get_kernels("cuda" if not cuda_extension_error() else "triton")
-    if triton_interpreted():  # the CPU test suite reaches the ops' Triton path
-        return get_kernels("triton")
-    return get_kernels("twins")
+    backend = op_backend(device, has_cuda_kernels=True)
+    return get_kernels("twins" if backend == "reference" else backend)
 
 
 @torch.library.custom_op(

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ...backends import resolve_attention, triton_interpreted
+from ...backends import op_backend, resolve_attention
 from ..._validation import as_pool, check_attention_args
 from . import reference
 from ..launch import dense
@@ -24,15 +24,20 @@ def _max_seqlen(cu_seqlens: Tensor) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
 
 
+def _to_pool(values: Tensor, rows: Tensor, pool: Sequence[Tensor]) -> List[Tensor]:
+    """Gradients (N, heads, d) of the pool rows `rows` (N,), summed per row and
+    split back onto the pool's segments (rows nobody read get zeros)."""
+    d_pool = values.new_zeros(sum(t.shape[0] for t in pool), *values.shape[1:], dtype=pool[0].dtype)
+    d_pool.index_add_(0, rows, values.to(pool[0].dtype))
+    return list(d_pool.split([t.shape[0] for t in pool]))
+
+
 def _pool_grads(d_tok: Tensor, pool: Sequence[Tensor], kv_rows: Optional[Tensor]) -> List[Tensor]:
     """Per-token gradients (T_tok, heads, d) back onto the pool's segments."""
     if kv_rows is None and len(pool) == 1:
         return [d_tok]
-    total = sum(t.shape[0] for t in pool)
-    d_pool = d_tok.new_zeros(total, *d_tok.shape[1:])
     rows = torch.arange(d_tok.shape[0], device=d_tok.device) if kv_rows is None else kv_rows.to(torch.int64)
-    d_pool.index_add_(0, rows, d_tok)
-    return list(d_pool.split([t.shape[0] for t in pool]))
+    return _to_pool(d_tok, rows, pool)
 
 
 class _Launch:
@@ -42,19 +47,23 @@ class _Launch:
     def __init__(self, k_pool, v_pool, cu_seqlens, q_rows, kv_rows, num_tokens):
         from .triton_kernels import uniform_pool
 
+        # the kernels read the indices by position, and every pool segment
+        # with one head stride and a unit feature stride
+        self.cu_seqlens, self.q_rows = dense(cu_seqlens), dense(q_rows)
         self.k_pool, self.v_pool = uniform_pool(k_pool), uniform_pool(v_pool)
         self.k_off = row_offsets(self.k_pool, kv_rows, num_tokens)
         self.v_off = row_offsets(self.v_pool, kv_rows, num_tokens)
-        self.cu_q = query_offsets(cu_seqlens, q_rows)
+        self.cu_q = query_offsets(self.cu_seqlens, self.q_rows)
 
 
 class RaggedAttention(torch.autograd.Function):
     """forward(ctx, backend, causal, scale, max_seqlen, n_k, q, cu_seqlens, q_rows, kv_rows, *k_pool, *v_pool).
 
     Flash-style on every backend: the forward saves q, the pools, the output
-    and the logsumexp; the backward recomputes the probabilities ("triton":
-    the Triton kernels; "reference": the reference twin's written-out
-    backward). No (queries, keys) matrix is kept between the two."""
+    and index vectors (Triton: also the logsumexp); the backward recomputes
+    the probabilities ("triton": the Triton backward kernels; "reference":
+    PyTorch's fused attention over the padded sequences, differentiated by
+    autograd). No (queries, keys) matrix is kept between the two."""
 
     @staticmethod
     def forward(ctx, backend, causal, scale, max_seqlen, n_k, q, cu_seqlens, q_rows, kv_rows, *pool):
@@ -63,10 +72,8 @@ class RaggedAttention(torch.autograd.Function):
         if backend == "triton":
             from .triton_kernels import attention_forward
 
-            # the kernels read q with a unit feature stride and the indices by position
-            q = q if q.shape[2] <= 1 or q.stride(2) == 1 else q.contiguous()
-            cu_seqlens, q_rows = dense(cu_seqlens), dense(q_rows)
             launch = _Launch(k_pool, v_pool, cu_seqlens, q_rows, kv_rows, num_tokens)
+            cu_seqlens, q_rows = launch.cu_seqlens, launch.q_rows
             out, lse = attention_forward(q, launch.k_pool, launch.v_pool, launch.k_off, launch.v_off,
                                          cu_seqlens, launch.cu_q, q_rows, causal, scale, max_seqlen)
             k_pool, v_pool, tables = launch.k_pool, launch.v_pool, (launch.cu_q, launch.k_off, launch.v_off)
@@ -126,10 +133,7 @@ def _slot_grads(d_padded: Tensor, slots: Tensor, pool: Sequence[Tensor]) -> List
     segments. Padding slots point at a real row but carry exactly zero: their
     keys are masked out of every softmax."""
     batch, heads, m, dim = d_padded.shape
-    total = sum(t.shape[0] for t in pool)
-    d_pool = d_padded.new_zeros(total, heads, dim, dtype=pool[0].dtype)
-    d_pool.index_add_(0, slots.reshape(-1), d_padded.transpose(1, 2).reshape(batch * m, heads, dim).to(pool[0].dtype))
-    return list(d_pool.split([t.shape[0] for t in pool]))
+    return _to_pool(d_padded.transpose(1, 2).reshape(batch * m, heads, dim), slots.reshape(-1), pool)
 
 
 def attend(q: Tensor, k_pool: Sequence[Tensor], v_pool: Sequence[Tensor], cu_seqlens: Tensor, q_rows: Tensor,
@@ -193,14 +197,9 @@ def ragged_attention(
 # ---------------------------------------------------------------------------
 
 def _op_backend(device: torch.device, dtype: torch.dtype) -> str:
-    # Triton on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 so
-    # the CPU test suite runs the op's Triton path; the reference otherwise.
-    if dtype != torch.float64 and (device.type == "cuda" or triton_interpreted()):
-        try:
-            return resolve_attention("triton", device, dtype)
-        except RuntimeError:
-            pass
-    return "reference"
+    # no CUDA C++ kernel, and Triton takes no float64
+    backend = op_backend(device, has_cuda_kernels=False)
+    return "reference" if dtype == torch.float64 else backend
 
 
 def _acc(dtype):
@@ -220,8 +219,8 @@ def ragged_attention_op(
 
     num_tokens = kv_rows.numel() if kv_rows is not None else sum(t.shape[0] for t in k)
     launch = _Launch(k, v, cu_seqlens, q_rows, kv_rows, num_tokens)
-    return attention_forward(q, launch.k_pool, launch.v_pool, launch.k_off, launch.v_off, cu_seqlens,
-                             launch.cu_q, q_rows, causal, scale, max_seqlen)
+    return attention_forward(q, launch.k_pool, launch.v_pool, launch.k_off, launch.v_off, launch.cu_seqlens,
+                             launch.cu_q, launch.q_rows, causal, scale, max_seqlen)
 
 
 @ragged_attention_op.register_fake
@@ -244,7 +243,8 @@ def ragged_attention_backward_op(
     num_tokens = kv_rows.numel() if kv_rows is not None else sum(t.shape[0] for t in k)
     launch = _Launch(k, v, cu_seqlens, q_rows, kv_rows, num_tokens)
     dq, dk, dv = attention_backward(grad_out, q, launch.k_pool, launch.v_pool, launch.k_off, launch.v_off,
-                                    cu_seqlens, launch.cu_q, q_rows, out, lse, causal, scale, max_seqlen)
+                                    launch.cu_seqlens, launch.cu_q, launch.q_rows, out, lse, causal, scale,
+                                    max_seqlen)
     # an op's outputs may not alias each other: no views of one buffer
     return dq, [t.clone() for t in _pool_grads(dk, k, kv_rows)], [t.clone() for t in _pool_grads(dv, v, kv_rows)]
 

@@ -253,6 +253,11 @@ def _restride(seg: torch.Tensor, head_stride: int) -> torch.Tensor:
     return out
 
 
+def _unit_features(t: torch.Tensor) -> torch.Tensor:
+    """(rows, heads, d) with a unit feature stride: the kernels read d contiguously."""
+    return t if t.shape[2] <= 1 or t.stride(2) == 1 else t.contiguous()
+
+
 def _grid(max_seqlen: int, block: int, batch: int, heads: int):
     return (triton.cdiv(max(max_seqlen, 1), block), batch, heads)
 
@@ -273,7 +278,7 @@ def attention_forward(
     block_m, block_n, block_d, warps = _blocks(dim, q.device)
     batch = cu_seqlens.shape[0] - 1
     k0, v0 = k_pool[0], v_pool[0]
-    q = q if dim <= 1 or q.stride(2) == 1 else q.contiguous()
+    q = _unit_features(q)
     with on_device(q.device):
         _attn_fwd_kernel[_grid(max_seqlen, block_m, batch, heads)](
             q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, out, lse,
@@ -298,8 +303,7 @@ def attention_backward(
     dv = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return dq, dk, dv
-    if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
+    q, grad_out = _unit_features(q), _unit_features(grad_out)
     # delta = rowsum(dO * O), the softmax backward's correction term
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
     block_m, block_n, block_d, warps = _blocks(dim, q.device)

@@ -19,18 +19,15 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...backends import cuda_extension_error, triton_interpreted, why_unavailable
+from ...backends import op_backend
 from ...pondernet.prior import kl_per_row, log_prior
 from . import get_kernels
+from .reference import halting_unit_backward
 
 
 def _kernels_for(device: torch.device):
-    if device.type == "cuda" and not cuda_extension_error():
-        return get_kernels("cuda")
-    if device.type == "cuda" or triton_interpreted():
-        if not why_unavailable("triton", device):
-            return get_kernels("triton")
-    return get_kernels("twins")
+    backend = op_backend(device, has_cuda_kernels=True)
+    return get_kernels("twins" if backend == "reference" else backend)
 
 
 @torch.library.custom_op("act_kernels::pondernet_halting_step", mutates_args=("unhalted", "steps"))
@@ -105,7 +102,6 @@ def _setup(ctx, inputs, output):
     states, weight, bias, batch_index, step_index, steps, prior = inputs
     p, _ = output
     ctx.prior = prior
-    ctx.weight_meta, ctx.bias_meta = (weight.shape, weight.dtype), (bias.shape, bias.dtype)
     ctx.save_for_backward(weight, bias, batch_index, step_index, steps, p, *states)
 
 
@@ -116,13 +112,8 @@ def _backward(ctx, grad_p, grad_kl):
     grad_kl = p.new_zeros(steps.shape) if grad_kl is None else grad_kl
     gz = halting_backward(p, lam, u_before, batch_index, step_index, steps, grad_p.contiguous(),
                           grad_kl.contiguous(), ctx.prior)
-    w = weight.reshape(-1).to(p.dtype)
-    parts = torch.split(gz, [t.shape[0] for t in states])
-    grad_states = [(g[:, None] * w).to(t.dtype) for g, t in zip(parts, states)]
-    with torch.autocast(device_type=p.device.type, enabled=False):
-        gw = sum(g @ t.to(p.dtype) for g, t in zip(parts, states))
-    return (grad_states, gw.to(ctx.weight_meta[1]).reshape(ctx.weight_meta[0]),
-            gz.sum().to(ctx.bias_meta[1]).reshape(ctx.bias_meta[0]), None, None, None, None)
+    grad_states, gw, gc = halting_unit_backward(gz, weight, bias, states)
+    return grad_states, gw, gc, None, None, None, None
 
 
 distribution.register_autograd(_backward, setup_context=_setup)

@@ -2,7 +2,7 @@
 arguments and results as the Triton kernels, written for clarity."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -76,3 +76,20 @@ def halting_backward(
     r = after[batch_index, step_index - 1]
     u_after = u_before * (1 - lam)
     return torch.where(last, torch.zeros_like(p), lam * (u_after * gp - r))
+
+
+def halting_unit_backward(grad_z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          step_states: Sequence[torch.Tensor]):
+    """The gradients of z = w.s + c from dL/dz (T,) over the per-step states
+    (step n holding its A_n rows): ds = dz w per state tensor, dw = sum dz s,
+    dc = sum dz; in the accumulation dtype even under autocast, then in the
+    states', weight's and bias's own dtypes and shapes."""
+    acc = grad_z.dtype
+    w = weight.detach().reshape(-1).to(acc)
+    grads, gw = [], torch.zeros_like(w)
+    with torch.autocast(device_type=grad_z.device.type, enabled=False):
+        for g, s in zip(torch.split(grad_z, [t.shape[0] for t in step_states]), step_states):
+            grads.append((g[:, None] * w).to(s.dtype))      # dz/ds = w
+            gw = gw + g @ s.to(acc)                          # dz/dw = s
+    return (grads, gw.to(weight.dtype).reshape(weight.shape),
+            grad_z.sum().to(bias.dtype).reshape(bias.shape))
