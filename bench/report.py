@@ -42,23 +42,32 @@ def ponder_table(data):
     return "\n".join(lines)
 
 
-def encoder_table(data):
-    by_size = defaultdict(dict)
-    for r in (r for r in data["rows"] if r["group"] == "act_encoder"):
-        by_size[(r["batch"], r["length"], r["d_model"])][r["name"]] = r
-    lines = ["| B x L x D | impl | fwd+bwd (ms) | speedup vs dense loop | ideal (T max N / sum N) | % of ideal |",
-             "|---|---|---|---|---|---|"]
-    for (b, length, d), rows in sorted(by_size.items()):
-        base = rows.get("dense_loop")
-        for name in ("act_encoder", "dense_loop", "ut_t2t"):
+def ideal_table(data, group, key, columns, cells, ideal_header, baseline, others=(), ms_digits=2, order=None):
+    """Median time, speedup over `baseline` and the share of the ideal speedup
+    for every row of `group`, grouped by `key(row)`; `cells(key)` gives the
+    leading columns. Rows named `baseline` or in `others` get no share."""
+    groups = defaultdict(dict)
+    for r in (r for r in data["rows"] if r["group"] == group):
+        groups[key(r)][r["name"]] = r
+    lines = [f"| {columns} | impl | fwd+bwd (ms) | speedup vs {baseline.replace('_', ' ')} | {ideal_header} "
+             "| % of ideal |", "|---" * (columns.count("|") + 6) + "|"]
+    for k, rows in sorted(groups.items()):
+        base = rows.get(baseline)
+        for name in (order or list(rows)):
             r = rows.get(name)
             if r is None:
                 continue
             speed = base["median_s"] / r["median_s"] if base else float("nan")
-            pct = f"{100 * speed / r['ideal_speedup']:.0f} %" if name == "act_encoder" else "-"
-            lines.append(f"| {b} x {length} x {d} | {name} | {r['median_s'] * 1e3:.1f} | {speed:.2f} x "
+            pct = "-" if name == baseline or name in others else f"{100 * speed / r['ideal_speedup']:.0f} %"
+            lines.append(f"| {cells(k)} | {name} | {r['median_s'] * 1e3:.{ms_digits}f} | {speed:.2f} x "
                          f"| {r['ideal_speedup']:.2f} x | {pct} |")
     return "\n".join(lines)
+
+
+def encoder_table(data):
+    return ideal_table(data, "act_encoder", lambda r: (r["batch"], r["length"], r["d_model"]), "B x L x D",
+                       lambda k: " x ".join(map(str, k)), "ideal (T max N / sum N)", "dense_loop", ("ut_t2t",),
+                       ms_digits=1, order=("act_encoder", "dense_loop", "ut_t2t"))
 
 
 def attention_table(data):
@@ -78,35 +87,14 @@ def attention_table(data):
 
 
 def pondernet_table(data):
-    by_size = defaultdict(dict)
-    for r in (r for r in data["rows"] if r["group"] == "pondernet"):
-        by_size[(r["batch"], r["hidden"])][r["name"]] = r
-    lines = ["| B x H | impl | fwd+bwd (ms) | speedup vs padded | ideal (B max N / sum N) | % of ideal |",
-             "|---|---|---|---|---|---|"]
-    for (b, h), rows in sorted(by_size.items()):
-        base = rows.get("padded")
-        for name, r in rows.items():
-            speed = base["median_s"] / r["median_s"] if base else float("nan")
-            pct = f"{100 * speed / r['ideal_speedup']:.0f} %" if name != "padded" else "-"
-            lines.append(f"| {b} x {h} | {name} | {r['median_s'] * 1e3:.2f} | {speed:.2f} x "
-                         f"| {r['ideal_speedup']:.2f} x | {pct} |")
-    return "\n".join(lines)
+    return ideal_table(data, "pondernet", lambda r: (r["batch"], r["hidden"]), "B x H",
+                       lambda k: " x ".join(map(str, k)), "ideal (B max N / sum N)", "padded")
 
 
 def layer_table(data):
-    groups = defaultdict(dict)
-    for r in (r for r in data["rows"] if r["group"] == "act_layer"):
-        groups[(r["length"], r["batch"], r["hidden"], r["kind"])][r["name"]] = r
-    lines = ["| L x B x H | workload | impl | fwd+bwd (ms) | speedup vs padded | ideal | % of ideal |",
-             "|---|---|---|---|---|---|---|"]
-    for (length, b, h, kind), rows in sorted(groups.items()):
-        base = rows.get("padded")
-        for name, r in rows.items():
-            speed = base["median_s"] / r["median_s"] if base else float("nan")
-            pct = f"{100 * speed / r['ideal_speedup']:.0f} %" if name != "padded" else "-"
-            lines.append(f"| {length} x {b} x {h} | {kind} | {name} | {r['median_s'] * 1e3:.1f} | {speed:.2f} x "
-                         f"| {r['ideal_speedup']:.2f} x | {pct} |")
-    return "\n".join(lines)
+    return ideal_table(data, "act_layer", lambda r: (r["length"], r["batch"], r["hidden"], r["kind"]),
+                       "L x B x H | workload", lambda k: f"{k[0]} x {k[1]} x {k[2]} | {k[3]}", "ideal",
+                       "padded", ms_digits=1)
 
 
 def plot(data, path):
