@@ -116,8 +116,45 @@ def test_fixed_depth_baseline_for_the_transformer_task(tmp_path):
                     "--no-progress"])
     assert summary["config"]["max_steps"] == 3
     assert all(v["mean_steps"] == 3 for v in summary["by_difficulty"].values())
-    with pytest.raises(SystemExit, match="only available for the transformer task"):
-        main(["parity", "--iterations", "1", "--fixed-steps", "2", "--out", str(tmp_path / "p"), "--no-progress"])
+    assert summary["spearman_steps_difficulty"] is None   # constant steps: undefined, not 0
+
+
+@pytest.mark.parametrize("cell", ["rnn", "gru", "lstm"])
+def test_fixed_depth_baseline_for_recurrent_tasks(cell):
+    """fixed_steps=K runs the layer's own cell K times per input (flag 1 on the
+    first) and reads out the last state: checked against a hand unroll."""
+    from act_kernels.train.model import TaskModel
+    from act_kernels.train.tasks import make_task
+
+    torch.manual_seed(0)
+    task = make_task("addition", max_len=3, max_digits=2)
+    model = TaskModel(task, 8, max_steps=5, fixed_steps=3, cell=cell)
+    batch = task.sample(4, torch.Generator().manual_seed(1))
+    out = model(batch)
+    c = model.rnn.cell
+    L, B = batch.inputs.shape[:2]
+    h = torch.zeros(B, 8)
+    state = (h, h) if cell == "lstm" else h
+    for t in range(L):
+        for k in range(3):
+            flag = torch.full((B, 1), 1.0 if k == 0 else 0.0)
+            state = c(torch.cat([batch.inputs[t], flag], 1), state)
+        want = model.readout(state[0] if cell == "lstm" else state).reshape(B, task.heads, task.classes)
+        torch.testing.assert_close(out.logits[t], want)
+    assert torch.equal(out.steps, batch.mask.long() * 3)
+    assert not out.ponder_cost.any()
+    with pytest.raises(ValueError, match="fixed_steps"):
+        TaskModel(task, 8, max_steps=5, fixed_steps=-1)
+
+
+def test_spearman_matches_a_hand_computation():
+    from act_kernels.train.command import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties take their mean rank: x ranks 1.5 1.5 3 4, y ranks 1 2 3 4 -> rho = 4.5 / sqrt(4.5 * 5)
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
 
 
 def test_training_command_smoke(tmp_path):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import signal
 import time
 from collections import defaultdict
@@ -60,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--eps", type=float, default=0.01, help="halting epsilon (ACT and PonderNet)")
     p.add_argument("--fixed-steps", type=int, nargs="?", const=1, default=0, metavar="K",
                    help="baseline: the same network with exactly K computation steps and no halting "
-                        "(bare flag: K = 1; K > 1 for the transformer task; 0: off)")
+                        "(bare flag: K = 1; 0: off)")
     p.add_argument("--eval-every", type=int, default=250, help="iterations between evaluations and checkpoints")
     p.add_argument("--eval-batches", type=int, default=8,
                    help="batches per evaluation (the final one uses four times as many)")
@@ -79,6 +81,7 @@ def evaluate(model, task, batches, batch_size, generator, device):
     errors, total = 0, 0
     by_difficulty = defaultdict(lambda: [0.0, 0, 0])   # ponder steps sum, count, wrong sequences
     seq_by_difficulty = defaultdict(lambda: [0, 0])
+    pairs_d, pairs_n = [], []                          # (difficulty, steps) of every output, for Spearman
     tok_by_difficulty = defaultdict(lambda: [0, 0])    # wrong outputs, outputs (time steps with a target)
     with torch.no_grad():
         for _ in range(batches):
@@ -92,6 +95,8 @@ def evaluate(model, task, batches, batch_size, generator, device):
             for d, n in zip(batch.difficulty[batch.mask].tolist(), out.steps[batch.mask].tolist()):
                 by_difficulty[d][0] += n
                 by_difficulty[d][1] += 1
+                pairs_d.append(d)
+                pairs_n.append(n)
             token_wrong = (out.logits.argmax(-1) != batch.targets).any(-1)
             for d, w in zip(batch.difficulty[batch.mask].tolist(), token_wrong[batch.mask].tolist()):
                 tok_by_difficulty[d][0] += int(w)
@@ -110,7 +115,49 @@ def evaluate(model, task, batches, batch_size, generator, device):
     }
     tokens = sum(c for _, c in tok_by_difficulty.values())
     token_error = sum(w for w, _ in tok_by_difficulty.values()) / max(tokens, 1)
-    return errors / total, table, token_error
+    stats = dict(mean_steps_per_output=sum(pairs_n) / max(len(pairs_n), 1),
+                 spearman_steps_difficulty=spearman(pairs_d, pairs_n))
+    return errors / total, table, token_error, stats
+
+
+def _ranks(values):
+    """Ranks from 1, ties sharing their mean rank (as Spearman's rho needs)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y):
+    """Spearman's rank correlation of two equal-length sequences; None when
+    either is constant (the correlation is undefined, e.g. fixed steps)."""
+    rx, ry = _ranks(list(x)), _ranks(list(y))
+    n = len(rx)
+    if n < 2:
+        return None
+    mx, my = sum(rx) / n, sum(ry) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / (sxx * syy) ** 0.5
+
+
+def machine() -> dict:
+    """Where a run ran, for its summary."""
+    info = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
+                cpus=os.cpu_count(), torch_threads=torch.get_num_threads())
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 def save_figure(path, task, table, title):
@@ -208,6 +255,7 @@ def _knobs(items, flag):
 
 def main(argv=None):
     args = parse_args(argv)
+    wall0 = time.time()
     device = torch.device(args.device)
     size = args.size or ("paper" if device.type == "cuda" else "small")
     knobs, eval_knobs = _knobs(args.knob, "--knob"), _knobs(args.eval_knob, "--eval-knob")
@@ -233,11 +281,9 @@ def main(argv=None):
     elif task.cell == "transformer":
         model = TokenTaskModel(task, hidden, max_steps=max_steps, eps=args.eps, backend=args.backend,
                                fixed_steps=args.fixed_steps).to(device)
-    elif args.fixed_steps > 1:
-        raise SystemExit("--fixed-steps K > 1 is only available for the transformer task (pointer)")
     else:
         model = TaskModel(task, hidden, max_steps=max_steps, eps=args.eps, backend=args.backend,
-                          fixed_steps=bool(args.fixed_steps), cell=args.cell or "").to(device)
+                          fixed_steps=args.fixed_steps, cell=args.cell or "").to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     train_gen = torch.Generator().manual_seed(args.seed)
     config = dict(task=task.name, size=size, knobs=task.knobs, eval_knobs=eval_task.knobs, method=args.method,
@@ -285,7 +331,7 @@ def main(argv=None):
             loss.backward()
             optimizer.step()
             if (it + 1) % args.eval_every == 0 or it + 1 == args.iterations:
-                err, table, token_err = evaluate(model, task, args.eval_batches, batch_size,
+                err, table, token_err, _ = evaluate(model, task, args.eval_batches, batch_size,
                                                  torch.Generator().manual_seed(eval_gen_seed), device)
                 mean_steps = sum(v["mean_steps"] for v in table.values()) / max(len(table), 1)
                 record = dict(iteration=it + 1, loss=loss.item(), error=err, token_error=token_err,
@@ -309,12 +355,12 @@ def main(argv=None):
                       "command and --resume", flush=True)
                 raise SystemExit(130)
 
-    final_err, table, final_token_err = evaluate(model, eval_task, 4 * args.eval_batches, batch_size,
+    final_err, table, final_token_err, stats = evaluate(model, eval_task, 4 * args.eval_batches, batch_size,
                                 torch.Generator().manual_seed(eval_gen_seed + 1), device)
     summary = dict(config=config, final_sequence_error=final_err, final_token_error=final_token_err,
                    mean_ponder_steps=sum(v["mean_steps"] for v in table.values()) / max(len(table), 1),
-                   by_difficulty=table, history=history, train_seconds=time.time() - t0,
-                   torch=torch.__version__)
+                   **stats, by_difficulty=table, history=history, train_seconds=time.time() - t0,
+                   wall_seconds=time.time() - wall0, machine=machine(), torch=torch.__version__)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     kind = (f"{args.fixed_steps} fixed step{'s' if args.fixed_steps > 1 else ''}" if args.fixed_steps
             else f"PonderNet, beta={args.beta}, prior={args.prior}" if args.method == "pondernet"

@@ -21,20 +21,45 @@ class TaskOutput(NamedTuple):
 
 
 class TaskModel(nn.Module):
-    """The paper's network for `task`; `fixed_steps=True` gives the same network
-    with exactly one computation step per input (ACT with max_steps = 1)."""
+    """The paper's network for `task`. `fixed_steps=K` gives the same network
+    (the same cell, first-step flag and read-out) with exactly K computation
+    steps per input and no halting: the cell runs K times and its last state
+    is the output, as a network of fixed depth K would compute it."""
 
     def __init__(self, task: Task, hidden: int, *, max_steps: int, eps: float = 0.01,
-                 backend: str = "auto", fixed_steps: bool = False, halting_bias_init: float = 1.0,
+                 backend: str = "auto", fixed_steps: int = 0, halting_bias_init: float = 1.0,
                  cell: str = ""):
         super().__init__()
+        if isinstance(fixed_steps, bool) or not isinstance(fixed_steps, int) or fixed_steps < 0:
+            raise ValueError(f"fixed_steps must be an int >= 0 (0: ACT), got {fixed_steps!r}")
         layer = {"rnn": ACTRNN, "gru": ACTGRU, "lstm": ACTLSTM}[cell or task.cell]
         self.task = task
-        self.rnn = layer(task.input_size, hidden, max_steps=1 if fixed_steps else max_steps, eps=eps,
+        self.fixed_steps = fixed_steps
+        self.rnn = layer(task.input_size, hidden, max_steps=fixed_steps or max_steps, eps=eps,
                          backend=backend, halting_bias_init=halting_bias_init)
         self.readout = nn.Linear(hidden, task.heads * task.classes)
 
+    def _fixed_depth(self, batch: Batch) -> TaskOutput:
+        # Padded time steps run too: they come after each sequence's last
+        # target, so in this forward-only network they change no scored output.
+        x = batch.inputs
+        L, B = x.shape[:2]
+        cell, lstm = self.rnn.cell, isinstance(self.rnn, ACTLSTM)
+        zeros = x.new_zeros(B, self.rnn.hidden_size)
+        state = (zeros, zeros) if lstm else zeros
+        flag = x.new_ones(B, 1)
+        outputs = []
+        for t in range(L):
+            for k in range(self.fixed_steps):
+                state = cell(torch.cat([x[t], flag if k == 0 else flag * 0], dim=1), state)
+            outputs.append(state[0] if lstm else state)
+        logits = self.readout(torch.stack(outputs)).reshape(L, B, self.task.heads, self.task.classes)
+        steps = batch.mask.long() * self.fixed_steps
+        return TaskOutput(logits, torch.zeros(L, B, device=x.device), steps)
+
     def forward(self, batch: Batch) -> TaskOutput:
+        if self.fixed_steps:
+            return self._fixed_depth(batch)
         L = batch.inputs.shape[0]
         packed = pack_padded_sequence(batch.inputs, batch.lengths.cpu(), enforce_sorted=False)
         out, _ = self.rnn(packed)

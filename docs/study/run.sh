@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Every training run behind the README's study, at the reduced sizes this
+# study uses. A run whose summary.json exists is skipped, so the script
+# resumes where it stopped. Groups run in order; pass group names to run
+# only those (two groups in two shells use two cores):
+#
+#     bash docs/study/run.sh addition logic     # tau sweeps, then ACT vs fixed depth
+#     bash docs/study/run.sh parity sort
+#
+# Then redraw every figure and table: python docs/study/redraw.py
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # these small networks run fastest on one thread
+STUDY=docs/study
+TAUS="0.001 0.003 0.01 0.03 0.1 0.3"
+
+train() {   # train <out name> <args...>
+    local out=$STUDY/$1; shift
+    if [[ -f $out/summary.json ]]; then echo "have $out"; return; fi
+    echo "== $out: $*"
+    python -m act_kernels.train "$@" --out "$out" --no-progress --eval-every 1000 > /dev/null
+    rm -f "$out/checkpoint.pt"
+}
+
+# K for the equal-compute baseline: ACT's mean steps per output, rounded, in
+# the sweep run with the lowest sequence error (fewer steps break ties).
+equal_compute_k() {
+    python - "$@" <<'PY'
+import json, sys
+runs = [json.load(open(f"{d}/summary.json")) for d in sys.argv[1:]]
+best = min(runs, key=lambda s: (s["final_sequence_error"], s["mean_steps_per_output"]))
+print(json.dumps(dict(tau=best["config"]["tau"], k=max(1, round(best["mean_steps_per_output"])))))
+PY
+}
+
+sweep_and_baselines() {   # <task> <iterations> <knob args...>
+    local task=$1 iters=$2; shift 2
+    local dirs=()
+    for tau in $TAUS; do
+        train "sweep-$task-tau$tau" "$task" --tau "$tau" --iterations "$iters" "$@"
+        dirs+=("$STUDY/sweep-$task-tau$tau")
+    done
+    local k
+    k=$(equal_compute_k "${dirs[@]}" | python -c 'import json,sys; print(json.load(sys.stdin)["k"])')
+    train "$task-fixed1" "$task" --fixed-steps 1 --iterations "$iters" "$@"
+    train "$task-fixed$k" "$task" --fixed-steps "$k" --iterations "$iters" "$@"
+}
+
+group_addition() { sweep_and_baselines addition 10000 --knob max_len=3 --knob max_digits=3; }
+group_logic() { sweep_and_baselines logic 8000; }
+group_parity() {
+    train parity32-act parity --knob size=32 --iterations 200000
+    train parity8-fixed3 parity --fixed-steps 3 --iterations 25000   # parity8-act: 2.95 steps per input
+}
+group_sort() { train sort-fixed3 sort --fixed-steps 3 --iterations 10000; }   # sort-act: 2.70 steps per output
+
+for group in "${@:-addition logic parity sort}"; do
+    for g in $group; do "group_$g"; done
+done
