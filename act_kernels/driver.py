@@ -73,34 +73,29 @@ class _RaggedCombine(torch.autograd.Function):
             grad_ponder = torch.zeros(steps.shape, dtype=acc, device=p.device)
         grad_ponder = grad_ponder.contiguous()
 
-        per_step = [step_states[n * n_comp:(n + 1) * n_comp] for n in range(n_steps)]
-
-        # Further tensors of a tuple state are mean-fielded with the same p:
-        # their <gS', s'> joins the halting gradient, and gs' = p gS'.
+        # Further tensors of a tuple state (an LSTM's c) are mean-fielded with
+        # the same p: their <gS', s'> joins the halting gradient, and
+        # gs' = p gS'. Computed over all T packed rows at once, with no loop
+        # over steps: one gather of gS' rows and one product per tensor.
         extra_dot = None
-        extra_grads: List[List[torch.Tensor]] = [[] for _ in range(n_steps)]
+        extra_grads: List[Sequence[torch.Tensor]] = []
         if n_comp > 1:
-            rows = torch.split(batch_index, counts)
-            p_rows = torch.split(p, counts)
-            dots = []
-            for n in range(n_steps):
-                d = torch.zeros(counts[n], dtype=acc, device=p.device)
-                for k in range(1, n_comp):
-                    g = grad_states[k].to(acc)[rows[n]]
-                    d = d + (g * per_step[n][k].to(acc)).sum(-1)
-                    extra_grads[n].append((p_rows[n][:, None] * g).to(ctx.dtype))
-                dots.append(d)
-            extra_dot = torch.cat(dots)
+            extra_dot = torch.zeros(p.shape, dtype=acc, device=p.device)
+            for k in range(1, n_comp):
+                s_k = torch.cat(step_states[k::n_comp]).to(acc)
+                g = grad_states[k].to(acc).index_select(0, batch_index)
+                extra_dot += (g * s_k).sum(-1)
+                extra_grads.append(torch.split((p[:, None] * g).to(ctx.dtype), counts))
 
         gs, gw, gc = ctx.kernels.combine_backward(
-            [s[0] for s in per_step], batch_index, p, h, steps,
+            list(step_states[0::n_comp]), batch_index, p, h, steps,
             grad_states[0], grad_ponder, weight.detach().reshape(-1).to(acc).contiguous(), extra_dot,
         )
         gs_rows = torch.split(gs, counts)
         flat = []
         for n in range(n_steps):
             flat.append(gs_rows[n])
-            flat.extend(extra_grads[n])
+            flat.extend(g[n] for g in extra_grads)
         gw = gw.to(ctx.weight_dtype).reshape(ctx.weight_shape)
         gc = gc.to(ctx.bias_dtype).reshape(ctx.bias_shape)
         return (None, gw, gc, *flat)
