@@ -1,9 +1,10 @@
 """Which backend serves a call: the one place where backends are chosen.
 
-Three op families: ACT's halting kernels (`resolve`, for `ponder` and the
+Four op families: ACT's halting kernels (`resolve`, for `ponder` and the
 layers) and PonderNet's (`resolve_pondernet`), which have reference, Triton
-and CUDA implementations; and ragged attention (`resolve_attention`), which
-has reference and Triton ones.
+and CUDA implementations; ragged attention (`resolve_attention`), which has
+reference and Triton ones; and the ACT layers' fused cell gates
+(`resolve_gates`), Triton only.
 """
 from __future__ import annotations
 
@@ -104,6 +105,20 @@ def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype) ->
         raise TypeError("the triton ragged_attention supports float16, bfloat16 and float32, got "
                         "torch.float64; use backend='reference' for float64")
     return backend
+
+
+def resolve_gates(backend: str, device: torch.device) -> str:
+    """How an ACT GRU/LSTM layer runs its cell: "triton" (the input projection
+    hoisted out of the ponder loop and the fused gate kernels of ops.cells)
+    when its ponder backend resolves to a GPU kernel backend ("triton", or
+    "cuda": the gates have no CUDA C++ kernel, Triton serves them), or the
+    Triton interpreter was asked for by name; otherwise "" (torch's own cell
+    module: on the CPU ATen's fused cell costs less host work than a hoisted
+    projection plus separate gate ops)."""
+    chosen = resolve(backend, device)
+    if chosen in ("triton", "cuda") and not why_unavailable("triton", device):
+        return "triton"
+    return ""
 
 
 def resolve_pondernet(backend: str, device: torch.device) -> str:

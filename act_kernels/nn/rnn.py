@@ -16,7 +16,14 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .._validation import check_layer_input, check_layer_options
 from ..api import ponder
+from ..backends import resolve_gates
+from ..ops.cells import gru_gates, lstm_gates
 from ..output import PonderOutput
+
+# Cells whose step has fused gates: the input projection is hoisted out of the
+# ponder loop and a ponder step runs h W_hh^T and one gate kernel. Exact types
+# only: a subclass may change forward.
+_FUSED_GATES = {nn.GRUCell: gru_gates, nn.LSTMCell: lstm_gates}
 
 
 class ACTCell(nn.Module):
@@ -29,6 +36,11 @@ class ACTCell(nn.Module):
 
         cell = ACTCell(nn.GRUCell(10 + 1, 64), 64)
         out = cell(x, h)            # a PonderOutput: out.state, out.ponder_cost, out.steps
+
+    For an nn.GRUCell or nn.LSTMCell on a GPU kernel backend, the input
+    projection x W_ih^T + b_ih is computed once per time step (once per
+    sequence inside the layers), not once per ponder step, and the gates run
+    as one fused kernel (`act_kernels.ops.cells`); the math is the cell's.
     """
 
     def __init__(self, cell: nn.Module, hidden_size: int, *, max_steps: int = 100, eps: float = 0.01,
@@ -44,14 +56,50 @@ class ACTCell(nn.Module):
         with torch.no_grad():
             self.halting.bias.fill_(halting_bias_init)  # the paper initialises it to 1
 
-    def forward(self, input: Tensor, state) -> PonderOutput:
-        """input (B, I); state (B, H) or a tuple of (B, H_k). Returns the ponder's output."""
+    def fused_gates(self, device: torch.device) -> str:
+        """The gate implementation this cell's ponder steps use on `device`
+        ("triton"), or "" for the wrapped cell module as it is."""
+        if type(self.cell) not in _FUSED_GATES:
+            return ""
+        return resolve_gates(self.backend, device)
+
+    def project(self, input: Tensor) -> Tensor:
+        """x W_ih^T + b_ih without the first-step flag column: the part of the
+        input projection shared by every ponder step (a whole sequence at once
+        when the layer calls it)."""
+        w = self.cell.weight_ih
+        return F.linear(input, w[:, : w.shape[1] - 1], self.cell.bias_ih)
+
+    def forward(self, input: Tensor, state, *, projected: Optional[Tensor] = None) -> PonderOutput:
+        """input (B, I); state (B, H) or a tuple of (B, H_k). Returns the ponder's output.
+
+        projected (B, G), optional: `project(input)`, when the caller computed
+        it for many time steps at once (used only with fused gates)."""
+        gates = self.fused_gates(input.device)
+        if gates:
+            return self._forward_fused(input, state, projected, gates)
         ones = input.new_ones(input.shape[0], 1)
         first = torch.cat([input, ones], dim=1)        # the flag: 1 on the first ponder step
         later = torch.cat([input, ones * 0], dim=1)    # and 0 after it
 
         def step(s, n, active):
             return self.cell((first if n == 1 else later)[active], s)
+
+        return ponder(step, state, self.halting.weight, self.halting.bias,
+                      max_steps=self.max_steps, eps=self.eps, backend=self.backend)
+
+    def _forward_fused(self, input, state, projected, gates) -> PonderOutput:
+        cell, fuse = self.cell, _FUSED_GATES[type(self.cell)]
+        later = self.project(input) if projected is None else projected
+        first = later + cell.weight_ih[:, -1]      # the first-step flag's column
+        lstm = isinstance(state, (tuple, list))
+
+        def step(s, n, active):
+            # every row runs step 1, so only later steps gather their rows
+            gi = first if n == 1 else later.index_select(0, active)
+            h = s[0] if lstm else s
+            gh = F.linear(h, cell.weight_hh, cell.bias_hh)
+            return fuse(gi, gh, s[1] if lstm else s, backend=gates)
 
         return ponder(step, state, self.halting.weight, self.halting.bias,
                       max_steps=self.max_steps, eps=self.eps, backend=self.backend)
@@ -200,9 +248,10 @@ class _ACTLayer(nn.Module):
         ponders. Returns the outputs (L, B, H), the final state, and the ponder
         cost and steps per time step (L, B)."""
         length = x.shape[0]
+        projected = act.project(x) if act.fused_gates(x.device) else None   # one GEMM for the sequence
         outputs, costs, steps = [None] * length, [None] * length, [None] * length
         for t in (reversed(range(length)) if reverse else range(length)):
-            out = act(x[t], state)
+            out = act(x[t], state, projected=None if projected is None else projected[t])
             state = out.state
             outputs[t] = state[0] if self._is_lstm else state
             costs[t], steps[t] = out.ponder_cost, out.steps
@@ -245,11 +294,14 @@ class _ACTLayer(nn.Module):
         starts = [0]
         for size in sizes[:-1]:
             starts.append(starts[-1] + size)
+        projected = act.project(data) if act.fused_gates(data.device) else None   # one GEMM for the sequence
         outputs, costs, steps = [None] * len(sizes), [None] * len(sizes), [None] * len(sizes)
         for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
             size = sizes[t]
             running = tuple(s[:size] for s in states)
-            out = act(data[starts[t]:starts[t] + size], running if self._is_lstm else running[0])
+            rows = slice(starts[t], starts[t] + size)
+            out = act(data[rows], running if self._is_lstm else running[0],
+                      projected=None if projected is None else projected[rows])
             new = out.state if self._is_lstm else (out.state,)
             states = tuple(torch.cat([n, s[size:]]) for n, s in zip(new, states))
             outputs[t], costs[t], steps[t] = new[0], out.ponder_cost, out.steps
