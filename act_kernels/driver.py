@@ -143,9 +143,8 @@ def ragged_ponder(
         p, h, halted = kernels.halting_step(
             new[0].detach(), active, w, c, threshold,
             running_sum, mean_field[0], steps, remainder, n, max_steps,
+            extra=[(t.detach(), m) for t, m in zip(new[1:], mean_field[1:])],
         )
-        for m, t in zip(mean_field[1:], new[1:]):
-            m.index_add_(0, active, p[:, None] * t.detach().to(acc))
         step_states.extend(new)
         ps.append(p)
         hs.append(h)

@@ -58,6 +58,35 @@ def test_halting_step(backend, dtype, hidden, active, step, max_steps):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("widths", [(70,), (5, 3)])
+def test_halting_step_accumulates_extra_state_tensors(backend, dtype, widths):
+    """A tuple state's further tensors (an LSTM's c, here wider than h; then
+    two of them) are accumulated with the same p; a strided one is read
+    through its row stride, and only the active rows change."""
+    kernel = get_kernels(backend).halting_step
+    active = [0, 2, 3, 6]
+    args, buffers = halting_inputs(8, 37, active, dtype, bias=0.5)
+    g = torch.Generator().manual_seed(3)
+    acc = torch.float32
+    # the first: a column slice (row stride w + 4); the others: a column stride of 2
+    xs = [torch.randn(len(active), w + 4, generator=g).to(DEVICE, dtype)[:, 2:2 + w] if k == 0
+          else torch.randn(len(active), 2 * w, generator=g).to(DEVICE, dtype)[:, ::2]
+          for k, w in enumerate(widths)]
+    accs = [torch.randn(8, w, generator=g).to(DEVICE, acc) for w in widths]
+    before = [a.clone() for a in accs]
+    ref_accs = [a.clone() for a in accs]
+    ref_buffers = {k: v.clone() for k, v in buffers.items()}
+    kernel(**args, **buffers, step=2, max_steps=10, extra=list(zip(xs, accs)))
+    reference.halting_step(**args, **ref_buffers, step=2, max_steps=10, extra=list(zip(xs, ref_accs)))
+    untouched = [b for b in range(8) if b not in active]
+    for a, b, b0 in zip(accs, ref_accs, before):
+        assert_close(a, b, acc, "extra accumulator")
+        assert not torch.equal(a[active], b0[active])
+        assert torch.equal(a[untouched], b0[untouched])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_halting_step_mixed_decisions(backend):
     """Rows on both sides of the threshold in one launch."""
     kernel = get_kernels(backend).halting_step

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import act_kernels as ak
-from helpers import DEVICE, PairStep, TanhStep, assert_close, loss_and_grads, make_problem
+from helpers import PairStep, TanhStep, assert_close, loss_and_grads, make_problem
 from naive import naive_ponder
 
 CASES = [

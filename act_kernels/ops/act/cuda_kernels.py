@@ -8,7 +8,7 @@ runs on the tensors' device.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -51,8 +51,11 @@ def halting_step(
     remainder: torch.Tensor,
     step: int,
     max_steps: int,
+    extra: Sequence[Tuple[torch.Tensor, torch.Tensor]] = (),
 ):
-    """CUDA twin of `act_kernels.reference.halting_step` (same contract)."""
+    """CUDA twin of `act_kernels.reference.halting_step` (same contract). The
+    kernel accumulates the first state tensor; the extra ones (an LSTM's c)
+    are accumulated here by index_add_, one launch each."""
     ext = _extension()
     device = state.device
     acc = running_sum.dtype
@@ -85,6 +88,8 @@ def halting_step(
             num_active, hidden, int(step), int(max_steps), DTYPE_CODES[state.dtype], _stream(device),
         )
     out.finish()
+    for t, m in extra:
+        m.index_add_(0, active, p[:, None] * t.to(acc))
     return p, h, halted
 
 

@@ -36,6 +36,7 @@ def halting_step(
     remainder: torch.Tensor,
     step: int,
     max_steps: int,
+    extra: Sequence[Tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One fused halting step over the A active rows.
 
@@ -43,6 +44,8 @@ def halting_step(
     weight (H,), bias (1,), threshold (1,) = 1 - eps in the accumulation dtype.
     Updated in place for the active rows: running_sum (B,), accumulator (B, H)
     (+= p s), and for the rows that halt: steps (B,) = n, remainder (B,) = R.
+    extra: (state_k (A, H_k), accumulator_k (B, H_k)) pairs of the further
+    tensors of a tuple state (an LSTM's c): accumulator_k += p state_k too.
     Returns p (A,), h (A,) in the accumulation dtype and halted (A,) bool.
     """
     acc = running_sum.dtype
@@ -54,6 +57,8 @@ def halting_step(
         halt, p = halting_decision(sum_before, h, threshold, step >= max_steps)
         running_sum[active] = torch.where(halt, sum_before, sum_before + h)
         accumulator[active] += p[:, None] * s
+        for t, m in extra:
+            m[active] += p[:, None] * t.to(acc)
         steps[active[halt]] = step
         remainder[active[halt]] = p[halt]
     return p, h, halt

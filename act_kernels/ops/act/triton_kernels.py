@@ -32,8 +32,9 @@ def _halting_step_kernel(
     s_ptr, stride_s, active_ptr, w_ptr, c_ptr, thr_ptr,
     running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr,
     p_ptr, h_ptr, halted_ptr,
+    x_ptr, stride_x, xacc_ptr, stride_xacc, HX,
     H, step, max_steps,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_X: tl.constexpr, HAS_X: tl.constexpr,
 ):
     ACC = running_ptr.dtype.element_ty
     i_a = tl.program_id(0).to(tl.int64)
@@ -60,6 +61,12 @@ def _halting_step_kernel(
 
     p_acc = acc_ptr + i_b * stride_acc + o_h
     tl.store(p_acc, tl.load(p_acc, mask=m_h, other=0.0) + b_p * b_s, mask=m_h)
+    if HAS_X:  # a second mean-fielded state tensor (an LSTM's c), with the same p
+        o_x = tl.arange(0, BLOCK_X)
+        m_x = o_x < HX
+        b_x = tl.load(x_ptr + i_a * stride_x + o_x, mask=m_x, other=0.0).to(ACC)
+        p_xacc = xacc_ptr + i_b * stride_xacc + o_x
+        tl.store(p_xacc, tl.load(p_xacc, mask=m_x, other=0.0) + b_p * b_x, mask=m_x)
     tl.store(p_ptr + i_a, b_p)
     tl.store(h_ptr + i_a, b_h)
     tl.store(halted_ptr + i_a, b_halt)
@@ -77,8 +84,11 @@ def halting_step(
     remainder: torch.Tensor,
     step: int,
     max_steps: int,
+    extra: Sequence[Tuple[torch.Tensor, torch.Tensor]] = (),
 ):
-    """Triton twin of `act_kernels.reference.halting_step` (same contract)."""
+    """Triton twin of `act_kernels.reference.halting_step` (same contract).
+    The first extra (state, accumulator) pair is accumulated in the same
+    launch; any further ones (no layer has them) by index_add_."""
     num_active, hidden = state.shape
     acc = running_sum.dtype
     p = torch.empty(num_active, dtype=acc, device=state.device)
@@ -88,17 +98,28 @@ def halting_step(
         return p, h, halted
     block, warps = _block_and_warps(hidden)
     state = unit_columns(state)
-    out = WriteBack(running_sum=running_sum, steps=steps, remainder=remainder, accumulator=accumulator)
+    buffers = dict(running_sum=running_sum, steps=steps, remainder=remainder, accumulator=accumulator)
+    if extra:
+        x, x_acc = extra[0]
+        x = unit_columns(x)
+        buffers["x_acc"] = x_acc
+        block_x, warps_x = _block_and_warps(x.shape[1])
+        warps = max(warps, warps_x)
+    out = WriteBack(**buffers)
     acc_rows = out["accumulator"]
+    x_args = (x, x.stride(0), out["x_acc"], out["x_acc"].stride(0), x.shape[1]) if extra else (state, 0, acc_rows, 0, 0)
     with on_device(state.device):
         _halting_step_kernel[(num_active,)](
             state, state.stride(0), dense(active), dense(weight), dense(bias), dense(threshold),
             out["running_sum"], acc_rows, acc_rows.stride(0), out["steps"], out["remainder"],
             p, h, halted,
+            *x_args,
             hidden, step, max_steps,
-            BLOCK_H=block, num_warps=warps,
+            BLOCK_H=block, BLOCK_X=block_x if extra else 1, HAS_X=bool(extra), num_warps=warps,
         )
     out.finish()
+    for t, m in extra[1:]:
+        m.index_add_(0, active, p[:, None] * t.to(acc))
     return p, h, halted
 
 

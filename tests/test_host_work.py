@@ -1,0 +1,110 @@
+"""Host work per ponder step (DESIGN §11), counted, not timed: every ATen op
+and kernel launch that one time step of the fused ACT GRU and LSTM layers
+issues, recorded with a TorchDispatchMode and split at each ponder step.
+
+The budget this guards, per ponder step:
+- in the step function: the gather of the hoisted input projection's rows
+  (from step 2 on), the hidden GEMM, one fused gate launch;
+- in the driver: one fused halting launch that also accumulates every state
+  tensor (an LSTM's c: no index_add_), one survivor-count read (nonzero, the
+  only host sync), the flag negation, and, only at a step where rows halt,
+  one gather of the survivors' indices and of each state tensor;
+- after the loop: no host sync at all.
+DESIGN §11's full budget (one launch and one count read outside the step
+function) needs the negation and the gathers fused into the halting launch:
+the counts below say exactly what remains."""
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import act_kernels as ak
+from helpers import DEVICE
+
+# ops that launch nothing on a device: views and metadata
+VIEWS = {"detach", "view", "t", "squeeze", "unsqueeze", "select", "alias", "slice", "expand", "_unsafe_view"}
+SYNCS = {"nonzero", "_local_scalar_dense", "item", "is_nonzero", "equal"}
+
+
+class Census(TorchDispatchMode):
+    """Records the ATen ops issued, and a LAUNCH event per kernel launcher
+    call (what the launcher itself issues is muted: under the Triton
+    interpreter a launch runs as many ATen ops, on a GPU as one kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.events, self.muted = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.muted:
+            name = func.overloadpacket.__name__
+            if name not in VIEWS:
+                self.events.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def wrap(self, name, fn):
+        def launcher(*args, **kwargs):
+            self.events.append(f"LAUNCH {name}")
+            self.muted += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.muted -= 1
+        return launcher
+
+
+@pytest.mark.parametrize("cls", [ak.nn.ACTGRU, ak.nn.ACTLSTM])
+def test_ops_per_ponder_step(cls, monkeypatch):
+    import act_kernels.ops.act.triton_kernels as act_triton
+    import act_kernels.ops.cells.triton_kernels as cell_triton
+
+    census = Census()
+    monkeypatch.setattr(act_triton, "halting_step", census.wrap("halting", act_triton.halting_step))
+    for name in ("gru_gates_forward", "lstm_gates_forward"):
+        monkeypatch.setattr(cell_triton, name, census.wrap("gates", getattr(cell_triton, name)))
+
+    torch.manual_seed(0)
+    layer = cls(4, 8, max_steps=6, backend="triton").to(DEVICE)
+    act = layer.acts[0]
+    with torch.no_grad():
+        act.halting.bias.fill_(-1.0)   # rows halt at different steps, the last at max_steps or before
+    x = torch.randn(16, 4, device=DEVICE)
+    projected = act.project(x)
+    h = torch.zeros(16, 8, device=DEVICE)
+    state = (h, h) if cls is ak.nn.ACTLSTM else h
+    n_states = 2 if cls is ak.nn.ACTLSTM else 1
+    with census:
+        out = act(x, state, projected=projected)
+    steps = out.steps.tolist()
+    assert len(set(steps)) > 1, "the test needs rows that halt at different steps"
+
+    # split at each gate launch: chunk n holds step n's work up to the next step's gates
+    chunks, current = [], None
+    for e in census.events:
+        if e == "LAUNCH gates":
+            current = []
+            chunks.append(current)
+        if current is not None:
+            current.append(e)
+    assert len(chunks) == max(steps)
+    for n, chunk in enumerate(chunks, start=1):
+        ops = collections.Counter(chunk)
+        still_running = sum(s > n for s in steps)
+        halted_now = sum(s == n for s in steps)
+        assert ops["LAUNCH gates"] == 1 and ops["LAUNCH halting"] == 1, chunk
+        assert sum(ops[s] for s in SYNCS) == 1 and ops["nonzero"] == 1, chunk   # the survivor count
+        assert "index_add" not in ops, chunk          # every state tensor accumulated in the launch
+        want = collections.Counter({"LAUNCH gates": 1, "LAUNCH halting": 1, "bitwise_not": 1, "nonzero": 1})
+        if still_running:
+            want["addmm"] += 1                        # the next step's hidden GEMM
+            want["index_select"] += 1                 # and its gather of the projected input rows
+            if halted_now:
+                want["index_select"] += 1 + n_states  # survivors' indices and states
+        else:
+            # after the loop: concatenations and the packed step index, no sync
+            after = chunk[chunk.index("nonzero") + 1:]
+            assert not SYNCS & set(after), after
+            for op in after:
+                want[op] += 1
+        assert ops == want, (n, chunk)
