@@ -4,7 +4,7 @@ issues, recorded with a TorchDispatchMode and split at each ponder step.
 
 The budget this guards, per ponder step:
 - in the step function: the gather of the hoisted input projection's rows
-  (from step 2 on), the hidden GEMM, one fused gate launch;
+  (once some row has halted), the hidden GEMM, one fused gate launch;
 - in the driver: one fused halting launch that also accumulates every state
   tensor (an LSTM's c: no index_add_), one survivor-count read (nonzero, the
   only host sync), the flag negation, and, only at a step where rows halt,
@@ -98,7 +98,8 @@ def test_ops_per_ponder_step(cls, monkeypatch):
         want = collections.Counter({"LAUNCH gates": 1, "LAUNCH halting": 1, "bitwise_not": 1, "nonzero": 1})
         if still_running:
             want["addmm"] += 1                        # the next step's hidden GEMM
-            want["index_select"] += 1                 # and its gather of the projected input rows
+            if still_running < len(steps):
+                want["index_select"] += 1             # and its gather of the projected input rows
             if halted_now:
                 want["index_select"] += 1 + n_states  # survivors' indices and states
         else:

@@ -83,7 +83,9 @@ class ACTCell(nn.Module):
         later = torch.cat([input, ones * 0], dim=1)    # and 0 after it
 
         def step(s, n, active):
-            return self.cell((first if n == 1 else later)[active], s)
+            x = first if n == 1 else later
+            # while every row runs, `active` is all of them: no gather
+            return self.cell(x if active.numel() == x.shape[0] else x.index_select(0, active), s)
 
         return ponder(step, state, self.halting.weight, self.halting.bias,
                       max_steps=self.max_steps, eps=self.eps, backend=self.backend)
@@ -95,8 +97,11 @@ class ACTCell(nn.Module):
         lstm = isinstance(state, (tuple, list))
 
         def step(s, n, active):
-            # every row runs step 1, so only later steps gather their rows
-            gi = first if n == 1 else later.index_select(0, active)
+            # every row runs step 1; later steps gather their rows unless all still run
+            if n == 1:
+                gi = first
+            else:
+                gi = later if active.numel() == later.shape[0] else later.index_select(0, active)
             h = s[0] if lstm else s
             gh = F.linear(h, cell.weight_hh, cell.bias_hh)
             return fuse(gi, gh, s[1] if lstm else s, backend=gates)
