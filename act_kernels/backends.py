@@ -4,7 +4,7 @@ Four op families: ACT's halting kernels (`resolve`, for `ponder` and the
 layers) and PonderNet's (`resolve_pondernet`), which have reference, Triton
 and CUDA implementations; ragged attention (`resolve_attention`), which has
 reference and Triton ones; and the ACT layers' fused cell gates
-(`resolve_gates`), Triton only.
+(`resolve_gates`), which follow the layer's ACT backend.
 """
 from __future__ import annotations
 
@@ -108,17 +108,14 @@ def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype) ->
 
 
 def resolve_gates(backend: str, device: torch.device) -> str:
-    """How an ACT GRU/LSTM layer runs its cell: "triton" (the input projection
-    hoisted out of the ponder loop and the fused gate kernels of ops.cells)
-    when its ponder backend resolves to a GPU kernel backend ("triton", or
-    "cuda": the gates have no CUDA C++ kernel, Triton serves them), or the
-    Triton interpreter was asked for by name; otherwise "" (torch's own cell
-    module: on the CPU ATen's fused cell costs less host work than a hoisted
-    projection plus separate gate ops)."""
+    """How an ACT GRU/LSTM layer runs its cell: with the input projection
+    hoisted out of the ponder loop and the fused gate kernels of ops.cells
+    ("cuda" or "triton", the same as its ponder backend resolves to), or ""
+    (torch's own cell module: the reference backend, where on the CPU ATen's
+    fused cell costs less host work than a hoisted projection plus separate
+    gate ops)."""
     chosen = resolve(backend, device)
-    if chosen in ("triton", "cuda") and not why_unavailable("triton", device):
-        return "triton"
-    return ""
+    return chosen if chosen in ("triton", "cuda") else ""
 
 
 def resolve_pondernet(backend: str, device: torch.device) -> str:

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common.h"
+#include "cells/gates.h"
 #include "pondernet/pondernet.h"
 
 namespace py = pybind11;
@@ -118,6 +119,40 @@ void pondernet_backward(uintptr_t order, uintptr_t first, uintptr_t steps, uintp
   act::pondernet_backward(params, acc_dtype, reinterpret_cast<cudaStream_t>(stream));
 }
 
+// One entry for the four gate kernels: op 0 GRU forward, 1 GRU backward,
+// 2 LSTM forward, 3 LSTM backward; pointers an op does not use are 0.
+void cell_gates(int op, uintptr_t gi, int64_t gi_stride, uintptr_t gh, int64_t gh_stride, uintptr_t state,
+                int64_t state_stride, uintptr_t grad_h, int64_t grad_h_stride, uintptr_t grad_c,
+                int64_t grad_c_stride, uintptr_t out_h, uintptr_t out_c, uintptr_t d_gi, uintptr_t d_gh,
+                uintptr_t d_state, int64_t rows, int64_t hidden, int dtype, uintptr_t stream) {
+  act::GateParams params{};
+  params.gi = ptr<const void>(gi);
+  params.gi_stride = gi_stride;
+  params.gh = ptr<const void>(gh);
+  params.gh_stride = gh_stride;
+  params.state = ptr<const void>(state);
+  params.state_stride = state_stride;
+  params.grad_h = ptr<const void>(grad_h);
+  params.grad_h_stride = grad_h_stride;
+  params.grad_c = ptr<const void>(grad_c);
+  params.grad_c_stride = grad_c_stride;
+  params.out_h = ptr<void>(out_h);
+  params.out_c = ptr<void>(out_c);
+  params.d_gi = ptr<void>(d_gi);
+  params.d_gh = ptr<void>(d_gh);
+  params.d_state = ptr<void>(d_state);
+  params.rows = rows;
+  params.hidden = hidden;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (op) {
+    case 0: act::gru_gates_forward(params, dtype, s); break;
+    case 1: act::gru_gates_backward(params, dtype, s); break;
+    case 2: act::lstm_gates_forward(params, dtype, s); break;
+    case 3: act::lstm_gates_backward(params, dtype, s); break;
+    default: throw std::invalid_argument("act_kernels: unknown gate op " + std::to_string(op));
+  }
+}
+
 int64_t combine_backward_groups(int64_t batch, int64_t hidden) {
   return act::combine_backward_groups(batch, hidden);
 }
@@ -130,6 +165,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("combine_backward", &combine_backward, "Fused ACT combine backward over the packed rows");
   m.def("pondernet_step", &pondernet_step, "Fused PonderNet halting step over the running rows");
   m.def("pondernet_backward", &pondernet_backward, "PonderNet backward of p and kl: a reverse scan per row");
+  m.def("cell_gates", &cell_gates, "Fused GRU/LSTM gates, forward or recomputing backward (op 0-3)");
   m.def("combine_backward_groups", &combine_backward_groups,
         "Number of row groups (gw partial rows) the combine backward uses for (B, H)");
   py::register_exception_translator([](std::exception_ptr e) {

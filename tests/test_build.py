@@ -22,7 +22,7 @@ def test_extension_built_and_imports():
     assert cuda_extension_error() == ""
     ext = importlib.import_module("act_kernels._C")
     for name in ("halting_step", "combine_backward", "combine_backward_groups", "pondernet_step",
-                 "pondernet_backward"):
+                 "pondernet_backward", "cell_gates"):
         assert callable(getattr(ext, name))
 
 

@@ -10,7 +10,15 @@ import act_kernels as ak
 from act_kernels.ops.cells import gru_gates, lstm_gates
 from act_kernels.ops.cells import reference as twins
 from act_kernels.ops.cells import triton_kernels as tk
+from backends import KERNEL_BACKENDS
 from helpers import DEVICE, TOL
+
+
+def kernels(backend):
+    if backend == "cuda":
+        from act_kernels.ops.cells import cuda_kernels
+        return cuda_kernels
+    return tk
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GATES = {"gru": (torch.nn.GRUCell, 3), "lstm": (torch.nn.LSTMCell, 4)}
@@ -49,7 +57,7 @@ def test_twins_compute_torchs_cells(kind, bias):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_gradcheck_float64(kind, backend):
     _, _, _, _, gi, gh, h, c = _problem(kind, 3, 5)
@@ -58,11 +66,13 @@ def test_gradcheck_float64(kind, backend):
     assert torch.autograd.gradcheck(lambda a, b, s: fn(a, b, s, backend=backend), args)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(0, 8), (1, 1), (5, 37), (3, 300)])
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
-def test_triton_matches_twins(kind, rows, hidden, dtype):
+def test_kernels_match_twins(backend, kind, rows, hidden, dtype):
     """H = 300 spans two blocks of 256 with a ragged tail; rows = 0 launches nothing."""
+    tk = kernels(backend)
     _, _, _, _, gi, gh, h, c = _problem(kind, rows, hidden, dtype)
     state = h if kind == "gru" else c
     fwd = "gru_gates_forward" if kind == "gru" else "lstm_gates_forward"
@@ -78,8 +88,9 @@ def test_triton_matches_twins(kind, rows, hidden, dtype):
         torch.testing.assert_close(a.double(), b.double(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
-def test_triton_reads_strided_and_stride0_inputs(kind):
+def test_kernels_read_strided_and_stride0_inputs(backend, kind):
     """gi as a column slice of a wider buffer (row stride > width), the
     state expanded from one row (row stride 0), gh transposed twice."""
     _, _, _, _, gi, gh, h, c = _problem(kind, 4, 9, torch.float32)
@@ -92,7 +103,7 @@ def test_triton_reads_strided_and_stride0_inputs(kind):
     args = [gi_view, gh_view, state]
     dense = [t.contiguous().requires_grad_() for t in args]
     views = [t.detach().requires_grad_() for t in args]
-    want, got = fn(*dense, backend="reference"), fn(*views, backend="triton")
+    want, got = fn(*dense, backend="reference"), fn(*views, backend=backend)
     want, got = (want,) if kind == "gru" else want, (got,) if kind == "gru" else got
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
@@ -113,28 +124,29 @@ def test_bad_input_is_named():
         lstm_gates(gi, gh, h)
     with pytest.raises(TypeError, match="floating point"):
         gru_gates(gi.long(), gh, h)
-    with pytest.raises(ValueError, match="'reference' and 'triton'"):
-        gru_gates(gi, gh, h, backend="cuda")
+    with pytest.raises(ValueError, match="'reference', 'triton' and 'cuda'"):
+        gru_gates(gi, gh, h, backend="fast")
 
 
 # -- the layers' fused path ---------------------------------------------------------------------
 
-def _layer_pair(cls, **kwargs):
+def _layer_pair(cls, backend, **kwargs):
     torch.manual_seed(0)
     ref = cls(5, 19, max_steps=4, backend="reference", **kwargs).to(DEVICE)
-    fused = cls(5, 19, max_steps=4, backend="triton", **kwargs).to(DEVICE)
+    fused = cls(5, 19, max_steps=4, backend=backend, **kwargs).to(DEVICE)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kwargs", [{}, dict(num_layers=2, bidirectional=True)])
 @pytest.mark.parametrize("cls", [ak.nn.ACTGRU, ak.nn.ACTLSTM])
-def test_fused_layer_matches_the_torch_cell_path(cls, kwargs, packed, monkeypatch):
+def test_fused_layer_matches_the_torch_cell_path(cls, kwargs, packed, backend, monkeypatch):
     from torch.nn.utils.rnn import pack_sequence
 
-    ref, fused = _layer_pair(cls, **kwargs)
-    assert fused.acts[0].fused_gates(torch.device(DEVICE)) == "triton"
+    ref, fused = _layer_pair(cls, backend, **kwargs)
+    assert fused.acts[0].fused_gates(torch.device(DEVICE)) == backend
     assert ref.acts[0].fused_gates(torch.device(DEVICE)) == ""
     projections = []
     monkeypatch.setattr(type(fused.acts[0]), "project",

@@ -49,7 +49,7 @@ sweep_and_baselines() {   # <task> <iterations> <knob args...>
 group_addition() { sweep_and_baselines addition 10000 --knob max_len=3 --knob max_digits=3; }
 group_logic() { sweep_and_baselines logic 8000; }
 group_parity() {
-    train parity32-act parity --knob size=32 --iterations 200000
+    train parity32-act parity --knob size=32 --iterations 100000
     train parity8-fixed3 parity --fixed-steps 3 --iterations 25000   # parity8-act: 2.95 steps per input
 }
 group_sort() { train sort-fixed3 sort --fixed-steps 3 --iterations 10000; }   # sort-act: 2.70 steps per output

@@ -2,8 +2,8 @@
 and an LSTM step, with the input projection hoisted out of the ponder loop
 (the layer computes x W_ih^T once per time step; a ponder step adds only the
 hidden projection h W_hh^T and these gates). Reference twins
-(`reference`), Triton kernels (`triton_kernels`) and the autograd Functions
-(`function`)."""
+(`reference`), Triton kernels (`triton_kernels`), the CUDA extension's
+launchers (`cuda_kernels`) and the autograd Functions (`function`)."""
 from .function import gru_gates, lstm_gates
 
 __all__ = ["gru_gates", "lstm_gates"]

@@ -15,9 +15,12 @@ def _impl(backend: str):
     if backend == "triton":
         from . import triton_kernels
         return triton_kernels
+    if backend == "cuda":
+        from . import cuda_kernels
+        return cuda_kernels
     if backend == "reference":
         return reference
-    raise ValueError(f"the fused gates have 'reference' and 'triton' implementations, got {backend!r}")
+    raise ValueError(f"the fused gates have 'reference', 'triton' and 'cuda' implementations, got {backend!r}")
 
 
 class _GRUGates(torch.autograd.Function):

@@ -1,0 +1,135 @@
+// Fused GRU and LSTM gates: one thread per (row, hidden unit). A thread reads
+// its unit's gate pre-activations from gi and gh (G loads each), computes in
+// float32 (float64 for float64), and writes each output element once. The
+// backward recomputes the gates from the same inputs instead of saving them.
+#include "cells/gates.h"
+
+namespace act {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename A> __device__ __forceinline__ A sigmoid(A x) { return A(1) / (A(1) + exp(-x)); }
+
+struct Index {
+  int64_t row, unit;
+};
+
+__device__ __forceinline__ bool element(const GateParams& p, Index& at) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= p.rows * p.hidden) return false;
+  at.row = k / p.hidden;
+  at.unit = k - at.row * p.hidden;
+  return true;
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ A gate(const void* base, int64_t stride, Index at, int64_t g, int64_t hidden) {
+  return load_as<A>(static_cast<const T*>(base)[at.row * stride + g * hidden + at.unit]);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GateParams p) {
+  using A = typename AccOf<T>::type;
+  Index at;
+  if (!element(p, at)) return;
+  const int64_t H = p.hidden;
+  const A r = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 0, H) + gate<T, A>(p.gh, p.gh_stride, at, 0, H));
+  const A z = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 1, H) + gate<T, A>(p.gh, p.gh_stride, at, 1, H));
+  const A n = tanh(gate<T, A>(p.gi, p.gi_stride, at, 2, H) + r * gate<T, A>(p.gh, p.gh_stride, at, 2, H));
+  const A h = gate<T, A>(p.state, p.state_stride, at, 0, H);
+  static_cast<T*>(p.out_h)[at.row * H + at.unit] = store_as<T>((A(1) - z) * n + z * h);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gru_backward_kernel(const GateParams p) {
+  using A = typename AccOf<T>::type;
+  Index at;
+  if (!element(p, at)) return;
+  const int64_t H = p.hidden;
+  const A r = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 0, H) + gate<T, A>(p.gh, p.gh_stride, at, 0, H));
+  const A z = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 1, H) + gate<T, A>(p.gh, p.gh_stride, at, 1, H));
+  const A gh_n = gate<T, A>(p.gh, p.gh_stride, at, 2, H);
+  const A n = tanh(gate<T, A>(p.gi, p.gi_stride, at, 2, H) + r * gh_n);
+  const A h = gate<T, A>(p.state, p.state_stride, at, 0, H);
+  const A g = gate<T, A>(p.grad_h, p.grad_h_stride, at, 0, H);
+  const A d_n = g * (A(1) - z) * (A(1) - n * n);
+  const A d_z = g * (h - n) * z * (A(1) - z);
+  const A d_r = d_n * gh_n * r * (A(1) - r);
+  T* d_gi = static_cast<T*>(p.d_gi) + at.row * 3 * H + at.unit;
+  T* d_gh = static_cast<T*>(p.d_gh) + at.row * 3 * H + at.unit;
+  d_gi[0] = store_as<T>(d_r);
+  d_gi[H] = store_as<T>(d_z);
+  d_gi[2 * H] = store_as<T>(d_n);
+  d_gh[0] = store_as<T>(d_r);
+  d_gh[H] = store_as<T>(d_z);
+  d_gh[2 * H] = store_as<T>(d_n * r);
+  static_cast<T*>(p.d_state)[at.row * H + at.unit] = store_as<T>(g * z);
+}
+
+template <typename T, typename A>
+struct LstmGates {
+  A i, f, g, o, c;
+  __device__ __forceinline__ LstmGates(const GateParams& p, Index at) {
+    const int64_t H = p.hidden;
+    i = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 0, H) + gate<T, A>(p.gh, p.gh_stride, at, 0, H));
+    f = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 1, H) + gate<T, A>(p.gh, p.gh_stride, at, 1, H));
+    g = tanh(gate<T, A>(p.gi, p.gi_stride, at, 2, H) + gate<T, A>(p.gh, p.gh_stride, at, 2, H));
+    o = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 3, H) + gate<T, A>(p.gh, p.gh_stride, at, 3, H));
+    c = gate<T, A>(p.state, p.state_stride, at, 0, H);
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const GateParams p) {
+  using A = typename AccOf<T>::type;
+  Index at;
+  if (!element(p, at)) return;
+  const LstmGates<T, A> q(p, at);
+  const A c_new = q.f * q.c + q.i * q.g;
+  const int64_t k = at.row * p.hidden + at.unit;
+  static_cast<T*>(p.out_c)[k] = store_as<T>(c_new);
+  static_cast<T*>(p.out_h)[k] = store_as<T>(q.o * tanh(c_new));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_backward_kernel(const GateParams p) {
+  using A = typename AccOf<T>::type;
+  Index at;
+  if (!element(p, at)) return;
+  const int64_t H = p.hidden;
+  const LstmGates<T, A> q(p, at);
+  const A t = tanh(q.f * q.c + q.i * q.g);
+  const A dh = gate<T, A>(p.grad_h, p.grad_h_stride, at, 0, H);
+  const A dc = gate<T, A>(p.grad_c, p.grad_c_stride, at, 0, H) + dh * q.o * (A(1) - t * t);
+  T* d_a = static_cast<T*>(p.d_gi) + at.row * 4 * H + at.unit;
+  d_a[0] = store_as<T>(dc * q.g * q.i * (A(1) - q.i));
+  d_a[H] = store_as<T>(dc * q.c * q.f * (A(1) - q.f));
+  d_a[2 * H] = store_as<T>(dc * q.i * (A(1) - q.g * q.g));
+  d_a[3 * H] = store_as<T>(dh * t * q.o * (A(1) - q.o));
+  static_cast<T*>(p.d_state)[at.row * H + at.unit] = store_as<T>(dc * q.f);
+}
+
+unsigned blocks_for(const GateParams& p) {
+  return static_cast<unsigned>((p.rows * p.hidden + kThreads - 1) / kThreads);
+}
+
+}  // namespace
+
+#define ACT_GATE_LAUNCH(NAME, KERNEL)                                                 \
+  void NAME(const GateParams& params, int dtype, cudaStream_t stream) {              \
+    if (params.rows <= 0 || params.hidden <= 0) return;                              \
+    ACT_DISPATCH_DTYPE(dtype, [&] {                                                  \
+      KERNEL<T><<<blocks_for(params), kThreads, 0, stream>>>(params);                \
+    });                                                                              \
+    check_launch(#NAME);                                                             \
+  }
+
+ACT_GATE_LAUNCH(gru_gates_forward, gru_forward_kernel)
+ACT_GATE_LAUNCH(gru_gates_backward, gru_backward_kernel)
+ACT_GATE_LAUNCH(lstm_gates_forward, lstm_forward_kernel)
+ACT_GATE_LAUNCH(lstm_gates_backward, lstm_backward_kernel)
+
+#undef ACT_GATE_LAUNCH
+
+}  // namespace act
