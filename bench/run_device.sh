@@ -2,7 +2,7 @@
 # On a GPU machine: build the CUDA extension, run the whole test suite (every
 # backend), the kernel bandwidth sweep, the end-to-end GRU ponder, the
 # ragged-attention, encoder, PonderNet and layer benchmarks, and
-# compute-sanitizer (ACT, attention and PonderNet kernels). Output goes to $OUT (or bench/results/ when OUT is unset):
+# compute-sanitizer (ACT, attention, PonderNet and cell-gate kernels). Output goes to $OUT (or bench/results/ when OUT is unset):
 # build.log (device, versions, build), tests.log, bench.log, sanitize.log, the
 # results JSON (rewritten after every benchmark row), report.md and the plot.
 # Each phase has its own time limit, so a slow one cannot take the others'
@@ -72,6 +72,10 @@ for phase in "${phases[@]}"; do
           "$PY" -m pytest -q -x -p no:cacheprovider tests/test_pondernet.py -k "cuda or triton" \
           >> "$out/sanitize.log" 2>&1
         echo "$tool pondernet exit $?" | tee -a "$out/sanitize.log"
+        timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+          "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cells.py -k "cuda or triton" \
+          >> "$out/sanitize.log" 2>&1
+        echo "$tool cells exit $?" | tee -a "$out/sanitize.log"
       done ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
