@@ -47,7 +47,7 @@ def main(run_dirs):
     fig.tight_layout()
     out = Path(run_dirs[0]).parent / f"compare-{Path(run_dirs[0]).name}.png"
     fig.savefig(out, dpi=110)
-    print(f"\n(figure: {out})")
+    print(f"\n(figure: {out.name})")
 
 
 if __name__ == "__main__":

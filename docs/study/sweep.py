@@ -21,16 +21,21 @@ def main(run_dirs):
     c0 = runs[0]["config"]
     print(f"{task}, knobs {c0['knobs']}, {c0['cell'].upper()} {c0['hidden']}, M = {c0['max_steps']}, "
           f"{c0['iterations']} iterations\n")
-    print("| tau | sequence error | mean ponder steps | train time (s) |")
-    print("|---|---|---|---|")
+    print("| tau | sequence error | mean ponder steps (per output) | Spearman rho (steps, difficulty) "
+          "| wall time (s) | machine |")
+    print("|---|---|---|---|---|---|")
     for s in runs:
-        print(f"| {s['config']['tau']:g} | {100 * s['final_sequence_error']:.1f} % | {s['mean_ponder_steps']:.2f} "
-              f"| {s['train_seconds']:.0f} |")
+        rho = s.get("spearman_steps_difficulty")
+        m = s.get("machine") or {}
+        print(f"| {s['config']['tau']:g} | {100 * s['final_sequence_error']:.1f} % "
+              f"| {s.get('mean_steps_per_output', s['mean_ponder_steps']):.2f} "
+              f"| {'-' if rho is None else f'{rho:+.2f}'} | {s.get('wall_seconds', s['train_seconds']):.0f} "
+              f"| {m.get('gpu') or m.get('processor', '-')}, {m.get('torch_threads', '?')} thread(s) |")
     taus = [s["config"]["tau"] for s in runs]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     axes[0].semilogx(taus, [100 * s["final_sequence_error"] for s in runs], "o-", color="C3")
     axes[0].set_ylabel("sequence error (%)")
-    axes[1].semilogx(taus, [s["mean_ponder_steps"] for s in runs], "o-")
+    axes[1].semilogx(taus, [s.get("mean_steps_per_output", s["mean_ponder_steps"]) for s in runs], "o-")
     axes[1].set_ylabel("mean ponder steps")
     for ax in axes:
         ax.set_xlabel("time penalty tau")
