@@ -18,7 +18,7 @@ train() {   # train <out name> <args...>
     local out=$STUDY/$1; shift
     if [[ -f $out/summary.json ]]; then echo "have $out"; return; fi
     echo "== $out: $*"
-    python -m act_kernels.train "$@" --out "$out" --no-progress --eval-every 1000 > /dev/null
+    python -m act_kernels.train --eval-every 1000 "$@" --out "$out" --no-progress > /dev/null
     rm -f "$out/checkpoint.pt"
 }
 
@@ -49,7 +49,7 @@ sweep_and_baselines() {   # <task> <iterations> <knob args...>
 group_addition() { sweep_and_baselines addition 10000 --knob max_len=3 --knob max_digits=3; }
 group_logic() { sweep_and_baselines logic 8000; }
 group_parity() {
-    train parity32-act parity --knob size=32 --iterations 100000
+    train parity32-act parity --knob size=32 --iterations 300000 --eval-every 10000
     train parity8-fixed3 parity --fixed-steps 3 --iterations 25000   # parity8-act: 2.95 steps per input
 }
 group_sort() { train sort-fixed3 sort --fixed-steps 3 --iterations 10000; }   # sort-act: 2.70 steps per output
