@@ -57,8 +57,10 @@ class ACTCell(nn.Module):
             self.halting.bias.fill_(halting_bias_init)  # the paper initialises it to 1
 
     def fused_gates(self, device: torch.device) -> str:
-        """The gate implementation this cell's ponder steps use on `device`
-        ("triton"), or "" for the wrapped cell module as it is."""
+        """The gate kernels this cell's ponder steps use on `device` ("triton"
+        or "cuda", as its backend resolves), or "" for the wrapped cell module
+        as it is (the reference backend, or a cell other than torch's own
+        GRUCell / LSTMCell)."""
         if type(self.cell) not in _FUSED_GATES:
             return ""
         return resolve_gates(self.backend, device)
