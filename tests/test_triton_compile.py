@@ -1,5 +1,7 @@
-"""The Triton kernels of the ACT layers' step compiled ahead of time for an
-sm_90 GPU, on any machine: the interpreter that runs them in the CPU tests
+"""Triton kernels compiled ahead of time for an sm_90 GPU, on any machine:
+the ACT layers' step (gates, halting step with an extra state) and ragged
+attention (forward and both backward kernels, every dtype, head dims 64 and
+128, causal or not, at the tile sizes the launcher picks on a GPU): the interpreter that runs them in the CPU tests
 accepts code the compiler rejects (dtype mixes, non-constexpr branches), so
 this catches what would otherwise fail only on a GPU. It compiles and checks
 that PTX came out; the values are checked by test_cells.py and
@@ -23,6 +25,7 @@ SCRIPT = textwrap.dedent('''
     except ImportError:
         sys.exit(77)                      # a Triton without the ahead-of-time API
     import act_kernels.ops.act.triton_kernels as act_triton
+    import act_kernels.ops.attention.triton_kernels as attention
     import act_kernels.ops.cells.triton_kernels as cells
 
     target = GPUTarget("cuda", 90, 32)
@@ -33,7 +36,8 @@ SCRIPT = textwrap.dedent('''
         assert ".entry" in ptx, fn.__name__
         print(fn.__name__, signature.get("gi_ptr", signature.get("s_ptr")), constexprs, "ok")
 
-    for dtype in ("fp32", "fp16", "bf16", "fp64"):
+    FULL = sys.argv[1] == "full"
+    for dtype in ("fp32", "fp16", "bf16", "fp64") if FULL else ("fp32", "bf16", "fp64"):
         p = "*" + dtype
         build(cells._gru_fwd_kernel, dict(gi_ptr=p, s_gi="i64", gh_ptr=p, s_gh="i64", h_ptr=p, s_h="i64",
                                           out_ptr=p, H="i32", BLOCK="constexpr"), {"BLOCK": 256})
@@ -53,13 +57,48 @@ SCRIPT = textwrap.dedent('''
                    stride_x="i64", xacc_ptr="*fp32", stride_xacc="i64", HX="i32", H="i32", step="i32",
                    max_steps="i32", BLOCK_H="constexpr", BLOCK_X="constexpr", HAS_X="constexpr"),
               {"BLOCK_H": 256, "BLOCK_X": 128, "HAS_X": has_extra})
+
+    tables = dict(k_off_ptr="*i64", v_off_ptr="*i64", cu_k_ptr="*i32", cu_q_ptr="*i32", q_rows_ptr="*i64")
+    strides = dict(stride_qa="i64", stride_qh="i64", stride_kh="i64", stride_vh="i64")
+    meta = dict(CAUSAL="constexpr", IEEE="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
+                BLOCK_D="constexpr")
+    full = [(d, ieee, dim, causal) for d, ieee in (("bf16", 0), ("fp16", 0), ("fp32", 1))
+            for dim in (64, 128) for causal in (False, True)]
+    quick = [("bf16", 0, 128, True), ("bf16", 0, 64, False), ("fp32", 1, 64, True)]
+    for dtype, ieee, dim, causal in full if FULL else quick:
+        p = "*" + dtype
+        block_m, block_n = (64, 64) if dim <= 64 else (64, 32)   # attention._blocks on a GPU
+        consts = dict(CAUSAL=causal, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=dim)
+        build(attention._attn_fwd_kernel,
+              dict(q_ptr=p, k_ptr=p, v_ptr=p, **tables, o_ptr=p, lse_ptr="*fp32", **strides,
+                   stride_oa="i64", stride_oh="i64", heads="i32", D="i32", qk_scale="fp32", **meta), consts)
+        grads = dict(do_ptr=p, lse_ptr="*fp32", delta_ptr="*fp32")
+        tail = dict(stride_doa="i64", stride_doh="i64", heads="i32", D="i32", qk_scale="fp32",
+                    sm_scale="fp32", **meta)
+        build(attention._attn_bwd_kv_kernel,
+              dict(q_ptr=p, k_ptr=p, v_ptr=p, **tables, **grads, dk_ptr=p, dv_ptr=p, **strides, **tail), consts)
+        build(attention._attn_bwd_q_kernel,
+              dict(q_ptr=p, k_ptr=p, v_ptr=p, **tables, **grads, dq_ptr=p, **strides, **tail), consts)
 ''')
 
 
-def test_layer_step_kernels_compile_for_sm90():
+def _compile(matrix):
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", SCRIPT, matrix], env=env, capture_output=True, text=True,
+                         timeout=1200)
     if run.returncode == 77:
         pytest.skip("this Triton has no ahead-of-time compile API")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok") == 18, run.stdout
+    return run.stdout.count(" ok")
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel once per dtype path: gates in fp32, bf16 and fp64; attention
+    at bf16 d = 128 causal, bf16 d = 64, fp32 d = 64 causal (about a minute)."""
+    assert _compile("quick") == 3 * 4 + 2 + 3 * 3
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_every_configuration():
+    """Every dtype, head dim 64 and 128, causal and not (minutes)."""
+    assert _compile("full") == 4 * 4 + 2 + 12 * 3
