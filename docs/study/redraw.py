@@ -116,6 +116,9 @@ def difficulty_figure():
             ax.plot(ds, [table[str(d)]["mean_steps"] for d in ds], "o-", label=label, markersize=3)
             bins = ", ".join(f"{d}: {table[str(d)]['mean_steps']:.2f}" for d in ds)
             print(f"| {name} | {rho_text} | {bins} |")
+        ticks = sorted({int(d) for name in runs for d in load(name)["by_difficulty"]})
+        if ticks:
+            ax.set_xticks(ticks if len(ticks) <= 12 else ticks[::max(1, len(ticks) // 8)])
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean ponder steps")

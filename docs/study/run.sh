@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Every training run behind the README's study, at the reduced sizes this
-# study uses. A run whose summary.json exists is skipped, so the script
-# resumes where it stopped. Groups run in order; pass group names to run
-# only those (two groups in two shells use two cores):
+# Every training run behind the study (README "Study" sections and
+# docs/study/README.md), at the reduced sizes this CPU can run. A run whose
+# summary.json exists is skipped, so the script resumes where it stopped.
+# Groups run in the order given (default: all); two groups in two shells use
+# two cores:
 #
-#     bash docs/study/run.sh addition logic     # tau sweeps, then ACT vs fixed depth
-#     bash docs/study/run.sh parity sort
+#     bash docs/study/run.sh addition logic      # tau sweeps, then ACT against fixed depth
+#     bash docs/study/run.sh parity sort pointer pondernet
 #
 # Then redraw every figure and table: python docs/study/redraw.py
 set -euo pipefail
@@ -14,7 +15,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # these small networks run fastes
 STUDY=docs/study
 TAUS="0.001 0.003 0.01 0.03 0.1 0.3"
 
-train() {   # train <out name> <args...>
+train() {   # train <out name> <args...>; later arguments override earlier ones
     local out=$STUDY/$1; shift
     if [[ -f $out/summary.json ]]; then echo "have $out"; return; fi
     echo "== $out: $*"
@@ -29,7 +30,7 @@ equal_compute_k() {
 import json, sys
 runs = [json.load(open(f"{d}/summary.json")) for d in sys.argv[1:]]
 best = min(runs, key=lambda s: (s["final_sequence_error"], s["mean_steps_per_output"]))
-print(json.dumps(dict(tau=best["config"]["tau"], k=max(1, round(best["mean_steps_per_output"])))))
+print(max(1, round(best["mean_steps_per_output"])))
 PY
 }
 
@@ -41,7 +42,7 @@ sweep_and_baselines() {   # <task> <iterations> <knob args...>
         dirs+=("$STUDY/sweep-$task-tau$tau")
     done
     local k
-    k=$(equal_compute_k "${dirs[@]}" | python -c 'import json,sys; print(json.load(sys.stdin)["k"])')
+    k=$(equal_compute_k "${dirs[@]}")
     train "$task-fixed1" "$task" --fixed-steps 1 --iterations "$iters" "$@"
     train "$task-fixed$k" "$task" --fixed-steps "$k" --iterations "$iters" "$@"
 }
@@ -50,10 +51,26 @@ group_addition() { sweep_and_baselines addition 10000 --knob max_len=3 --knob ma
 group_logic() { sweep_and_baselines logic 8000; }
 group_parity() {
     train parity32-act parity --knob size=32 --iterations 300000 --eval-every 10000
-    train parity8-fixed3 parity --fixed-steps 3 --iterations 25000   # parity8-act: 2.95 steps per input
+    train parity16-act parity --knob size=16 --iterations 200000 --eval-every 10000 --tau 1e-3
+    train parity16-fixed parity --knob size=16 --iterations 200000 --eval-every 10000 --fixed-steps 1
+    train parity8-act parity --iterations 25000 --tau 1e-3
+    train parity8-act-tau1e-2 parity --iterations 40000 --eval-every 5000 --tau 1e-2
+    train parity8-fixed parity --iterations 25000 --fixed-steps 1
+    train parity8-fixed3 parity --iterations 25000 --fixed-steps 3   # parity8-act: 2.95 steps per input
 }
-group_sort() { train sort-fixed3 sort --fixed-steps 3 --iterations 10000; }   # sort-act: 2.70 steps per output
+group_sort() {
+    train sort-act sort --iterations 10000 --tau 1e-3
+    train sort-fixed sort --iterations 10000 --fixed-steps 1
+    train sort-fixed3 sort --iterations 10000 --fixed-steps 3   # sort-act: 2.70 steps per output
+}
+group_pointer() {
+    for k in 1 3 8; do train "pointer-fixed$k" pointer --iterations 6000 --eval-every 500 --fixed-steps "$k"; done
+    train pointer-act pointer --iterations 6000 --eval-every 500
+}
+group_pondernet() {
+    local common=(parity --knob size=8 --knob max_nonzero=4 --eval-knob max_nonzero=8 --hidden 128 --iterations 15000)
+    train parity8-pondernet "${common[@]}" --method pondernet --beta 0.01 --prior 0.2
+    train parity8-act-gru "${common[@]}" --cell gru --tau 1e-3
+}
 
-for group in "${@:-addition logic parity sort}"; do
-    for g in $group; do "group_$g"; done
-done
+for group in ${@:-addition logic parity sort pointer pondernet}; do "group_$group"; done
