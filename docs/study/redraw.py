@@ -1,6 +1,8 @@
 """Redraws every study figure and table from the runs' summary.json files in
-this folder, and writes all the tables to docs/study/README.md. Runs that
-are missing are listed, not invented. The runs themselves: docs/study/run.sh.
+this folder, writes all the tables to docs/study/README.md, and replaces the
+tables between `<!-- redraw:NAME -->` and `<!-- /redraw -->` in the
+project README. Runs that are missing are listed, not invented. The runs
+themselves: docs/study/run.sh.
 
     python docs/study/redraw.py
 """
@@ -130,11 +132,34 @@ def difficulty_figure():
     plt.close(fig)
 
 
-def section(title, draw):
+def capture(draw) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         draw()
-    return f"## {title}\n\n{out.getvalue().strip()}\n"
+    return out.getvalue().strip()
+
+
+def section(title, draw):
+    return f"## {title}\n\n{capture(draw)}\n"
+
+
+def tables_only(draw) -> str:
+    """The markdown tables a drawer prints, without its other lines."""
+    lines = capture(draw).splitlines()
+    return "\n".join(line for line in lines if line.startswith("|") or not line.strip()).strip()
+
+
+def update_readme(blocks) -> None:
+    readme = HERE.parent.parent / "README.md"
+    text = readme.read_text()
+    for name, body in blocks.items():
+        start, end = f"<!-- redraw:{name} -->", "<!-- /redraw -->"
+        if start not in text:
+            continue
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+    readme.write_text(text)
 
 
 def main():
@@ -165,6 +190,12 @@ def main():
     ]
     text = "\n".join(parts)
     (HERE / "README.md").write_text(text)
+    update_readme({
+        "sweep-addition": tables_only(lambda: sweep.main([d / r for r in sweep_runs("addition")])),
+        "sweep-logic": tables_only(lambda: sweep.main([d / r for r in sweep_runs("logic")])),
+        "difficulty": tables_only(difficulty_figure),
+        "equal-compute": tables_only(equal_compute_table),
+    })
     print(text)
 
 
