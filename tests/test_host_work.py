@@ -95,6 +95,7 @@ def test_ops_per_ponder_step(cls, monkeypatch):
         assert ops["LAUNCH gates"] == 1 and ops["LAUNCH halting"] == 1, chunk
         assert sum(ops[s] for s in SYNCS) == 1 and ops["nonzero"] == 1, chunk   # the survivor count
         assert "index_add" not in ops, chunk          # every state tensor accumulated in the launch
+        assert "lift_fresh" not in ops, chunk         # no table built on the host
         want = collections.Counter({"LAUNCH gates": 1, "LAUNCH halting": 1, "bitwise_not": 1, "nonzero": 1})
         if still_running:
             want["addmm"] += 1                        # the next step's hidden GEMM
@@ -103,9 +104,12 @@ def test_ops_per_ponder_step(cls, monkeypatch):
             if halted_now:
                 want["index_select"] += 1 + n_states  # survivors' indices and states
         else:
-            # after the loop: concatenations and the packed step index, no sync
+            # after the loop: concatenations and the packed step index, with no
+            # sync and no table built on the host (lift_fresh: a tensor made
+            # from Python data, which on a GPU is a blocking copy)
             after = chunk[chunk.index("nonzero") + 1:]
             assert not SYNCS & set(after), after
+            assert "lift_fresh" not in after, after
             for op in after:
                 want[op] += 1
         assert ops == want, (n, chunk)

@@ -72,11 +72,13 @@ def rows_by_batch(batch_index: torch.Tensor, steps: torch.Tensor) -> Tuple[torch
 
 
 def packed_step_index(counts: Sequence[int], device) -> torch.Tensor:
-    """(T,) 1-based step of every packed row, from the per-step row counts A_n."""
-    return torch.repeat_interleave(
-        torch.arange(1, len(counts) + 1, device=device),
-        torch.tensor(list(counts), device=device),
-    )
+    """(T,) 1-based step of every packed row, from the per-step row counts A_n.
+    Built with fills on the device: a table copied from the host
+    (torch.tensor(counts, device=...)) would be a blocking copy, a stream
+    sync after the ponder loop."""
+    if not counts:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    return torch.cat([torch.full((c,), n, dtype=torch.int64, device=device) for n, c in enumerate(counts, 1)])
 
 
 def survivors(halt: torch.Tensor, active: torch.Tensor, new: Tuple[torch.Tensor, ...]):
