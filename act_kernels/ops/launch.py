@@ -4,7 +4,8 @@ device; these helpers make any caller's strides and device safe."""
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from functools import lru_cache
+from typing import Optional, Tuple
 
 import torch
 
@@ -44,3 +45,12 @@ class WriteBack:
 def on_device(device: torch.device):
     """Launch on the tensors' device, not the current one."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@lru_cache(maxsize=64)
+def device_constants(values: Tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small read-only tensor of constants on `device`, made once per
+    (values, dtype, device) and reused: building it per launch would be a
+    host-to-device copy every ponder step. Kernels only read it; nothing may
+    write to it."""
+    return torch.tensor(values, dtype=dtype).to(device)

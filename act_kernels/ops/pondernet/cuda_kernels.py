@@ -9,7 +9,7 @@ import math
 import torch
 
 from ..act.cuda_kernels import DTYPE_CODES, _check_cuda, _extension, _stream
-from ..launch import WriteBack, dense, on_device, unit_columns
+from ..launch import device_constants, WriteBack, dense, on_device, unit_columns
 from ..ragged import rows_by_batch
 
 
@@ -27,7 +27,7 @@ def halting_step(state, active, weight, bias, unhalted, steps, uniform, step, ma
     weight = weight.to(acc).contiguous()
     bias = bias.to(acc).contiguous()
     active = active.contiguous()
-    limits = torch.tensor([eps, threshold], dtype=acc).to(device, non_blocking=True)
+    limits = device_constants((float(eps), float(threshold)), acc, device)
     p = torch.empty(num_active, dtype=acc, device=device)
     lam = torch.empty(num_active, dtype=acc, device=device)
     u_before = torch.empty(num_active, dtype=acc, device=device)
@@ -58,7 +58,7 @@ def halting_backward(p, lam, u_before, batch_index, step_index, steps, grad_p, g
         return gz
     steps = dense(steps)
     order, first = rows_by_batch(dense(batch_index), steps)
-    logs = torch.tensor([math.log(prior), math.log1p(-prior)], dtype=acc).to(device, non_blocking=True)
+    logs = device_constants((math.log(prior), math.log1p(-prior)), acc, device)
     tensors = [t.to(acc).contiguous() for t in (lam, u_before, grad_p, grad_kl)]
     for name, t in (("lam", tensors[0]), ("u_before", tensors[1]), ("grad_p", tensors[2]),
                     ("grad_kl", tensors[3]), ("steps", steps)):

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import WriteBack, dense, on_device, unit_columns
+from ..launch import device_constants, WriteBack, dense, on_device, unit_columns
 from ..ragged import rows_by_batch
 from ..act.triton_kernels import _block_and_warps
 
@@ -65,7 +65,7 @@ def halting_step(state, active, weight, bias, unhalted, steps, uniform, step, ma
     if num_active == 0:
         return p, lam, u_before, halted
     block, warps = _block_and_warps(hidden)
-    limits = torch.tensor([eps, threshold], dtype=acc).to(device, non_blocking=True)
+    limits = device_constants((float(eps), float(threshold)), acc, device)
     state = unit_columns(state)
     out = WriteBack(unhalted=unhalted, steps=steps)
     with on_device(device):
@@ -120,7 +120,7 @@ def halting_backward(p, lam, u_before, batch_index, step_index, steps, grad_p, g
     p, lam, u_before, steps = (dense(t) for t in (p, lam, u_before, steps))
     order, first = rows_by_batch(dense(batch_index), steps)
     block = 128 if p.device.type == "cuda" else 16
-    logs = torch.tensor([math.log(prior), math.log1p(-prior)], dtype=p.dtype).to(p.device, non_blocking=True)
+    logs = device_constants((math.log(prior), math.log1p(-prior)), p.dtype, p.device)
     with on_device(p.device):
         _halting_backward_kernel[(triton.cdiv(batch, block),)](
             order, first, steps, p, lam, u_before, grad_p.to(p.dtype).contiguous(),
