@@ -100,6 +100,24 @@ def equal_compute_table():
                   f"| {wall(r)} | {where(r)} |")
 
 
+def parity_runs_table():
+    """The parity runs at input sizes 32, 16 and 8, ACT and one fixed step."""
+    print("| run | input size | tau | M | iterations | train time (s) | sequence error | steps per output |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("parity32-act", "parity16-act", "parity16-fixed", "parity8-act", "parity8-act-tau1e-2",
+                 "parity8-fixed", "parity8-fixed3"):
+        r = load(name)
+        if r is None:
+            print(f"| {name}: missing | | | | | | | |")
+            continue
+        c = r["config"]
+        fixed = int(c["fixed_steps"])   # older summaries store True for one step
+        kind = f"fixed {fixed}" if fixed else "ACT"
+        tau = "-" if fixed else f"{c['tau']:g}"
+        print(f"| {kind} | {c['knobs'].get('size')} | {tau} | {c['max_steps']} | {c['iterations']} "
+              f"| {r['train_seconds']:.0f} | {100 * r['final_sequence_error']:.1f} % | {steps_per_output(r)} |")
+
+
 def difficulty_figure():
     """Ponder steps against difficulty, with Spearman's rho over every scored output."""
     panels = [("addition", sweep_runs("addition"), "digits"), ("logic", sweep_runs("logic"), "gates"),
@@ -195,6 +213,9 @@ def main():
         "sweep-logic": tables_only(lambda: sweep.main([d / r for r in sweep_runs("logic")])),
         "difficulty": tables_only(difficulty_figure),
         "equal-compute": tables_only(equal_compute_table),
+        "parity-runs": tables_only(parity_runs_table),
+        "pointer": tables_only(lambda: have("pointer-act", "pointer-fixed1", "pointer-fixed3", "pointer-fixed8")
+                               and pointer.main([d / f"pointer-{r}" for r in ("act", "fixed1", "fixed3", "fixed8")])),
     })
     print(text)
 
