@@ -118,6 +118,20 @@ def parity_runs_table():
               f"| {r['train_seconds']:.0f} | {100 * r['final_sequence_error']:.1f} % | {steps_per_output(r)} |")
 
 
+def parity16_difficulty_table():
+    """Ponder steps and error by nonzero entries at input size 16, ACT and one fixed step."""
+    act, fixed = load("parity16-act"), load("parity16-fixed")
+    if act is None or fixed is None:
+        print("(not drawn: missing parity16-act or parity16-fixed)")
+        return
+    cols = ["1", "2", "3", "4", "6", "8", "12", "16"]
+    print("| nonzero entries | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    print("| ACT mean N | " + " | ".join(f"{act['by_difficulty'][c]['mean_steps']:.2f}" for c in cols) + " |")
+    print("| ACT error | " + " | ".join(f"{100 * act['by_difficulty'][c]['error']:.1f} %" for c in cols) + " |")
+    print("| fixed error | " + " | ".join(f"{100 * fixed['by_difficulty'][c]['error']:.1f} %" for c in cols) + " |")
+
+
 def difficulty_figure():
     """Ponder steps against difficulty, with Spearman's rho over every scored output."""
     panels = [("addition", sweep_runs("addition"), "digits"), ("logic", sweep_runs("logic"), "gates"),
@@ -214,6 +228,9 @@ def main():
         "difficulty": tables_only(difficulty_figure),
         "equal-compute": tables_only(equal_compute_table),
         "parity-runs": tables_only(parity_runs_table),
+        "parity16-difficulty": tables_only(parity16_difficulty_table),
+        "pondernet": tables_only(lambda: have("parity8-act-gru", "parity8-pondernet")
+                                 and pondernet.main([d / "parity8-act-gru", d / "parity8-pondernet"])),
         "pointer": tables_only(lambda: have("pointer-act", "pointer-fixed1", "pointer-fixed3", "pointer-fixed8")
                                and pointer.main([d / f"pointer-{r}" for r in ("act", "fixed1", "fixed3", "fixed8")])),
     })
