@@ -28,17 +28,27 @@ __device__ __forceinline__ A gate(const void* base, int64_t stride, Index at, in
   return load_as<A>(static_cast<const T*>(base)[at.row * stride + g * hidden + at.unit]);
 }
 
+// A unit's GRU gates, recomputed the same way by the forward and the backward.
+template <typename T, typename A>
+struct GruGates {
+  A r, z, n, gh_n, h;
+  __device__ __forceinline__ GruGates(const GateParams& p, Index at) {
+    const int64_t H = p.hidden;
+    r = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 0, H) + gate<T, A>(p.gh, p.gh_stride, at, 0, H));
+    z = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 1, H) + gate<T, A>(p.gh, p.gh_stride, at, 1, H));
+    gh_n = gate<T, A>(p.gh, p.gh_stride, at, 2, H);
+    n = tanh(gate<T, A>(p.gi, p.gi_stride, at, 2, H) + r * gh_n);
+    h = gate<T, A>(p.state, p.state_stride, at, 0, H);
+  }
+};
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GateParams p) {
   using A = typename AccOf<T>::type;
   Index at;
   if (!element(p, at)) return;
-  const int64_t H = p.hidden;
-  const A r = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 0, H) + gate<T, A>(p.gh, p.gh_stride, at, 0, H));
-  const A z = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 1, H) + gate<T, A>(p.gh, p.gh_stride, at, 1, H));
-  const A n = tanh(gate<T, A>(p.gi, p.gi_stride, at, 2, H) + r * gate<T, A>(p.gh, p.gh_stride, at, 2, H));
-  const A h = gate<T, A>(p.state, p.state_stride, at, 0, H);
-  static_cast<T*>(p.out_h)[at.row * H + at.unit] = store_as<T>((A(1) - z) * n + z * h);
+  const GruGates<T, A> q(p, at);
+  static_cast<T*>(p.out_h)[at.row * p.hidden + at.unit] = store_as<T>((A(1) - q.z) * q.n + q.z * q.h);
 }
 
 template <typename T>
@@ -47,11 +57,8 @@ __global__ void __launch_bounds__(kThreads) gru_backward_kernel(const GateParams
   Index at;
   if (!element(p, at)) return;
   const int64_t H = p.hidden;
-  const A r = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 0, H) + gate<T, A>(p.gh, p.gh_stride, at, 0, H));
-  const A z = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 1, H) + gate<T, A>(p.gh, p.gh_stride, at, 1, H));
-  const A gh_n = gate<T, A>(p.gh, p.gh_stride, at, 2, H);
-  const A n = tanh(gate<T, A>(p.gi, p.gi_stride, at, 2, H) + r * gh_n);
-  const A h = gate<T, A>(p.state, p.state_stride, at, 0, H);
+  const GruGates<T, A> q(p, at);
+  const A r = q.r, z = q.z, n = q.n, gh_n = q.gh_n, h = q.h;
   const A g = gate<T, A>(p.grad_h, p.grad_h_stride, at, 0, H);
   const A d_n = g * (A(1) - z) * (A(1) - n * n);
   const A d_z = g * (h - n) * z * (A(1) - z);

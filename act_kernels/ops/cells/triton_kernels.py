@@ -32,17 +32,24 @@ def _tanh(x):
 
 
 @triton.jit
+def _gru_gates(gi_ptr, s_gi, gh_ptr, s_gh, h_ptr, s_h, i_a, o, m, H, ACC: tl.constexpr):
+    """r, z, n, the hidden projection's n slice and h of unit block o of row i_a."""
+    p_gi, p_gh = gi_ptr + i_a * s_gi + o, gh_ptr + i_a * s_gh + o
+    r = _sigmoid(tl.load(p_gi, mask=m, other=0.0).to(ACC) + tl.load(p_gh, mask=m, other=0.0).to(ACC))
+    z = _sigmoid(tl.load(p_gi + H, mask=m, other=0.0).to(ACC) + tl.load(p_gh + H, mask=m, other=0.0).to(ACC))
+    gh_n = tl.load(p_gh + 2 * H, mask=m, other=0.0).to(ACC)
+    n = _tanh(tl.load(p_gi + 2 * H, mask=m, other=0.0).to(ACC) + r * gh_n)
+    h = tl.load(h_ptr + i_a * s_h + o, mask=m, other=0.0).to(ACC)
+    return r, z, n, gh_n, h
+
+
+@triton.jit
 def _gru_fwd_kernel(gi_ptr, s_gi, gh_ptr, s_gh, h_ptr, s_h, out_ptr, H, BLOCK: tl.constexpr):
     i_a = tl.program_id(0).to(tl.int64)
     o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = o < H
     ACC = tl.float64 if h_ptr.dtype.element_ty == tl.float64 else tl.float32
-    p_gi, p_gh = gi_ptr + i_a * s_gi + o, gh_ptr + i_a * s_gh + o
-    r = _sigmoid(tl.load(p_gi, mask=m, other=0.0).to(ACC) + tl.load(p_gh, mask=m, other=0.0).to(ACC))
-    z = _sigmoid(tl.load(p_gi + H, mask=m, other=0.0).to(ACC) + tl.load(p_gh + H, mask=m, other=0.0).to(ACC))
-    n = _tanh(tl.load(p_gi + 2 * H, mask=m, other=0.0).to(ACC)
-              + r * tl.load(p_gh + 2 * H, mask=m, other=0.0).to(ACC))
-    h = tl.load(h_ptr + i_a * s_h + o, mask=m, other=0.0).to(ACC)
+    r, z, n, _, h = _gru_gates(gi_ptr, s_gi, gh_ptr, s_gh, h_ptr, s_h, i_a, o, m, H, ACC)
     tl.store(out_ptr + i_a * H + o, ((1.0 - z) * n + z * h).to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -53,12 +60,7 @@ def _gru_bwd_kernel(g_ptr, s_g, gi_ptr, s_gi, gh_ptr, s_gh, h_ptr, s_h, dgi_ptr,
     o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = o < H
     ACC = tl.float64 if h_ptr.dtype.element_ty == tl.float64 else tl.float32
-    p_gi, p_gh = gi_ptr + i_a * s_gi + o, gh_ptr + i_a * s_gh + o
-    r = _sigmoid(tl.load(p_gi, mask=m, other=0.0).to(ACC) + tl.load(p_gh, mask=m, other=0.0).to(ACC))
-    z = _sigmoid(tl.load(p_gi + H, mask=m, other=0.0).to(ACC) + tl.load(p_gh + H, mask=m, other=0.0).to(ACC))
-    gh_n = tl.load(p_gh + 2 * H, mask=m, other=0.0).to(ACC)
-    n = _tanh(tl.load(p_gi + 2 * H, mask=m, other=0.0).to(ACC) + r * gh_n)
-    h = tl.load(h_ptr + i_a * s_h + o, mask=m, other=0.0).to(ACC)
+    r, z, n, gh_n, h = _gru_gates(gi_ptr, s_gi, gh_ptr, s_gh, h_ptr, s_h, i_a, o, m, H, ACC)
     g = tl.load(g_ptr + i_a * s_g + o, mask=m, other=0.0).to(ACC)
     d_n = g * (1.0 - z) * (1.0 - n * n)
     d_z = g * (h - n) * z * (1.0 - z)
@@ -119,12 +121,12 @@ def _lstm_bwd_kernel(gh_out_ptr, s_dh, gc_out_ptr, s_dc, gi_ptr, s_gi, gh_ptr, s
     tl.store(dc_ptr + i_a * H + o, (dc * f).to(dc_ptr.dtype.element_ty), mask=m)
 
 
-def _grid(rows: int, hidden: int):
-    return (rows, triton.cdiv(hidden, min(BLOCK_H, triton.next_power_of_2(hidden))))
-
-
 def _block(hidden: int) -> int:
     return min(BLOCK_H, triton.next_power_of_2(hidden))
+
+
+def _grid(rows: int, hidden: int):
+    return (rows, triton.cdiv(hidden, _block(hidden)))
 
 
 def gru_gates_forward(gi, gh, h):
