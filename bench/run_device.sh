@@ -57,25 +57,19 @@ for phase in "${phases[@]}"; do
         bench/test_bench_layers.py --benchmark-only >> "$out/bench.log" 2>&1
       echo "layers exit $?" | tee -a "$out/bench.log" ;;
     sanitize)
-      # memcheck and racecheck over the CUDA backend's kernel tests and the
-      # Triton ragged-attention tests
+      # memcheck and racecheck over the GPU rows of each kernel family's tests:
+      # name, test file, -k filter
+      checks=("kernels tests/test_kernels.py ${SANITIZE_K:-cuda}"
+              "attention tests/test_attention.py triton and float32"
+              "pondernet tests/test_pondernet.py cuda or triton"
+              "cells tests/test_cells.py cuda or triton")
       for tool in memcheck racecheck; do
-        timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-          "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "${SANITIZE_K:-cuda}" \
-          >> "$out/sanitize.log" 2>&1
-        echo "$tool kernels exit $?" | tee -a "$out/sanitize.log"
-        timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-          "$PY" -m pytest -q -x -p no:cacheprovider tests/test_attention.py -k "triton and float32" \
-          >> "$out/sanitize.log" 2>&1
-        echo "$tool attention exit $?" | tee -a "$out/sanitize.log"
-        timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-          "$PY" -m pytest -q -x -p no:cacheprovider tests/test_pondernet.py -k "cuda or triton" \
-          >> "$out/sanitize.log" 2>&1
-        echo "$tool pondernet exit $?" | tee -a "$out/sanitize.log"
-        timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
-          "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cells.py -k "cuda or triton" \
-          >> "$out/sanitize.log" 2>&1
-        echo "$tool cells exit $?" | tee -a "$out/sanitize.log"
+        for check in "${checks[@]}"; do
+          read -r name file filter <<< "$check"
+          timeout "${SANITIZE_TIMEOUT:-150}" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+            "$PY" -m pytest -q -x -p no:cacheprovider "$file" -k "$filter" >> "$out/sanitize.log" 2>&1
+          echo "$tool $name exit $?" | tee -a "$out/sanitize.log"
+        done
       done ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
