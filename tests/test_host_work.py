@@ -4,11 +4,12 @@ issues, recorded with a TorchDispatchMode and split at each ponder step.
 
 The budget this guards, per ponder step:
 - in the step function: the gather of the hoisted input projection's rows
-  (once some row has halted), the hidden GEMM, one fused gate launch;
-- in the driver: one fused halting launch that also accumulates every state
-  tensor (an LSTM's c: no index_add_), one survivor-count read (nonzero, the
-  only host sync), the flag negation, and, only at a step where rows halt,
-  one gather of the survivors' indices and of each state tensor;
+  (once some row has halted) and the hidden GEMM;
+- one launch of the gates and the halting step together, which also
+  accumulates every state tensor (an LSTM's c: no index_add_);
+- in the driver: one survivor-count read (nonzero, the only host sync), the
+  flag negation, and, only at a step where rows halt, one gather of the
+  survivors' indices and of each state tensor;
 - after the loop: no host sync at all.
 DESIGN §11's full budget (one launch and one count read outside the step
 function) needs the negation and the gathers fused into the halting launch:
@@ -63,6 +64,8 @@ def test_ops_per_ponder_step(cls, monkeypatch):
     monkeypatch.setattr(act_triton, "halting_step", census.wrap("halting", act_triton.halting_step))
     for name in ("gru_gates_forward", "lstm_gates_forward"):
         monkeypatch.setattr(cell_triton, name, census.wrap("gates", getattr(cell_triton, name)))
+    for name in ("gru_halting_step", "lstm_halting_step"):
+        monkeypatch.setattr(cell_triton, name, census.wrap("step", getattr(cell_triton, name)))
 
     torch.manual_seed(0)
     layer = cls(4, 8, max_steps=6, backend="triton").to(DEVICE)
@@ -79,10 +82,10 @@ def test_ops_per_ponder_step(cls, monkeypatch):
     steps = out.steps.tolist()
     assert len(set(steps)) > 1, "the test needs rows that halt at different steps"
 
-    # split at each gate launch: chunk n holds step n's work up to the next step's gates
+    # split at each fused launch: chunk n holds step n's work up to the next step's launch
     chunks, current = [], None
     for e in census.events:
-        if e == "LAUNCH gates":
+        if e == "LAUNCH step":
             current = []
             chunks.append(current)
         if current is not None:
@@ -92,11 +95,11 @@ def test_ops_per_ponder_step(cls, monkeypatch):
         ops = collections.Counter(chunk)
         still_running = sum(s > n for s in steps)
         halted_now = sum(s == n for s in steps)
-        assert ops["LAUNCH gates"] == 1 and ops["LAUNCH halting"] == 1, chunk
+        assert ops["LAUNCH step"] == 1 and not ops["LAUNCH gates"] and not ops["LAUNCH halting"], chunk
         assert sum(ops[s] for s in SYNCS) == 1 and ops["nonzero"] == 1, chunk   # the survivor count
         assert "index_add" not in ops, chunk          # every state tensor accumulated in the launch
         assert "lift_fresh" not in ops, chunk         # no table built on the host
-        want = collections.Counter({"LAUNCH gates": 1, "LAUNCH halting": 1, "bitwise_not": 1, "nonzero": 1})
+        want = collections.Counter({"LAUNCH step": 1, "bitwise_not": 1, "nonzero": 1})
         if still_running:
             want["addmm"] += 1                        # the next step's hidden GEMM
             if still_running < len(steps):

@@ -17,13 +17,13 @@ from torch.nn.utils.rnn import PackedSequence
 from .._validation import check_layer_input, check_layer_options
 from ..api import ponder
 from ..backends import resolve_gates
-from ..ops.cells import gru_gates, lstm_gates
+from ..ops.cells import GateStep
 from ..output import PonderOutput
 
 # Cells whose step has fused gates: the input projection is hoisted out of the
-# ponder loop and a ponder step runs h W_hh^T and one gate kernel. Exact types
-# only: a subclass may change forward.
-_FUSED_GATES = {nn.GRUCell: gru_gates, nn.LSTMCell: lstm_gates}
+# ponder loop and a ponder step runs h W_hh^T and one launch of the gates and
+# the halting step together. Exact types only: a subclass may change forward.
+_FUSED_GATES = {nn.GRUCell: "gru", nn.LSTMCell: "lstm"}
 
 
 class ACTCell(nn.Module):
@@ -40,7 +40,8 @@ class ACTCell(nn.Module):
     For an nn.GRUCell or nn.LSTMCell on a GPU kernel backend, the input
     projection x W_ih^T + b_ih is computed once per time step (once per
     sequence inside the layers), not once per ponder step, and the gates run
-    as one fused kernel (`act_kernels.ops.cells`); the math is the cell's.
+    in the same kernel launch as the halting step (`act_kernels.ops.cells`);
+    the math is the cell's.
     """
 
     def __init__(self, cell: nn.Module, hidden_size: int, *, max_steps: int = 100, eps: float = 0.01,
@@ -93,7 +94,7 @@ class ACTCell(nn.Module):
                       max_steps=self.max_steps, eps=self.eps, backend=self.backend)
 
     def _forward_fused(self, input, state, projected, gates) -> PonderOutput:
-        cell, fuse = self.cell, _FUSED_GATES[type(self.cell)]
+        cell, kind = self.cell, _FUSED_GATES[type(self.cell)]
         later = self.project(input) if projected is None else projected
         first = later + cell.weight_ih[:, -1]      # the first-step flag's column
         lstm = isinstance(state, (tuple, list))
@@ -106,7 +107,8 @@ class ACTCell(nn.Module):
                 gi = later if active.numel() == later.shape[0] else later.index_select(0, active)
             h = s[0] if lstm else s
             gh = F.linear(h, cell.weight_hh, cell.bias_hh)
-            return fuse(gi, gh, s[1] if lstm else s, backend=gates)
+            # the gates run in the driver's halting launch
+            return GateStep(kind, gi, gh, s[1] if lstm else s, gates)
 
         return ponder(step, state, self.halting.weight, self.halting.bias,
                       max_steps=self.max_steps, eps=self.eps, backend=self.backend)

@@ -27,26 +27,24 @@ def _block_and_warps(hidden: int) -> Tuple[int, int]:
     return block, min(max(block // 256, 1), 16)
 
 
-@triton.jit(do_not_specialize=["step", "max_steps"])
-def _halting_step_kernel(
-    s_ptr, stride_s, active_ptr, w_ptr, c_ptr, thr_ptr,
-    running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr,
-    p_ptr, h_ptr, halted_ptr,
-    x_ptr, stride_x, xacc_ptr, stride_xacc, HX,
+@triton.jit
+def _halt_row(
+    b_s, o_h, m_h, i_a, active_ptr, w_ptr, c_ptr, thr_ptr,
+    running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr, p_ptr, h_ptr, halted_ptr,
     H, step, max_steps,
-    BLOCK_H: tl.constexpr, BLOCK_X: tl.constexpr, HAS_X: tl.constexpr,
 ):
+    """The halting step of active row i_a, whose new state b_s (in ACC, zero
+    past H) is already in registers: halting unit, decision, running sum,
+    steps and remainder, accumulator row += p s. Returns (i_b, p) so that a
+    caller can accumulate further state tensors with the same p. Shared by
+    the halting kernel below and the fused cell-and-halting kernels
+    (ops/cells), which compute b_s themselves."""
     ACC = running_ptr.dtype.element_ty
-    i_a = tl.program_id(0).to(tl.int64)
     i_b = tl.load(active_ptr + i_a)
-    o_h = tl.arange(0, BLOCK_H)
-    m_h = o_h < H
-
     # Every warp of the program reads the running sum before the barrier
     # below; only then is the new sum stored. Read after the store, a slow
     # warp would decide (and accumulate) with the updated sum and a wrong p.
     b_r = tl.load(running_ptr + i_b)
-    b_s = tl.load(s_ptr + i_a * stride_s + o_h, mask=m_h, other=0.0).to(ACC)
     b_w = tl.load(w_ptr + o_h, mask=m_h, other=0.0).to(ACC)
     b_z = tl.sum(b_s * b_w, axis=0) + tl.load(c_ptr).to(ACC)
     b_h = 1.0 / (1.0 + tl.exp(-b_z))
@@ -61,15 +59,42 @@ def _halting_step_kernel(
 
     p_acc = acc_ptr + i_b * stride_acc + o_h
     tl.store(p_acc, tl.load(p_acc, mask=m_h, other=0.0) + b_p * b_s, mask=m_h)
-    if HAS_X:  # a second mean-fielded state tensor (an LSTM's c), with the same p
-        o_x = tl.arange(0, BLOCK_X)
-        m_x = o_x < HX
-        b_x = tl.load(x_ptr + i_a * stride_x + o_x, mask=m_x, other=0.0).to(ACC)
-        p_xacc = xacc_ptr + i_b * stride_xacc + o_x
-        tl.store(p_xacc, tl.load(p_xacc, mask=m_x, other=0.0) + b_p * b_x, mask=m_x)
     tl.store(p_ptr + i_a, b_p)
     tl.store(h_ptr + i_a, b_h)
     tl.store(halted_ptr + i_a, b_halt)
+    return i_b, b_p
+
+
+@triton.jit
+def _accumulate_row(x_ptr, stride_x, xacc_ptr, stride_xacc, i_a, i_b, b_p, HX, BLOCK_X: tl.constexpr):
+    """xacc[i_b] += p x[i_a]: a further mean-fielded state tensor (an LSTM's c)."""
+    ACC = xacc_ptr.dtype.element_ty
+    o_x = tl.arange(0, BLOCK_X)
+    m_x = o_x < HX
+    b_x = tl.load(x_ptr + i_a * stride_x + o_x, mask=m_x, other=0.0).to(ACC)
+    p_xacc = xacc_ptr + i_b * stride_xacc + o_x
+    tl.store(p_xacc, tl.load(p_xacc, mask=m_x, other=0.0) + b_p * b_x, mask=m_x)
+
+
+@triton.jit(do_not_specialize=["step", "max_steps"])
+def _halting_step_kernel(
+    s_ptr, stride_s, active_ptr, w_ptr, c_ptr, thr_ptr,
+    running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr,
+    p_ptr, h_ptr, halted_ptr,
+    x_ptr, stride_x, xacc_ptr, stride_xacc, HX,
+    H, step, max_steps,
+    BLOCK_H: tl.constexpr, BLOCK_X: tl.constexpr, HAS_X: tl.constexpr,
+):
+    ACC = running_ptr.dtype.element_ty
+    i_a = tl.program_id(0).to(tl.int64)
+    o_h = tl.arange(0, BLOCK_H)
+    m_h = o_h < H
+    b_s = tl.load(s_ptr + i_a * stride_s + o_h, mask=m_h, other=0.0).to(ACC)
+    i_b, b_p = _halt_row(b_s, o_h, m_h, i_a, active_ptr, w_ptr, c_ptr, thr_ptr,
+                         running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr, p_ptr, h_ptr, halted_ptr,
+                         H, step, max_steps)
+    if HAS_X:  # a second mean-fielded state tensor (an LSTM's c), with the same p
+        _accumulate_row(x_ptr, stride_x, xacc_ptr, stride_xacc, i_a, i_b, b_p, HX, BLOCK_X)
 
 
 def halting_step(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..act.cuda_kernels import DTYPE_CODES, _check_cuda, _extension, _stream
+from ..act.cuda_kernels import DTYPE_CODES, _check_cuda, _extension, _stream, halting_step
 from ..launch import on_device, unit_columns
 
 _GRU_FORWARD, _GRU_BACKWARD, _LSTM_FORWARD, _LSTM_BACKWARD = range(4)
@@ -71,3 +71,23 @@ def lstm_gates_backward(grad_h, grad_c, gi, gh, c):
     d_c = torch.empty(c.shape, dtype=c.dtype, device=c.device)
     _launch(_LSTM_BACKWARD, c, gi_, gh_, grad_h=grad_h_, grad_c=grad_c_, d_gi=d_a, d_state=d_c)
     return d_a.to(gi.dtype), d_c
+
+
+def gru_halting_step(gi, gh, h, active, weight, bias, threshold, running_sum, accumulators, steps, remainder,
+                     step, max_steps):
+    """The contract of `reference.gru_halting_step` as two launches (the gate
+    kernel, then the halting kernel): the CUDA extension has no fused
+    gates-and-halting kernel yet."""
+    h_new = gru_gates_forward(gi, gh, h)
+    p, hh, halted = halting_step(h_new, active, weight, bias, threshold, running_sum, accumulators[0], steps,
+                                 remainder, step, max_steps)
+    return (h_new,), p, hh, halted
+
+
+def lstm_halting_step(gi, gh, c, active, weight, bias, threshold, running_sum, accumulators, steps, remainder,
+                      step, max_steps):
+    """`reference.lstm_halting_step` as two launches, like `gru_halting_step`."""
+    h_new, c_new = lstm_gates_forward(gi, gh, c)
+    p, hh, halted = halting_step(h_new, active, weight, bias, threshold, running_sum, accumulators[0], steps,
+                                 remainder, step, max_steps, extra=[(c_new, accumulators[1])])
+    return (h_new, c_new), p, hh, halted

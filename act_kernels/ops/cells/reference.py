@@ -9,13 +9,18 @@ written for clarity. Gate order is torch's: GRU (r, z, n), LSTM (i, f, g, o).
 gi holds x W_ih^T + b_ih, gh holds h W_hh^T + b_hh, as torch's cells compute
 them. Math in float32 for half inputs (float64 stays float64); results in
 the input dtype.
+
+`gru_halting_step` and `lstm_halting_step` are a ponder step's gates and its
+halting step (DESIGN §3) in one: what the fused kernels do in one launch.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from ..act.reference import halting_step
 
 
 def _acc(t: Tensor) -> torch.dtype:
@@ -72,3 +77,28 @@ def lstm_gates_backward(grad_h: Tensor, grad_c: Tensor, gi: Tensor, gh: Tensor, 
     dc = grad_c.to(acc) + dh * o * (1 - t * t)
     d_a = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), dh * t * o * (1 - o)], 1)
     return d_a.to(gi.dtype), (dc * f).to(c.dtype)
+
+
+def gru_halting_step(gi: Tensor, gh: Tensor, h: Tensor, active: Tensor, weight: Tensor, bias: Tensor,
+                     threshold: Tensor, running_sum: Tensor, accumulators: Sequence[Tensor], steps: Tensor,
+                     remainder: Tensor, step: int, max_steps: int) -> Tuple[Tuple[Tensor], Tensor, Tensor, Tensor]:
+    """A GRU ponder step and its halting step as one: h' = the gates, then
+    `act_kernels.reference.halting_step` on h' (accumulators = (mean field of
+    h,), updated in place like the other buffers). Returns ((h',), p, h, halted)."""
+    h_new = gru_gates_forward(gi, gh, h)
+    p, hh, halted = halting_step(h_new, active, weight, bias, threshold, running_sum, accumulators[0], steps,
+                                 remainder, step, max_steps)
+    return (h_new,), p, hh, halted
+
+
+def lstm_halting_step(gi: Tensor, gh: Tensor, c: Tensor, active: Tensor, weight: Tensor, bias: Tensor,
+                      threshold: Tensor, running_sum: Tensor, accumulators: Sequence[Tensor], steps: Tensor,
+                      remainder: Tensor, step: int, max_steps: int
+                      ) -> Tuple[Tuple[Tensor, Tensor], Tensor, Tensor, Tensor]:
+    """An LSTM ponder step and its halting step as one: (h', c') = the gates,
+    halting reads h', and both are mean-fielded with the same p
+    (accumulators = (mean field of h, of c)). Returns ((h', c'), p, h, halted)."""
+    h_new, c_new = lstm_gates_forward(gi, gh, c)
+    p, hh, halted = halting_step(h_new, active, weight, bias, threshold, running_sum, accumulators[0], steps,
+                                 remainder, step, max_steps, extra=[(c_new, accumulators[1])])
+    return (h_new, c_new), p, hh, halted

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import on_device, unit_columns
+from ..act.triton_kernels import _block_and_warps, _halt_row
+from ..launch import WriteBack, dense, on_device, unit_columns
 
 BLOCK_H = 256
 
@@ -176,3 +177,108 @@ def lstm_gates_backward(grad_h, grad_c, gi, gh, c):
             _lstm_bwd_kernel[_grid(A, H)](grad_h, grad_h.stride(0), grad_c, grad_c.stride(0), gi, gi.stride(0),
                                          gh, gh.stride(0), c, c.stride(0), d_a, d_c, H, BLOCK=_block(H))
     return d_a, d_c
+
+
+# ---- a ponder step's gates and its halting step in one launch ----------------
+# One program per active row, holding the whole row (BLOCK = next power of two
+# of H): the halting unit needs the full dot product w.h' before it knows p,
+# and p before it can accumulate. h' (and c') are stored once for the next
+# step and the backward, then read back from registers for the halting step,
+# rounded to the state dtype first so that the fused step decides and
+# accumulates exactly what the unfused one (gates, then halting) would.
+
+
+@triton.jit(do_not_specialize=["step", "max_steps"])
+def _gru_halting_kernel(
+    gi_ptr, s_gi, gh_ptr, s_gh, h_ptr, s_h, out_ptr,
+    active_ptr, w_ptr, c_ptr, thr_ptr, running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr,
+    p_ptr, hh_ptr, halted_ptr,
+    H, step, max_steps, BLOCK: tl.constexpr,
+):
+    ACC = running_ptr.dtype.element_ty
+    i_a = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, BLOCK)
+    m = o < H
+    r, z, n, _, h = _gru_gates(gi_ptr, s_gi, gh_ptr, s_gh, h_ptr, s_h, i_a, o, m, H, ACC)
+    b_s = ((1.0 - z) * n + z * h).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + i_a * H + o, b_s, mask=m)
+    _halt_row(tl.where(m, b_s.to(ACC), 0.0), o, m, i_a, active_ptr, w_ptr, c_ptr, thr_ptr,
+              running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr, p_ptr, hh_ptr, halted_ptr,
+              H, step, max_steps)
+
+
+@triton.jit(do_not_specialize=["step", "max_steps"])
+def _lstm_halting_kernel(
+    gi_ptr, s_gi, gh_ptr, s_gh, c_ptr, s_c, h_out, c_out,
+    active_ptr, w_ptr, bias_ptr, thr_ptr, running_ptr, acc_ptr, stride_acc, cacc_ptr, stride_cacc,
+    steps_ptr, rem_ptr, p_ptr, hh_ptr, halted_ptr,
+    H, step, max_steps, BLOCK: tl.constexpr,
+):
+    ACC = running_ptr.dtype.element_ty
+    i_a = tl.program_id(0).to(tl.int64)
+    o = tl.arange(0, BLOCK)
+    m = o < H
+    i, f, g, og, c = _lstm_gates(gi_ptr, s_gi, gh_ptr, s_gh, c_ptr, s_c, i_a, o, m, H, ACC)
+    T = h_out.dtype.element_ty
+    c_acc = f * c + i * g          # h' reads c' before rounding, as the unfused gates do
+    c_new = c_acc.to(T)
+    h_new = (og * _tanh(c_acc)).to(T)
+    tl.store(c_out + i_a * H + o, c_new, mask=m)
+    tl.store(h_out + i_a * H + o, h_new, mask=m)
+    i_b, b_p = _halt_row(tl.where(m, h_new.to(ACC), 0.0), o, m, i_a, active_ptr, w_ptr, bias_ptr, thr_ptr,
+                         running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr, p_ptr, hh_ptr, halted_ptr,
+                         H, step, max_steps)
+    p_cacc = cacc_ptr + i_b * stride_cacc + o
+    tl.store(p_cacc, tl.load(p_cacc, mask=m, other=0.0) + b_p * c_new.to(ACC), mask=m)
+
+
+def _halting_outputs(rows: int, acc: torch.dtype, device):
+    return (torch.empty(rows, dtype=acc, device=device), torch.empty(rows, dtype=acc, device=device),
+            torch.empty(rows, dtype=torch.bool, device=device))
+
+
+def gru_halting_step(gi, gh, h, active, weight, bias, threshold, running_sum, accumulators, steps, remainder,
+                     step, max_steps):
+    """Triton twin of `reference.gru_halting_step` (same contract): one launch."""
+    gi, gh, h = unit_columns(gi), unit_columns(gh), unit_columns(h)
+    A, H = h.shape
+    out = torch.empty((A, H), dtype=h.dtype, device=h.device)
+    p, hh, halted = _halting_outputs(A, running_sum.dtype, h.device)
+    if A == 0:
+        return (out,), p, hh, halted
+    block, warps = _block_and_warps(H)
+    buf = WriteBack(running_sum=running_sum, acc=accumulators[0], steps=steps, remainder=remainder)
+    with on_device(h.device):
+        _gru_halting_kernel[(A,)](
+            gi, gi.stride(0), gh, gh.stride(0), h, h.stride(0), out,
+            dense(active), dense(weight), dense(bias), dense(threshold), buf["running_sum"],
+            buf["acc"], buf["acc"].stride(0), buf["steps"], buf["remainder"], p, hh, halted,
+            H, step, max_steps, BLOCK=block, num_warps=warps,
+        )
+    buf.finish()
+    return (out,), p, hh, halted
+
+
+def lstm_halting_step(gi, gh, c, active, weight, bias, threshold, running_sum, accumulators, steps, remainder,
+                      step, max_steps):
+    """Triton twin of `reference.lstm_halting_step` (same contract): one launch."""
+    gi, gh, c = unit_columns(gi), unit_columns(gh), unit_columns(c)
+    A, H = c.shape
+    h_new = torch.empty((A, H), dtype=c.dtype, device=c.device)
+    c_new = torch.empty((A, H), dtype=c.dtype, device=c.device)
+    p, hh, halted = _halting_outputs(A, running_sum.dtype, c.device)
+    if A == 0:
+        return (h_new, c_new), p, hh, halted
+    block, warps = _block_and_warps(H)
+    buf = WriteBack(running_sum=running_sum, acc_h=accumulators[0], acc_c=accumulators[1], steps=steps,
+                    remainder=remainder)
+    with on_device(c.device):
+        _lstm_halting_kernel[(A,)](
+            gi, gi.stride(0), gh, gh.stride(0), c, c.stride(0), h_new, c_new,
+            dense(active), dense(weight), dense(bias), dense(threshold), buf["running_sum"],
+            buf["acc_h"], buf["acc_h"].stride(0), buf["acc_c"], buf["acc_c"].stride(0),
+            buf["steps"], buf["remainder"], p, hh, halted,
+            H, step, max_steps, BLOCK=block, num_warps=warps,
+        )
+    buf.finish()
+    return (h_new, c_new), p, hh, halted
