@@ -62,7 +62,8 @@ for phase in "${phases[@]}"; do
       checks=("kernels tests/test_kernels.py ${SANITIZE_K:-cuda}"
               "attention tests/test_attention.py triton and float32"
               "pondernet tests/test_pondernet.py cuda or triton"
-              "cells tests/test_cells.py cuda or triton")
+              "cells tests/test_cells.py cuda or triton"
+              "cell-halting tests/test_cell_halting.py cuda or triton")
       for tool in memcheck racecheck; do
         for check in "${checks[@]}"; do
           read -r name file filter <<< "$check"

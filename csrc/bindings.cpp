@@ -153,6 +153,51 @@ void cell_gates(int op, uintptr_t gi, int64_t gi_stride, uintptr_t gh, int64_t g
   }
 }
 
+void cell_halting_step(int op, uintptr_t gi, int64_t gi_stride, uintptr_t gh, int64_t gh_stride, uintptr_t state,
+                       int64_t state_stride, uintptr_t out_h, uintptr_t out_c, uintptr_t active, uintptr_t weight,
+                       uintptr_t bias, uintptr_t threshold, uintptr_t running_sum, uintptr_t accumulator,
+                       int64_t acc_row_stride, uintptr_t acc_c, int64_t acc_c_stride, uintptr_t steps,
+                       uintptr_t remainder, uintptr_t p, uintptr_t h, uintptr_t halted, int64_t num_active,
+                       int64_t hidden, int64_t step, int64_t max_steps, int dtype, uintptr_t stream) {
+  act::CellHaltingParams params{};
+  params.gates.gi = ptr<const void>(gi);
+  params.gates.gi_stride = gi_stride;
+  params.gates.gh = ptr<const void>(gh);
+  params.gates.gh_stride = gh_stride;
+  params.gates.state = ptr<const void>(state);
+  params.gates.state_stride = state_stride;
+  params.gates.out_h = ptr<void>(out_h);
+  params.gates.out_c = ptr<void>(out_c);
+  params.gates.rows = num_active;
+  params.gates.hidden = hidden;
+  params.halting.state = ptr<const void>(out_h);
+  params.halting.state_row_stride = hidden;
+  params.halting.active = ptr<const int64_t>(active);
+  params.halting.weight = ptr<const void>(weight);
+  params.halting.bias = ptr<const void>(bias);
+  params.halting.threshold = ptr<const void>(threshold);
+  params.halting.running_sum = ptr<void>(running_sum);
+  params.halting.accumulator = ptr<void>(accumulator);
+  params.halting.acc_row_stride = acc_row_stride;
+  params.halting.steps = ptr<int64_t>(steps);
+  params.halting.remainder = ptr<void>(remainder);
+  params.halting.p = ptr<void>(p);
+  params.halting.h = ptr<void>(h);
+  params.halting.halted = ptr<bool>(halted);
+  params.halting.num_active = num_active;
+  params.halting.hidden = hidden;
+  params.halting.step = step;
+  params.halting.max_steps = max_steps;
+  params.acc_c = ptr<void>(acc_c);
+  params.acc_c_stride = acc_c_stride;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (op) {
+    case 0: act::gru_halting_step(params, dtype, s); break;
+    case 1: act::lstm_halting_step(params, dtype, s); break;
+    default: throw std::invalid_argument("act_kernels: unknown cell halting op " + std::to_string(op));
+  }
+}
+
 int64_t combine_backward_groups(int64_t batch, int64_t hidden) {
   return act::combine_backward_groups(batch, hidden);
 }
@@ -166,6 +211,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("pondernet_step", &pondernet_step, "Fused PonderNet halting step over the running rows");
   m.def("pondernet_backward", &pondernet_backward, "PonderNet backward of p and kl: a reverse scan per row");
   m.def("cell_gates", &cell_gates, "Fused GRU/LSTM gates, forward or recomputing backward (op 0-3)");
+  m.def("cell_halting_step", &cell_halting_step,
+        "A GRU (op 0) or LSTM (op 1) ponder step's gates and its halting step in one launch");
   m.def("combine_backward_groups", &combine_backward_groups,
         "Number of row groups (gw partial rows) the combine backward uses for (B, H)");
   py::register_exception_translator([](std::exception_ptr e) {

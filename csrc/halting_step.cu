@@ -2,43 +2,10 @@
 // h = sigmoid(z), the halting test on the float32/64 running sum, p (h or the
 // remainder), N and R for rows that halt, accumulator[b] += p s, and p, h and
 // a halted flag per row for the backward and the compaction.
-#include "common.h"
+#include "halting.h"
 
 namespace act {
 namespace {
-
-// The tail of the halting step shared by both kernel shapes: halting test,
-// p, and the per-row outputs (written by one thread).
-template <typename A>
-struct Decision {
-  A h, r, p;
-  bool halt;
-};
-
-// `r` is running_sum[b] as read by every thread BEFORE the row reduction: the
-// reduction's barrier orders those reads before thread 0 stores the new sum,
-// so no slow warp of the row can read the updated value and decide (and
-// accumulate) with the wrong p.
-template <typename A>
-__device__ __forceinline__ Decision<A> decide(const HaltingStepParams& p, A r, A dot) {
-  const A z = dot + *static_cast<const A*>(p.bias);
-  const A h = A(1) / (A(1) + exp(-z));
-  const bool halt = (r + h >= *static_cast<const A*>(p.threshold)) || (p.step >= p.max_steps);
-  return {h, r, halt ? A(1) - r : h, halt};
-}
-
-template <typename A>
-__device__ __forceinline__ void write_row_outputs(const HaltingStepParams& p, int64_t i, int64_t b,
-                                                  const Decision<A>& d) {
-  static_cast<A*>(p.running_sum)[b] = d.halt ? d.r : d.r + d.h;
-  if (d.halt) {
-    p.steps[b] = p.step;
-    static_cast<A*>(p.remainder)[b] = d.p;
-  }
-  static_cast<A*>(p.p)[i] = d.p;
-  static_cast<A*>(p.h)[i] = d.h;
-  p.halted[i] = d.halt;
-}
 
 // Row held in registers: THREADS threads share one row (32 = a warp per row,
 // 8 rows per 256-thread block; more = a block per row), each owning CHUNKS

@@ -1,5 +1,6 @@
 """Triton kernels compiled ahead of time for an sm_90 GPU, on any machine:
-the ACT layers' step (gates, halting step with an extra state) and ragged
+the ACT layers' step (gates, halting step with an extra state, and the
+gates and halting step fused) and ragged
 attention (forward and both backward kernels, every dtype, head dims 64 and
 128, causal or not, at the tile sizes the launcher picks on a GPU): the interpreter that runs them in the CPU tests
 accepts code the compiler rejects (dtype mixes, non-constexpr branches), so
@@ -49,6 +50,18 @@ SCRIPT = textwrap.dedent('''
         build(cells._lstm_bwd_kernel, dict(gh_out_ptr=p, s_dh="i64", gc_out_ptr=p, s_dc="i64", gi_ptr=p,
                                            s_gi="i64", gh_ptr=p, s_gh="i64", c_ptr=p, s_c="i64", da_ptr=p,
                                            dc_ptr=p, H="i32", BLOCK="constexpr"), {"BLOCK": 256})
+        acc = "*fp64" if dtype == "fp64" else "*fp32"
+        halting = dict(active_ptr="*i64", w_ptr=acc, c_ptr=acc, thr_ptr=acc, running_ptr=acc, acc_ptr=acc,
+                       stride_acc="i64", steps_ptr="*i64", rem_ptr=acc, p_ptr=acc, hh_ptr=acc, halted_ptr="*i1")
+        build(cells._gru_halting_kernel,
+              dict(gi_ptr=p, s_gi="i64", gh_ptr=p, s_gh="i64", h_ptr=p, s_h="i64", out_ptr=p, **halting,
+                   H="i32", step="i32", max_steps="i32", BLOCK="constexpr"), {"BLOCK": 256})
+        build(cells._lstm_halting_kernel,
+              dict(gi_ptr=p, s_gi="i64", gh_ptr=p, s_gh="i64", c_ptr=p, s_c="i64", h_out=p, c_out=p,
+                   active_ptr="*i64", w_ptr=acc, bias_ptr=acc, thr_ptr=acc, running_ptr=acc, acc_ptr=acc,
+                   stride_acc="i64", cacc_ptr=acc, stride_cacc="i64", steps_ptr="*i64", rem_ptr=acc, p_ptr=acc,
+                   hh_ptr=acc, halted_ptr="*i1", H="i32", step="i32", max_steps="i32", BLOCK="constexpr"),
+              {"BLOCK": 256})
     for has_extra in (False, True):
         build(act_triton._halting_step_kernel,
               dict(s_ptr="*bf16", stride_s="i64", active_ptr="*i64", w_ptr="*fp32", c_ptr="*fp32",
@@ -95,10 +108,10 @@ def _compile(matrix):
 def test_kernels_compile_for_sm90():
     """Every kernel once per dtype path: gates in fp32, bf16 and fp64; attention
     at bf16 d = 128 causal, bf16 d = 64, fp32 d = 64 causal (about a minute)."""
-    assert _compile("quick") == 3 * 4 + 2 + 3 * 3
+    assert _compile("quick") == 3 * 6 + 2 + 3 * 3
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_every_configuration():
     """Every dtype, head dim 64 and 128, causal and not (minutes)."""
-    assert _compile("full") == 4 * 4 + 2 + 12 * 3
+    assert _compile("full") == 4 * 6 + 2 + 12 * 3

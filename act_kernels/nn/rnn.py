@@ -257,10 +257,14 @@ class _ACTLayer(nn.Module):
         ponders. Returns the outputs (L, B, H), the final state, and the ponder
         cost and steps per time step (L, B)."""
         length = x.shape[0]
-        projected = act.project(x) if act.fused_gates(x.device) else None   # one GEMM for the sequence
+        # Per-step views by unbind: one autograd node whose backward stacks
+        # every step's gradient once. Indexing x[t] would make each step's
+        # backward write a zero-filled (L, B, I) tensor: O(L^2) memory traffic.
+        inputs = x.unbind(0)
+        projected = act.project(x).unbind(0) if act.fused_gates(x.device) else None   # one GEMM
         outputs, costs, steps = [None] * length, [None] * length, [None] * length
         for t in (reversed(range(length)) if reverse else range(length)):
-            out = act(x[t], state, projected=None if projected is None else projected[t])
+            out = act(inputs[t], state, projected=None if projected is None else projected[t])
             state = out.state
             outputs[t] = state[0] if self._is_lstm else state
             costs[t], steps[t] = out.ponder_cost, out.steps
@@ -300,17 +304,15 @@ class _ACTLayer(nn.Module):
         keep their state. In reverse, a sequence starts at its own last step,
         from its initial state, since no later step touched its row."""
         states = state if self._is_lstm else (state,)
-        starts = [0]
-        for size in sizes[:-1]:
-            starts.append(starts[-1] + size)
-        projected = act.project(data) if act.fused_gates(data.device) else None   # one GEMM for the sequence
+        # per-step views by split, one backward for all of them (see _direction)
+        inputs = data.split(sizes)
+        projected = act.project(data).split(sizes) if act.fused_gates(data.device) else None   # one GEMM
         outputs, costs, steps = [None] * len(sizes), [None] * len(sizes), [None] * len(sizes)
         for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
             size = sizes[t]
             running = tuple(s[:size] for s in states)
-            rows = slice(starts[t], starts[t] + size)
-            out = act(data[rows], running if self._is_lstm else running[0],
-                      projected=None if projected is None else projected[rows])
+            out = act(inputs[t], running if self._is_lstm else running[0],
+                      projected=None if projected is None else projected[t])
             new = out.state if self._is_lstm else (out.state,)
             states = tuple(torch.cat([n, s[size:]]) for n, s in zip(new, states))
             outputs[t], costs[t], steps[t] = new[0], out.ponder_cost, out.steps

@@ -3,6 +3,7 @@
 // float32 (float64 for float64), and writes each output element once. The
 // backward recomputes the gates from the same inputs instead of saving them.
 #include "cells/gates.h"
+#include "halting.h"
 
 namespace act {
 namespace {
@@ -117,6 +118,82 @@ __global__ void __launch_bounds__(kThreads) lstm_backward_kernel(const GateParam
   static_cast<T*>(p.d_state)[at.row * H + at.unit] = store_as<T>(dc * q.f);
 }
 
+// A ponder step's gates and halting step in one launch: THREADS threads per
+// active row (as the halting kernels' row groups), each computing the gates
+// of units lane, lane + THREADS, ... and storing h' (and c'), then the row's
+// dot product w.h' and the halting decision, then the accumulation, which
+// reads back the elements this same thread stored (no barrier needed).
+// Halting reads h' rounded to T, as the unfused path (gates, then halting).
+template <typename T, int THREADS, bool LSTM>
+__global__ void __launch_bounds__(THREADS * rows_per_block(THREADS))
+cell_halting_kernel(const CellHaltingParams cp) {
+  using A = typename AccOf<T>::type;
+  constexpr int ROWS = rows_per_block(THREADS);
+  __shared__ A scratch[ROWS][THREADS / 32];
+  const GateParams& g = cp.gates;
+  const HaltingStepParams& p = cp.halting;
+  const int group = threadIdx.x / THREADS;
+  const int lane = threadIdx.x % THREADS;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * ROWS + group;
+  if (i >= p.num_active) return;  // uniform per row group
+
+  const int64_t b = p.active[i];
+  const int64_t H = p.hidden;
+  const A* w = static_cast<const A*>(p.weight);
+  T* out_h = static_cast<T*>(g.out_h) + i * H;
+  T* out_c = LSTM ? static_cast<T*>(g.out_c) + i * H : nullptr;
+  const A r = static_cast<const A*>(p.running_sum)[b];
+  A dot = 0;
+  for (int64_t j = lane; j < H; j += THREADS) {
+    const Index at{i, j};
+    T h_new;
+    if constexpr (LSTM) {
+      const LstmGates<T, A> q(g, at);
+      const A c_new = q.f * q.c + q.i * q.g;
+      out_c[j] = store_as<T>(c_new);
+      h_new = store_as<T>(q.o * tanh(c_new));
+    } else {
+      const GruGates<T, A> q(g, at);
+      h_new = store_as<T>((A(1) - q.z) * q.n + q.z * q.h);
+    }
+    out_h[j] = h_new;
+    dot += load_as<A>(h_new) * w[j];
+  }
+  dot = row_sum<THREADS>(dot, scratch[group]);
+  if constexpr (THREADS == 32) __syncwarp();
+  const Decision<A> d = decide<A>(p, r, dot);
+  A* acc = static_cast<A*>(p.accumulator) + b * p.acc_row_stride;
+  A* acc_c = LSTM ? static_cast<A*>(cp.acc_c) + b * cp.acc_c_stride : nullptr;
+  for (int64_t j = lane; j < H; j += THREADS) {
+    acc[j] += d.p * load_as<A>(out_h[j]);
+    if constexpr (LSTM) acc_c[j] += d.p * load_as<A>(out_c[j]);
+  }
+  if (lane == 0) write_row_outputs(p, i, b, d);
+}
+
+template <typename T, int THREADS, bool LSTM>
+void launch_cell_halting(const CellHaltingParams& cp, cudaStream_t stream) {
+  constexpr int ROWS = rows_per_block(THREADS);
+  const dim3 grid(static_cast<unsigned>((cp.halting.num_active + ROWS - 1) / ROWS));
+  cell_halting_kernel<T, THREADS, LSTM><<<grid, THREADS * ROWS, 0, stream>>>(cp);
+}
+
+// A warp per row up to 1024 units, wider rows a block (as halting_step.cu).
+template <bool LSTM>
+void cell_halting_step(const CellHaltingParams& cp, int dtype, cudaStream_t stream) {
+  if (cp.halting.num_active <= 0 || cp.halting.hidden <= 0) return;
+  ACT_DISPATCH_DTYPE(dtype, [&] {
+    if (cp.halting.hidden <= 1024) {
+      launch_cell_halting<T, 32, LSTM>(cp, stream);
+    } else if (cp.halting.hidden <= 4096) {
+      launch_cell_halting<T, 128, LSTM>(cp, stream);
+    } else {
+      launch_cell_halting<T, 512, LSTM>(cp, stream);
+    }
+  });
+  check_launch(LSTM ? "lstm_halting_step" : "gru_halting_step");
+}
+
 unsigned blocks_for(const GateParams& p) {
   return static_cast<unsigned>((p.rows * p.hidden + kThreads - 1) / kThreads);
 }
@@ -138,5 +215,13 @@ ACT_GATE_LAUNCH(lstm_gates_forward, lstm_forward_kernel)
 ACT_GATE_LAUNCH(lstm_gates_backward, lstm_backward_kernel)
 
 #undef ACT_GATE_LAUNCH
+
+void gru_halting_step(const CellHaltingParams& params, int dtype, cudaStream_t stream) {
+  cell_halting_step<false>(params, dtype, stream);
+}
+
+void lstm_halting_step(const CellHaltingParams& params, int dtype, cudaStream_t stream) {
+  cell_halting_step<true>(params, dtype, stream);
+}
 
 }  // namespace act

@@ -27,9 +27,22 @@ struct GateParams {
   int64_t hidden;
 };
 
+// A ponder step's gates and its halting step in one launch: the forward gate
+// params (out_h, and out_c for an LSTM) plus the halting params, whose state
+// is the new h. acc_c (B, H) Acc, row stride acc_c_stride: the LSTM's c
+// mean field, accumulated with the same p (unused for a GRU).
+struct CellHaltingParams {
+  GateParams gates;
+  HaltingStepParams halting;
+  void* acc_c;
+  int64_t acc_c_stride;
+};
+
 void gru_gates_forward(const GateParams& params, int dtype, cudaStream_t stream);
 void gru_gates_backward(const GateParams& params, int dtype, cudaStream_t stream);
 void lstm_gates_forward(const GateParams& params, int dtype, cudaStream_t stream);
 void lstm_gates_backward(const GateParams& params, int dtype, cudaStream_t stream);
+void gru_halting_step(const CellHaltingParams& params, int dtype, cudaStream_t stream);
+void lstm_halting_step(const CellHaltingParams& params, int dtype, cudaStream_t stream);
 
 }  // namespace act

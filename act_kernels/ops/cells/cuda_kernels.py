@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from ..act.cuda_kernels import DTYPE_CODES, _check_cuda, _extension, _stream, halting_step
-from ..launch import on_device, unit_columns
+from ..act.cuda_kernels import DTYPE_CODES, _check_cuda, _extension, _stream
+from ..launch import WriteBack, dense, on_device, unit_columns
 
 _GRU_FORWARD, _GRU_BACKWARD, _LSTM_FORWARD, _LSTM_BACKWARD = range(4)
+_GRU_STEP, _LSTM_STEP = range(2)   # cell_halting_step's ops
 
 
 def _inputs(state, *tensors):
@@ -73,21 +74,54 @@ def lstm_gates_backward(grad_h, grad_c, gi, gh, c):
     return d_a.to(gi.dtype), d_c
 
 
+def _halting_launch(op, gi, gh, prev, active, weight, bias, threshold, running_sum, accumulators, steps,
+                    remainder, step, max_steps):
+    """One launch of the gates (op 0 GRU, 1 LSTM) and the halting step."""
+    prev, (gi_, gh_) = _inputs(prev, gi, gh)
+    device, acc = prev.device, running_sum.dtype
+    rows, hidden = prev.shape
+    for name, t in (("active", active), ("weight", weight), ("bias", bias), ("threshold", threshold),
+                    ("running_sum", running_sum), ("steps", steps), ("remainder", remainder),
+                    *((f"accumulators[{k}]", a) for k, a in enumerate(accumulators))):
+        _check_cuda(name, t, device)
+    if any(a.dtype != acc for a in accumulators) or remainder.dtype != acc or threshold.dtype != acc:
+        raise TypeError("running_sum, the accumulators, remainder and threshold share the accumulation dtype")
+    h_new = torch.empty((rows, hidden), dtype=prev.dtype, device=device)
+    c_new = torch.empty((rows, hidden), dtype=prev.dtype, device=device) if op == _LSTM_STEP else None
+    p = torch.empty(rows, dtype=acc, device=device)
+    hh = torch.empty(rows, dtype=acc, device=device)
+    halted = torch.empty(rows, dtype=torch.bool, device=device)
+    new = (h_new,) if c_new is None else (h_new, c_new)
+    if rows == 0 or hidden == 0:
+        return new, p, hh, halted
+    names = ["running_sum", "steps", "remainder", "acc_h"] + (["acc_c"] if c_new is not None else [])
+    out = WriteBack(**dict(zip(names, (running_sum, steps, remainder, *accumulators))))
+    acc_c = out["acc_c"] if c_new is not None else None
+    weight, bias, threshold, active = (dense(t.to(acc) if t.is_floating_point() else t)
+                                       for t in (weight, bias, threshold, active))
+    with on_device(device):
+        _extension().cell_halting_step(
+            op, gi_.data_ptr(), gi_.stride(0), gh_.data_ptr(), gh_.stride(0), prev.data_ptr(), prev.stride(0),
+            h_new.data_ptr(), 0 if c_new is None else c_new.data_ptr(),
+            active.data_ptr(), weight.data_ptr(), bias.data_ptr(), threshold.data_ptr(),
+            out["running_sum"].data_ptr(), out["acc_h"].data_ptr(), out["acc_h"].stride(0),
+            0 if acc_c is None else acc_c.data_ptr(), 0 if acc_c is None else acc_c.stride(0),
+            out["steps"].data_ptr(), out["remainder"].data_ptr(), p.data_ptr(), hh.data_ptr(), halted.data_ptr(),
+            rows, hidden, int(step), int(max_steps), DTYPE_CODES[prev.dtype], _stream(device),
+        )
+    out.finish()
+    return new, p, hh, halted
+
+
 def gru_halting_step(gi, gh, h, active, weight, bias, threshold, running_sum, accumulators, steps, remainder,
                      step, max_steps):
-    """The contract of `reference.gru_halting_step` as two launches (the gate
-    kernel, then the halting kernel): the CUDA extension has no fused
-    gates-and-halting kernel yet."""
-    h_new = gru_gates_forward(gi, gh, h)
-    p, hh, halted = halting_step(h_new, active, weight, bias, threshold, running_sum, accumulators[0], steps,
-                                 remainder, step, max_steps)
-    return (h_new,), p, hh, halted
+    """CUDA twin of `reference.gru_halting_step` (same contract): one launch."""
+    return _halting_launch(_GRU_STEP, gi, gh, h, active, weight, bias, threshold, running_sum, accumulators[:1],
+                           steps, remainder, step, max_steps)
 
 
 def lstm_halting_step(gi, gh, c, active, weight, bias, threshold, running_sum, accumulators, steps, remainder,
                       step, max_steps):
-    """`reference.lstm_halting_step` as two launches, like `gru_halting_step`."""
-    h_new, c_new = lstm_gates_forward(gi, gh, c)
-    p, hh, halted = halting_step(h_new, active, weight, bias, threshold, running_sum, accumulators[0], steps,
-                                 remainder, step, max_steps, extra=[(c_new, accumulators[1])])
-    return (h_new, c_new), p, hh, halted
+    """CUDA twin of `reference.lstm_halting_step` (same contract): one launch."""
+    return _halting_launch(_LSTM_STEP, gi, gh, c, active, weight, bias, threshold, running_sum, accumulators[:2],
+                           steps, remainder, step, max_steps)
