@@ -116,3 +116,25 @@ def test_ops_per_ponder_step(cls, monkeypatch):
             for op in after:
                 want[op] += 1
         assert ops == want, (n, chunk)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_layer_backward_reads_each_time_step_once(backend):
+    """The layers hand every time step a view of the sequence (and of its
+    hoisted projection) by one unbind: its backward stacks the L step
+    gradients once. A view by x[t] would make each time step's backward
+    write a zero-filled tensor as large as the whole sequence (select_backward):
+    O(L^2) memory traffic. The flag's column of W_ih is likewise taken once
+    per sequence."""
+    torch.manual_seed(0)
+    layer = ak.nn.ACTGRU(4, 8, num_layers=2, max_steps=3, backend=backend).to(DEVICE)
+    x = torch.randn(6, 5, 4, device=DEVICE, requires_grad=True)
+    out, _ = layer(x)
+    loss = out.square().sum() + layer.ponder_cost.sum()
+    census = Census()
+    with census:
+        loss.backward()
+    ops = collections.Counter(census.events)
+    # no x[t] view, and W_ih's flag column taken once per (layer, direction), not per time step
+    assert ops["select_backward"] == (layer.num_layers if backend == "triton" else 0), ops
+    assert ops["stack"] >= 2, ops             # each layer's L step gradients, stacked once

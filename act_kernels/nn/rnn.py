@@ -73,14 +73,16 @@ class ACTCell(nn.Module):
         w = self.cell.weight_ih
         return F.linear(input, w[:, : w.shape[1] - 1], self.cell.bias_ih)
 
-    def forward(self, input: Tensor, state, *, projected: Optional[Tensor] = None) -> PonderOutput:
+    def forward(self, input: Tensor, state, *, projected: Optional[Tensor] = None,
+                flag_column: Optional[Tensor] = None) -> PonderOutput:
         """input (B, I); state (B, H) or a tuple of (B, H_k). Returns the ponder's output.
 
-        projected (B, G), optional: `project(input)`, when the caller computed
-        it for many time steps at once (used only with fused gates)."""
+        projected (B, G) and flag_column (G,), optional: `project(input)` and
+        `flag_column()`, when the caller computed them for many time steps at
+        once (used only with fused gates)."""
         gates = self.fused_gates(input.device)
         if gates:
-            return self._forward_fused(input, state, projected, gates)
+            return self._forward_fused(input, state, projected, flag_column, gates)
         ones = input.new_ones(input.shape[0], 1)
         first = torch.cat([input, ones], dim=1)        # the flag: 1 on the first ponder step
         later = torch.cat([input, ones * 0], dim=1)    # and 0 after it
@@ -93,10 +95,16 @@ class ACTCell(nn.Module):
         return ponder(step, state, self.halting.weight, self.halting.bias,
                       max_steps=self.max_steps, eps=self.eps, backend=self.backend)
 
-    def _forward_fused(self, input, state, projected, gates) -> PonderOutput:
+    def flag_column(self) -> Tensor:
+        """The first-step flag's column of W_ih (G,). A caller running many
+        time steps takes it once: each view taken is one more autograd node,
+        whose backward writes a zero-filled tensor the size of W_ih."""
+        return self.cell.weight_ih[:, -1]
+
+    def _forward_fused(self, input, state, projected, flag_column, gates) -> PonderOutput:
         cell, kind = self.cell, _FUSED_GATES[type(self.cell)]
         later = self.project(input) if projected is None else projected
-        first = later + cell.weight_ih[:, -1]      # the first-step flag's column
+        first = later + (self.flag_column() if flag_column is None else flag_column)
         lstm = isinstance(state, (tuple, list))
 
         def step(s, n, active):
@@ -261,10 +269,12 @@ class _ACTLayer(nn.Module):
         # every step's gradient once. Indexing x[t] would make each step's
         # backward write a zero-filled (L, B, I) tensor: O(L^2) memory traffic.
         inputs = x.unbind(0)
-        projected = act.project(x).unbind(0) if act.fused_gates(x.device) else None   # one GEMM
+        fused = act.fused_gates(x.device)
+        projected = act.project(x).unbind(0) if fused else None   # one GEMM
+        flag = act.flag_column() if fused else None
         outputs, costs, steps = [None] * length, [None] * length, [None] * length
         for t in (reversed(range(length)) if reverse else range(length)):
-            out = act(inputs[t], state, projected=None if projected is None else projected[t])
+            out = act(inputs[t], state, projected=None if projected is None else projected[t], flag_column=flag)
             state = out.state
             outputs[t] = state[0] if self._is_lstm else state
             costs[t], steps[t] = out.ponder_cost, out.steps
@@ -306,13 +316,15 @@ class _ACTLayer(nn.Module):
         states = state if self._is_lstm else (state,)
         # per-step views by split, one backward for all of them (see _direction)
         inputs = data.split(sizes)
-        projected = act.project(data).split(sizes) if act.fused_gates(data.device) else None   # one GEMM
+        fused = act.fused_gates(data.device)
+        projected = act.project(data).split(sizes) if fused else None   # one GEMM
+        flag = act.flag_column() if fused else None
         outputs, costs, steps = [None] * len(sizes), [None] * len(sizes), [None] * len(sizes)
         for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
             size = sizes[t]
             running = tuple(s[:size] for s in states)
             out = act(inputs[t], running if self._is_lstm else running[0],
-                      projected=None if projected is None else projected[t])
+                      projected=None if projected is None else projected[t], flag_column=flag)
             new = out.state if self._is_lstm else (out.state,)
             states = tuple(torch.cat([n, s[size:]]) for n, s in zip(new, states))
             outputs[t], costs[t], steps[t] = new[0], out.ponder_cost, out.steps
