@@ -4,7 +4,8 @@ Four op families: ACT's halting kernels (`resolve`, for `ponder` and the
 layers) and PonderNet's (`resolve_pondernet`), which have reference, Triton
 and CUDA implementations; ragged attention (`resolve_attention`), which has
 reference and Triton ones; and the ACT layers' fused cell gates
-(`resolve_gates`), which follow the layer's ACT backend.
+(`resolve_gates`), which follow the layer's ACT backend on a GPU and have
+CPU kernels of their own.
 """
 from __future__ import annotations
 
@@ -107,15 +108,26 @@ def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype) ->
     return backend
 
 
-def resolve_gates(backend: str, device: torch.device) -> str:
+def resolve_gates(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """How an ACT GRU/LSTM layer runs its cell: with the input projection
-    hoisted out of the ponder loop and the fused gate kernels of ops.cells
-    ("cuda" or "triton", the same as its ponder backend resolves to), or ""
-    (torch's own cell module: the reference backend, where on the CPU ATen's
-    fused cell costs less host work than a hoisted projection plus separate
-    gate ops)."""
+    hoisted out of the ponder loop and a ponder step's gates and halting step
+    in one kernel call (ops.cells), or "" for torch's own cell module.
+
+    - "cuda" or "triton": the layer's ponder backend, as `resolve` picks it;
+    - "cpu": "auto" on CPU tensors of float32 or float64 when the compiled
+      extension is built: the CPU gate kernels, on the kernel driver with the
+      reference twins for the rest;
+    - "": backend "reference" (the oracle: torch's cell on the reference
+      ponder), and "auto" on the CPU without the extension or in half
+      precision.
+    """
     chosen = resolve(backend, device)
-    return chosen if chosen in ("triton", "cuda") else ""
+    if chosen in ("triton", "cuda"):
+        return chosen
+    if (backend == "auto" and device.type == "cpu" and dtype in (torch.float32, torch.float64)
+            and not cuda_extension_error()):
+        return "cpu"
+    return ""
 
 
 def resolve_pondernet(backend: str, device: torch.device) -> str:

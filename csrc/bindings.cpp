@@ -6,6 +6,7 @@
 
 #include "common.h"
 #include "cells/gates.h"
+#include "cells/gates_cpu.h"
 #include "pondernet/pondernet.h"
 
 namespace py = pybind11;
@@ -198,6 +199,90 @@ void cell_halting_step(int op, uintptr_t gi, int64_t gi_stride, uintptr_t gh, in
   }
 }
 
+// The CPU gate kernels (cells/gates_cpu.h): kind 0 GRU, 1 LSTM; float32 or
+// float64. With step > 0 the forward also runs the halting step (the
+// halting pointers are read only then).
+template <typename T>
+void cpu_cell_forward_typed(int kind, uintptr_t gi, int64_t s_gi, uintptr_t gh, int64_t s_gh, uintptr_t state,
+                            int64_t s_state, uintptr_t out_h, uintptr_t out_c, int64_t rows, int64_t hidden,
+                            const act::cpu::Halting<T>* halting) {
+  if (kind == 0) {
+    act::cpu::gru_forward<T>(ptr<const T>(gi), s_gi, ptr<const T>(gh), s_gh, ptr<const T>(state), s_state,
+                             ptr<T>(out_h), rows, hidden, halting);
+  } else {
+    act::cpu::lstm_forward<T>(ptr<const T>(gi), s_gi, ptr<const T>(gh), s_gh, ptr<const T>(state), s_state,
+                              ptr<T>(out_h), ptr<T>(out_c), rows, hidden, halting);
+  }
+}
+
+template <typename T>
+void cpu_cell_forward_halting(int kind, uintptr_t gi, int64_t s_gi, uintptr_t gh, int64_t s_gh, uintptr_t state,
+                              int64_t s_state, uintptr_t out_h, uintptr_t out_c, int64_t rows, int64_t hidden,
+                              uintptr_t active, uintptr_t weight, uintptr_t bias, uintptr_t threshold,
+                              uintptr_t running_sum, uintptr_t acc_h, int64_t acc_h_stride, uintptr_t acc_c,
+                              int64_t acc_c_stride, uintptr_t steps, uintptr_t remainder, uintptr_t p, uintptr_t h,
+                              uintptr_t halted, int64_t step, int64_t max_steps) {
+  if (step <= 0) {
+    cpu_cell_forward_typed<T>(kind, gi, s_gi, gh, s_gh, state, s_state, out_h, out_c, rows, hidden, nullptr);
+    return;
+  }
+  const act::cpu::Halting<T> q{ptr<const int64_t>(active), ptr<const T>(weight), ptr<const T>(bias),
+                               ptr<const T>(threshold), ptr<T>(running_sum), ptr<T>(acc_h), acc_h_stride,
+                               ptr<T>(acc_c), acc_c_stride, ptr<int64_t>(steps), ptr<T>(remainder), ptr<T>(p),
+                               ptr<T>(h), ptr<bool>(halted), step, max_steps};
+  cpu_cell_forward_typed<T>(kind, gi, s_gi, gh, s_gh, state, s_state, out_h, out_c, rows, hidden, &q);
+}
+
+void cpu_cell_forward(int kind, uintptr_t gi, int64_t s_gi, uintptr_t gh, int64_t s_gh, uintptr_t state,
+                      int64_t s_state, uintptr_t out_h, uintptr_t out_c, int64_t rows, int64_t hidden,
+                      uintptr_t active, uintptr_t weight, uintptr_t bias, uintptr_t threshold, uintptr_t running_sum,
+                      uintptr_t acc_h, int64_t acc_h_stride, uintptr_t acc_c, int64_t acc_c_stride, uintptr_t steps,
+                      uintptr_t remainder, uintptr_t p, uintptr_t h, uintptr_t halted, int64_t step,
+                      int64_t max_steps, int dtype) {
+  if (kind != 0 && kind != 1) throw std::invalid_argument("act_kernels: unknown cell kind " + std::to_string(kind));
+  if (dtype == static_cast<int>(act::DType::kFloat32)) {
+    cpu_cell_forward_halting<float>(kind, gi, s_gi, gh, s_gh, state, s_state, out_h, out_c, rows, hidden, active,
+                                    weight, bias, threshold, running_sum, acc_h, acc_h_stride, acc_c, acc_c_stride,
+                                    steps, remainder, p, h, halted, step, max_steps);
+  } else if (dtype == static_cast<int>(act::DType::kFloat64)) {
+    cpu_cell_forward_halting<double>(kind, gi, s_gi, gh, s_gh, state, s_state, out_h, out_c, rows, hidden, active,
+                                     weight, bias, threshold, running_sum, acc_h, acc_h_stride, acc_c, acc_c_stride,
+                                     steps, remainder, p, h, halted, step, max_steps);
+  } else {
+    throw std::invalid_argument("act_kernels: the CPU gate kernels take float32 or float64");
+  }
+}
+
+template <typename T>
+void cpu_cell_backward_typed(int kind, uintptr_t grad_h, int64_t s_dh, uintptr_t grad_c, int64_t s_dc, uintptr_t gi,
+                             int64_t s_gi, uintptr_t gh, int64_t s_gh, uintptr_t state, int64_t s_state,
+                             uintptr_t d_gi, uintptr_t d_gh, uintptr_t d_state, int64_t rows, int64_t hidden) {
+  if (kind == 0) {
+    act::cpu::gru_backward<T>(ptr<const T>(grad_h), s_dh, ptr<const T>(gi), s_gi, ptr<const T>(gh), s_gh,
+                              ptr<const T>(state), s_state, ptr<T>(d_gi), ptr<T>(d_gh), ptr<T>(d_state), rows,
+                              hidden);
+  } else {
+    act::cpu::lstm_backward<T>(ptr<const T>(grad_h), s_dh, ptr<const T>(grad_c), s_dc, ptr<const T>(gi), s_gi,
+                               ptr<const T>(gh), s_gh, ptr<const T>(state), s_state, ptr<T>(d_gi),
+                               ptr<T>(d_state), rows, hidden);
+  }
+}
+
+void cpu_cell_backward(int kind, uintptr_t grad_h, int64_t s_dh, uintptr_t grad_c, int64_t s_dc, uintptr_t gi,
+                       int64_t s_gi, uintptr_t gh, int64_t s_gh, uintptr_t state, int64_t s_state, uintptr_t d_gi,
+                       uintptr_t d_gh, uintptr_t d_state, int64_t rows, int64_t hidden, int dtype) {
+  if (kind != 0 && kind != 1) throw std::invalid_argument("act_kernels: unknown cell kind " + std::to_string(kind));
+  if (dtype == static_cast<int>(act::DType::kFloat32)) {
+    cpu_cell_backward_typed<float>(kind, grad_h, s_dh, grad_c, s_dc, gi, s_gi, gh, s_gh, state, s_state, d_gi, d_gh,
+                                   d_state, rows, hidden);
+  } else if (dtype == static_cast<int>(act::DType::kFloat64)) {
+    cpu_cell_backward_typed<double>(kind, grad_h, s_dh, grad_c, s_dc, gi, s_gi, gh, s_gh, state, s_state, d_gi,
+                                    d_gh, d_state, rows, hidden);
+  } else {
+    throw std::invalid_argument("act_kernels: the CPU gate kernels take float32 or float64");
+  }
+}
+
 int64_t combine_backward_groups(int64_t batch, int64_t hidden) {
   return act::combine_backward_groups(batch, hidden);
 }
@@ -211,6 +296,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("pondernet_step", &pondernet_step, "Fused PonderNet halting step over the running rows");
   m.def("pondernet_backward", &pondernet_backward, "PonderNet backward of p and kl: a reverse scan per row");
   m.def("cell_gates", &cell_gates, "Fused GRU/LSTM gates, forward or recomputing backward (op 0-3)");
+  m.def("cpu_cell_forward", &cpu_cell_forward, py::call_guard<py::gil_scoped_release>(),
+        "CPU GRU (kind 0) / LSTM (1) gates, with the halting step when step > 0 (float32, float64)");
+  m.def("cpu_cell_backward", &cpu_cell_backward, py::call_guard<py::gil_scoped_release>(),
+        "CPU GRU / LSTM gates backward, recomputing the gates (float32, float64)");
   m.def("cell_halting_step", &cell_halting_step,
         "A GRU (op 0) or LSTM (op 1) ponder step's gates and its halting step in one launch");
   m.def("combine_backward_groups", &combine_backward_groups,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from act_kernels.ops.act import reference as act_twins
 from act_kernels.ops.cells import reference as twins
-from backends import KERNEL_BACKENDS
+from backends import CPU_DTYPES, CPU_GATES, KERNEL_BACKENDS
 from helpers import DEVICE, TOL
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -19,6 +19,9 @@ def kernels(backend):
     if backend == "cuda":
         from act_kernels.ops.cells import cuda_kernels
         return cuda_kernels
+    if backend == "cpu":
+        from act_kernels.ops.cells import cpu_kernels
+        return cpu_kernels
     from act_kernels.ops.cells import triton_kernels
     return triton_kernels
 
@@ -97,7 +100,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", [CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden,step,max_steps,sum_scale", CASES)
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
@@ -106,6 +109,8 @@ def test_kernels_match_twins(backend, kind, rows, hidden, step, max_steps, sum_s
     decision is compared exactly: the fused kernel decides on h' rounded to
     the state dtype, as the unfused path does. p, h and the buffers follow
     h', so they are compared at h's dtype's tolerance."""
+    if backend == "cpu" and dtype not in CPU_DTYPES:
+        pytest.skip("the CPU kernels take float32 and float64")
     _, _, _, _, inputs, buffers, step, max_steps = _problem(kind, rows, hidden, dtype, step=step,
                                                             max_steps=max_steps, sum_scale=sum_scale)
     w_new, w_p, w_hh, w_halted, want = _run(twins, kind, inputs, buffers, step, max_steps)
@@ -126,7 +131,7 @@ def test_kernels_match_twins(backend, kind, rows, hidden, step, max_steps, sum_s
         assert bool(g_halted.all())
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", [CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_kernels_read_strided_inputs_and_write_strided_buffers(backend, kind):
     """gi a column slice of a wider buffer, the state expanded from one row
@@ -159,7 +164,7 @@ def test_kernels_read_strided_inputs_and_write_strided_buffers(backend, kind):
     assert not wide_acc[:, :3].any() and not wide_acc[:, 12:].any()
 
 
-@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("backend", ["reference", CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_gate_step_gradcheck_float64(kind, backend):
     """GateStep.halt is differentiable in gi, gh and the state through the new

@@ -10,7 +10,7 @@ import act_kernels as ak
 from act_kernels.ops.cells import gru_gates, lstm_gates
 from act_kernels.ops.cells import reference as twins
 from act_kernels.ops.cells import triton_kernels as tk
-from backends import KERNEL_BACKENDS
+from backends import CPU_DTYPES, CPU_GATES, KERNEL_BACKENDS
 from helpers import DEVICE, TOL
 
 
@@ -18,6 +18,9 @@ def kernels(backend):
     if backend == "cuda":
         from act_kernels.ops.cells import cuda_kernels
         return cuda_kernels
+    if backend == "cpu":
+        from act_kernels.ops.cells import cpu_kernels
+        return cpu_kernels
     return tk
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -57,7 +60,7 @@ def test_twins_compute_torchs_cells(kind, bias):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("backend", ["reference", CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_gradcheck_float64(kind, backend):
     _, _, _, _, gi, gh, h, c = _problem(kind, 3, 5)
@@ -66,12 +69,14 @@ def test_gradcheck_float64(kind, backend):
     assert torch.autograd.gradcheck(lambda a, b, s: fn(a, b, s, backend=backend), args)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", [CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(0, 8), (1, 1), (5, 37), (3, 300)])
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_kernels_match_twins(backend, kind, rows, hidden, dtype):
     """H = 300 spans two blocks of 256 with a ragged tail; rows = 0 launches nothing."""
+    if backend == "cpu" and dtype not in CPU_DTYPES:
+        pytest.skip("the CPU kernels take float32 and float64 (half precision: test_cpu_kernels_refuse_half_and_auto_falls_back)")
     tk = kernels(backend)
     _, _, _, _, gi, gh, h, c = _problem(kind, rows, hidden, dtype)
     state = h if kind == "gru" else c
@@ -88,7 +93,7 @@ def test_kernels_match_twins(backend, kind, rows, hidden, dtype):
         torch.testing.assert_close(a.double(), b.double(), **TOL[dtype])
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", [CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_kernels_read_strided_and_stride0_inputs(backend, kind):
     """gi as a column slice of a wider buffer (row stride > width), the
@@ -124,7 +129,7 @@ def test_bad_input_is_named():
         lstm_gates(gi, gh, h)
     with pytest.raises(TypeError, match="floating point"):
         gru_gates(gi.long(), gh, h)
-    with pytest.raises(ValueError, match="'reference', 'triton' and 'cuda'"):
+    with pytest.raises(ValueError, match="'reference', 'cpu', 'triton' and 'cuda'"):
         gru_gates(gi, gh, h, backend="fast")
 
 
@@ -133,12 +138,13 @@ def test_bad_input_is_named():
 def _layer_pair(cls, backend, **kwargs):
     torch.manual_seed(0)
     ref = cls(5, 19, max_steps=4, backend="reference", **kwargs).to(DEVICE)
-    fused = cls(5, 19, max_steps=4, backend=backend, **kwargs).to(DEVICE)
+    # the CPU gate kernels are what "auto" picks on the CPU; no backend name selects them
+    fused = cls(5, 19, max_steps=4, backend="auto" if backend == "cpu" else backend, **kwargs).to(DEVICE)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", [CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kwargs", [{}, dict(num_layers=2, bidirectional=True)])
 @pytest.mark.parametrize("cls", [ak.nn.ACTGRU, ak.nn.ACTLSTM])
@@ -195,3 +201,25 @@ def test_subclassed_cells_keep_their_own_forward():
 
     act = ak.nn.ACTCell(Noisy(6, 11), 11, backend="triton")
     assert act.fused_gates(torch.device(DEVICE)) == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors")
+def test_cpu_kernels_refuse_half_and_auto_falls_back():
+    """The CPU kernels take float32 and float64; a half-precision layer on
+    the CPU keeps torch's cell (no error), and backend='reference' always does."""
+    from act_kernels.backends import cuda_extension_error
+    from act_kernels.ops.cells import cpu_kernels
+
+    if cuda_extension_error():
+        pytest.skip(cuda_extension_error())
+    gi, gh, h = torch.zeros(2, 9, dtype=torch.bfloat16), torch.zeros(2, 9, dtype=torch.bfloat16), \
+        torch.zeros(2, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        cpu_kernels.gru_gates_forward(gi, gh, h)
+    cpu = torch.device("cpu")
+    assert ak.nn.ACTGRU(3, 4).acts[0].fused_gates(cpu) == "cpu"
+    assert ak.nn.ACTGRU(3, 4).to(torch.bfloat16).acts[0].fused_gates(cpu) == ""
+    assert ak.nn.ACTGRU(3, 4, backend="reference").acts[0].fused_gates(cpu) == ""
+    layer = ak.nn.ACTLSTM(3, 4).to(torch.bfloat16)
+    out, _ = layer(torch.randn(5, 2, 3, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -17,6 +17,8 @@ from torch.nn.utils.rnn import PackedSequence
 from .._validation import check_layer_input, check_layer_options
 from ..api import ponder
 from ..backends import resolve_gates
+from ..driver import ragged_ponder
+from ..ops.act import get_kernels
 from ..ops.cells import GateStep
 from ..output import PonderOutput
 
@@ -59,12 +61,13 @@ class ACTCell(nn.Module):
 
     def fused_gates(self, device: torch.device) -> str:
         """The gate kernels this cell's ponder steps use on `device` ("triton"
-        or "cuda", as its backend resolves), or "" for the wrapped cell module
-        as it is (the reference backend, or a cell other than torch's own
-        GRUCell / LSTMCell)."""
+        or "cuda", as its backend resolves; "cpu" for "auto" on the CPU in
+        float32/float64 when the extension is built), or "" for the wrapped
+        cell module as it is (the reference backend, half precision on the
+        CPU, or a cell other than torch's own GRUCell / LSTMCell)."""
         if type(self.cell) not in _FUSED_GATES:
             return ""
-        return resolve_gates(self.backend, device)
+        return resolve_gates(self.backend, device, self.cell.weight_hh.dtype)
 
     def project(self, input: Tensor) -> Tensor:
         """x W_ih^T + b_ih without the first-step flag column: the part of the
@@ -118,6 +121,9 @@ class ACTCell(nn.Module):
             # the gates run in the driver's halting launch
             return GateStep(kind, gi, gh, s[1] if lstm else s, gates)
 
+        if gates == "cpu":   # the kernel driver, the CPU gate kernels, the twins for the rest
+            return ragged_ponder(get_kernels("twins"), step, state, self.halting.weight, self.halting.bias,
+                                 max_steps=self.max_steps, eps=self.eps)
         return ponder(step, state, self.halting.weight, self.halting.bias,
                       max_steps=self.max_steps, eps=self.eps, backend=self.backend)
 

@@ -13,7 +13,7 @@ def get_kernels(backend: str) -> Kernels:
         from . import triton_kernels as mod
     elif backend == "cuda":
         from . import cuda_kernels as mod
-    elif backend == "twins":  # the reference twins on the kernel driver, for tests
+    elif backend == "twins":  # the reference twins on the kernel driver (tests, the layers' CPU path)
         from . import reference as mod
     else:
         raise ValueError(f"no kernels for backend {backend!r}")

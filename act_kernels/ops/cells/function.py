@@ -20,9 +20,13 @@ def _impl(backend: str):
     if backend == "cuda":
         from . import cuda_kernels
         return cuda_kernels
+    if backend == "cpu":
+        from . import cpu_kernels
+        return cpu_kernels
     if backend == "reference":
         return reference
-    raise ValueError(f"the fused gates have 'reference', 'triton' and 'cuda' implementations, got {backend!r}")
+    raise ValueError(f"the fused gates have 'reference', 'cpu', 'triton' and 'cuda' implementations, "
+                     f"got {backend!r}")
 
 
 class _GRUGates(torch.autograd.Function):
