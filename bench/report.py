@@ -94,7 +94,7 @@ def pondernet_table(data):
 def layer_table(data):
     return ideal_table(data, "act_layer", lambda r: (r["length"], r["batch"], r["hidden"], r["kind"]),
                        "L x B x H | workload", lambda k: f"{k[0]} x {k[1]} x {k[2]} | {k[3]}", "ideal",
-                       "padded", ms_digits=1)
+                       "padded", ms_digits=1, order=("padded", "reference", "cpu", "triton", "cuda"))
 
 
 def plot(data, path):

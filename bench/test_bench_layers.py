@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from act_kernels.backends import why_unavailable
+from act_kernels.backends import cuda_extension_error, why_unavailable
 from conftest import sync
 from workloads import GRULayerWorkload
 
@@ -27,10 +27,19 @@ def impl_marks(impl):
     if impl in ("triton", "cuda"):
         reason = why_unavailable(impl, DEVICE) if GPU else "GPU-only benchmark row"
         return pytest.mark.skipif(bool(reason), reason=reason or "available")
+    if impl == "cpu":
+        reason = "CPU-only benchmark row" if GPU else cuda_extension_error()
+        return pytest.mark.skipif(bool(reason), reason=reason or "available")
     return []
 
 
-@pytest.mark.parametrize("impl", [pytest.param(i, marks=impl_marks(i)) for i in ("padded", "reference", "triton", "cuda")])
+# "reference": torch's GRUCell on the reference ponder; "cpu": what "auto"
+# runs on the CPU (the CPU gate kernels of the compiled extension, on the
+# kernel driver); "triton", "cuda": the GPU kernel backends.
+IMPLS = ("padded", "reference", "cpu", "triton", "cuda")
+
+
+@pytest.mark.parametrize("impl", [pytest.param(i, marks=impl_marks(i)) for i in IMPLS])
 @pytest.mark.parametrize("kind", ["flat", "skewed"])
 @pytest.mark.parametrize("length,batch,hidden", SIZES)
 def test_actgru_layer_fwd_bwd(benchmark, record, impl, kind, length, batch, hidden):
@@ -38,7 +47,9 @@ def test_actgru_layer_fwd_bwd(benchmark, record, impl, kind, length, batch, hidd
     layer = work.layer
     if impl != "padded":
         for act in layer.acts:
-            act.backend = impl
+            act.backend = "auto" if impl == "cpu" else impl
+        if impl == "cpu":
+            assert layer.acts[0].fused_gates(DEVICE) == "cpu"
     params = list(layer.parameters())
 
     def run():

@@ -15,13 +15,18 @@ CPU_DTYPES = (torch.float32, torch.float64)
 _GRU, _LSTM = 0, 1
 
 
+def _as(t, dtype):
+    # a no-op .to() still costs a dispatch; this runs several times per ponder step
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _inputs(state, *tensors):
     if state.dtype not in CPU_DTYPES:
         raise TypeError(f"the CPU gate kernels take float32 or float64 states, got {state.dtype}")
     for t in (state, *tensors):
         if t.device.type != "cpu":
             raise ValueError(f"the CPU gate kernels take CPU tensors, got one on {t.device}")
-    return unit_columns(state), [unit_columns(t.to(state.dtype)) for t in tensors]
+    return unit_columns(state), [unit_columns(_as(t, state.dtype)) for t in tensors]
 
 
 def _forward(kind, gi, gh, prev, halting=None):
@@ -49,7 +54,7 @@ def _forward(kind, gi, gh, prev, halting=None):
     names = ["running_sum", "steps", "remainder", "acc_h"] + (["acc_c"] if kind == _LSTM else [])
     out = WriteBack(**dict(zip(names, (running_sum, steps, remainder, *accumulators))))
     acc_c = out["acc_c"] if kind == _LSTM else None
-    weight, bias, threshold = (dense(t.to(acc)) for t in (weight, bias, threshold))
+    weight, bias, threshold = (dense(_as(t, acc)) for t in (weight, bias, threshold))
     active = dense(active)
     _extension().cpu_cell_forward(
         *args, active.data_ptr(), weight.data_ptr(), bias.data_ptr(), threshold.data_ptr(),
@@ -93,7 +98,7 @@ def gru_gates_backward(grad, gi, gh, h):
         _extension().cpu_cell_backward(_GRU, grad_.data_ptr(), grad_.stride(0), 0, 0, gi_.data_ptr(), gi_.stride(0),
                                        gh_.data_ptr(), gh_.stride(0), h.data_ptr(), h.stride(0), d_gi.data_ptr(),
                                        d_gh.data_ptr(), d_h.data_ptr(), rows, hidden, DTYPE_CODES[h.dtype])
-    return d_gi.to(gi.dtype), d_gh.to(gh.dtype), d_h
+    return _as(d_gi, gi.dtype), _as(d_gh, gh.dtype), d_h
 
 
 def lstm_gates_backward(grad_h, grad_c, gi, gh, c):
@@ -106,4 +111,4 @@ def lstm_gates_backward(grad_h, grad_c, gi, gh, c):
                                        grad_c_.stride(0), gi_.data_ptr(), gi_.stride(0), gh_.data_ptr(),
                                        gh_.stride(0), c.data_ptr(), c.stride(0), d_a.data_ptr(), 0, d_c.data_ptr(),
                                        rows, hidden, DTYPE_CODES[c.dtype])
-    return d_a.to(gi.dtype), d_c
+    return _as(d_a, gi.dtype), d_c

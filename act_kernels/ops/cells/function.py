@@ -56,7 +56,7 @@ class _LSTMGates(torch.autograd.Function):
         grad_h = torch.zeros_like(c) if grad_h is None else grad_h
         grad_c = torch.zeros_like(c) if grad_c is None else grad_c
         d_a, d_c = ctx.impl.lstm_gates_backward(grad_h, grad_c, gi, gh, c)
-        return d_a, d_a.to(gh.dtype), d_c, None
+        return d_a, d_a if d_a.dtype == gh.dtype else d_a.to(gh.dtype), d_c, None
 
 
 class _GRUHaltingStep(torch.autograd.Function):
@@ -92,7 +92,7 @@ class _LSTMHaltingStep(torch.autograd.Function):
     def backward(ctx, grad_h, grad_c, *_):
         gi, gh, c = ctx.saved_tensors
         d_a, d_c = ctx.impl.lstm_gates_backward(grad_h, grad_c, gi, gh, c)
-        return d_a, d_a.to(gh.dtype), d_c, None, None
+        return d_a, d_a if d_a.dtype == gh.dtype else d_a.to(gh.dtype), d_c, None, None
 
 
 class GateStep(FusedStep):
