@@ -68,12 +68,17 @@ class _GRUHaltingStep(torch.autograd.Function):
     def forward(ctx, gi, gh, h, backend, buffers):
         ctx.impl = _impl(backend)
         ctx.save_for_backward(gi, gh, h)
+        # p, h and halted get no gradient: without this, autograd would
+        # allocate three zero tensors per ponder step for them
+        ctx.set_materialize_grads(False)
         (h_new,), p, hh, halted = ctx.impl.gru_halting_step(gi, gh, h, *buffers)
         ctx.mark_non_differentiable(p, hh, halted)
         return h_new, p, hh, halted
 
     @staticmethod
     def backward(ctx, grad, *_):
+        if grad is None:
+            return None, None, None, None, None
         gi, gh, h = ctx.saved_tensors
         d_gi, d_gh, d_h = ctx.impl.gru_gates_backward(grad, gi, gh, h)
         return d_gi, d_gh, d_h, None, None
@@ -84,13 +89,18 @@ class _LSTMHaltingStep(torch.autograd.Function):
     def forward(ctx, gi, gh, c, backend, buffers):
         ctx.impl = _impl(backend)
         ctx.save_for_backward(gi, gh, c)
+        ctx.set_materialize_grads(False)   # as in _GRUHaltingStep
         (h_new, c_new), p, hh, halted = ctx.impl.lstm_halting_step(gi, gh, c, *buffers)
         ctx.mark_non_differentiable(p, hh, halted)
         return h_new, c_new, p, hh, halted
 
     @staticmethod
     def backward(ctx, grad_h, grad_c, *_):
+        if grad_h is None and grad_c is None:
+            return None, None, None, None, None
         gi, gh, c = ctx.saved_tensors
+        grad_h = torch.zeros_like(c) if grad_h is None else grad_h
+        grad_c = torch.zeros_like(c) if grad_c is None else grad_c
         d_a, d_c = ctx.impl.lstm_gates_backward(grad_h, grad_c, gi, gh, c)
         return d_a, d_a if d_a.dtype == gh.dtype else d_a.to(gh.dtype), d_c, None, None
 
