@@ -223,3 +223,39 @@ def test_cpu_kernels_refuse_half_and_auto_falls_back():
     layer = ak.nn.ACTLSTM(3, 4).to(torch.bfloat16)
     out, _ = layer(torch.randn(5, 2, 3, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+# the Triton rows take over 30 s each under the interpreter: --run-slow there
+LAYER_GRADCHECK = [CPU_GATES, *(pytest.param(*p.values, marks=[*p.marks, pytest.mark.slow], id=p.id)
+                                if p.id == "triton" and not torch.cuda.is_available() else p
+                                for p in KERNEL_BACKENDS)]
+
+
+@pytest.mark.parametrize("backend", LAYER_GRADCHECK)
+@pytest.mark.parametrize("cls", [ak.nn.ACTGRU, ak.nn.ACTLSTM])
+def test_fused_layer_gradcheck_float64(cls, backend):
+    """The fused layer path in float64 (on the CPU: the whole ponder as one
+    autograd Function with a hand-written backward), gradchecked in the input
+    and the initial state through the output and the ponder cost. Halting
+    decisions are piecewise constant, so the problem keeps every running sum
+    away from the threshold (eps = 0.3, max_steps = 3)."""
+    torch.manual_seed(0)
+    layer = cls(3, 4, max_steps=3, eps=0.3, backend="auto" if backend == "cpu" else backend)
+    layer = layer.to(DEVICE, torch.float64)
+    with torch.no_grad():
+        layer.halting.bias.fill_(0.0)
+        layer.halting.weight.mul_(15.0)   # h spread widely, so rows halt at different steps
+    assert layer.acts[0].fused_gates(torch.device(DEVICE)) == backend
+    x = torch.randn(2, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    h0 = torch.randn(1, 3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+
+    def fn(x, h0):
+        out, _ = layer(x, (h0, h0 * 0.5) if cls is ak.nn.ACTLSTM else h0)
+        return out, layer.ponder_cost
+
+    steps = None
+    with torch.no_grad():
+        fn(x, h0)
+        steps = layer.steps.clone()
+    assert len(set(steps.flatten().tolist())) > 1, "the test needs rows that halt at different steps"
+    assert torch.autograd.gradcheck(fn, (x, h0))

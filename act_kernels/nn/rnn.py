@@ -17,8 +17,8 @@ from torch.nn.utils.rnn import PackedSequence
 from .._validation import check_layer_input, check_layer_options
 from ..api import ponder
 from ..backends import resolve_gates
-from ..driver import ragged_ponder
 from ..ops.act import get_kernels
+from ..ops.cells.ponder import cell_ponder
 from ..ops.cells import GateStep
 from ..output import PonderOutput
 
@@ -107,7 +107,13 @@ class ACTCell(nn.Module):
     def _forward_fused(self, input, state, projected, flag_column, gates) -> PonderOutput:
         cell, kind = self.cell, _FUSED_GATES[type(self.cell)]
         later = self.project(input) if projected is None else projected
-        first = later + (self.flag_column() if flag_column is None else flag_column)
+        flag = self.flag_column() if flag_column is None else flag_column
+        if gates == "cpu":   # the whole ponder as one autograd Function (ops.cells.ponder)
+            from ..ops.cells import cpu_kernels
+            return cell_ponder(kind, cpu_kernels, get_kernels("twins").combine_backward, later, flag, state,
+                               cell.weight_hh, cell.bias_hh, self.halting.weight, self.halting.bias,
+                               max_steps=self.max_steps, eps=self.eps)
+        first = later + flag
         lstm = isinstance(state, (tuple, list))
 
         def step(s, n, active):
@@ -121,9 +127,6 @@ class ACTCell(nn.Module):
             # the gates run in the driver's halting launch
             return GateStep(kind, gi, gh, s[1] if lstm else s, gates)
 
-        if gates == "cpu":   # the kernel driver, the CPU gate kernels, the twins for the rest
-            return ragged_ponder(get_kernels("twins"), step, state, self.halting.weight, self.halting.bias,
-                                 max_steps=self.max_steps, eps=self.eps)
         return ponder(step, state, self.halting.weight, self.halting.bias,
                       max_steps=self.max_steps, eps=self.eps, backend=self.backend)
 
