@@ -3,9 +3,9 @@
 At step n the step function sees only the A_n rows still running. After it,
 one fused halting-step launch evaluates the halting unit, decides which rows
 halt, and accumulates p * s into the mean-field state; the survivors are
-compacted for the next step. Nothing is sized B * max_steps. A step function
-may instead return a `FusedStep` (a GRU/LSTM step's gates), which runs its
-last stage and the halting step in one launch.
+compacted for the next step. Nothing is sized B * max_steps. (The ACT
+GRU/LSTM layers run their own loop over the same kernels, with the gates in
+the halting launch: `act_kernels.ops.cells.ponder`.)
 
 Autograd: the step function's own graph carries gradients from step to step;
 `_RaggedCombine` attaches the backward of S = sum p s and rho = N + R to the
@@ -28,34 +28,6 @@ class Kernels(NamedTuple):
 
     halting_step: Callable
     combine_backward: Callable
-
-
-class HaltingBuffers(NamedTuple):
-    """One ponder step's halting arguments (DESIGN §3's halting_step, less the
-    state), handed to a step that fuses its own halting (`FusedStep`). The
-    buffers are updated in place for the active rows."""
-
-    active: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor
-    threshold: torch.Tensor
-    running_sum: torch.Tensor
-    accumulators: Sequence[torch.Tensor]  # the mean field of every state tensor
-    steps: torch.Tensor
-    remainder: torch.Tensor
-    step: int
-    max_steps: int
-
-
-class FusedStep:
-    """What a step function may return instead of its new state when the
-    last stage of its step can run in the same launch as the halting step
-    (the fused GRU/LSTM gates of ops.cells): the driver calls
-    `halt(buffers)`, which returns (new states tuple, p, h, halted) with the
-    contract of halting_step. Only the kernel driver accepts it."""
-
-    def halt(self, buffers: HaltingBuffers):
-        raise NotImplementedError
 
 
 class _Saved(NamedTuple):
@@ -168,19 +140,13 @@ def ragged_ponder(
 
     for n in range(1, max_steps + 1):
         given = tuple(current) if was_tuple else current[0]
-        out = step_fn(given, n, active)
-        if isinstance(out, FusedStep):   # the step's last stage and halting, one launch
-            new, p, h, halted = out.halt(HaltingBuffers(active, w, c, threshold, running_sum, mean_field,
-                                                        steps, remainder, n, max_steps))
-            new = check_step_output(new if was_tuple else new[0], states, active.numel(), n)
-        else:
-            new = check_step_output(out, states, active.numel(), n)
-            new = tuple(_unit_column_stride(t) for t in new)
-            p, h, halted = kernels.halting_step(
-                new[0].detach(), active, w, c, threshold,
-                running_sum, mean_field[0], steps, remainder, n, max_steps,
-                extra=[(t.detach(), m) for t, m in zip(new[1:], mean_field[1:])],
-            )
+        new = check_step_output(step_fn(given, n, active), states, active.numel(), n)
+        new = tuple(_unit_column_stride(t) for t in new)
+        p, h, halted = kernels.halting_step(
+            new[0].detach(), active, w, c, threshold,
+            running_sum, mean_field[0], steps, remainder, n, max_steps,
+            extra=[(t.detach(), m) for t, m in zip(new[1:], mean_field[1:])],
+        )
         step_states.extend(new)
         ps.append(p)
         hs.append(h)

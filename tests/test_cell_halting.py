@@ -1,7 +1,8 @@
 """A GRU/LSTM ponder step's gates and its halting step in one launch
-(ops.cells `gru_halting_step` / `lstm_halting_step`, used by the layers
-through `GateStep`): the twins against torch's cells followed by the halting
-twin, and the kernels against the twins on every buffer they write."""
+(ops.cells `gru_halting_step` / `lstm_halting_step`, which the layers'
+whole-ponder Function calls once per step): the twins against torch's cells
+followed by the halting twin, the kernels against the twins on every buffer
+they write, and the whole-ponder Function's backward gradchecked."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,25 +165,49 @@ def test_kernels_read_strided_inputs_and_write_strided_buffers(backend, kind):
     assert not wide_acc[:, :3].any() and not wide_acc[:, 12:].any()
 
 
-@pytest.mark.parametrize("backend", ["reference", CPU_GATES, *KERNEL_BACKENDS])
+# The Triton rows run the interpreter through many evaluations: --run-slow there
+PONDER_GRADCHECK = ["reference", CPU_GATES, *(pytest.param(*p.values, marks=[*p.marks, pytest.mark.slow], id=p.id)
+                                             if p.id == "triton" and not torch.cuda.is_available() else p
+                                             for p in KERNEL_BACKENDS)]
+
+
+@pytest.mark.parametrize("backend", PONDER_GRADCHECK)
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
-def test_gate_step_gradcheck_float64(kind, backend):
-    """GateStep.halt is differentiable in gi, gh and the state through the new
-    states (the halting's own gradients come from the combine backward)."""
-    from act_kernels.driver import HaltingBuffers
-    from act_kernels.ops.cells import GateStep
+def test_cell_ponder_gradcheck_float64(kind, backend):
+    """A cell's whole ponder as one autograd Function (ops.cells.ponder), its
+    hand-written backward gradchecked in float64 in every input: the hoisted
+    projection, the flag column, the initial state, W_hh, b_hh and the
+    halting unit. Rows halt at steps 1, 2 and 3 and the running sums stay
+    away from the threshold (eps = 0.3)."""
+    from act_kernels.ops.act import get_kernels
+    from act_kernels.ops.cells import cell_ponder, gate_kernels
 
-    _, _, _, _, inputs, buffers, step, max_steps = _problem(kind, 3, 5, torch.float64)
-    gi, gh, state, active, weight, bias, threshold = inputs
-    f64 = {k: v.double() if v.is_floating_point() else v for k, v in buffers.items()}
+    g = torch.Generator().manual_seed(7)    # rows halt at steps 1, 2 and 3 for both cells
+    B, H, G = 5, 4, (3 if kind == "gru" else 4) * 4
+    f64 = dict(dtype=torch.float64, device=DEVICE)
+    later = torch.randn(B, G, generator=g, dtype=torch.float64).to(DEVICE)
+    flag = torch.randn(G, generator=g, dtype=torch.float64).to(DEVICE)
+    h0 = torch.randn(B, H, generator=g, dtype=torch.float64).to(DEVICE)
+    c0 = torch.randn(B, H, generator=g, dtype=torch.float64).to(DEVICE)
+    w_hh = (torch.randn(G, H, generator=g, dtype=torch.float64) * 0.5).to(DEVICE)
+    b_hh = torch.randn(G, generator=g, dtype=torch.float64).to(DEVICE)
+    halt_w = (torch.randn(1, H, generator=g, dtype=torch.float64) * 3).to(DEVICE)
+    halt_b = torch.zeros(1, **f64)
+    combine = get_kernels({"reference": "twins", "cpu": "twins"}.get(backend, backend)).combine_backward
+    impl = gate_kernels(backend)
 
-    def fn(a, b, s):
-        buf = {k: v.clone() for k, v in f64.items()}
-        accumulators = (buf["acc_h"],) if kind == "gru" else (buf["acc_h"], buf["acc_c"])
-        halting = HaltingBuffers(active, weight.double(), bias.double(), threshold.double(), buf["running_sum"],
-                                 accumulators, buf["steps"], buf["remainder"], step, max_steps)
-        new, *_ = GateStep(kind, a, b, s, backend).halt(halting)
-        return new
+    def fn(later, flag, h0, c0, w_hh, b_hh, halt_w, halt_b):
+        state = (h0, c0) if kind == "lstm" else h0
+        out = cell_ponder(kind, impl, combine, later, flag, state, w_hh, b_hh, halt_w, halt_b, max_steps=3,
+                          eps=0.3)
+        s = out.state if kind == "lstm" else (out.state,)
+        return (*s, out.ponder_cost)
 
-    args = [t.clone().requires_grad_() for t in (gi, gh, state)]
+    args = [t.clone().requires_grad_() for t in (later, flag, h0, c0, w_hh, b_hh, halt_w, halt_b)]
+    if kind == "gru":
+        args[3].requires_grad_(False)
+    with torch.no_grad():
+        steps = cell_ponder(kind, impl, combine, later, flag, (h0, c0) if kind == "lstm" else h0, w_hh, b_hh,
+                            halt_w, halt_b, max_steps=3, eps=0.3).steps
+    assert len(set(steps.tolist())) > 1, f"the test needs rows that halt at different steps, got {steps}"
     assert torch.autograd.gradcheck(fn, args)

@@ -3,13 +3,12 @@ and kernel launch that one time step of the fused ACT GRU and LSTM layers
 issues, recorded with a TorchDispatchMode and split at each ponder step.
 
 The budget this guards, per ponder step:
-- in the step function: the gather of the hoisted input projection's rows
-  (once some row has halted) and the hidden GEMM;
+- the hidden GEMM;
 - one launch of the gates and the halting step together, which also
   accumulates every state tensor (an LSTM's c: no index_add_);
-- in the driver: one survivor-count read (nonzero, the only host sync), the
-  flag negation, and, only at a step where rows halt, one gather of the
-  survivors' indices and of each state tensor;
+- one survivor-count read (nonzero, the only host sync), the flag negation,
+  and, only at a step where rows halt, one gather of the survivors' indices,
+  of each state tensor and of their hoisted input projections;
 - after the loop: no host sync at all.
 DESIGN §11's full budget (one launch and one count read outside the step
 function) needs the negation and the gathers fused into the halting launch:
@@ -102,10 +101,8 @@ def test_ops_per_ponder_step(cls, monkeypatch):
         want = collections.Counter({"LAUNCH step": 1, "bitwise_not": 1, "nonzero": 1})
         if still_running:
             want["addmm"] += 1                        # the next step's hidden GEMM
-            if still_running < len(steps):
-                want["index_select"] += 1             # and its gather of the projected input rows
-            if halted_now:
-                want["index_select"] += 1 + n_states  # survivors' indices and states
+            if halted_now:                            # survivors' indices, states and projected inputs
+                want["index_select"] += 2 + n_states
         else:
             # after the loop: concatenations and the packed step index, with no
             # sync and no table built on the host (lift_fresh: a tensor made

@@ -1,4 +1,6 @@
 """The ACT layers against a naive per-row, per-step implementation."""
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -124,14 +126,22 @@ def test_packed_sequence(backend, kind, monkeypatch):
         return cell_forward(inp, state)
 
     layer.cell.forward = counting
-    # on a GPU kernel backend the step runs the fused gates instead of the cell module
+    # on a kernel backend a ponder step runs the fused gate kernels instead of the cell module
+    gate_kernels = rnn.gate_kernels
 
-    class CountingGateStep(rnn.GateStep):
-        def __init__(self, kind, gi, gh, state, backend):
-            calls["rows"] += gi.shape[0]
-            super().__init__(kind, gi, gh, state, backend)
+    def counting_kernels(backend):
+        impl = gate_kernels(backend)
 
-    monkeypatch.setattr(rnn, "GateStep", CountingGateStep)
+        def counted(fn):
+            def step(gi, *args):
+                calls["rows"] += gi.shape[0]
+                return fn(gi, *args)
+            return step
+        return types.SimpleNamespace(
+            gru_halting_step=counted(impl.gru_halting_step), lstm_halting_step=counted(impl.lstm_halting_step),
+            gru_gates_backward=impl.gru_gates_backward, lstm_gates_backward=impl.lstm_gates_backward)
+
+    monkeypatch.setattr(rnn, "gate_kernels", counting_kernels)
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     out, h_n = layer(packed, hx)
     assert isinstance(out, type(packed))

@@ -19,13 +19,16 @@ from ..api import ponder
 from ..backends import resolve_gates
 from ..ops.act import get_kernels
 from ..ops.cells.ponder import cell_ponder
-from ..ops.cells import GateStep
+from ..ops.cells import gate_kernels
 from ..output import PonderOutput
 
 # Cells whose step has fused gates: the input projection is hoisted out of the
 # ponder loop and a ponder step runs h W_hh^T and one launch of the gates and
-# the halting step together. Exact types only: a subclass may change forward.
+# the halting step together, the whole ponder being one autograd Function.
+# Exact types only: a subclass may change forward.
 _FUSED_GATES = {nn.GRUCell: "gru", nn.LSTMCell: "lstm"}
+# the combine backward each gate backend's ponder uses (the CPU: the twin)
+_COMBINE = {"cpu": "twins", "triton": "triton", "cuda": "cuda"}
 
 
 class ACTCell(nn.Module):
@@ -105,30 +108,13 @@ class ACTCell(nn.Module):
         return self.cell.weight_ih[:, -1]
 
     def _forward_fused(self, input, state, projected, flag_column, gates) -> PonderOutput:
-        cell, kind = self.cell, _FUSED_GATES[type(self.cell)]
+        # the whole ponder as one autograd Function over the fused gate kernels (ops.cells.ponder)
+        cell = self.cell
         later = self.project(input) if projected is None else projected
         flag = self.flag_column() if flag_column is None else flag_column
-        if gates == "cpu":   # the whole ponder as one autograd Function (ops.cells.ponder)
-            from ..ops.cells import cpu_kernels
-            return cell_ponder(kind, cpu_kernels, get_kernels("twins").combine_backward, later, flag, state,
-                               cell.weight_hh, cell.bias_hh, self.halting.weight, self.halting.bias,
-                               max_steps=self.max_steps, eps=self.eps)
-        first = later + flag
-        lstm = isinstance(state, (tuple, list))
-
-        def step(s, n, active):
-            # every row runs step 1; later steps gather their rows unless all still run
-            if n == 1:
-                gi = first
-            else:
-                gi = later if active.numel() == later.shape[0] else later.index_select(0, active)
-            h = s[0] if lstm else s
-            gh = F.linear(h, cell.weight_hh, cell.bias_hh)
-            # the gates run in the driver's halting launch
-            return GateStep(kind, gi, gh, s[1] if lstm else s, gates)
-
-        return ponder(step, state, self.halting.weight, self.halting.bias,
-                      max_steps=self.max_steps, eps=self.eps, backend=self.backend)
+        return cell_ponder(_FUSED_GATES[type(cell)], gate_kernels(gates), get_kernels(_COMBINE[gates]).combine_backward,
+                           later, flag, state, cell.weight_hh, cell.bias_hh, self.halting.weight,
+                           self.halting.bias, max_steps=self.max_steps, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, max_steps={self.max_steps}, eps={self.eps}, backend={self.backend!r}"

@@ -1,7 +1,7 @@
 """Autograd Functions over the fused gates, and the public functions. Each
 Function saves only its inputs and recomputes the gates in its backward
-(one fused launch each way on the Triton backend). `GateStep` is a ponder
-step whose gates run in the same launch as its halting step."""
+(one fused launch each way on the Triton backend). `gate_kernels` names a
+backend's implementation, for the whole-ponder Function of `ponder`."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -9,8 +9,13 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ...driver import FusedStep, HaltingBuffers
 from . import reference
+
+
+def gate_kernels(backend: str):
+    """The module implementing the gate contracts of `reference` for a backend:
+    "reference", "cpu" (the extension's C++ kernels), "triton" or "cuda"."""
+    return _impl(backend)
 
 
 def _impl(backend: str):
@@ -57,70 +62,6 @@ class _LSTMGates(torch.autograd.Function):
         grad_c = torch.zeros_like(c) if grad_c is None else grad_c
         d_a, d_c = ctx.impl.lstm_gates_backward(grad_h, grad_c, gi, gh, c)
         return d_a, d_a if d_a.dtype == gh.dtype else d_a.to(gh.dtype), d_c, None
-
-
-class _GRUHaltingStep(torch.autograd.Function):
-    """The gates and the halting step in one launch; differentiable in gi, gh
-    and h through h' only (the halting step's gradients come from the
-    driver's combine backward, as for an unfused step)."""
-
-    @staticmethod
-    def forward(ctx, gi, gh, h, backend, buffers):
-        ctx.impl = _impl(backend)
-        ctx.save_for_backward(gi, gh, h)
-        # p, h and halted get no gradient: without this, autograd would
-        # allocate three zero tensors per ponder step for them
-        ctx.set_materialize_grads(False)
-        (h_new,), p, hh, halted = ctx.impl.gru_halting_step(gi, gh, h, *buffers)
-        ctx.mark_non_differentiable(p, hh, halted)
-        return h_new, p, hh, halted
-
-    @staticmethod
-    def backward(ctx, grad, *_):
-        if grad is None:
-            return None, None, None, None, None
-        gi, gh, h = ctx.saved_tensors
-        d_gi, d_gh, d_h = ctx.impl.gru_gates_backward(grad, gi, gh, h)
-        return d_gi, d_gh, d_h, None, None
-
-
-class _LSTMHaltingStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gi, gh, c, backend, buffers):
-        ctx.impl = _impl(backend)
-        ctx.save_for_backward(gi, gh, c)
-        ctx.set_materialize_grads(False)   # as in _GRUHaltingStep
-        (h_new, c_new), p, hh, halted = ctx.impl.lstm_halting_step(gi, gh, c, *buffers)
-        ctx.mark_non_differentiable(p, hh, halted)
-        return h_new, c_new, p, hh, halted
-
-    @staticmethod
-    def backward(ctx, grad_h, grad_c, *_):
-        if grad_h is None and grad_c is None:
-            return None, None, None, None, None
-        gi, gh, c = ctx.saved_tensors
-        grad_h = torch.zeros_like(c) if grad_h is None else grad_h
-        grad_c = torch.zeros_like(c) if grad_c is None else grad_c
-        d_a, d_c = ctx.impl.lstm_gates_backward(grad_h, grad_c, gi, gh, c)
-        return d_a, d_a if d_a.dtype == gh.dtype else d_a.to(gh.dtype), d_c, None, None
-
-
-class GateStep(FusedStep):
-    """A GRU or LSTM ponder step whose gates run in the halting launch: what
-    the ACT layers' step functions return on a kernel backend (see
-    `act_kernels.driver.FusedStep`). gi, gh (A, 3H or 4H); state: h (GRU) or
-    c (LSTM), (A, H)."""
-
-    def __init__(self, kind: str, gi: Tensor, gh: Tensor, state: Tensor, backend: str):
-        _check(f"{kind}_halting_step", gi, gh, state, 3 if kind == "gru" else 4)
-        self.kind, self.gi, self.gh, self.state, self.backend = kind, gi, gh, state, backend
-
-    def halt(self, buffers: HaltingBuffers):
-        if self.kind == "gru":
-            h_new, p, hh, halted = _GRUHaltingStep.apply(self.gi, self.gh, self.state, self.backend, buffers)
-            return (h_new,), p, hh, halted
-        h_new, c_new, p, hh, halted = _LSTMHaltingStep.apply(self.gi, self.gh, self.state, self.backend, buffers)
-        return (h_new, c_new), p, hh, halted
 
 
 def _check(name: str, gi: Tensor, gh: Tensor, state: Tensor, gates: int) -> None:

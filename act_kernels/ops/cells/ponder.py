@@ -1,14 +1,15 @@
 """A GRU or LSTM cell's whole ponder (one time step of an ACT layer) as one
-autograd Function, for the layers' CPU path.
+autograd Function: what the layers run on every fused backend (cpu, triton,
+cuda).
 
 Driven step by step through autograd, a ponder step leaves about ten graph
 nodes behind (the row gathers, the hidden GEMM, the fused step, the
 survivors' compaction), and their backward issues about 26 ATen ops per
 step: gradient accumulation adds, zero-filled index_select backwards, the
 GEMM's transposes. On the CPU at small sizes each op costs more than its
-arithmetic. Here the forward runs the loop without autograd (the same fused
-gates-and-halting kernel call per step as `GateStep`), and the backward walks
-the steps in reverse itself:
+arithmetic, and on a GPU each is a launch. Here the forward runs the loop
+without autograd (one gates-and-halting kernel call per step), and the
+backward walks the steps in reverse itself:
 
     g_h'   = (combine backward's gs rows of step n) + (carry from step n+1)
     d gi, d gh, d h_gates = the gate kernel's recomputing backward
