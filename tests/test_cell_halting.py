@@ -211,3 +211,21 @@ def test_cell_ponder_gradcheck_float64(kind, backend):
                             halt_w, halt_b, max_steps=3, eps=0.3).steps
     assert len(set(steps.tolist())) > 1, f"the test needs rows that halt at different steps, got {steps}"
     assert torch.autograd.gradcheck(fn, args)
+
+
+def test_cell_ponder_refuses_double_backward():
+    """Its backward calls kernels that autograd cannot see through: a second
+    derivative is an error, not a silently wrong number."""
+    from act_kernels.ops.act import get_kernels
+    from act_kernels.ops.cells import cell_ponder, gate_kernels
+
+    torch.manual_seed(0)
+    later = torch.randn(3, 12, device=DEVICE, requires_grad=True)
+    h0 = torch.randn(3, 4, device=DEVICE)
+    w_hh, b_hh = torch.randn(12, 4, device=DEVICE), torch.randn(12, device=DEVICE)
+    halt_w, halt_b = torch.randn(1, 4, device=DEVICE), torch.zeros(1, device=DEVICE)
+    out = cell_ponder("gru", gate_kernels("reference"), get_kernels("twins").combine_backward, later,
+                      torch.zeros(12, device=DEVICE), h0, w_hh, b_hh, halt_w, halt_b, max_steps=3, eps=0.1)
+    (g,) = torch.autograd.grad(out.state.square().sum(), later, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        g.sum().backward()

@@ -27,6 +27,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..._validation import accumulation_dtype
 from ..ragged import packed_step_index
@@ -109,6 +110,7 @@ class _CellPonder(torch.autograd.Function):
         return out_h, out_c, ponder_cost, steps, remainder, p_all, batch_index, step_index
 
     @staticmethod
+    @once_differentiable   # the kernels' backward is not itself differentiable: say so, not a wrong answer
     def backward(ctx, g_out_h, g_out_c, g_cost, *_):
         # outputs unused by the loss arrive as None (no materialized zeros)
         meta, counts, keeps = ctx.meta, ctx.counts, ctx.keeps
