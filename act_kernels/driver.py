@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable, List, NamedTuple, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._validation import accumulation_dtype, as_state_tuple, check_ponder_args, check_step_output
 from .ops.ragged import compact, packed_step_index
@@ -60,6 +61,7 @@ class _RaggedCombine(torch.autograd.Function):
         return (*outs, saved.ponder_cost)
 
     @staticmethod
+    @once_differentiable   # kernels autograd cannot see through: a 2nd derivative raises
     def backward(ctx, *grads):
         weight, p, h, batch_index, steps, *step_states = ctx.saved_tensors
         counts = ctx.counts

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, List, NamedTuple, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._validation import accumulation_dtype, as_state_tuple, check_pondernet_args, check_step_output
 from ..ops.pondernet import PonderNetKernels
@@ -46,6 +47,7 @@ class _Halting(torch.autograd.Function):
         return saved.p.clone(), saved.kl.clone()
 
     @staticmethod
+    @once_differentiable   # kernels autograd cannot see through: a 2nd derivative raises
     def backward(ctx, grad_p, grad_kl):
         weight, bias, p, lam, u_before, batch_index, step_index, steps, *step_states = ctx.saved_tensors
         acc = p.dtype

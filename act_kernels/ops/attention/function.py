@@ -11,6 +11,7 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from ...backends import op_backend, resolve_attention
@@ -90,6 +91,7 @@ class RaggedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable   # kernels autograd cannot see through: a 2nd derivative raises
     def backward(ctx, grad_out):
         backend, causal, scale, max_seqlen, n_k = ctx.meta
         q, cu_seqlens, q_rows, kv_rows, out, lse, *rest = ctx.saved_tensors
