@@ -37,3 +37,13 @@ def test_ragged_attention():
     q_rows = torch.tensor([0, 3, 4], dtype=torch.int64, device=DEVICE)
     out = ak.ragged_attention(q, k, v, cu, q_rows, backend="reference")
     _second_derivative(out.square().sum(), q)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gate_functions(backend):
+    from act_kernels.ops.cells import gru_gates
+
+    torch.manual_seed(0)
+    gi = torch.randn(3, 12, device=DEVICE, requires_grad=True)
+    gh, h = torch.randn(3, 12, device=DEVICE), torch.randn(3, 4, device=DEVICE)
+    _second_derivative(gru_gates(gi, gh, h, backend=backend).square().sum(), gi)

@@ -8,6 +8,7 @@ from typing import Tuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import reference
 
@@ -42,6 +43,7 @@ class _GRUGates(torch.autograd.Function):
         return ctx.impl.gru_gates_forward(gi, gh, h)
 
     @staticmethod
+    @once_differentiable   # the kernel backends' backward is not differentiable: a 2nd derivative raises
     def backward(ctx, grad):
         gi, gh, h = ctx.saved_tensors
         d_gi, d_gh, d_h = ctx.impl.gru_gates_backward(grad, gi, gh, h)
@@ -56,6 +58,7 @@ class _LSTMGates(torch.autograd.Function):
         return ctx.impl.lstm_gates_forward(gi, gh, c)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_h, grad_c):
         gi, gh, c = ctx.saved_tensors
         grad_h = torch.zeros_like(c) if grad_h is None else grad_h
