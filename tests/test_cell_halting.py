@@ -8,23 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from act_kernels.ops.act import reference as act_twins
+from act_kernels.ops.cells import gate_kernels
 from act_kernels.ops.cells import reference as twins
 from backends import CPU_DTYPES, CPU_GATES, KERNEL_BACKENDS
 from helpers import DEVICE, TOL
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CELLS = {"gru": torch.nn.GRUCell, "lstm": torch.nn.LSTMCell}
-
-
-def kernels(backend):
-    if backend == "cuda":
-        from act_kernels.ops.cells import cuda_kernels
-        return cuda_kernels
-    if backend == "cpu":
-        from act_kernels.ops.cells import cpu_kernels
-        return cpu_kernels
-    from act_kernels.ops.cells import triton_kernels
-    return triton_kernels
 
 
 def _problem(kind, rows, hidden, dtype, *, batch=None, step=2, max_steps=5, sum_scale=0.9, seed=0):
@@ -115,7 +105,7 @@ def test_kernels_match_twins(backend, kind, rows, hidden, step, max_steps, sum_s
     _, _, _, _, inputs, buffers, step, max_steps = _problem(kind, rows, hidden, dtype, step=step,
                                                             max_steps=max_steps, sum_scale=sum_scale)
     w_new, w_p, w_hh, w_halted, want = _run(twins, kind, inputs, buffers, step, max_steps)
-    g_new, g_p, g_hh, g_halted, got = _run(kernels(backend), kind, inputs, buffers, step, max_steps)
+    g_new, g_p, g_hh, g_halted, got = _run(gate_kernels(backend), kind, inputs, buffers, step, max_steps)
     for a, b in zip(g_new, w_new):
         assert a.dtype == dtype and a.shape == (rows, hidden)
         torch.testing.assert_close(a.double(), b.double(), **TOL[dtype])
@@ -152,7 +142,7 @@ def test_kernels_read_strided_inputs_and_write_strided_buffers(backend, kind):
     wide_acc[:, 3:12] = b["acc_h"]
     wide_sum = torch.zeros(6, 2, device=DEVICE)
     wide_sum[:, 1] = b["running_sum"]
-    impl = kernels(backend)
+    impl = gate_kernels(backend)
     fn = impl.gru_halting_step if kind == "gru" else impl.lstm_halting_step
     accumulators = (wide_acc[:, 3:12],) if kind == "gru" else (wide_acc[:, 3:12], b["acc_c"])
     new, p, _, halted = fn(*views, active, weight, bias, threshold, wide_sum[:, 1], accumulators, b["steps"],
@@ -180,7 +170,7 @@ def test_cell_ponder_gradcheck_float64(kind, backend):
     halting unit. Rows halt at steps 1, 2 and 3 and the running sums stay
     away from the threshold (eps = 0.3)."""
     from act_kernels.ops.act import get_kernels
-    from act_kernels.ops.cells import cell_ponder, gate_kernels
+    from act_kernels.ops.cells import cell_ponder
 
     g = torch.Generator().manual_seed(7)    # rows halt at steps 1, 2 and 3 for both cells
     B, H, G = 5, 4, (3 if kind == "gru" else 4) * 4
@@ -217,7 +207,7 @@ def test_cell_ponder_refuses_double_backward():
     """Its backward calls kernels that autograd cannot see through: a second
     derivative is an error, not a silently wrong number."""
     from act_kernels.ops.act import get_kernels
-    from act_kernels.ops.cells import cell_ponder, gate_kernels
+    from act_kernels.ops.cells import cell_ponder
 
     torch.manual_seed(0)
     later = torch.randn(3, 12, device=DEVICE, requires_grad=True)

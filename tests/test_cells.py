@@ -7,21 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import act_kernels as ak
-from act_kernels.ops.cells import gru_gates, lstm_gates
+from act_kernels.ops.cells import gate_kernels, gru_gates, lstm_gates
 from act_kernels.ops.cells import reference as twins
-from act_kernels.ops.cells import triton_kernels as tk
 from backends import CPU_DTYPES, CPU_GATES, KERNEL_BACKENDS
 from helpers import DEVICE, TOL
-
-
-def kernels(backend):
-    if backend == "cuda":
-        from act_kernels.ops.cells import cuda_kernels
-        return cuda_kernels
-    if backend == "cpu":
-        from act_kernels.ops.cells import cpu_kernels
-        return cpu_kernels
-    return tk
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GATES = {"gru": (torch.nn.GRUCell, 3), "lstm": (torch.nn.LSTMCell, 4)}
@@ -77,7 +66,7 @@ def test_kernels_match_twins(backend, kind, rows, hidden, dtype):
     """H = 300 spans two blocks of 256 with a ragged tail; rows = 0 launches nothing."""
     if backend == "cpu" and dtype not in CPU_DTYPES:
         pytest.skip("the CPU kernels take float32 and float64 (half precision: test_cpu_kernels_refuse_half_and_auto_falls_back)")
-    tk = kernels(backend)
+    tk = gate_kernels(backend)
     _, _, _, _, gi, gh, h, c = _problem(kind, rows, hidden, dtype)
     state = h if kind == "gru" else c
     fwd = "gru_gates_forward" if kind == "gru" else "lstm_gates_forward"

@@ -19,6 +19,27 @@ def dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.contiguous()
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`; t itself when it already is (a no-op .to() still costs a
+    dispatch, and launchers run once per ponder step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def halting_outputs(rows: int, acc: torch.dtype, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-row outputs of every halting-step launch: p, h (in the
+    accumulation dtype) and the halted flags."""
+    return (torch.empty(rows, dtype=acc, device=device), torch.empty(rows, dtype=acc, device=device),
+            torch.empty(rows, dtype=torch.bool, device=device))
+
+
+def cell_step_buffers(running_sum, steps, remainder, accumulators) -> "WriteBack":
+    """The buffers a fused gates-and-halting launch updates in place, as a
+    WriteBack with keys running_sum, steps, remainder, acc_h (and acc_c for an
+    LSTM's second accumulator)."""
+    names = ("acc_h", "acc_c")[:len(accumulators)]
+    return WriteBack(running_sum=running_sum, steps=steps, remainder=remainder, **dict(zip(names, accumulators)))
+
+
 def unit_columns(t: torch.Tensor) -> torch.Tensor:
     """A (rows, H) tensor whose rows may be strided but whose columns are not."""
     return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()

@@ -41,6 +41,8 @@ struct GruGates {
     n = tanh(gate<T, A>(p.gi, p.gi_stride, at, 2, H) + r * gh_n);
     h = gate<T, A>(p.state, p.state_stride, at, 0, H);
   }
+  // h' = (1 - z) n + z h: the forward and the fused step's one formula
+  __device__ __forceinline__ A next_h() const { return (A(1) - z) * n + z * h; }
 };
 
 template <typename T>
@@ -49,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) gru_forward_kernel(const GateParams 
   Index at;
   if (!element(p, at)) return;
   const GruGates<T, A> q(p, at);
-  static_cast<T*>(p.out_h)[at.row * p.hidden + at.unit] = store_as<T>((A(1) - q.z) * q.n + q.z * q.h);
+  static_cast<T*>(p.out_h)[at.row * p.hidden + at.unit] = store_as<T>(q.next_h());
 }
 
 template <typename T>
@@ -86,6 +88,9 @@ struct LstmGates {
     o = sigmoid(gate<T, A>(p.gi, p.gi_stride, at, 3, H) + gate<T, A>(p.gh, p.gh_stride, at, 3, H));
     c = gate<T, A>(p.state, p.state_stride, at, 0, H);
   }
+  // c' = f c + i g, and h' = o tanh(c') from c' before rounding
+  __device__ __forceinline__ A next_c() const { return f * c + i * g; }
+  __device__ __forceinline__ A next_h(A c_new) const { return o * tanh(c_new); }
 };
 
 template <typename T>
@@ -94,10 +99,10 @@ __global__ void __launch_bounds__(kThreads) lstm_forward_kernel(const GateParams
   Index at;
   if (!element(p, at)) return;
   const LstmGates<T, A> q(p, at);
-  const A c_new = q.f * q.c + q.i * q.g;
+  const A c_new = q.next_c();
   const int64_t k = at.row * p.hidden + at.unit;
   static_cast<T*>(p.out_c)[k] = store_as<T>(c_new);
-  static_cast<T*>(p.out_h)[k] = store_as<T>(q.o * tanh(c_new));
+  static_cast<T*>(p.out_h)[k] = store_as<T>(q.next_h(c_new));
 }
 
 template <typename T>
@@ -107,7 +112,7 @@ __global__ void __launch_bounds__(kThreads) lstm_backward_kernel(const GateParam
   if (!element(p, at)) return;
   const int64_t H = p.hidden;
   const LstmGates<T, A> q(p, at);
-  const A t = tanh(q.f * q.c + q.i * q.g);
+  const A t = tanh(q.next_c());
   const A dh = gate<T, A>(p.grad_h, p.grad_h_stride, at, 0, H);
   const A dc = gate<T, A>(p.grad_c, p.grad_c_stride, at, 0, H) + dh * q.o * (A(1) - t * t);
   T* d_a = static_cast<T*>(p.d_gi) + at.row * 4 * H + at.unit;
@@ -149,12 +154,11 @@ cell_halting_kernel(const CellHaltingParams cp) {
     T h_new;
     if constexpr (LSTM) {
       const LstmGates<T, A> q(g, at);
-      const A c_new = q.f * q.c + q.i * q.g;
+      const A c_new = q.next_c();
       out_c[j] = store_as<T>(c_new);
-      h_new = store_as<T>(q.o * tanh(c_new));
+      h_new = store_as<T>(q.next_h(c_new));
     } else {
-      const GruGates<T, A> q(g, at);
-      h_new = store_as<T>((A(1) - q.z) * q.n + q.z * q.h);
+      h_new = store_as<T>(GruGates<T, A>(g, at).next_h());
     }
     out_h[j] = h_new;
     dot += load_as<A>(h_new) * w[j];

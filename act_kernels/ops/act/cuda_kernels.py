@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..launch import WriteBack, dense, on_device, unit_columns
+from ..launch import WriteBack, dense, halting_outputs, on_device, unit_columns
 from ..ragged import rows_by_batch, step_table
 
 try:
@@ -72,9 +72,7 @@ def halting_step(
     weight = weight.to(acc).contiguous()
     bias = bias.to(acc).contiguous()
     active = active.contiguous()
-    p = torch.empty(num_active, dtype=acc, device=device)
-    h = torch.empty(num_active, dtype=acc, device=device)
-    halted = torch.empty(num_active, dtype=torch.bool, device=device)
+    p, h, halted = halting_outputs(num_active, acc, device)
     if num_active == 0:
         return p, h, halted
     out = WriteBack(running_sum=running_sum, accumulator=accumulator, steps=steps, remainder=remainder)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import WriteBack, dense, on_device, unit_columns
+from ..launch import WriteBack, dense, halting_outputs, on_device, unit_columns
 from ..ragged import rows_by_batch, step_table
 
 MAX_HIDDEN = 32768
@@ -116,9 +116,7 @@ def halting_step(
     launch; any further ones (no layer has them) by index_add_."""
     num_active, hidden = state.shape
     acc = running_sum.dtype
-    p = torch.empty(num_active, dtype=acc, device=state.device)
-    h = torch.empty(num_active, dtype=acc, device=state.device)
-    halted = torch.empty(num_active, dtype=torch.bool, device=state.device)
+    p, h, halted = halting_outputs(num_active, acc, state.device)
     if num_active == 0:
         return p, h, halted
     block, warps = _block_and_warps(hidden)

@@ -9,15 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..act.cuda_kernels import DTYPE_CODES, _extension
-from ..launch import WriteBack, dense, unit_columns
+from ..launch import as_dtype, cell_step_buffers, dense, halting_outputs, unit_columns
 
 CPU_DTYPES = (torch.float32, torch.float64)
 _GRU, _LSTM = 0, 1
-
-
-def _as(t, dtype):
-    # a no-op .to() still costs a dispatch; this runs several times per ponder step
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _inputs(state, *tensors):
@@ -26,7 +21,7 @@ def _inputs(state, *tensors):
     for t in (state, *tensors):
         if t.device.type != "cpu":
             raise ValueError(f"the CPU gate kernels take CPU tensors, got one on {t.device}")
-    return unit_columns(state), [unit_columns(_as(t, state.dtype)) for t in tensors]
+    return unit_columns(state), [unit_columns(as_dtype(t, state.dtype)) for t in tensors]
 
 
 def _forward(kind, gi, gh, prev, halting=None):
@@ -46,15 +41,12 @@ def _forward(kind, gi, gh, prev, halting=None):
     if acc != prev.dtype or any(a.dtype != acc for a in accumulators) or remainder.dtype != acc:
         raise TypeError("the CPU kernels accumulate in the state's dtype: running_sum, the accumulators and "
                         "remainder must be " + str(prev.dtype))
-    p = torch.empty(rows, dtype=acc)
-    hh = torch.empty(rows, dtype=acc)
-    halted = torch.empty(rows, dtype=torch.bool)
+    p, hh, halted = halting_outputs(rows, acc, prev.device)
     if rows == 0 or hidden == 0:
         return new, p, hh, halted
-    names = ["running_sum", "steps", "remainder", "acc_h"] + (["acc_c"] if kind == _LSTM else [])
-    out = WriteBack(**dict(zip(names, (running_sum, steps, remainder, *accumulators))))
+    out = cell_step_buffers(running_sum, steps, remainder, accumulators)
     acc_c = out["acc_c"] if kind == _LSTM else None
-    weight, bias, threshold = (dense(_as(t, acc)) for t in (weight, bias, threshold))
+    weight, bias, threshold = (dense(as_dtype(t, acc)) for t in (weight, bias, threshold))
     active = dense(active)
     _extension().cpu_cell_forward(
         *args, active.data_ptr(), weight.data_ptr(), bias.data_ptr(), threshold.data_ptr(),
@@ -98,7 +90,7 @@ def gru_gates_backward(grad, gi, gh, h):
         _extension().cpu_cell_backward(_GRU, grad_.data_ptr(), grad_.stride(0), 0, 0, gi_.data_ptr(), gi_.stride(0),
                                        gh_.data_ptr(), gh_.stride(0), h.data_ptr(), h.stride(0), d_gi.data_ptr(),
                                        d_gh.data_ptr(), d_h.data_ptr(), rows, hidden, DTYPE_CODES[h.dtype])
-    return _as(d_gi, gi.dtype), _as(d_gh, gh.dtype), d_h
+    return as_dtype(d_gi, gi.dtype), as_dtype(d_gh, gh.dtype), d_h
 
 
 def lstm_gates_backward(grad_h, grad_c, gi, gh, c):
@@ -111,4 +103,4 @@ def lstm_gates_backward(grad_h, grad_c, gi, gh, c):
                                        grad_c_.stride(0), gi_.data_ptr(), gi_.stride(0), gh_.data_ptr(),
                                        gh_.stride(0), c.data_ptr(), c.stride(0), d_a.data_ptr(), 0, d_c.data_ptr(),
                                        rows, hidden, DTYPE_CODES[c.dtype])
-    return _as(d_a, gi.dtype), d_c
+    return as_dtype(d_a, gi.dtype), d_c

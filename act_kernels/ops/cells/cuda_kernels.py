@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..act.cuda_kernels import DTYPE_CODES, _check_cuda, _extension, _stream
-from ..launch import WriteBack, dense, on_device, unit_columns
+from ..launch import cell_step_buffers, dense, halting_outputs, on_device, unit_columns
 
 _GRU_FORWARD, _GRU_BACKWARD, _LSTM_FORWARD, _LSTM_BACKWARD = range(4)
 _GRU_STEP, _LSTM_STEP = range(2)   # cell_halting_step's ops
@@ -88,14 +88,11 @@ def _halting_launch(op, gi, gh, prev, active, weight, bias, threshold, running_s
         raise TypeError("running_sum, the accumulators, remainder and threshold share the accumulation dtype")
     h_new = torch.empty((rows, hidden), dtype=prev.dtype, device=device)
     c_new = torch.empty((rows, hidden), dtype=prev.dtype, device=device) if op == _LSTM_STEP else None
-    p = torch.empty(rows, dtype=acc, device=device)
-    hh = torch.empty(rows, dtype=acc, device=device)
-    halted = torch.empty(rows, dtype=torch.bool, device=device)
+    p, hh, halted = halting_outputs(rows, acc, device)
     new = (h_new,) if c_new is None else (h_new, c_new)
     if rows == 0 or hidden == 0:
         return new, p, hh, halted
-    names = ["running_sum", "steps", "remainder", "acc_h"] + (["acc_c"] if c_new is not None else [])
-    out = WriteBack(**dict(zip(names, (running_sum, steps, remainder, *accumulators))))
+    out = cell_step_buffers(running_sum, steps, remainder, accumulators)
     acc_c = out["acc_c"] if c_new is not None else None
     weight, bias, threshold, active = (dense(t.to(acc) if t.is_floating_point() else t)
                                        for t in (weight, bias, threshold, active))

@@ -10,16 +10,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..launch import as_dtype
 from . import reference
 
 
 def gate_kernels(backend: str):
     """The module implementing the gate contracts of `reference` for a backend:
     "reference", "cpu" (the extension's C++ kernels), "triton" or "cuda"."""
-    return _impl(backend)
-
-
-def _impl(backend: str):
     if backend == "triton":
         from . import triton_kernels
         return triton_kernels
@@ -38,7 +35,7 @@ def _impl(backend: str):
 class _GRUGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gi, gh, h, backend):
-        ctx.impl = _impl(backend)
+        ctx.impl = gate_kernels(backend)
         ctx.save_for_backward(gi, gh, h)
         return ctx.impl.gru_gates_forward(gi, gh, h)
 
@@ -53,7 +50,7 @@ class _GRUGates(torch.autograd.Function):
 class _LSTMGates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gi, gh, c, backend):
-        ctx.impl = _impl(backend)
+        ctx.impl = gate_kernels(backend)
         ctx.save_for_backward(gi, gh, c)
         return ctx.impl.lstm_gates_forward(gi, gh, c)
 
@@ -64,7 +61,7 @@ class _LSTMGates(torch.autograd.Function):
         grad_h = torch.zeros_like(c) if grad_h is None else grad_h
         grad_c = torch.zeros_like(c) if grad_c is None else grad_c
         d_a, d_c = ctx.impl.lstm_gates_backward(grad_h, grad_c, gi, gh, c)
-        return d_a, d_a if d_a.dtype == gh.dtype else d_a.to(gh.dtype), d_c, None
+        return d_a, as_dtype(d_a, gh.dtype), d_c, None
 
 
 def _check(name: str, gi: Tensor, gh: Tensor, state: Tensor, gates: int) -> None:

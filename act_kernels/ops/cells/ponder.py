@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..._validation import accumulation_dtype
+from ..launch import as_dtype
 from ..ragged import packed_step_index
 from ...output import HaltingProbs, PonderOutput
 
@@ -42,10 +43,6 @@ class _Meta(NamedTuple):
     eps: float
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 class _CellPonder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, later, flag_column, h0, c0, weight_hh, bias_hh, halt_weight, halt_bias, meta: _Meta):
@@ -54,8 +51,8 @@ class _CellPonder(torch.autograd.Function):
         batch, hidden = h0.shape
         dtype, device = h0.dtype, h0.device
         acc = accumulation_dtype(dtype)
-        w = _as(halt_weight.detach().reshape(-1), acc).contiguous()
-        c = _as(halt_bias.detach().reshape(1), acc)
+        w = as_dtype(halt_weight.detach().reshape(-1), acc).contiguous()
+        c = as_dtype(halt_bias.detach().reshape(1), acc)
         threshold = torch.full((1,), 1.0 - meta.eps, dtype=acc, device=device)
         running_sum = torch.zeros(batch, dtype=acc, device=device)
         steps = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -130,7 +127,7 @@ class _CellPonder(torch.autograd.Function):
         if lstm:
             new_c = torch.cat([saved[k * per + 5] for k in range(n_steps)])
             g_sc = torch.zeros(p_all.shape[0], hidden, dtype=acc, device=device) if g_out_c is None \
-                else _as(g_out_c, acc).index_select(0, batch_index)
+                else as_dtype(g_out_c, acc).index_select(0, batch_index)
             extra_dot = (g_sc * new_c.to(acc)).sum(-1)
             g_c_rows = torch.split((p_all[:, None] * g_sc).to(ctx.dtype), counts)
         gs, gw, gc = meta.combine_backward(new_h, batch_index, p_all, h_all, steps, g_s, g_rho, w, extra_dot)
@@ -150,17 +147,17 @@ class _CellPonder(torch.autograd.Function):
                 c_prev = saved[k * per + 3]
                 g_c = g_c_rows[k] if carry_c is None else g_c_rows[k] + carry_c
                 d_gi, d_cprev = meta.impl.lstm_gates_backward(g_h, g_c, gi, gh, c_prev)
-                d_gh = _as(d_gi, weight_hh.dtype)
+                d_gh = as_dtype(d_gi, weight_hh.dtype)
                 d_hprev = d_gh @ weight_hh
             else:
                 d_gi, d_gh, d_hg = meta.impl.gru_gates_backward(g_h, gi, gh, h_prev)
-                d_gh = _as(d_gh, weight_hh.dtype)
-                d_hprev = torch.addmm(_as(d_hg, weight_hh.dtype), d_gh, weight_hh)
+                d_gh = as_dtype(d_gh, weight_hh.dtype)
+                d_hprev = torch.addmm(as_dtype(d_hg, weight_hh.dtype), d_gh, weight_hh)
                 d_cprev = None
-            d_weight.addmm_(d_gh.t(), _as(h_prev, weight_hh.dtype))
+            d_weight.addmm_(d_gh.t(), as_dtype(h_prev, weight_hh.dtype))
             if d_bias is not None:
                 d_bias += d_gh.sum(0)
-            d_gi = _as(d_gi, ctx.later_dtype)
+            d_gi = as_dtype(d_gi, ctx.later_dtype)
             if k == 0:
                 d_later += d_gi
                 d_flag = d_gi.sum(0)
@@ -177,8 +174,8 @@ class _CellPonder(torch.autograd.Function):
                 if lstm:
                     carry_c = torch.zeros(counts[k - 1], hidden, dtype=d_cprev.dtype, device=device)
                     carry_c.index_add_(0, keep, d_cprev)
-        d_h0 = _as(d_h0, ctx.dtype)
-        d_c0 = _as(d_c0, ctx.dtype) if lstm else None
+        d_h0 = as_dtype(d_h0, ctx.dtype)
+        d_c0 = as_dtype(d_c0, ctx.dtype) if lstm else None
         (w_shape, w_dtype), (b_shape, b_dtype) = ctx.halt_weight, ctx.halt_bias
         return (d_later, d_flag, d_h0, d_c0, d_weight, d_bias,
                 gw.reshape(w_shape).to(w_dtype), gc.reshape(b_shape).to(b_dtype), None)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..act.triton_kernels import _block_and_warps, _halt_row
-from ..launch import WriteBack, dense, on_device, unit_columns
+from ..launch import cell_step_buffers, dense, halting_outputs, on_device, unit_columns
 
 BLOCK_H = 256
 
@@ -232,27 +232,22 @@ def _lstm_halting_kernel(
     tl.store(p_cacc, tl.load(p_cacc, mask=m, other=0.0) + b_p * c_new.to(ACC), mask=m)
 
 
-def _halting_outputs(rows: int, acc: torch.dtype, device):
-    return (torch.empty(rows, dtype=acc, device=device), torch.empty(rows, dtype=acc, device=device),
-            torch.empty(rows, dtype=torch.bool, device=device))
-
-
 def gru_halting_step(gi, gh, h, active, weight, bias, threshold, running_sum, accumulators, steps, remainder,
                      step, max_steps):
     """Triton twin of `reference.gru_halting_step` (same contract): one launch."""
     gi, gh, h = unit_columns(gi), unit_columns(gh), unit_columns(h)
     A, H = h.shape
     out = torch.empty((A, H), dtype=h.dtype, device=h.device)
-    p, hh, halted = _halting_outputs(A, running_sum.dtype, h.device)
+    p, hh, halted = halting_outputs(A, running_sum.dtype, h.device)
     if A == 0:
         return (out,), p, hh, halted
     block, warps = _block_and_warps(H)
-    buf = WriteBack(running_sum=running_sum, acc=accumulators[0], steps=steps, remainder=remainder)
+    buf = cell_step_buffers(running_sum, steps, remainder, accumulators[:1])
     with on_device(h.device):
         _gru_halting_kernel[(A,)](
             gi, gi.stride(0), gh, gh.stride(0), h, h.stride(0), out,
             dense(active), dense(weight), dense(bias), dense(threshold), buf["running_sum"],
-            buf["acc"], buf["acc"].stride(0), buf["steps"], buf["remainder"], p, hh, halted,
+            buf["acc_h"], buf["acc_h"].stride(0), buf["steps"], buf["remainder"], p, hh, halted,
             H, step, max_steps, BLOCK=block, num_warps=warps,
         )
     buf.finish()
@@ -266,12 +261,11 @@ def lstm_halting_step(gi, gh, c, active, weight, bias, threshold, running_sum, a
     A, H = c.shape
     h_new = torch.empty((A, H), dtype=c.dtype, device=c.device)
     c_new = torch.empty((A, H), dtype=c.dtype, device=c.device)
-    p, hh, halted = _halting_outputs(A, running_sum.dtype, c.device)
+    p, hh, halted = halting_outputs(A, running_sum.dtype, c.device)
     if A == 0:
         return (h_new, c_new), p, hh, halted
     block, warps = _block_and_warps(H)
-    buf = WriteBack(running_sum=running_sum, acc_h=accumulators[0], acc_c=accumulators[1], steps=steps,
-                    remainder=remainder)
+    buf = cell_step_buffers(running_sum, steps, remainder, accumulators[:2])
     with on_device(c.device):
         _lstm_halting_kernel[(A,)](
             gi, gi.stride(0), gh, gh.stride(0), c, c.stride(0), h_new, c_new,
