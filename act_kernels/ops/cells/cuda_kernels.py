@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..act.cuda_kernels import DTYPE_CODES, _check_cuda, _extension, _stream
-from ..launch import cell_step_buffers, dense, halting_outputs, on_device, unit_columns
+from ..launch import as_dtype, cell_step_buffers, dense, halting_outputs, on_device, unit_columns
 
 _GRU_FORWARD, _GRU_BACKWARD, _LSTM_FORWARD, _LSTM_BACKWARD = range(4)
 _GRU_STEP, _LSTM_STEP = range(2)   # cell_halting_step's ops
@@ -19,7 +19,7 @@ def _inputs(state, *tensors):
     out = []
     for name, t in zip(("gi", "gh", "grad_h", "grad_c"), tensors):
         _check_cuda(name, t, state.device)
-        out.append(unit_columns(t.to(state.dtype)))
+        out.append(unit_columns(as_dtype(t, state.dtype)))
     _check_cuda("state", state, state.device)
     return unit_columns(state), out
 
@@ -55,7 +55,7 @@ def gru_gates_backward(grad, gi, gh, h):
     d_gh = torch.empty(gh_.shape, dtype=h.dtype, device=h.device)
     d_h = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     _launch(_GRU_BACKWARD, h, gi_, gh_, grad_h=grad_, d_gi=d_gi, d_gh=d_gh, d_state=d_h)
-    return d_gi.to(gi.dtype), d_gh.to(gh.dtype), d_h
+    return as_dtype(d_gi, gi.dtype), as_dtype(d_gh, gh.dtype), d_h
 
 
 def lstm_gates_forward(gi, gh, c):
@@ -71,7 +71,7 @@ def lstm_gates_backward(grad_h, grad_c, gi, gh, c):
     d_a = torch.empty(gi_.shape, dtype=c.dtype, device=c.device)
     d_c = torch.empty(c.shape, dtype=c.dtype, device=c.device)
     _launch(_LSTM_BACKWARD, c, gi_, gh_, grad_h=grad_h_, grad_c=grad_c_, d_gi=d_a, d_state=d_c)
-    return d_a.to(gi.dtype), d_c
+    return as_dtype(d_a, gi.dtype), d_c
 
 
 def _halting_launch(op, gi, gh, prev, active, weight, bias, threshold, running_sum, accumulators, steps,
@@ -94,8 +94,8 @@ def _halting_launch(op, gi, gh, prev, active, weight, bias, threshold, running_s
         return new, p, hh, halted
     out = cell_step_buffers(running_sum, steps, remainder, accumulators)
     acc_c = out["acc_c"] if c_new is not None else None
-    weight, bias, threshold, active = (dense(t.to(acc) if t.is_floating_point() else t)
-                                       for t in (weight, bias, threshold, active))
+    weight, bias, threshold = (dense(as_dtype(t, acc)) for t in (weight, bias, threshold))
+    active = dense(active)
     with on_device(device):
         _extension().cell_halting_step(
             op, gi_.data_ptr(), gi_.stride(0), gh_.data_ptr(), gh_.stride(0), prev.data_ptr(), prev.stride(0),
