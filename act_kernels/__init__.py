@@ -11,4 +11,5 @@ from .output import HaltingProbs, PonderOutput
 from .pondernet import PonderNetOutput, pondernet, pondernet_loss
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ponder", "pondernet", "pondernet_loss", "PonderNetOutput", "ragged_attention", "reference", "available_backends", "PonderOutput", "HaltingProbs", "__version__"]
+__all__ = ["nn", "ponder", "pondernet", "pondernet_loss", "PonderNetOutput", "ragged_attention", "reference",
+           "available_backends", "PonderOutput", "HaltingProbs", "__version__"]

@@ -72,7 +72,8 @@ def test_halting_step(benchmark, record, impl, dtype, rows, hidden):
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2)
     # minimum traffic: read s, read + write the fp32 accumulator
     moved = rows * hidden * (args["state"].element_size() + 2 * 4)
-    row = record("halting_step", "reference" if impl == "twins" else impl, rows=rows, hidden=hidden, dtype=str(dtype), bytes=moved)
+    row = record("halting_step", "reference" if impl == "twins" else impl, rows=rows, hidden=hidden, dtype=str(dtype),
+                 bytes=moved)
     row["GBps"] = moved / row["median_s"] / 1e9
 
 
@@ -106,7 +107,8 @@ def test_combine_backward(benchmark, record, impl, dtype, rows, hidden):
     # minimum traffic: read every state row and gS once, write every gs row
     es = states[0].element_size()
     moved = (2 * total + batch) * hidden * es
-    row = record("combine_backward", "reference" if impl == "twins" else impl, rows=total, hidden=hidden, dtype=str(dtype), bytes=moved)
+    row = record("combine_backward", "reference" if impl == "twins" else impl, rows=total, hidden=hidden,
+                 dtype=str(dtype), bytes=moved)
     row["GBps"] = moved / row["median_s"] / 1e9
 
 

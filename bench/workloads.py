@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from naive import naive_ponder  # noqa: E402  the padded-and-masked baseline
 from dense_encoder import dense_act_encoder  # noqa: E402  the dense-loop baseline of DESIGN §9
 
-__all__ = ["GRUPonder", "GRUPonderNet", "GRULayerWorkload", "EncoderPonder", "skewed_steps", "naive_ponder", "dense_act_encoder", "ut_act_encoder",
-           "halting_step_inputs"]
+__all__ = ["GRUPonder", "GRUPonderNet", "GRULayerWorkload", "EncoderPonder", "skewed_steps", "naive_ponder",
+           "dense_act_encoder", "ut_act_encoder", "halting_step_inputs"]
 
 
 def skewed_steps(batch: int, max_steps: int, mean: float = 3.0, seed: int = 0) -> torch.Tensor:

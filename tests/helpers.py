@@ -68,7 +68,8 @@ def loss_and_grads(out, inputs, seed=0):
     """A loss that weighs every output element differently, and its gradients."""
     g = torch.Generator().manual_seed(seed + 7)
     states = out.state if isinstance(out.state, tuple) else (out.state,)
-    loss = out.ponder_cost.double() @ torch.rand(out.ponder_cost.shape[0], generator=g, dtype=torch.float64).to(out.ponder_cost.device)
+    weights = torch.rand(out.ponder_cost.shape[0], generator=g, dtype=torch.float64)
+    loss = out.ponder_cost.double() @ weights.to(out.ponder_cost.device)
     for s in states:
         loss = loss + (s.double() * torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.device)).sum()
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)

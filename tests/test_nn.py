@@ -28,10 +28,11 @@ def naive_layer(layer, x, hx, lengths):
         for t in range(lengths[b]):
             cum = 0.0
             mean = None
+            state_n = state
             for n in range(1, M + 1):
                 flag = torch.full((1, 1), 1.0 if n == 1 else 0.0, dtype=x.dtype, device=x.device)
                 inp = torch.cat([x[t, b:b + 1], flag], 1)
-                state_n = layer.cell(inp, state if n == 1 else state_n)
+                state_n = layer.cell(inp, state_n)
                 hid = state_n[0] if lstm else state_n
                 h = torch.sigmoid(hid[0] @ w + c)
                 halt = n == M or bool(cum + h >= 1 - eps)

@@ -50,10 +50,10 @@ def manual(layer, x, lstm):
     layer steps its ACTCell over the sequence (reversed for the reverse one)."""
     dirs = layer.num_directions
     finals, cost = [], 0
-    for l in range(layer.num_layers):
+    for layer_index in range(layer.num_layers):
         outs = []
         for d in range(dirs):
-            act = layer.ponder_cell(l, reverse=d == 1)
+            act = layer.ponder_cell(layer_index, reverse=d == 1)
             zeros = torch.zeros(x.shape[1], 5, dtype=x.dtype, device=x.device)
             state = (zeros, zeros) if lstm else zeros
             seq = [None] * x.shape[0]
