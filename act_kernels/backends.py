@@ -16,6 +16,8 @@ from typing import List
 
 import torch
 
+from .ops.extension import load_error
+
 BACKENDS = ("reference", "triton", "cuda")
 
 
@@ -28,14 +30,9 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@lru_cache(maxsize=None)
 def cuda_extension_error() -> str:
     """Empty when `act_kernels._C` imports; otherwise why it does not."""
-    try:
-        from . import _C  # noqa: F401
-    except ImportError as exc:
-        return f"the CUDA extension act_kernels._C is not built ({exc})"
-    return ""
+    return load_error()
 
 
 def available_backends() -> List[str]:

@@ -12,32 +12,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ..extension import DTYPE_CODES, check_device, extension, stream
 from ..launch import WriteBack, dense, halting_outputs, on_device, unit_columns
 from ..ragged import rows_by_batch, step_table
-
-try:
-    from ... import _C
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _C = None
-    _IMPORT_ERROR = exc
-
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-
-
-def _extension():
-    if _C is None:
-        raise RuntimeError(f"the CUDA extension act_kernels._C is not built ({_IMPORT_ERROR})")
-    return _C
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-def _check_cuda(name: str, t: torch.Tensor, device: torch.device) -> None:
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-
 
 def halting_step(
     state: torch.Tensor,
@@ -56,7 +33,7 @@ def halting_step(
     """CUDA twin of `act_kernels.reference.halting_step` (same contract). The
     kernel accumulates the first state tensor; the extra ones (an LSTM's c)
     are accumulated here by index_add_, one launch each."""
-    ext = _extension()
+    ext = extension()
     device = state.device
     acc = running_sum.dtype
     num_active, hidden = state.shape
@@ -66,7 +43,7 @@ def halting_step(
     for name, t in (("active", active), ("weight", weight), ("bias", bias), ("threshold", threshold),
                     ("running_sum", running_sum), ("accumulator", accumulator), ("steps", steps),
                     ("remainder", remainder)):
-        _check_cuda(name, t, device)
+        check_device(name, t, device)
     if accumulator.dtype != acc or remainder.dtype != acc or threshold.dtype != acc:
         raise TypeError("running_sum, accumulator, remainder and threshold share the accumulation dtype")
     weight = weight.to(acc).contiguous()
@@ -83,7 +60,7 @@ def halting_step(
             threshold.data_ptr(), out["running_sum"].data_ptr(), out["accumulator"].data_ptr(),
             out["accumulator"].stride(0), out["steps"].data_ptr(), out["remainder"].data_ptr(), p.data_ptr(),
             h.data_ptr(), halted.data_ptr(),
-            num_active, hidden, int(step), int(max_steps), DTYPE_CODES[state.dtype], _stream(device),
+            num_active, hidden, int(step), int(max_steps), DTYPE_CODES[state.dtype], stream(device),
         )
     out.finish()
     for t, m in extra:
@@ -106,7 +83,7 @@ def combine_backward(
 
     gw and gc are deterministic: one partial per row group, summed over the
     groups in a fixed order by a second kernel."""
-    ext = _extension()
+    ext = extension()
     device = states[0].device
     dtype = states[0].dtype
     acc = p.dtype
@@ -137,6 +114,6 @@ def combine_backward(
             steps.data_ptr(), p.data_ptr(), h.data_ptr(), 0 if extra_dot is None else extra_dot.data_ptr(),
             grad_state.data_ptr(), grad_state.stride(0), grad_ponder.data_ptr(), weight.data_ptr(),
             gs.data_ptr(), gw_part.data_ptr(), gc_part.data_ptr(), gw.data_ptr(), gc.data_ptr(),
-            batch, hidden, groups, rows_aligned, DTYPE_CODES[dtype], _stream(device),
+            batch, hidden, groups, rows_aligned, DTYPE_CODES[dtype], stream(device),
         )
     return gs, gw, gc

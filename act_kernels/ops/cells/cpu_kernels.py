@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..act.cuda_kernels import DTYPE_CODES, _extension
+from ..extension import DTYPE_CODES, extension
 from ..launch import as_dtype, cell_step_buffers, dense, halting_outputs, unit_columns
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -34,7 +34,7 @@ def _forward(kind, gi, gh, prev, halting=None):
             h_new.data_ptr(), 0 if c_new is None else c_new.data_ptr(), rows, hidden)
     if halting is None:
         if rows and hidden:
-            _extension().cpu_cell_forward(*args, *([0] * 14), 0, 0, DTYPE_CODES[prev.dtype])
+            extension().cpu_cell_forward(*args, *([0] * 14), 0, 0, DTYPE_CODES[prev.dtype])
         return new
     active, weight, bias, threshold, running_sum, accumulators, steps, remainder, step, max_steps = halting
     acc = running_sum.dtype
@@ -48,7 +48,7 @@ def _forward(kind, gi, gh, prev, halting=None):
     acc_c = out["acc_c"] if kind == _LSTM else None
     weight, bias, threshold = (dense(as_dtype(t, acc)) for t in (weight, bias, threshold))
     active = dense(active)
-    _extension().cpu_cell_forward(
+    extension().cpu_cell_forward(
         *args, active.data_ptr(), weight.data_ptr(), bias.data_ptr(), threshold.data_ptr(),
         out["running_sum"].data_ptr(), out["acc_h"].data_ptr(), out["acc_h"].stride(0),
         0 if acc_c is None else acc_c.data_ptr(), 0 if acc_c is None else acc_c.stride(0),
@@ -87,7 +87,7 @@ def gru_gates_backward(grad, gi, gh, h):
     d_gh = torch.empty(gh_.shape, dtype=h.dtype)
     d_h = torch.empty(h.shape, dtype=h.dtype)
     if rows and hidden:
-        _extension().cpu_cell_backward(_GRU, grad_.data_ptr(), grad_.stride(0), 0, 0, gi_.data_ptr(), gi_.stride(0),
+        extension().cpu_cell_backward(_GRU, grad_.data_ptr(), grad_.stride(0), 0, 0, gi_.data_ptr(), gi_.stride(0),
                                        gh_.data_ptr(), gh_.stride(0), h.data_ptr(), h.stride(0), d_gi.data_ptr(),
                                        d_gh.data_ptr(), d_h.data_ptr(), rows, hidden, DTYPE_CODES[h.dtype])
     return as_dtype(d_gi, gi.dtype), as_dtype(d_gh, gh.dtype), d_h
@@ -99,7 +99,7 @@ def lstm_gates_backward(grad_h, grad_c, gi, gh, c):
     d_a = torch.empty(gi_.shape, dtype=c.dtype)
     d_c = torch.empty(c.shape, dtype=c.dtype)
     if rows and hidden:
-        _extension().cpu_cell_backward(_LSTM, grad_h_.data_ptr(), grad_h_.stride(0), grad_c_.data_ptr(),
+        extension().cpu_cell_backward(_LSTM, grad_h_.data_ptr(), grad_h_.stride(0), grad_c_.data_ptr(),
                                        grad_c_.stride(0), gi_.data_ptr(), gi_.stride(0), gh_.data_ptr(),
                                        gh_.stride(0), c.data_ptr(), c.stride(0), d_a.data_ptr(), 0, d_c.data_ptr(),
                                        rows, hidden, DTYPE_CODES[c.dtype])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..act.cuda_kernels import DTYPE_CODES, _check_cuda, _extension, _stream
+from ..extension import DTYPE_CODES, check_device, extension, stream
 from ..launch import as_dtype, cell_step_buffers, dense, halting_outputs, on_device, unit_columns
 
 _GRU_FORWARD, _GRU_BACKWARD, _LSTM_FORWARD, _LSTM_BACKWARD = range(4)
@@ -18,9 +18,9 @@ def _inputs(state, *tensors):
         raise TypeError(f"state dtype {state.dtype} is not supported")
     out = []
     for name, t in zip(("gi", "gh", "grad_h", "grad_c"), tensors):
-        _check_cuda(name, t, state.device)
+        check_device(name, t, state.device)
         out.append(unit_columns(as_dtype(t, state.dtype)))
-    _check_cuda("state", state, state.device)
+    check_device("state", state, state.device)
     return unit_columns(state), out
 
 
@@ -36,10 +36,10 @@ def _launch(op, state, gi, gh, grad_h=None, grad_c=None, out_h=None, out_c=None,
     if rows == 0 or hidden == 0:
         return
     with on_device(state.device):
-        _extension().cell_gates(op, at(gi), stride(gi), at(gh), stride(gh), at(state), stride(state),
+        extension().cell_gates(op, at(gi), stride(gi), at(gh), stride(gh), at(state), stride(state),
                                 at(grad_h), stride(grad_h), at(grad_c), stride(grad_c), at(out_h), at(out_c),
                                 at(d_gi), at(d_gh), at(d_state), rows, hidden, DTYPE_CODES[state.dtype],
-                                _stream(state.device))
+                                stream(state.device))
 
 
 def gru_gates_forward(gi, gh, h):
@@ -83,7 +83,7 @@ def _halting_launch(op, gi, gh, prev, active, weight, bias, threshold, running_s
     for name, t in (("active", active), ("weight", weight), ("bias", bias), ("threshold", threshold),
                     ("running_sum", running_sum), ("steps", steps), ("remainder", remainder),
                     *((f"accumulators[{k}]", a) for k, a in enumerate(accumulators))):
-        _check_cuda(name, t, device)
+        check_device(name, t, device)
     if any(a.dtype != acc for a in accumulators) or remainder.dtype != acc or threshold.dtype != acc:
         raise TypeError("running_sum, the accumulators, remainder and threshold share the accumulation dtype")
     h_new = torch.empty((rows, hidden), dtype=prev.dtype, device=device)
@@ -97,14 +97,14 @@ def _halting_launch(op, gi, gh, prev, active, weight, bias, threshold, running_s
     weight, bias, threshold = (dense(as_dtype(t, acc)) for t in (weight, bias, threshold))
     active = dense(active)
     with on_device(device):
-        _extension().cell_halting_step(
+        extension().cell_halting_step(
             op, gi_.data_ptr(), gi_.stride(0), gh_.data_ptr(), gh_.stride(0), prev.data_ptr(), prev.stride(0),
             h_new.data_ptr(), 0 if c_new is None else c_new.data_ptr(),
             active.data_ptr(), weight.data_ptr(), bias.data_ptr(), threshold.data_ptr(),
             out["running_sum"].data_ptr(), out["acc_h"].data_ptr(), out["acc_h"].stride(0),
             0 if acc_c is None else acc_c.data_ptr(), 0 if acc_c is None else acc_c.stride(0),
             out["steps"].data_ptr(), out["remainder"].data_ptr(), p.data_ptr(), hh.data_ptr(), halted.data_ptr(),
-            rows, hidden, int(step), int(max_steps), DTYPE_CODES[prev.dtype], _stream(device),
+            rows, hidden, int(step), int(max_steps), DTYPE_CODES[prev.dtype], stream(device),
         )
     out.finish()
     return new, p, hh, halted

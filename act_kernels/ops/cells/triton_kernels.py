@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..act.triton_kernels import _block_and_warps, _halt_row
+from ..triton_helpers import block_and_warps, halt_row
 from ..launch import cell_step_buffers, dense, halting_outputs, on_device, unit_columns
 
 BLOCK_H = 256
@@ -202,7 +202,7 @@ def _gru_halting_kernel(
     r, z, n, _, h = _gru_gates(gi_ptr, s_gi, gh_ptr, s_gh, h_ptr, s_h, i_a, o, m, H, ACC)
     b_s = ((1.0 - z) * n + z * h).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + i_a * H + o, b_s, mask=m)
-    _halt_row(tl.where(m, b_s.to(ACC), 0.0), o, m, i_a, active_ptr, w_ptr, c_ptr, thr_ptr,
+    halt_row(tl.where(m, b_s.to(ACC), 0.0), o, m, i_a, active_ptr, w_ptr, c_ptr, thr_ptr,
               running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr, p_ptr, hh_ptr, halted_ptr,
               H, step, max_steps)
 
@@ -225,7 +225,7 @@ def _lstm_halting_kernel(
     h_new = (og * _tanh(c_acc)).to(T)
     tl.store(c_out + i_a * H + o, c_new, mask=m)
     tl.store(h_out + i_a * H + o, h_new, mask=m)
-    i_b, b_p = _halt_row(tl.where(m, h_new.to(ACC), 0.0), o, m, i_a, active_ptr, w_ptr, bias_ptr, thr_ptr,
+    i_b, b_p = halt_row(tl.where(m, h_new.to(ACC), 0.0), o, m, i_a, active_ptr, w_ptr, bias_ptr, thr_ptr,
                          running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr, p_ptr, hh_ptr, halted_ptr,
                          H, step, max_steps)
     p_cacc = cacc_ptr + i_b * stride_cacc + o
@@ -241,7 +241,7 @@ def gru_halting_step(gi, gh, h, active, weight, bias, threshold, running_sum, ac
     p, hh, halted = halting_outputs(A, running_sum.dtype, h.device)
     if A == 0:
         return (out,), p, hh, halted
-    block, warps = _block_and_warps(H)
+    block, warps = block_and_warps(H)
     buf = cell_step_buffers(running_sum, steps, remainder, accumulators[:1])
     with on_device(h.device):
         _gru_halting_kernel[(A,)](
@@ -264,7 +264,7 @@ def lstm_halting_step(gi, gh, c, active, weight, bias, threshold, running_sum, a
     p, hh, halted = halting_outputs(A, running_sum.dtype, c.device)
     if A == 0:
         return (h_new, c_new), p, hh, halted
-    block, warps = _block_and_warps(H)
+    block, warps = block_and_warps(H)
     buf = cell_step_buffers(running_sum, steps, remainder, accumulators[:2])
     with on_device(c.device):
         _lstm_halting_kernel[(A,)](

@@ -8,14 +8,14 @@ import math
 
 import torch
 
-from ..act.cuda_kernels import DTYPE_CODES, _check_cuda, _extension, _stream
+from ..extension import DTYPE_CODES, check_device, extension, stream
 from ..launch import device_constants, WriteBack, dense, on_device, unit_columns
 from ..ragged import rows_by_batch
 
 
 def halting_step(state, active, weight, bias, unhalted, steps, uniform, step, max_steps, mode, eps, threshold):
     """CUDA twin of `act_kernels.ops.pondernet.reference.halting_step`."""
-    ext = _extension()
+    ext = extension()
     device, acc = state.device, unhalted.dtype
     num_active, hidden = state.shape
     if state.dtype not in DTYPE_CODES:
@@ -23,7 +23,7 @@ def halting_step(state, active, weight, bias, unhalted, steps, uniform, step, ma
     state = unit_columns(state)
     for name, t in (("active", active), ("weight", weight), ("bias", bias), ("unhalted", unhalted),
                     ("steps", steps)):
-        _check_cuda(name, t, device)
+        check_device(name, t, device)
     weight = weight.to(acc).contiguous()
     bias = bias.to(acc).contiguous()
     active = active.contiguous()
@@ -36,14 +36,14 @@ def halting_step(state, active, weight, bias, unhalted, steps, uniform, step, ma
         return p, lam, u_before, halted
     if mode == 1:
         uniform = uniform.to(acc).contiguous()
-        _check_cuda("uniform", uniform, device)
+        check_device("uniform", uniform, device)
     out = WriteBack(unhalted=unhalted, steps=steps)
     with on_device(device):
         ext.pondernet_step(
             state.data_ptr(), state.stride(0), active.data_ptr(), weight.data_ptr(), bias.data_ptr(),
             out["unhalted"].data_ptr(), out["steps"].data_ptr(), uniform.data_ptr() if mode == 1 else 0,
             limits.data_ptr(), p.data_ptr(), lam.data_ptr(), u_before.data_ptr(), halted.data_ptr(),
-            num_active, hidden, int(step), int(max_steps), int(mode), DTYPE_CODES[state.dtype], _stream(device),
+            num_active, hidden, int(step), int(max_steps), int(mode), DTYPE_CODES[state.dtype], stream(device),
         )
     out.finish()
     return p, lam, u_before, halted
@@ -51,7 +51,7 @@ def halting_step(state, active, weight, bias, unhalted, steps, uniform, step, ma
 
 def halting_backward(p, lam, u_before, batch_index, step_index, steps, grad_p, grad_kl, prior):
     """CUDA twin of `act_kernels.ops.pondernet.reference.halting_backward`."""
-    ext = _extension()
+    ext = extension()
     device, acc = p.device, p.dtype
     gz = torch.empty_like(p)
     if p.numel() == 0:
@@ -62,12 +62,12 @@ def halting_backward(p, lam, u_before, batch_index, step_index, steps, grad_p, g
     tensors = [t.to(acc).contiguous() for t in (lam, u_before, grad_p, grad_kl)]
     for name, t in (("lam", tensors[0]), ("u_before", tensors[1]), ("grad_p", tensors[2]),
                     ("grad_kl", tensors[3]), ("steps", steps)):
-        _check_cuda(name, t, device)
+        check_device(name, t, device)
     p = dense(p)
     with on_device(device):
         ext.pondernet_backward(
             order.data_ptr(), first.data_ptr(), steps.data_ptr(), p.data_ptr(),
             tensors[0].data_ptr(), tensors[1].data_ptr(), tensors[2].data_ptr(), tensors[3].data_ptr(),
-            logs.data_ptr(), gz.data_ptr(), steps.shape[0], DTYPE_CODES[acc], _stream(device),
+            logs.data_ptr(), gz.data_ptr(), steps.shape[0], DTYPE_CODES[acc], stream(device),
         )
     return gz

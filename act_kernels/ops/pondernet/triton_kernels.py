@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..launch import device_constants, WriteBack, dense, on_device, unit_columns
 from ..ragged import rows_by_batch
-from ..act.triton_kernels import _block_and_warps
+from ..triton_helpers import block_and_warps
 
 
 @triton.jit(do_not_specialize=["step", "max_steps"])
@@ -64,7 +64,7 @@ def halting_step(state, active, weight, bias, unhalted, steps, uniform, step, ma
     halted = torch.empty(num_active, dtype=torch.bool, device=device)
     if num_active == 0:
         return p, lam, u_before, halted
-    block, warps = _block_and_warps(hidden)
+    block, warps = block_and_warps(hidden)
     limits = device_constants((float(eps), float(threshold)), acc, device)
     state = unit_columns(state)
     out = WriteBack(unhalted=unhalted, steps=steps)
