@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 from . import reference
-from ._validation import as_state_tuple
+from .ops.state import as_state_tuple
 from .backends import resolve
 from .driver import ragged_ponder
 from .output import PonderOutput

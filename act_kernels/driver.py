@@ -19,7 +19,8 @@ from typing import Callable, List, NamedTuple, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._validation import accumulation_dtype, as_state_tuple, check_ponder_args, check_step_output
+from .ops.checks import check_ponder_args, check_step_output
+from .ops.state import accumulation_dtype, as_state_tuple
 from .ops.ragged import compact, packed_step_index
 from .output import HaltingProbs, PonderOutput
 

@@ -14,7 +14,8 @@ from typing import Callable, List
 
 import torch
 
-from ._validation import accumulation_dtype, as_state_tuple, check_ponder_args, check_step_output
+from .ops.checks import check_ponder_args, check_step_output
+from .ops.state import accumulation_dtype, as_state_tuple
 from .ops.act.reference import combine_backward, halting_decision, halting_step
 from .ops.ragged import survivors
 from .output import HaltingProbs, PonderOutput

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .._validation import check_layer_input, check_layer_options
+from .checks import check_layer_input, check_layer_options
 from ..api import ponder
 from ..backends import resolve_gates
 from ..ops.act import get_kernels

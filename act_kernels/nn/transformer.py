@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..api import ponder
-from .._validation import check_layer_input, check_layer_options
+from .checks import check_layer_input, check_layer_options
 from ..backends import resolve, resolve_attention
 from ..ops.attention.function import attend
 from ..ops.attention.reference import ragged_attention as reference_attention

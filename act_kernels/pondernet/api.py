@@ -5,7 +5,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .._validation import as_state_tuple
+from ..ops.state import as_state_tuple
 from ..backends import resolve_pondernet
 from . import reference
 from .output import PonderNetOutput

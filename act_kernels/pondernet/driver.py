@@ -16,7 +16,9 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._validation import accumulation_dtype, as_state_tuple, check_pondernet_args, check_step_output
+from ..ops.checks import check_step_output
+from ..ops.pondernet.checks import check_pondernet_args
+from ..ops.state import accumulation_dtype, as_state_tuple
 from ..ops.pondernet import PonderNetKernels
 from ..ops.pondernet.reference import MODES, halting_unit_backward
 from ..ops.ragged import compact, packed_step_index

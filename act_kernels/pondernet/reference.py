@@ -17,7 +17,9 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .._validation import accumulation_dtype, as_state_tuple, check_pondernet_args, check_step_output
+from ..ops.checks import check_step_output
+from ..ops.pondernet.checks import check_pondernet_args
+from ..ops.state import accumulation_dtype, as_state_tuple
 from ..ops.ragged import survivors
 from .output import PonderNetOutput
 from .prior import kl_per_row, log_prior

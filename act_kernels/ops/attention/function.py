@@ -15,9 +15,10 @@ from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from ...backends import op_backend, resolve_attention
-from ..._validation import as_pool, check_attention_args
+from .checks import as_pool, check_attention_args
 from . import reference
 from ..launch import dense
+from ..state import accumulation_dtype
 from .index import query_offsets, row_offsets
 
 
@@ -119,7 +120,7 @@ def _padded_sdpa(q, k_pool, v_pool, lay, slots, causal, scale, grad=False):
     over sequences padded to (B, heads, max_q, max_len), keys and values read
     from the pool at `slots` (B, max_len). Returns the (A, heads, d) output and
     the padded leaves (q, k, v) when grad is set."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     k_rows = k_pool[0] if len(k_pool) == 1 else torch.cat(list(k_pool))
     v_rows = v_pool[0] if len(v_pool) == 1 else torch.cat(list(v_pool))
     leaves = [reference.padded(q, lay.query_slots, acc), reference.padded(k_rows, slots, acc),
@@ -204,10 +205,6 @@ def _op_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "reference" if dtype == torch.float64 else backend
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("act_kernels::ragged_attention", mutates_args=())
 def ragged_attention_op(
     q: Tensor, k: List[Tensor], v: List[Tensor], cu_seqlens: Tensor, q_rows: Tensor,
@@ -227,7 +224,7 @@ def ragged_attention_op(
 
 @ragged_attention_op.register_fake
 def _(q, k, v, cu_seqlens, q_rows, kv_rows, causal, scale, max_seqlen):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=_acc(q.dtype))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("act_kernels::ragged_attention_backward", mutates_args=())

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..state import accumulation_dtype
 from .index import query_offsets, sequence_of_tokens
 
 Pool = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -107,7 +108,7 @@ def ragged_attention(
     dropout_p > 0 drops attention probabilities as nn.MultiheadAttention does
     in training.
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     keys, values = gather_keys(k, kv_rows), gather_keys(v, kv_rows)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[0] == 0:  # still a function of q, k and v, so autograd sees zero gradients
@@ -134,7 +135,7 @@ def ragged_attention_lse(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """`ragged_attention` written out with its scores, also returning the
     logsumexp (A, heads) of every query's scaled scores (accumulation dtype)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     keys, values = gather_keys(k, kv_rows), gather_keys(v, kv_rows)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[0] == 0:
@@ -155,7 +156,7 @@ def ragged_attention_backward(
         dV = P^T dO,  dP = dO V^T,  dS = P (dP - rowsum(dO * O)),
         dQ = scale dS K,  dK = scale dS^T Q
     """
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     keys, values = gather_keys(k, kv_rows), gather_keys(v, kv_rows)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[0] == 0:

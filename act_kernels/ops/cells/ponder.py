@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..._validation import accumulation_dtype
+from ..state import accumulation_dtype
 from ..launch import as_dtype
 from ..ragged import packed_step_index
 from ...output import HaltingProbs, PonderOutput
