@@ -4,10 +4,9 @@
     out = ak.ponder(step_fn, state, weight, bias, max_steps=100, eps=0.01)
 """
 from . import nn, reference
-from .api import ponder
 from .backends import available_backends
 from .ops.attention import ragged_attention
-from .output import HaltingProbs, PonderOutput
+from .ops.act import HaltingProbs, PonderOutput, ponder
 from .pondernet import PonderNetOutput, pondernet, pondernet_loss
 
 __version__ = "0.1.0"

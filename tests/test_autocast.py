@@ -8,7 +8,7 @@ from torch import nn
 
 import act_kernels as ak
 from act_kernels.ops.act import get_kernels
-from act_kernels.driver import ragged_ponder
+from act_kernels.ops.act import ragged_ponder
 from backends import KERNEL_BACKENDS
 from helpers import DEVICE
 

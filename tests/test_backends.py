@@ -190,15 +190,17 @@ def test_auto_backend_dispatch(monkeypatch):
     """auto runs the reference on CPU tensors, and on CUDA tensors the CUDA
     extension when it is built, else Triton: checked by recording which
     implementation the call reached."""
-    import act_kernels.api as api
+    import importlib
+
     from act_kernels.backends import cuda_extension_error
     from act_kernels.ops.act import get_kernels
 
+    api = importlib.import_module("act_kernels.ops.act.ponder")   # the module, not the function it defines
     reached = []
-    ragged, reference_ponder = api.ragged_ponder, api.reference.ponder
-    monkeypatch.setattr(api, "ragged_ponder",
+    ragged, reference_ponder = api.kernel_ponder_loop, api.reference.ponder_loop
+    monkeypatch.setattr(api, "kernel_ponder_loop",
                         lambda kernels, *a, **k: (reached.append(kernels.halting_step), ragged(kernels, *a, **k))[1])
-    monkeypatch.setattr(api.reference, "ponder",
+    monkeypatch.setattr(api.reference, "ponder_loop",
                         lambda *a, **k: (reached.append("reference"), reference_ponder(*a, **k))[1])
     s0, w, c = make_problem(3, 4, torch.float32, 0.0)
     ak.ponder(TanhStep(3, 4), s0, w, c, max_steps=3, backend="auto")

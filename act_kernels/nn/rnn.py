@@ -15,12 +15,10 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .checks import check_layer_input, check_layer_options
-from ..api import ponder
+from ..ops.act import PonderOutput, get_kernels, ponder
 from ..backends import resolve_gates
-from ..ops.act import get_kernels
 from ..ops.cells.ponder import cell_ponder
 from ..ops.cells import gate_kernels
-from ..output import PonderOutput
 
 # Cells whose step has fused gates: the input projection is hoisted out of the
 # ponder loop and a ponder step runs h W_hh^T and one launch of the gates and

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..api import ponder
+from ..ops.act import ponder
 from .checks import check_layer_input, check_layer_options
 from ..backends import resolve, resolve_attention
 from ..ops.attention.function import attend

@@ -1,20 +1,15 @@
-"""ACT's two kernel contracts (DESIGN §3): the fused halting step and the
-combine backward, as reference twins (`reference`), Triton kernels
-(`triton_kernels`), the CUDA extension's launchers (`cuda_kernels`) and
-torch.library ops (`library`)."""
-from __future__ import annotations
+"""ACT (Graves 2016) on the ragged layout (DESIGN §1-§3), read top-down:
 
-from ...driver import Kernels
+    ponder.py          `ponder` (the public function), the kernel loop and
+                       its autograd Function `_RaggedCombine`
+    reference.py       the oracle `ponder` and the reference twins of the two
+                       kernel contracts (the fused halting step, the combine
+                       backward)
+    triton_kernels.py  the Triton kernels and their launchers
+    cuda_kernels.py    the launchers of the CUDA extension's kernels
+    library.py         the torch.library ops
+"""
+from ..output import HaltingProbs, PonderOutput
+from .ponder import Kernels, get_kernels, kernel_ponder_loop, ponder, ragged_ponder
 
-
-def get_kernels(backend: str) -> Kernels:
-    """The (halting_step, combine_backward) pair of a kernel backend."""
-    if backend == "triton":
-        from . import triton_kernels as mod
-    elif backend == "cuda":
-        from . import cuda_kernels as mod
-    elif backend == "twins":  # the reference twins on the kernel driver (tests, the layers' CPU path)
-        from . import reference as mod
-    else:
-        raise ValueError(f"no kernels for backend {backend!r}")
-    return Kernels(mod.halting_step, mod.combine_backward)
+__all__ = ["ponder", "PonderOutput", "HaltingProbs", "Kernels", "get_kernels", "ragged_ponder", "kernel_ponder_loop"]

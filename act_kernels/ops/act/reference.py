@@ -1,67 +1,105 @@
-"""Reference twins of the two ACT kernel contracts (DESIGN §3): the same
-arguments and results as the Triton and CUDA kernels, written for clarity."""
+"""ACT's pure-PyTorch oracle and the reference twins of its two kernel
+contracts (DESIGN §1, §3).
+
+`ponder` follows Graves (2016) line by line and is differentiable by ordinary
+autograd. It is ragged like the kernels: at step n the step function sees
+only the A_n rows still running, so the rows it is given add up to sum(N).
+`halting_step` (shared with the fused cells, so it lives in `ops.halting`)
+and `combine_backward` take the same arguments and give the same results as
+the Triton and CUDA kernels, written for clarity; the kernel loop runs on
+them as the "twins" implementation.
+"""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..ragged import packed_step_index
+from ..checks import check_ponder_args, check_step_output
+from ..halting import halting_decision, halting_step
+from ..output import HaltingProbs, PonderOutput
+from ..ragged import packed_step_index, survivors
+from ..state import accumulation_dtype, as_state_tuple
 
 
-def halting_decision(sum_before, h, threshold, is_last_step: bool):
-    """The halting test of eq. (4)-(6): returns (halt, p).
-
-    A row halts at the first step whose h brings the running sum to at least
-    1 - eps, or at the last allowed step; its last weight is the remainder
-    R = 1 - (sum of the earlier h), so the weights of a row always sum to 1.
-    """
-    if is_last_step:
-        halt = torch.ones_like(h, dtype=torch.bool)
-    else:
-        halt = sum_before + h >= threshold
-    p = torch.where(halt, 1 - sum_before, h)
-    return halt, p
-
-
-def halting_step(
-    state: torch.Tensor,
-    active: torch.Tensor,
+def ponder(
+    step_fn: Callable,
+    state,
     weight: torch.Tensor,
     bias: torch.Tensor,
-    threshold: torch.Tensor,
-    running_sum: torch.Tensor,
-    accumulator: torch.Tensor,
-    steps: torch.Tensor,
-    remainder: torch.Tensor,
-    step: int,
-    max_steps: int,
-    extra: Sequence[Tuple[torch.Tensor, torch.Tensor]] = (),
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One fused halting step over the A active rows.
+    *,
+    max_steps: int = 100,
+    eps: float = 0.01,
+) -> PonderOutput:
+    """Adaptive Computation Time over a batch of rows that halt independently.
 
-    state (A, H) new states s^n of the active rows; active (A,) their batch rows;
-    weight (H,), bias (1,), threshold (1,) = 1 - eps in the accumulation dtype.
-    Updated in place for the active rows: running_sum (B,), accumulator (B, H)
-    (+= p s), and for the rows that halt: steps (B,) = n, remainder (B,) = R.
-    extra: (state_k (A, H_k), accumulator_k (B, H_k)) pairs of the further
-    tensors of a tuple state (an LSTM's c): accumulator_k += p state_k too.
-    Returns p (A,), h (A,) in the accumulation dtype and halted (A,) bool.
+    step_fn(state_active, step, active) -> new state of exactly those rows.
+      state_active: (A, H) (or a tuple of (A, H_k)) rows still running;
+      step: 1-based ponder step; active: (A,) int64 batch indices, ascending.
+    state: (B, H) initial state s^0, or a tuple (halting reads the first tensor,
+      all of them are mean-fielded). weight: (H,) or (1, H); bias: one element.
+
+    Example: a GRU cell pondering on a fixed input x (B, I):
+        cell = torch.nn.GRUCell(I, H); halt = torch.nn.Linear(H, 1)
+        out = ponder(lambda s, n, idx: cell(x[idx], s), s0, halt.weight, halt.bias)
+        loss = task_loss(out.state) + tau * out.ponder_cost.sum()
     """
-    acc = running_sum.dtype
-    with torch.no_grad():
-        s = state.to(acc)
-        with torch.autocast(device_type=s.device.type, enabled=False):  # the halting math stays in acc
-            h = torch.sigmoid(s @ weight.to(acc) + bias.to(acc).reshape(()))
+    states, was_tuple = as_state_tuple(state)
+    check_ponder_args(states, weight, bias, max_steps, eps)
+    return ponder_loop(step_fn, states, was_tuple, weight, bias, max_steps, eps)
+
+
+def ponder_loop(step_fn: Callable, states: Tuple[torch.Tensor, ...], was_tuple: bool, weight: torch.Tensor,
+                bias: torch.Tensor, max_steps: int, eps: float) -> PonderOutput:
+    """`ponder` on arguments already checked (`states` as `as_state_tuple` gives them)."""
+    batch, device = states[0].shape[0], states[0].device
+    acc = accumulation_dtype(states[0].dtype)
+    w = weight.reshape(-1).to(acc)
+    c = bias.reshape(()).to(acc)
+    threshold = torch.tensor(1.0 - eps, dtype=acc, device=device)
+
+    active = torch.arange(batch, device=device)
+    running_sum = torch.zeros(batch, dtype=acc, device=device)  # h^1 + ... + h^(n-1)
+    steps = torch.zeros(batch, dtype=torch.int64, device=device)
+    remainder = torch.zeros(batch, dtype=acc, device=device)
+    mean_field = [torch.zeros(s.shape, dtype=acc, device=device) for s in states]
+    current = states
+    probs: List[torch.Tensor] = []
+    rows: List[torch.Tensor] = []
+    row_steps: List[torch.Tensor] = []
+
+    for n in range(1, max_steps + 1):
+        given = current if was_tuple else current[0]
+        new = check_step_output(step_fn(given, n, active), states, active.numel(), n)
+
+        # halting unit, eq. (3), in the accumulation dtype even under autocast
+        with torch.autocast(device_type=device.type, enabled=False):
+            h = torch.sigmoid(new[0].to(acc) @ w + c)
         sum_before = running_sum[active]
-        halt, p = halting_decision(sum_before, h, threshold, step >= max_steps)
-        running_sum[active] = torch.where(halt, sum_before, sum_before + h)
-        accumulator[active] += p[:, None] * s
-        for t, m in extra:
-            m[active] += p[:, None] * t.to(acc)
-        steps[active[halt]] = step
-        remainder[active[halt]] = p[halt]
-    return p, h, halt
+        halt, p = halting_decision(sum_before, h, threshold, n == max_steps)
+        running_sum = running_sum.index_add(0, active, torch.where(halt, torch.zeros_like(h), h))
+        mean_field = [m.index_add(0, active, p[:, None] * s.to(acc)) for m, s in zip(mean_field, new)]
+        steps = steps.index_fill(0, active[halt], n)
+        remainder = remainder.index_add(0, active[halt], p[halt])
+
+        probs.append(p.detach())
+        rows.append(active)
+        row_steps.append(torch.full_like(active, n))
+
+        nxt = survivors(halt, active, new)
+        if nxt is None:
+            break
+        active, current = nxt
+
+    ponder_cost = steps.to(acc) + remainder                  # rho = N + R, eq. (9)
+    out_state = tuple(m.to(states[0].dtype) for m in mean_field)
+    return PonderOutput(
+        state=out_state if was_tuple else out_state[0],
+        ponder_cost=ponder_cost,
+        steps=steps,
+        remainder=remainder,
+        halting_probs=HaltingProbs(torch.cat(probs), torch.cat(rows), torch.cat(row_steps), batch),
+    )
 
 
 def combine_backward(
@@ -102,3 +140,6 @@ def combine_backward(
     gw = (gz[:, None] * s).sum(0)
     gc = gz.sum()
     return gs.to(states[0].dtype), gw, gc
+
+
+__all__ = ["ponder", "ponder_loop", "halting_decision", "halting_step", "combine_backward"]

@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 from ..state import accumulation_dtype
 from ..launch import as_dtype
 from ..ragged import packed_step_index
-from ...output import HaltingProbs, PonderOutput
+from ..output import HaltingProbs, PonderOutput
 
 
 class _Meta(NamedTuple):

@@ -20,11 +20,12 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..act.reference import halting_step
+from ..halting import halting_step
+from ..state import accumulation_dtype
 
 
 def _acc(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(t.dtype)
 
 
 def gru_gates_forward(gi: Tensor, gh: Tensor, h: Tensor) -> Tensor:

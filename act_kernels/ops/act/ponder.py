@@ -1,4 +1,5 @@
-"""The ragged ponder loop that runs on the fused kernels (DESIGN §2-§3).
+"""`ponder`, the public entry point, and the ragged ponder loop that runs on
+the fused kernels (DESIGN §2-§3).
 
 At step n the step function sees only the A_n rows still running. After it,
 one fused halting-step launch evaluates the halting unit, decides which rows
@@ -14,15 +15,52 @@ over all T packed rows.
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Sequence
+from typing import Callable, List, NamedTuple, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .ops.checks import check_ponder_args, check_step_output
-from .ops.state import accumulation_dtype, as_state_tuple
-from .ops.ragged import compact, packed_step_index
-from .output import HaltingProbs, PonderOutput
+from ...backends import resolve
+from ..checks import check_ponder_args, check_step_output
+from ..ragged import compact, packed_step_index
+from ..state import accumulation_dtype, as_state_tuple
+from . import reference
+from ..output import HaltingProbs, PonderOutput
+
+
+def ponder(
+    step_fn: Callable,
+    state,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    max_steps: int = 100,
+    eps: float = 0.01,
+    backend: str = "auto",
+) -> PonderOutput:
+    """Adaptive Computation Time (Graves 2016) with rows that halt independently.
+
+    step_fn(state_active, step, active) -> new state for exactly those rows
+        state_active (A, H) (or a tuple of (A, H_k)): the rows still running,
+        step: the 1-based ponder step, active (A,) int64: their batch indices.
+    state:  (B, H) initial state, or a tuple (LSTM (h, c)): halting reads the
+        first tensor, every tensor is mean-fielded.
+    weight: (H,) or (1, H) halting unit weight; bias: one-element tensor.
+    backend: "auto" | "reference" | "triton" | "cuda" (DESIGN §4).
+
+    Returns PonderOutput(state, ponder_cost, steps, remainder, halting_probs).
+
+        cell, halt = torch.nn.GRUCell(I, H), torch.nn.Linear(H, 1)
+        out = ak.ponder(lambda s, n, idx: cell(x[idx], s), h0, halt.weight, halt.bias)
+        loss = criterion(out.state) + tau * out.ponder_cost.sum()
+    """
+    # checked and resolved once per call; the loops below trust their arguments
+    states, was_tuple = as_state_tuple(state)
+    check_ponder_args(states, weight, bias, max_steps, eps)
+    chosen = resolve(backend, states[0].device)
+    if chosen == "reference":
+        return reference.ponder_loop(step_fn, states, was_tuple, weight, bias, max_steps, eps)
+    return kernel_ponder_loop(get_kernels(chosen), step_fn, states, was_tuple, weight, bias, max_steps, eps)
 
 
 class Kernels(NamedTuple):
@@ -30,6 +68,21 @@ class Kernels(NamedTuple):
 
     halting_step: Callable
     combine_backward: Callable
+
+
+def get_kernels(implementation: str) -> Kernels:
+    """The (halting_step, combine_backward) pair of an implementation as
+    `act_kernels.backends` names it: "triton", "cuda" or "twins" (the
+    reference twins on the kernel loop)."""
+    if implementation == "triton":
+        from . import triton_kernels as mod
+    elif implementation == "cuda":
+        from . import cuda_kernels as mod
+    elif implementation == "twins":
+        from . import reference as mod
+    else:
+        raise ValueError(f"no ACT kernels for implementation {implementation!r}")
+    return Kernels(mod.halting_step, mod.combine_backward)
 
 
 class _Saved(NamedTuple):
@@ -124,6 +177,12 @@ def ragged_ponder(
     """`ponder` on the fused kernels of one backend; same contract as the reference."""
     states, was_tuple = as_state_tuple(state)
     check_ponder_args(states, weight, bias, max_steps, eps)
+    return kernel_ponder_loop(kernels, step_fn, states, was_tuple, weight, bias, max_steps, eps)
+
+
+def kernel_ponder_loop(kernels: Kernels, step_fn: Callable, states: Tuple[torch.Tensor, ...], was_tuple: bool,
+                       weight: torch.Tensor, bias: torch.Tensor, max_steps: int, eps: float) -> PonderOutput:
+    """The kernel loop on arguments already checked (`states` as `as_state_tuple` gives them)."""
     states = tuple(_unit_column_stride(s) for s in states)
     batch, device, dtype = states[0].shape[0], states[0].device, states[0].dtype
     acc = accumulation_dtype(dtype)

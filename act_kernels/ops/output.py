@@ -1,5 +1,6 @@
-"""What `ponder` returns: the mean-field state, the ponder cost, and the packed
-halting distribution with a padded per-row view for plots and analysis."""
+"""What an ACT ponder returns (`ponder`, and the fused cells' whole-ponder
+Function): the mean-field state, the ponder cost, and the packed halting
+distribution with a padded per-row view for plots and analysis."""
 from __future__ import annotations
 
 from typing import NamedTuple, Tuple, Union
