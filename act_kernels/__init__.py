@@ -7,7 +7,7 @@ from . import nn, reference
 from .backends import available_backends
 from .ops.attention import ragged_attention
 from .ops.act import HaltingProbs, PonderOutput, ponder
-from .pondernet import PonderNetOutput, pondernet, pondernet_loss
+from .ops.pondernet import PonderNetOutput, pondernet, pondernet_loss
 
 __version__ = "0.1.0"
 __all__ = ["nn", "ponder", "pondernet", "pondernet_loss", "PonderNetOutput", "ragged_attention", "reference",

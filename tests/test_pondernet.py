@@ -8,7 +8,7 @@ import torch
 
 import act_kernels as ak
 from act_kernels.ops.pondernet import get_kernels
-from act_kernels.pondernet.driver import ragged_pondernet
+from act_kernels.ops.pondernet import ragged_pondernet
 from helpers import DEVICE, TanhStep, assert_close, make_problem
 from naive_pondernet import padded_pondernet
 
@@ -269,7 +269,7 @@ def test_distribution_op_gradients_match_reference_and_compile():
     # against plain autograd through the same formulas
     lam, u = library._lambda_and_mass(states, w, c, out.batch_index, out.step_index, out.steps)
     last = out.step_index == out.steps[out.batch_index]
-    from act_kernels.pondernet.prior import kl_per_row, log_prior
+    from act_kernels.ops.pondernet.prior import kl_per_row, log_prior
     p = torch.where(last, u, lam * u)
     kl = kl_per_row(p, log_prior(out.step_index, last, 0.3, p.dtype), out.batch_index, out.batch_size)
     plain = torch.autograd.grad((p * wp).sum() + (kl * wk).sum(), leaves)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from ..nn import ACTGRU, ACTLSTM, ACTRNN, ACTTransformerEncoder
-from ..pondernet import pondernet, pondernet_loss
+from ..ops.pondernet import pondernet, pondernet_loss
 from .tasks import Batch, Task
 
 

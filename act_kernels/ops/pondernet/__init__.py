@@ -1,25 +1,23 @@
-"""PonderNet's two kernel contracts (DESIGN §10): the fused halting step and
-the packed backward of p and kl, as reference twins (`reference`), Triton
-kernels (`triton_kernels`), the CUDA extension's launchers (`cuda_kernels`)
-and torch.library ops (`library`)."""
-from __future__ import annotations
+"""PonderNet (Banino et al. 2021) on the ragged layout (DESIGN §10), read top-down:
 
-from typing import Callable, NamedTuple
+    ponder.py          `pondernet` and `pondernet_loss` (the public functions),
+                       the kernel loop and its autograd Function `_Halting`
+    output.py          what `pondernet` returns
+    prior.py           the truncated geometric prior and the KL term
+    reference.py       the oracle `pondernet` and the reference twins of the
+                       two kernel contracts (the fused halting step, the
+                       packed backward of p and kl)
+    triton_kernels.py  the Triton kernels and their launchers
+    cuda_kernels.py    the launchers of the CUDA extension's kernels
+    library.py         the torch.library ops
+    checks.py          the argument checks
 
+    out = ak.pondernet(step_fn, state, weight, bias, max_steps=20, prior=0.2)
+    loss = ak.pondernet_loss(out, per_step_loss, beta=0.01)
+"""
+from .output import PonderNetOutput
+from .ponder import (PonderNetKernels, get_kernels, kernel_pondernet_loop, pondernet, pondernet_loss,
+                     ragged_pondernet)
 
-class PonderNetKernels(NamedTuple):
-    halting_step: Callable
-    halting_backward: Callable
-
-
-def get_kernels(backend: str) -> PonderNetKernels:
-    """The (halting_step, halting_backward) pair of a kernel backend."""
-    if backend == "triton":
-        from . import triton_kernels as mod
-    elif backend == "cuda":
-        from . import cuda_kernels as mod
-    elif backend == "twins":  # the reference twins on the kernel driver, for tests
-        from . import reference as mod
-    else:
-        raise ValueError(f"no PonderNet kernels for backend {backend!r}")
-    return PonderNetKernels(mod.halting_step, mod.halting_backward)
+__all__ = ["pondernet", "pondernet_loss", "PonderNetOutput", "PonderNetKernels", "get_kernels", "ragged_pondernet",
+           "kernel_pondernet_loop"]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ...backends import op_backend
-from ...pondernet.prior import kl_per_row, log_prior
+from .prior import kl_per_row, log_prior
 from . import get_kernels
 from .reference import halting_unit_backward
 

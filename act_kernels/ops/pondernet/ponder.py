@@ -1,4 +1,5 @@
-"""The ragged PonderNet loop on the fused kernels (DESIGN §10, §2).
+"""`pondernet` and `pondernet_loss`, the public functions, and the ragged
+PonderNet loop on the fused kernels (DESIGN §10, §2).
 
 At step n the step function sees only the rows still running; one fused
 halting-step launch evaluates lambda, updates the unhalted mass, writes p and
@@ -11,19 +12,102 @@ packed reverse-scan launch over all T entries.
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..ops.checks import check_step_output
-from ..ops.pondernet.checks import check_pondernet_args
-from ..ops.state import accumulation_dtype, as_state_tuple
-from ..ops.pondernet import PonderNetKernels
-from ..ops.pondernet.reference import MODES, halting_unit_backward
-from ..ops.ragged import compact, packed_step_index
+from ...backends import resolve_pondernet
+from ..checks import check_step_output
+from ..ragged import compact, packed_step_index
+from ..state import accumulation_dtype, as_state_tuple
+from . import reference
+from .checks import check_pondernet_args
 from .output import PonderNetOutput
 from .prior import kl_per_row, log_prior
+from .reference import MODES, halting_unit_backward
+
+
+def pondernet(
+    step_fn: Callable,
+    state,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    max_steps: int = 20,
+    eps: float = 0.01,
+    prior: float = 0.2,
+    halting: str = "train",
+    threshold: float = 0.5,
+    generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
+) -> PonderNetOutput:
+    """PonderNet with rows that stop stepping when they halt (DESIGN §10).
+
+    step_fn, state, weight, bias: as for `ak.ponder` (the step function sees
+    only the running rows; halting reads the first tensor of a tuple state).
+    max_steps: M, every row halts there.
+    eps: in "train" mode a row halts at the first step whose unhalted mass
+        u^n = prod (1 - lambda^j) drops below eps, and that step's p takes the
+        rest u^(N-1). The default 0.01 bounds the probability mass folded into
+        the last step from steps never computed at 1 %, the same budget as
+        ACT's eps; smaller eps runs more steps for less than 1 % of the mass.
+    prior: lambda_p of the geometric prior g^n = lp (1 - lp)^(n-1), truncated at
+        each row's N with the rest of its mass at N, so it sums to 1.
+    halting: "train" (the rule above), "sample" (halt at step n with
+        probability lambda^n, drawn from `generator` for repeatability) or
+        "threshold" (halt at the first n with 1 - u^n >= threshold). Every mode
+        halts at max_steps, and the step function sees exactly sum N rows.
+    backend: "auto" | "reference" | "triton".
+
+    Returns PonderNetOutput: packed per-(row, step) `states`, `p`,
+    `batch_index`, `step_index`; per-row `kl`, `steps` and `state` (the state
+    at the halting step); `.padded(values)` views packed values as (B, max N).
+    p and kl are in the accumulation dtype (float32; float64 for float64).
+    """
+    # checked and resolved once per call; the loops below trust their arguments
+    states, was_tuple = as_state_tuple(state)
+    check_pondernet_args(states, weight, bias, max_steps, eps, prior, halting, threshold, generator)
+    chosen = resolve_pondernet(backend, states[0].device)
+    args = (step_fn, states, was_tuple, weight, bias, max_steps, eps, prior, halting, threshold, generator)
+    if chosen == "reference":
+        return reference.pondernet_loop(*args)
+    return kernel_pondernet_loop(get_kernels(chosen), *args)
+
+
+def pondernet_loss(out: PonderNetOutput, step_loss: torch.Tensor, beta: float = 0.01) -> torch.Tensor:
+    """mean_b sum_n p_b^n L(y_b^n) + beta * mean_b kl_b.
+
+    step_loss (T,): the task loss of every packed (row, step) output, e.g.
+    `F.cross_entropy(readout(out.states), y[out.batch_index], reduction="none")`.
+    """
+    if step_loss.shape != out.p.shape:
+        raise ValueError(f"step_loss must have one value per packed (row, step), shape {tuple(out.p.shape)}, "
+                         f"got {tuple(step_loss.shape)}")
+    per_row = out.p.new_zeros(out.batch_size).index_add(0, out.batch_index, out.p * step_loss.to(out.p.dtype))
+    return per_row.mean() + beta * out.kl.mean()
+
+
+class PonderNetKernels(NamedTuple):
+    """One backend's implementations of PonderNet's two kernel contracts."""
+
+    halting_step: Callable
+    halting_backward: Callable
+
+
+def get_kernels(implementation: str) -> PonderNetKernels:
+    """The (halting_step, halting_backward) pair of an implementation as
+    `act_kernels.backends` names it: "triton", "cuda" or "twins" (the
+    reference twins on the kernel loop)."""
+    if implementation == "triton":
+        from . import triton_kernels as mod
+    elif implementation == "cuda":
+        from . import cuda_kernels as mod
+    elif implementation == "twins":
+        from . import reference as mod
+    else:
+        raise ValueError(f"no PonderNet kernels for implementation {implementation!r}")
+    return PonderNetKernels(mod.halting_step, mod.halting_backward)
 
 
 class _Saved(NamedTuple):
@@ -78,6 +162,15 @@ def ragged_pondernet(
     """`pondernet` on the fused kernels of one backend; same contract as the reference."""
     states, was_tuple = as_state_tuple(state)
     check_pondernet_args(states, weight, bias, max_steps, eps, prior, halting, threshold, generator)
+    return kernel_pondernet_loop(kernels, step_fn, states, was_tuple, weight, bias, max_steps, eps, prior, halting,
+                                 threshold, generator)
+
+
+def kernel_pondernet_loop(kernels: PonderNetKernels, step_fn: Callable, states: Tuple[torch.Tensor, ...],
+                          was_tuple: bool, weight: torch.Tensor, bias: torch.Tensor, max_steps: int, eps: float,
+                          prior: float, halting: str, threshold: float,
+                          generator: Optional[torch.Generator]) -> PonderNetOutput:
+    """The kernel loop on arguments already checked (`states` as `as_state_tuple` gives them)."""
     batch, device = states[0].shape[0], states[0].device
     acc = accumulation_dtype(states[0].dtype)
     w = weight.detach().reshape(-1).to(acc).contiguous()
