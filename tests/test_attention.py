@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import act_kernels as ak
-from act_kernels.ops.attention import function as attn_fn
+from act_kernels.ops.attention import library as attn_fn
 from act_kernels.ops.attention import reference
 from helpers import DEVICE, assert_close
 

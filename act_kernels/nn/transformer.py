@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from ..ops.act import ponder
 from .checks import check_layer_input, check_layer_options
 from ..backends import resolve, resolve_attention
-from ..ops.attention.function import attend
-from ..ops.attention.reference import ragged_attention as reference_attention
+from ..ops.attention import attend, reference_ragged_attention
 
 
 def causal_from(mask: Optional[Tensor], is_causal: bool, length: int) -> bool:
@@ -171,8 +170,8 @@ class ACTTransformerEncoder(nn.Module):
         q = self._heads(F.linear(x, w[:d], None if b is None else b[:d]))
         scale = 1.0 / (d // attn.num_heads) ** 0.5
         if self.training and attn.dropout > 0:
-            out = reference_attention(q, step.k_pool, step.v_pool, step.cu_seqlens, active, step.kv_rows,
-                                      step.causal, scale, dropout_p=attn.dropout)
+            out = reference_ragged_attention(q, step.k_pool, step.v_pool, step.cu_seqlens, active, step.kv_rows,
+                                             step.causal, scale, dropout_p=attn.dropout)
         else:
             out = attend(q, step.k_pool, step.v_pool, step.cu_seqlens, active, step.kv_rows, step.causal, scale,
                          step.max_seqlen, step.backend)

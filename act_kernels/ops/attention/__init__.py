@@ -1,10 +1,20 @@
 """Ragged attention (DESIGN §9): queries are a subset of the packed tokens,
-keys and values come from a pool read through a token -> row index.
+keys and values come from a pool read through a token -> row index. Read
+top-down:
 
-    reference.py       the reference twin (pure PyTorch)
+    function.py        `ragged_attention` (the public function), `attend`
+                       (the same without the argument checks, for layers
+                       that build valid indices themselves) and the
+                       autograd Function `RaggedAttention`
+    reference.py       the reference twin (pure PyTorch), and the reference
+                       backend's fused attention over padded sequences
     triton_kernels.py  flash-style Triton forward and backward, and launchers
-    function.py        autograd Function, torch.library op, public function
+    library.py         the torch.library ops
+    index.py           the index tables the kernels read, and pool gradients
+    checks.py          the argument checks
 """
-from .function import RaggedAttention, ragged_attention, ragged_attention_op
+from .function import RaggedAttention, attend, ragged_attention
+from .library import ragged_attention_op
+from .reference import ragged_attention as reference_ragged_attention
 
-__all__ = ["ragged_attention", "RaggedAttention", "ragged_attention_op"]
+__all__ = ["ragged_attention", "attend", "RaggedAttention", "ragged_attention_op", "reference_ragged_attention"]

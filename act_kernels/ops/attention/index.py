@@ -13,9 +13,10 @@ the ACT kernels' packed states.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 from ..ragged import segment_table
 
@@ -43,3 +44,19 @@ def row_offsets(pool: Sequence[torch.Tensor], kv_rows: Optional[torch.Tensor], n
     table = segment_table(pool)
     seg_of_row = torch.searchsorted(table[2], rows, right=True) - 1
     return table[0][seg_of_row] + (rows - table[2][seg_of_row]) * table[1][seg_of_row]
+
+
+def to_pool(values: Tensor, rows: Tensor, pool: Sequence[Tensor]) -> List[Tensor]:
+    """Gradients (N, heads, d) of the pool rows `rows` (N,), summed per row and
+    split back onto the pool's segments (rows nobody read get zeros)."""
+    d_pool = values.new_zeros(sum(t.shape[0] for t in pool), *values.shape[1:], dtype=pool[0].dtype)
+    d_pool.index_add_(0, rows, values.to(pool[0].dtype))
+    return list(d_pool.split([t.shape[0] for t in pool]))
+
+
+def pool_grads(d_tok: Tensor, pool: Sequence[Tensor], kv_rows: Optional[Tensor]) -> List[Tensor]:
+    """Per-token gradients (T_tok, heads, d) back onto the pool's segments."""
+    if kv_rows is None and len(pool) == 1:
+        return [d_tok]
+    rows = torch.arange(d_tok.shape[0], device=d_tok.device) if kv_rows is None else kv_rows.to(torch.int64)
+    return to_pool(d_tok, rows, pool)

@@ -11,12 +11,13 @@ computation out with its scores, as the twins of the kernels' forward
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from ..state import accumulation_dtype
-from .index import query_offsets, sequence_of_tokens
+from .index import query_offsets, sequence_of_tokens, to_pool
 
 Pool = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -172,3 +173,29 @@ def ragged_attention_backward(
     d_k = d_s.transpose(-1, -2) @ qp * scale
     return (unpadded(d_q, lay.q_flat).to(q.dtype), unpadded(d_k, lay.tok_flat).to(q.dtype),
             unpadded(d_v, lay.tok_flat).to(q.dtype))
+
+
+# -- the reference backend of RaggedAttention: PyTorch's fused attention over padded sequences --
+
+def padded_sdpa(q, k_pool, v_pool, lay, slots, causal, scale, grad=False):
+    """The reference backend's attention: PyTorch's scaled_dot_product_attention
+    over sequences padded to (B, heads, max_q, max_len), keys and values read
+    from the pool at `slots` (B, max_len). Returns the (A, heads, d) output and
+    the padded leaves (q, k, v) when grad is set."""
+    acc = accumulation_dtype(q.dtype)
+    k_rows = k_pool[0] if len(k_pool) == 1 else torch.cat(list(k_pool))
+    v_rows = v_pool[0] if len(v_pool) == 1 else torch.cat(list(v_pool))
+    leaves = [padded(q, lay.query_slots, acc), padded(k_rows, slots, acc),
+              padded(v_rows, slots, acc)]
+    if grad:
+        leaves = [t.detach().requires_grad_() for t in leaves]
+    out = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=lay.allowed(causal), scale=scale)
+    return unpadded(out, lay.q_flat).to(q.dtype), leaves
+
+
+def slot_grads(d_padded: Tensor, slots: Tensor, pool: Sequence[Tensor]) -> List[Tensor]:
+    """Gradients of padded keys (B, heads, max_len, d) back onto the pool's
+    segments. Padding slots point at a real row but carry exactly zero: their
+    keys are masked out of every softmax."""
+    batch, heads, m, dim = d_padded.shape
+    return to_pool(d_padded.transpose(1, 2).reshape(batch * m, heads, dim), slots.reshape(-1), pool)

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ...backends import triton_interpreted
-from ..launch import on_device
+from ..launch import dense, on_device
+from .index import query_offsets, row_offsets
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -320,3 +321,17 @@ def attention_backward(
             _attn_bwd_q_kernel[_grid(max_seqlen, block_m, batch, heads)](
                 q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dq, *common, **meta)
     return dq, dk, dv
+
+
+class Launch:
+    """The Triton forward and backward for one call, with the index tables
+    they share (built once per forward)."""
+
+    def __init__(self, k_pool, v_pool, cu_seqlens, q_rows, kv_rows, num_tokens):
+        # the kernels read the indices by position, and every pool segment
+        # with one head stride and a unit feature stride
+        self.cu_seqlens, self.q_rows = dense(cu_seqlens), dense(q_rows)
+        self.k_pool, self.v_pool = uniform_pool(k_pool), uniform_pool(v_pool)
+        self.k_off = row_offsets(self.k_pool, kv_rows, num_tokens)
+        self.v_off = row_offsets(self.v_pool, kv_rows, num_tokens)
+        self.cu_q = query_offsets(self.cu_seqlens, self.q_rows)
