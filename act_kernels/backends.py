@@ -1,18 +1,30 @@
-"""Which backend serves a call: the one place where backends are chosen.
+"""Which implementation serves a call: the one place where backend names
+are chosen and translated, for every op family.
 
-Four op families: ACT's halting kernels (`resolve`, for `ponder` and the
-layers) and PonderNet's (`resolve_pondernet`), which have reference, Triton
-and CUDA implementations; ragged attention (`resolve_attention`), which has
-reference and Triton ones; and the ACT layers' fused cell gates
-(`resolve_gates`), which follow the layer's ACT backend on a GPU and have
-CPU kernels of their own.
+A user names a backend ("auto", "reference", "triton", "cuda"); the
+functions here turn it, with the tensors' device and dtype, into the name
+of the implementation that runs, in the vocabulary each family's loader
+takes (`ops.act.get_kernels`, `ops.pondernet.get_kernels`,
+`ops.cells.gate_kernels`): "reference" (the oracle), "twins" (the reference
+twins of the kernel contracts on the kernel loop), "triton", "cuda", "cpu"
+(the CPU gate kernels). The families and the layers ask here and never
+translate names themselves.
+
+    resolve            ACT's halting kernels (`ponder`, the layers)
+    resolve_pondernet  PonderNet's
+    resolve_attention  ragged attention (reference and Triton only)
+    resolve_encoder    the per-token encoder: halting and attention
+    resolve_gates      the ACT GRU/LSTM cells' fused gates
+    resolve_cell       those gates with the combine backward that goes with them
+    op_implementation, attention_op_implementation
+                       what the torch.library ops run
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 from functools import lru_cache
-from typing import List
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -134,14 +146,56 @@ def resolve_pondernet(backend: str, device: torch.device) -> str:
     return resolve(backend, device)
 
 
-def op_backend(device: torch.device, *, has_cuda_kernels: bool) -> str:
-    """The implementation a torch.library op runs ("cuda", "triton" or
-    "reference"; the eager paths choose with `resolve*`): the CUDA extension
-    on CUDA tensors when the op family has CUDA kernels and it is built, else
-    Triton on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 so
-    the CPU tests reach the Triton path; the reference otherwise."""
+def op_implementation(device: torch.device, *, has_cuda_kernels: bool) -> str:
+    """The implementation a torch.library op runs (the eager paths choose with
+    `resolve*`): "cuda", the extension on CUDA tensors when the op family has
+    CUDA kernels and it is built; else "triton" on CUDA tensors, and on CPU
+    tensors under TRITON_INTERPRET=1 so that the CPU tests reach the Triton
+    path; else "twins", the reference twins of the kernel contracts."""
     if has_cuda_kernels and device.type == "cuda" and not cuda_extension_error():
         return "cuda"
     if (device.type == "cuda" or triton_interpreted()) and not why_unavailable("triton", device):
         return "triton"
-    return "reference"
+    return "twins"
+
+
+def attention_op_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation the ragged-attention op runs: "triton" as
+    `op_implementation` picks it (there is no CUDA C++ kernel), "reference"
+    otherwise and for float64, which Triton does not take."""
+    chosen = op_implementation(device, has_cuda_kernels=False)
+    return "triton" if chosen == "triton" and dtype != torch.float64 else "reference"
+
+
+class EncoderBackends(NamedTuple):
+    """What serves one call of the per-token encoder: ACT's halting kernels
+    (a `resolve` name) and ragged attention (a `resolve_attention` name)."""
+
+    halting: str
+    attention: str
+
+
+def resolve_encoder(backend: str, device: torch.device, dtype: torch.dtype) -> EncoderBackends:
+    """The encoder's two backends from its one option: ragged attention has no
+    CUDA C++ kernel, so "cuda" runs it on Triton."""
+    return EncoderBackends(resolve(backend, device),
+                           resolve_attention("triton" if backend == "cuda" else backend, device, dtype))
+
+
+class CellBackends(NamedTuple):
+    """What serves an ACT GRU/LSTM cell's fused ponder: its gate kernels
+    ("cpu", "triton" or "cuda", for `ops.cells.gate_kernels`) and ACT's
+    combine backward (for `ops.act.get_kernels`: the CPU gate kernels run
+    with the reference twin of it)."""
+
+    gates: str
+    combine: str
+
+
+def resolve_cell(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[CellBackends]:
+    """`resolve_gates`, with the combine backward that goes with the gates;
+    None where the cell runs as torch's own module."""
+    gates = resolve_gates(backend, device, dtype)
+    if not gates:
+        return None
+    return CellBackends(gates, "twins" if gates == "cpu" else gates)

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .checks import check_layer_input, check_layer_options
 from ..ops.act import PonderOutput, get_kernels, ponder
-from ..backends import resolve_gates
+from ..backends import CellBackends, resolve_cell
 from ..ops.cells.ponder import cell_ponder
 from ..ops.cells import gate_kernels
 
@@ -25,8 +25,7 @@ from ..ops.cells import gate_kernels
 # the halting step together, the whole ponder being one autograd Function.
 # Exact types only: a subclass may change forward.
 _FUSED_GATES = {nn.GRUCell: "gru", nn.LSTMCell: "lstm"}
-# the combine backward each gate backend's ponder uses (the CPU: the twin)
-_COMBINE = {"cpu": "twins", "triton": "triton", "cuda": "cuda"}
+_UNRESOLVED = object()   # ACTCell.forward resolves its backends itself unless the caller did
 
 
 class ACTCell(nn.Module):
@@ -66,9 +65,16 @@ class ACTCell(nn.Module):
         float32/float64 when the extension is built), or "" for the wrapped
         cell module as it is (the reference backend, half precision on the
         CPU, or a cell other than torch's own GRUCell / LSTMCell)."""
+        chosen = self.cell_backends(device)
+        return chosen.gates if chosen is not None else ""
+
+    def cell_backends(self, device: torch.device) -> Optional[CellBackends]:
+        """The gate kernels and combine backward of this cell's fused ponder on
+        `device` (`backends.resolve_cell`), or None where it runs the wrapped
+        cell module as it is."""
         if type(self.cell) not in _FUSED_GATES:
-            return ""
-        return resolve_gates(self.backend, device, self.cell.weight_hh.dtype)
+            return None
+        return resolve_cell(self.backend, device, self.cell.weight_hh.dtype)
 
     def project(self, input: Tensor) -> Tensor:
         """x W_ih^T + b_ih without the first-step flag column: the part of the
@@ -78,15 +84,16 @@ class ACTCell(nn.Module):
         return F.linear(input, w[:, : w.shape[1] - 1], self.cell.bias_ih)
 
     def forward(self, input: Tensor, state, *, projected: Optional[Tensor] = None,
-                flag_column: Optional[Tensor] = None) -> PonderOutput:
+                flag_column: Optional[Tensor] = None, backends=_UNRESOLVED) -> PonderOutput:
         """input (B, I); state (B, H) or a tuple of (B, H_k). Returns the ponder's output.
 
         projected (B, G) and flag_column (G,), optional: `project(input)` and
         `flag_column()`, when the caller computed them for many time steps at
-        once (used only with fused gates)."""
-        gates = self.fused_gates(input.device)
-        if gates:
-            return self._forward_fused(input, state, projected, flag_column, gates)
+        once (used only with fused gates); backends: `cell_backends(device)`,
+        when the caller resolved it once for many time steps."""
+        chosen = self.cell_backends(input.device) if backends is _UNRESOLVED else backends
+        if chosen is not None:
+            return self._forward_fused(input, state, projected, flag_column, chosen)
         ones = input.new_ones(input.shape[0], 1)
         first = torch.cat([input, ones], dim=1)        # the flag: 1 on the first ponder step
         later = torch.cat([input, ones * 0], dim=1)    # and 0 after it
@@ -105,12 +112,12 @@ class ACTCell(nn.Module):
         whose backward writes a zero-filled tensor the size of W_ih."""
         return self.cell.weight_ih[:, -1]
 
-    def _forward_fused(self, input, state, projected, flag_column, gates) -> PonderOutput:
+    def _forward_fused(self, input, state, projected, flag_column, chosen: CellBackends) -> PonderOutput:
         # the whole ponder as one autograd Function over the fused gate kernels (ops.cells.ponder)
         cell = self.cell
         later = self.project(input) if projected is None else projected
         flag = self.flag_column() if flag_column is None else flag_column
-        return cell_ponder(_FUSED_GATES[type(cell)], gate_kernels(gates), get_kernels(_COMBINE[gates]).combine_backward,
+        return cell_ponder(_FUSED_GATES[type(cell)], gate_kernels(chosen.gates), get_kernels(chosen.combine).combine_backward,
                            later, flag, state, cell.weight_hh, cell.bias_hh, self.halting.weight,
                            self.halting.bias, max_steps=self.max_steps, eps=self.eps)
 
@@ -262,12 +269,14 @@ class _ACTLayer(nn.Module):
         # every step's gradient once. Indexing x[t] would make each step's
         # backward write a zero-filled (L, B, I) tensor: O(L^2) memory traffic.
         inputs = x.unbind(0)
-        fused = act.fused_gates(x.device)
+        chosen = act.cell_backends(x.device)   # once per sequence, not per time step
+        fused = chosen is not None
         projected = act.project(x).unbind(0) if fused else None   # one GEMM
         flag = act.flag_column() if fused else None
         outputs, costs, steps = [None] * length, [None] * length, [None] * length
         for t in (reversed(range(length)) if reverse else range(length)):
-            out = act(inputs[t], state, projected=None if projected is None else projected[t], flag_column=flag)
+            out = act(inputs[t], state, projected=None if projected is None else projected[t], flag_column=flag,
+                      backends=chosen)
             state = out.state
             outputs[t] = state[0] if self._is_lstm else state
             costs[t], steps[t] = out.ponder_cost, out.steps
@@ -309,7 +318,8 @@ class _ACTLayer(nn.Module):
         states = state if self._is_lstm else (state,)
         # per-step views by split, one backward for all of them (see _direction)
         inputs = data.split(sizes)
-        fused = act.fused_gates(data.device)
+        chosen = act.cell_backends(data.device)   # once per sequence, not per time step
+        fused = chosen is not None
         projected = act.project(data).split(sizes) if fused else None   # one GEMM
         flag = act.flag_column() if fused else None
         outputs, costs, steps = [None] * len(sizes), [None] * len(sizes), [None] * len(sizes)
@@ -317,7 +327,7 @@ class _ACTLayer(nn.Module):
             size = sizes[t]
             running = tuple(s[:size] for s in states)
             out = act(inputs[t], running if self._is_lstm else running[0],
-                      projected=None if projected is None else projected[t], flag_column=flag)
+                      projected=None if projected is None else projected[t], flag_column=flag, backends=chosen)
             new = out.state if self._is_lstm else (out.state,)
             states = tuple(torch.cat([n, s[size:]]) for n, s in zip(new, states))
             outputs[t], costs[t], steps[t] = new[0], out.ponder_cost, out.steps

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..ops.act import ponder
 from .checks import check_layer_input, check_layer_options
-from ..backends import resolve, resolve_attention
+from ..backends import resolve_encoder
 from ..ops.attention import attend, reference_ragged_attention
 
 
@@ -210,12 +210,10 @@ class ACTTransformerEncoder(nn.Module):
             self.steps = torch.zeros(0, dtype=torch.int64, device=x.device)
             return x.clone()
         max_seqlen = max(lengths) if max_seqlen is None else max_seqlen
-        halting_backend = resolve(self.backend, x.device)
-        # ragged attention has no CUDA C++ kernel: "cuda" takes Triton for it
-        attention_backend = resolve_attention({"cuda": "triton"}.get(self.backend, self.backend), x.device, x.dtype)
-        step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, attention_backend)
+        chosen = resolve_encoder(self.backend, x.device, x.dtype)
+        step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention)
         out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
-                     backend=halting_backend)
+                     backend=chosen.halting)
         self.ponder_cost, self.steps = out.ponder_cost, out.steps
         return out.state
 

@@ -19,14 +19,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...backends import op_backend
-from . import get_kernels
+from ...backends import op_implementation
 from ..ragged import packed_step_index
+from .ponder import get_kernels
 
 
 def _kernels_for(device: torch.device):
-    backend = op_backend(device, has_cuda_kernels=True)
-    return get_kernels("twins" if backend == "reference" else backend)
+    return get_kernels(op_implementation(device, has_cuda_kernels=True))
 
 
 @torch.library.custom_op(

@@ -10,16 +10,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...backends import op_backend
+from ...backends import attention_op_implementation
 from ..state import accumulation_dtype
 from . import reference
 from .index import pool_grads
-
-
-def _op_backend(device: torch.device, dtype: torch.dtype) -> str:
-    # no CUDA C++ kernel, and Triton takes no float64
-    backend = op_backend(device, has_cuda_kernels=False)
-    return "reference" if dtype == torch.float64 else backend
 
 
 @torch.library.custom_op("act_kernels::ragged_attention", mutates_args=())
@@ -28,7 +22,7 @@ def ragged_attention_op(
     kv_rows: Optional[Tensor], causal: bool, scale: float, max_seqlen: int,
 ) -> Tuple[Tensor, Tensor]:
     """Returns (out (A, heads, d), lse (A, heads)); see `ragged_attention`."""
-    if _op_backend(q.device, q.dtype) == "reference":
+    if attention_op_implementation(q.device, q.dtype) == "reference":
         out, lse = reference.ragged_attention_lse(q, k, v, cu_seqlens, q_rows, kv_rows, causal, scale)
         return out.clone(), lse.clone()
     from .triton_kernels import Launch, attention_forward
@@ -50,7 +44,7 @@ def ragged_attention_backward_op(
     kv_rows: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool, scale: float, max_seqlen: int,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     """Returns (dq, dk per segment of k, dv per segment of v)."""
-    if _op_backend(q.device, q.dtype) == "reference":
+    if attention_op_implementation(q.device, q.dtype) == "reference":
         dq, dk, dv = reference.ragged_attention_backward(grad_out, q, k, v, cu_seqlens, q_rows, kv_rows,
                                                          causal, scale)
         return dq, [t.clone() for t in pool_grads(dk, k, kv_rows)], [t.clone() for t in pool_grads(dv, v, kv_rows)]

@@ -19,15 +19,14 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ...backends import op_backend
+from ...backends import op_implementation
+from .ponder import get_kernels
 from .prior import kl_per_row, log_prior
-from . import get_kernels
 from .reference import halting_unit_backward
 
 
 def _kernels_for(device: torch.device):
-    backend = op_backend(device, has_cuda_kernels=True)
-    return get_kernels("twins" if backend == "reference" else backend)
+    return get_kernels(op_implementation(device, has_cuda_kernels=True))
 
 
 @torch.library.custom_op("act_kernels::pondernet_halting_step", mutates_args=("unhalted", "steps"))
