@@ -1,5 +1,5 @@
-// The tail of the ACT halting step (DESIGN §3), shared by the halting kernels
-// (halting_step.cu) and the fused gate-and-halting kernels (cells/gates.cu):
+// The tail of the ACT halting step (design §3), shared by the halting kernels
+// (act/halting_step.cu) and the fused gate-and-halting kernels (cells/gates.cu):
 // the halting test on the row's dot product, p, and the per-row outputs.
 #pragma once
 

@@ -182,7 +182,7 @@ void launch_cell_halting(const CellHaltingParams& cp, cudaStream_t stream) {
   cell_halting_kernel<T, THREADS, LSTM><<<grid, THREADS * ROWS, 0, stream>>>(cp);
 }
 
-// A warp per row up to 1024 units, wider rows a block (as halting_step.cu).
+// A warp per row up to 1024 units, wider rows a block (as act/halting_step.cu).
 template <bool LSTM>
 void cell_halting_step(const CellHaltingParams& cp, int dtype, cudaStream_t stream) {
   if (cp.halting.num_active <= 0 || cp.halting.hidden <= 0) return;

@@ -8,7 +8,7 @@
 namespace act {
 namespace cpu {
 
-// The ponder loop's halting buffers and this step's arguments (DESIGN §3).
+// The ponder loop's halting buffers and this step's arguments (design §3).
 // Every pointer is in the accumulation dtype T except active and steps.
 template <typename T>
 struct Halting {

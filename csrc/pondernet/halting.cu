@@ -1,4 +1,4 @@
-// PonderNet's fused halting step and packed backward (DESIGN §10).
+// PonderNet's fused halting step and packed backward (design §10).
 //
 // Step: a warp per running row computes z = w.s + c (fixed reduction tree, so
 // bitwise repeatable), then one lane does the scalar work: lambda = sigmoid(z),

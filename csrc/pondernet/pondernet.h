@@ -1,4 +1,4 @@
-// PonderNet's two kernels (DESIGN §10): the fused halting step and the packed
+// PonderNet's two kernels (design §10): the fused halting step and the packed
 // reverse-scan backward. Raw pointers and sizes, as the ACT kernels take them.
 #pragma once
 

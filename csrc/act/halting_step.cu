@@ -1,4 +1,4 @@
-// Fused halting step (DESIGN §3): for each active row, z = w.s + c,
+// Fused halting step (design §3): for each active row, z = w.s + c,
 // h = sigmoid(z), the halting test on the float32/64 running sum, p (h or the
 // remainder), N and R for rows that halt, accumulator[b] += p s, and p, h and
 // a halted flag per row for the backward and the compaction.

@@ -1,4 +1,4 @@
-// Fused combine backward (DESIGN §3) over the T packed rows. A row group (a
+// Fused combine backward (design §3) over the T packed rows. A row group (a
 // warp, or a block for wide rows) walks whole batch rows b: it loads gS_b once,
 // forms d_b = <gS_b, s^N_b> + grho_b, then for every step n < N_b
 //   gz = (<gS_b, s^n> - d_b) h (1 - h),  gs = p gS_b + gz w,  gw += gz s,  gc += gz
