@@ -59,11 +59,11 @@ for phase in "${phases[@]}"; do
     sanitize)
       # memcheck and racecheck over the GPU rows of each kernel family's tests:
       # name, test file, -k filter
-      checks=("kernels tests/test_kernels.py ${SANITIZE_K:-cuda}"
-              "attention tests/test_attention.py triton and float32"
-              "pondernet tests/test_pondernet.py cuda or triton"
-              "cells tests/test_cells.py cuda or triton"
-              "cell-halting tests/test_cell_halting.py cuda or triton")
+      checks=("kernels tests/act/test_act_kernels.py ${SANITIZE_K:-cuda}"
+              "attention tests/attention/test_attention.py triton and float32"
+              "pondernet tests/pondernet/test_pondernet.py cuda or triton"
+              "cells tests/cells/test_cells.py cuda or triton"
+              "cell-halting tests/cells/test_cell_halting.py cuda or triton")
       for tool in memcheck racecheck; do
         for check in "${checks[@]}"; do
           read -r name file filter <<< "$check"

@@ -1,4 +1,4 @@
-"""An independent dense oracle for the per-token ACT encoder (DESIGN §9): every
+"""An independent dense oracle for the per-token ACT encoder (design §9): every
 step applies torch's own layer to whole padded sequences of visible states,
 then does ACT's halting per token with masks. It shares no code with the
 package."""

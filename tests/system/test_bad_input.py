@@ -1,4 +1,4 @@
-"""Bad input: a clear ValueError/TypeError before any kernel runs (DESIGN §5)."""
+"""Bad input: a clear ValueError/TypeError before any kernel runs (design §5)."""
 import pytest
 import torch
 

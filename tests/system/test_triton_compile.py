@@ -5,8 +5,8 @@ attention (forward and both backward kernels, every dtype, head dims 64 and
 128, causal or not, at the tile sizes the launcher picks on a GPU): the interpreter that runs them in the CPU tests
 accepts code the compiler rejects (dtype mixes, non-constexpr branches), so
 this catches what would otherwise fail only on a GPU. It compiles and checks
-that PTX came out; the values are checked by test_cells.py and
-test_kernels.py. It runs in a subprocess because the test session imports
+that PTX came out; the values are checked by cells/test_cells.py and
+act/test_act_kernels.py. It runs in a subprocess because the test session imports
 the kernels under TRITON_INTERPRET=1, where they cannot be compiled."""
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""The kernel contracts (DESIGN §3) called directly, against their reference twins."""
+"""The kernel contracts (design §3) called directly, against their reference twins."""
 import pytest
 import torch
 

@@ -295,7 +295,7 @@ def test_readme_example_runs():
     import runpy
     from pathlib import Path
 
-    runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "examples" / "pondernet_model.py"))
+    runpy.run_path(str(Path(__file__).resolve().parents[2] / "docs" / "examples" / "pondernet_model.py"))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

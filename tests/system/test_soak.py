@@ -1,6 +1,6 @@
 """Memory soak: 10k ACTGRU training iterations. Resident memory stays flat
 after warm-up (and allocated CUDA memory, on a GPU). Slow: run with
-`python -m pytest tests/test_soak.py --run-slow`."""
+`python -m pytest tests/system/test_soak.py --run-slow`."""
 import gc
 
 import pytest

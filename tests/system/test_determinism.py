@@ -1,6 +1,6 @@
 """Bitwise-identical outputs and gradients across two runs, on the CPU for the
 reference paths (ponder, pondernet, ragged attention, the layers); the
-kernels' runs on a GPU are in test_backends.py and test_attention.py (marked
+kernels' runs on a GPU are in act/test_act_backends.py and attention/test_attention.py (marked
 gpu: only there can a race or an order-dependent reduction show)."""
 import torch
 

@@ -284,4 +284,4 @@ def test_readme_example_runs():
     import runpy
     from pathlib import Path
 
-    runpy.run_path(str(Path(__file__).resolve().parents[1] / "docs" / "examples" / "encoder_model.py"))
+    runpy.run_path(str(Path(__file__).resolve().parents[2] / "docs" / "examples" / "encoder_model.py"))

@@ -1,6 +1,7 @@
 """torch.compile of a model using each layer runs and matches eager (graph
 breaks allowed: the README lists them); the ops themselves compile with
-fullgraph=True in test_library.py, test_attention.py and test_pondernet.py."""
+fullgraph=True in act/test_act_library.py, attention/test_attention.py and
+pondernet/test_pondernet.py."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Host work per ponder step (DESIGN §11), counted, not timed: every ATen op
+"""Host work per ponder step (design §11), counted, not timed: every ATen op
 and kernel launch that one time step of the fused ACT GRU and LSTM layers
 issues, recorded with a TorchDispatchMode and split at each ponder step.
 
@@ -10,7 +10,7 @@ The budget this guards, per ponder step:
   and, only at a step where rows halt, one gather of the survivors' indices,
   of each state tensor and of their hoisted input projections;
 - after the loop: no host sync at all.
-DESIGN §11's full budget (one launch and one count read outside the step
+design §11's full budget (one launch and one count read outside the step
 function) needs the negation and the gathers fused into the halting launch:
 the counts below say exactly what remains."""
 import collections
