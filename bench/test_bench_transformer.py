@@ -1,4 +1,4 @@
-"""Benchmarks of per-token pondering (DESIGN §9): ragged attention alone, and
+"""Benchmarks of per-token pondering (design §9): ragged attention alone, and
 the ACT encoder forward + backward against the dense loop and a
 tensor2tensor-style Universal Transformer.
 

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from naive import naive_ponder  # noqa: E402  the padded-and-masked baseline
-from dense_encoder import dense_act_encoder  # noqa: E402  the dense-loop baseline of DESIGN §9
+from dense_encoder import dense_act_encoder  # noqa: E402  the dense-loop baseline of design §9
 
 __all__ = ["GRUPonder", "GRUPonderNet", "GRULayerWorkload", "EncoderPonder", "skewed_steps", "naive_ponder",
            "dense_act_encoder", "ut_act_encoder", "halting_step_inputs"]
@@ -125,7 +125,7 @@ def ut_act_encoder(layer, halting, src, max_steps=8, eps=0.01):
     """tensor2tensor-style Universal Transformer ACT: every token is transformed
     at every step until the whole batch has halted (halted tokens keep
     changing and keep serving as keys and values); only the accumulation
-    freezes them. The baseline of DESIGN §9's comparison, not our semantics."""
+    freezes them. The baseline of design §9's comparison, not our semantics."""
     batch, length, _ = src.shape
     state = src
     running = torch.ones(batch, length, dtype=torch.bool, device=src.device)

@@ -1,4 +1,4 @@
-"""Per-token ACT over a shared transformer encoder layer (DESIGN §9): a
+"""Per-token ACT over a shared transformer encoder layer (design §9): a
 Universal Transformer in which every token halts on its own.
 
 At ponder step n only the running tokens are projected, attend as queries and
@@ -94,13 +94,13 @@ class _TokenStep:
 
 class ACTTransformerEncoder(nn.Module):
     """Adaptive Computation Time over one shared `nn.TransformerEncoderLayer`,
-    per token (a Universal Transformer with ACT, DESIGN §9).
+    per token (a Universal Transformer with ACT, design §9).
 
     encoder_layer: the layer applied at every ponder step (batch_first or not,
         norm_first or not, relu or gelu, bias on or off). `.layer` is that
         layer and `.halting` is nn.Linear(d_model, 1), its bias set to
         halting_bias_init.
-    max_steps, eps: ACT's M and epsilon (DESIGN §1).
+    max_steps, eps: ACT's M and epsilon (design §1).
     backend: "auto" | "reference" | "triton" | "cuda". It picks the halting
         kernels; ragged attention runs on Triton for "triton", "cuda" and
         "auto" on a GPU, and on its reference otherwise.

@@ -1,4 +1,4 @@
-"""The kernel library, one folder per op family (DESIGN §12):
+"""The kernel library, one folder per op family (design §12):
 
     act/        the ACT halting step and combine backward (reference twins,
                 Triton, CUDA launcher, torch.library ops)

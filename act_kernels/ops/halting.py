@@ -1,4 +1,4 @@
-"""ACT's halting step in pure PyTorch (DESIGN §1, §3): the decision and
+"""ACT's halting step in pure PyTorch (design §1, §3): the decision and
 the reference twin of the fused halting-step kernel. Shared like its kernel
 counterparts (`triton_helpers.halt_row`, csrc/halting.h): ACT's kernel loop
 runs it as its "twins" implementation, and the fused cell-and-halting twins

@@ -1,4 +1,4 @@
-"""Index helpers for the packed, step-major row layout (DESIGN §2).
+"""Index helpers for the packed, step-major row layout (design §2).
 
 The states of step n live in the tensor the step function returned for that
 step; the kernels address every packed row through one base pointer plus a

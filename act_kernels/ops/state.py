@@ -1,5 +1,5 @@
 """A ponder's state as a tuple of tensors, and the precision its halting
-math runs in (DESIGN §1): helpers every family's loop and reference share."""
+math runs in (design §1): helpers every family's loop and reference share."""
 from __future__ import annotations
 
 from typing import Tuple
@@ -10,7 +10,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Precision of z, h, the running sum and the accumulator (DESIGN §1)."""
+    """Precision of z, h, the running sum and the accumulator (design §1)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

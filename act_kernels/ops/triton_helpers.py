@@ -1,5 +1,5 @@
 """Triton helpers shared by the op families: the block and warp count of a
-row-per-program kernel, and ACT's halting row logic (DESIGN §3), which ACT's
+row-per-program kernel, and ACT's halting row logic (design §3), which ACT's
 halting kernel and the fused cell-and-halting kernels both run on a state
 row already held in registers."""
 from __future__ import annotations
@@ -43,7 +43,7 @@ def halt_row(
     b_z = tl.sum(b_s * b_w, axis=0) + tl.load(c_ptr).to(ACC)
     b_h = 1.0 / (1.0 + tl.exp(-b_z))
 
-    # Halting test of DESIGN §1: running sum of the earlier h plus this h, in ACC.
+    # Halting test of design §1: running sum of the earlier h plus this h, in ACC.
     b_halt = (b_r + b_h >= tl.load(thr_ptr)) | (step >= max_steps)
     tl.debug_barrier()
     b_p = tl.where(b_halt, 1.0 - b_r, b_h)

@@ -1,4 +1,4 @@
-"""ACT (Graves 2016) on the ragged layout (DESIGN §1-§3), read top-down:
+"""ACT (Graves 2016) on the ragged layout (design §1-§3), read top-down:
 
     ponder.py          `ponder` (the public function), the kernel loop and
                        its autograd Function `_RaggedCombine`

@@ -1,5 +1,5 @@
 """The kernels as `torch.library` custom ops, for torch.compile and fake-tensor
-users (DESIGN §6).
+users (design §6).
 
     act_kernels::halting_step      the fused halting step (mutates its buffers)
     act_kernels::combine_backward  the fused combine backward

@@ -1,5 +1,5 @@
 """`ponder`, the public entry point, and the ragged ponder loop that runs on
-the fused kernels (DESIGN §2-§3).
+the fused kernels (design §2-§3).
 
 At step n the step function sees only the A_n rows still running. After it,
 one fused halting-step launch evaluates the halting unit, decides which rows
@@ -46,7 +46,7 @@ def ponder(
     state:  (B, H) initial state, or a tuple (LSTM (h, c)): halting reads the
         first tensor, every tensor is mean-fielded.
     weight: (H,) or (1, H) halting unit weight; bias: one-element tensor.
-    backend: "auto" | "reference" | "triton" | "cuda" (DESIGN §4).
+    backend: "auto" | "reference" | "triton" | "cuda" (design §4).
 
     Returns PonderOutput(state, ponder_cost, steps, remainder, halting_probs).
 

@@ -1,5 +1,5 @@
 """ACT's pure-PyTorch oracle and the reference twins of its two kernel
-contracts (DESIGN §1, §3).
+contracts (design §1, §3).
 
 `ponder` follows Graves (2016) line by line and is differentiable by ordinary
 autograd. It is ragged like the kernels: at step n the step function sees

@@ -1,4 +1,4 @@
-"""Triton kernels for the two contracts of DESIGN §3, and their launchers.
+"""Triton kernels for the two contracts of design §3, and their launchers.
 
 Both kernels hold a whole state row in registers (BLOCK_H = next power of two
 of H): the halting unit needs the full dot product w.s before it knows p, and

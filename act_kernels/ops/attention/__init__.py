@@ -1,4 +1,4 @@
-"""Ragged attention (DESIGN §9): queries are a subset of the packed tokens,
+"""Ragged attention (design §9): queries are a subset of the packed tokens,
 keys and values come from a pool read through a token -> row index. Read
 top-down:
 

@@ -1,5 +1,5 @@
 """Ragged attention's public function `ragged_attention`, its unchecked
-form `attend`, and the autograd Function `RaggedAttention` (DESIGN §9).
+form `attend`, and the autograd Function `RaggedAttention` (design §9).
 
 The eager path calls the Triton launchers through `RaggedAttention`
 directly; the torch.library op (`library.py`) serves torch.compile and

@@ -1,4 +1,4 @@
-"""Index helpers for ragged attention (DESIGN §9).
+"""Index helpers for ragged attention (design §9).
 
 Tokens are packed sequence after sequence, with flash-attn's int32
 `cu_seqlens` (B + 1 offsets). The running queries are a subset of the tokens,

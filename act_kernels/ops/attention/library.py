@@ -1,5 +1,5 @@
 """Ragged attention as torch.library ops, for torch.compile and fake-tensor
-users (DESIGN §6): `act_kernels::ragged_attention` (returning the output
+users (design §6): `act_kernels::ragged_attention` (returning the output
 and the logsumexp) and its backward, with fake implementations and the
 autograd registration that joins them.
 """

@@ -1,4 +1,4 @@
-"""Reference twin of ragged attention (DESIGN §9), in pure PyTorch.
+"""Reference twin of ragged attention (design §9), in pure PyTorch.
 
 Readable and differentiable by ordinary autograd: the sequences are padded
 per sequence and handed to PyTorch's scaled_dot_product_attention with an

@@ -1,4 +1,4 @@
-"""Triton kernels for ragged attention (DESIGN §9), flash-style, and their launchers.
+"""Triton kernels for ragged attention (design §9), flash-style, and their launchers.
 
 Forward: one program per (block of BLOCK_M queries of one sequence, sequence,
 head). It streams the sequence's keys and values in blocks of BLOCK_N with an

@@ -11,7 +11,7 @@ them. Math in float32 for half inputs (float64 stays float64); results in
 the input dtype.
 
 `gru_halting_step` and `lstm_halting_step` are a ponder step's gates and its
-halting step (DESIGN §3) in one: what the fused kernels do in one launch.
+halting step (design §3) in one: what the fused kernels do in one launch.
 """
 from __future__ import annotations
 

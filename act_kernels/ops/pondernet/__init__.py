@@ -1,4 +1,4 @@
-"""PonderNet (Banino et al. 2021) on the ragged layout (DESIGN §10), read top-down:
+"""PonderNet (Banino et al. 2021) on the ragged layout (design §10), read top-down:
 
     ponder.py          `pondernet` and `pondernet_loss` (the public functions),
                        the kernel loop and its autograd Function `_Halting`

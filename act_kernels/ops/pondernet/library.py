@@ -1,5 +1,5 @@
 """PonderNet's kernels as `torch.library` custom ops, for torch.compile and
-fake-tensor users (DESIGN §6, §10).
+fake-tensor users (design §6, §10).
 
     act_kernels::pondernet_halting_step      the fused halting step (mutates u and steps)
     act_kernels::pondernet_halting_backward  the packed reverse-scan backward

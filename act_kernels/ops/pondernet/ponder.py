@@ -1,5 +1,5 @@
 """`pondernet` and `pondernet_loss`, the public functions, and the ragged
-PonderNet loop on the fused kernels (DESIGN §10, §2).
+PonderNet loop on the fused kernels (design §10, §2).
 
 At step n the step function sees only the rows still running; one fused
 halting-step launch evaluates lambda, updates the unhalted mass, writes p and
@@ -42,7 +42,7 @@ def pondernet(
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
 ) -> PonderNetOutput:
-    """PonderNet with rows that stop stepping when they halt (DESIGN §10).
+    """PonderNet with rows that stop stepping when they halt (design §10).
 
     step_fn, state, weight, bias: as for `ak.ponder` (the step function sees
     only the running rows; halting reads the first tensor of a tuple state).

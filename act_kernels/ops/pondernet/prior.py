@@ -1,4 +1,4 @@
-"""The truncated geometric prior of DESIGN §10 and the KL term against it."""
+"""The truncated geometric prior of design §10 and the KL term against it."""
 from __future__ import annotations
 
 import math

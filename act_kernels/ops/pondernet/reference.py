@@ -1,5 +1,5 @@
 """PonderNet (Banino et al. 2021) in pure PyTorch, ragged and differentiable by
-ordinary autograd: the oracle of DESIGN §10 that the kernel path is tested
+ordinary autograd: the oracle of design §10 that the kernel path is tested
 against, and the reference twins of its two kernel contracts (the fused
 halting step and the packed backward of p and kl), with the same arguments
 and results as the Triton and CUDA kernels.

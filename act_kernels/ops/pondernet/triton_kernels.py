@@ -1,4 +1,4 @@
-"""Triton kernels for PonderNet's two contracts (DESIGN §10), and their launchers.
+"""Triton kernels for PonderNet's two contracts (design §10), and their launchers.
 
 The halting step holds a state row in registers (one program per running row)
 for the dot product w.s; everything after it is per-row scalar work. The
