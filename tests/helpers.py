@@ -3,6 +3,8 @@ import math
 
 import torch
 
+import act_kernels
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 TOL = {
@@ -79,3 +81,12 @@ def loss_and_grads(out, inputs, seed=0):
 def assert_close(actual, expected, dtype, what=""):
     tol = TOL[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{what}: {m}")
+
+
+def run(backend, batch, hidden, dtype, bias, max_steps, seed=0, w_scale=1.0):
+    """One ak.ponder of the TanhStep problem on `backend`: (output, gradients, step)."""
+    s0, w, c = make_problem(batch, hidden, dtype, bias, seed=seed, w_scale=w_scale)
+    step = TanhStep(batch, hidden, dtype, seed=seed, scale=2.0)
+    out = act_kernels.ponder(step, s0, w, c, max_steps=max_steps, backend=backend)
+    grads = loss_and_grads(out, [s0, w, c, *step.params()], seed=seed)
+    return out, grads, step

@@ -17,8 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .checks import check_layer_input, check_layer_options
 from ..ops.act import PonderOutput, get_kernels, ponder
 from ..backends import CellBackends, resolve_cell
-from ..ops.cells.ponder import cell_ponder
-from ..ops.cells import gate_kernels
+from ..ops.cells import cell_ponder, gate_kernels
 
 # Cells whose step has fused gates: the input projection is hoisted out of the
 # ponder loop and a ponder step runs h W_hh^T and one launch of the gates and

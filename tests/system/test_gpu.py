@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from backends import KERNEL_BACKENDS
-from test_backends import run
+from helpers import run
 
 pytestmark = pytest.mark.gpu
 

@@ -43,3 +43,10 @@ def test_design_citations_name_sections_that_exist():
     for old in ("DESIGN §",):
         stale = [str(p.relative_to(ROOT)) for p in (ROOT / "act_kernels").rglob("*.py") if old in p.read_text()]
         assert not stale, f"{old!r} cites a document outside the repository: {stale}"
+
+
+def test_import_contract_is_kept():
+    """design §12's layers and family independence (pyproject.toml's
+    [tool.importlinter] contracts), checked on the import graph."""
+    done = subprocess.run([_tool("lint-imports"), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -1,6 +1,6 @@
 """ACT (Graves 2016) on the ragged layout (design §1-§3), read top-down:
 
-    ponder.py          `ponder` (the public function), the kernel loop and
+    function.py        `ponder` (the public function), the kernel loop and
                        its autograd Function `_RaggedCombine`
     reference.py       the oracle `ponder` and the reference twins of the two
                        kernel contracts (the fused halting step, the combine
@@ -10,6 +10,6 @@
     library.py         the torch.library ops
 """
 from ..output import HaltingProbs, PonderOutput
-from .ponder import Kernels, get_kernels, kernel_ponder_loop, ponder, ragged_ponder
+from .function import Kernels, get_kernels, kernel_ponder_loop, ponder, ragged_ponder
 
 __all__ = ["ponder", "PonderOutput", "HaltingProbs", "Kernels", "get_kernels", "ragged_ponder", "kernel_ponder_loop"]

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ...backends import op_implementation
 from ..ragged import packed_step_index
-from .ponder import get_kernels
+from .function import get_kernels
 
 
 def _kernels_for(device: torch.device):

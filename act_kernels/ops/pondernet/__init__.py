@@ -1,6 +1,6 @@
 """PonderNet (Banino et al. 2021) on the ragged layout (design §10), read top-down:
 
-    ponder.py          `pondernet` and `pondernet_loss` (the public functions),
+    function.py        `pondernet` and `pondernet_loss` (the public functions),
                        the kernel loop and its autograd Function `_Halting`
     output.py          what `pondernet` returns
     prior.py           the truncated geometric prior and the KL term
@@ -16,7 +16,7 @@
     loss = ak.pondernet_loss(out, per_step_loss, beta=0.01)
 """
 from .output import PonderNetOutput
-from .ponder import (PonderNetKernels, get_kernels, kernel_pondernet_loop, pondernet, pondernet_loss,
+from .function import (PonderNetKernels, get_kernels, kernel_pondernet_loop, pondernet, pondernet_loss,
                      ragged_pondernet)
 
 __all__ = ["pondernet", "pondernet_loss", "PonderNetOutput", "PonderNetKernels", "get_kernels", "ragged_pondernet",

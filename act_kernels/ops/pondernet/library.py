@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ...backends import op_implementation
-from .ponder import get_kernels
+from .function import get_kernels
 from .prior import kl_per_row, log_prior
 from .reference import halting_unit_backward
 
