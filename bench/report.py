@@ -1,5 +1,8 @@
-"""Turns bench/results/*.json into the README's markdown tables (stdout) and a
-plot (bench/results/<device>.png).
+"""Turns bench/results/*.json into markdown tables and a plot per device
+(bench/results/<device>.png). It rewrites the block between
+`<!-- report:tables -->` and `<!-- /report -->` in bench/README.md (every
+table) and the one between `<!-- report:summary -->` and `<!-- /report -->`
+in the project README (one summary table per device), and prints both.
 
     python bench/report.py [results folder]
 """
@@ -10,7 +13,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results")
+HERE = Path(__file__).resolve().parent
+RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "results")
 
 
 def kernel_table(data, group):
@@ -124,22 +128,83 @@ def plot(data, path):
     fig.savefig(path, dpi=110)
 
 
+def heading(data) -> str:
+    return (f"{data['device']} (torch {data['torch']}, triton {data['triton']}, "
+            f"commit {data['commit']}, {data['date'][:10]})")
+
+
+def device_tables(data) -> str:
+    parts = [f"### {heading(data)}\n"]
+    if data.get("copy_GBps"):
+        parts.append(f"Measured device copy bandwidth: {data['copy_GBps']:.0f} GB/s\n")
+    parts.append(ponder_table(data) + "\n")
+    for table in (layer_table, encoder_table, attention_table, pondernet_table):
+        parts.append(table(data) + "\n")
+    parts.append(kernel_table(data, "halting_step") + "\n")
+    parts.append(kernel_table(data, "combine_backward"))
+    return "\n".join(parts)
+
+
+# family: (result group, what a row's size is, the baseline row, its label)
+SUMMARY = (
+    ("ACT ponder, GRU cell (skewed halting)", "ponder_gru", lambda r: (r["batch"], r["hidden"]), "padded",
+     "B x H"),
+    ("ACT GRU layer", "act_layer", lambda r: (r["kind"] == "skewed", r["length"] * r["batch"] * r["hidden"]),
+     "padded", "skewed, largest"),
+    ("ACT transformer encoder", "act_encoder", lambda r: (r["batch"] * r["length"], r["d_model"]), "dense_loop",
+     "largest"),
+    ("PonderNet, GRU cell", "pondernet", lambda r: (r["batch"], r["hidden"]), "padded", "largest"),
+)
+
+
+def summary_table(data) -> str:
+    """One row per op family: its largest workload, the fastest implementation
+    there, its speedup over the baseline measured in the same process, and the
+    ideal speedup (the baseline's work over the ragged work)."""
+    lines = ["| family | baseline | fastest | speedup | ideal | % of ideal |", "|---|---|---|---|---|---|"]
+    for family, group, size, baseline, _ in SUMMARY:
+        rows = [r for r in data["rows"] if r["group"] == group]
+        if not rows:
+            continue
+        top = max(size(r) for r in rows)
+        at = {r["name"]: r for r in rows if size(r) == top}
+        base = at.get(baseline)
+        others = [r for name, r in at.items() if name not in (baseline, "step_fn_only", "ut_t2t")]
+        if base is None or not others:
+            continue
+        best = min(others, key=lambda r: r["median_s"])
+        speed = base["median_s"] / best["median_s"]
+        lines.append(f"| {family} | {baseline.replace('_', ' ')} | {best['name']} | {speed:.2f} x "
+                     f"| {best['ideal_speedup']:.2f} x | {100 * speed / best['ideal_speedup']:.0f} % |")
+    attention = [r for r in data["rows"] if r["group"] == "ragged_attention" and r["name"] != "sdpa_dense"]
+    if attention:
+        best = max(attention, key=lambda r: r["TFLOPs"])
+        lines.append(f"| ragged attention | - | {best['name']} | {best['TFLOPs']:.3f} useful TFLOP/s | - | - |")
+    return "\n".join(lines)
+
+
+def replace_block(path: Path, name: str, body: str) -> None:
+    text = path.read_text()
+    start, end = f"<!-- report:{name} -->", "<!-- /report -->"
+    if start not in text:
+        return
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
+
+
 def main():
     files = sorted(RESULTS.glob("*.json"))
     if not files:
         sys.exit("no results in bench/results/; run: pytest bench/ --benchmark-only")
-    for f in files:
-        data = json.loads(f.read_text())
-        print(f"### {data['device']} (torch {data['torch']}, triton {data['triton']}, "
-              f"commit {data['commit']}, {data['date'][:10]})\n")
-        if data.get("copy_GBps"):
-            print(f"Measured device copy bandwidth: {data['copy_GBps']:.0f} GB/s\n")
-        print(ponder_table(data) + "\n")
-        for table in (layer_table, encoder_table, attention_table, pondernet_table):
-            print(table(data) + "\n")
-        print(kernel_table(data, "halting_step") + "\n")
-        print(kernel_table(data, "combine_backward") + "\n")
+    devices = [json.loads(f.read_text()) for f in files]
+    tables = "\n\n".join(device_tables(d) for d in devices)
+    summary = "\n\n".join(f"**{heading(d)}**\n\n{summary_table(d)}" for d in devices)
+    replace_block(HERE / "README.md", "tables", tables)
+    replace_block(HERE.parent / "README.md", "summary", summary)
+    for f, data in zip(files, devices):
         plot(data, f.with_suffix(".png"))
+    print(summary + "\n\n" + tables)
 
 
 if __name__ == "__main__":

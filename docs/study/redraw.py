@@ -1,8 +1,8 @@
 """Redraws every study figure and table from the runs' summary.json files in
-this folder, writes all the tables to docs/study/README.md, and replaces the
-tables between `<!-- redraw:NAME -->` and `<!-- /redraw -->` in the
-project README. Runs that are missing are listed, not invented. The runs
-themselves: docs/study/run.sh.
+this folder and rewrites the tables of docs/study/README.md: every block
+between `<!-- redraw:NAME -->` and `<!-- /redraw -->` (the block "tables"
+holds all of them; the others sit inside the studies' prose). Runs that are
+missing are listed, not invented. The runs themselves: docs/study/run.sh.
 
     python docs/study/redraw.py
 """
@@ -182,7 +182,9 @@ def tables_only(draw) -> str:
 
 
 def update_readme(blocks) -> None:
-    readme = HERE.parent.parent / "README.md"
+    """Rewrites the blocks between `<!-- redraw:NAME -->` and `<!-- /redraw -->`
+    in this folder's README.md; the prose around them stays."""
+    readme = HERE / "README.md"
     text = readme.read_text()
     for name, body in blocks.items():
         start, end = f"<!-- redraw:{name} -->", "<!-- /redraw -->"
@@ -197,8 +199,6 @@ def update_readme(blocks) -> None:
 def main():
     d = HERE
     parts = [
-        "# Study tables\n\nWritten by `python docs/study/redraw.py` from the summaries in this folder; "
-        "the runs are in `docs/study/run.sh`. Figures are the .png files here.\n",
         section("Time-penalty sweep: addition (sweep-addition.png)",
                 lambda: have(*sweep_runs("addition")[:1] or ["sweep-addition-tau0.001"])
                 and sweep.main([d / r for r in sweep_runs("addition")])),
@@ -220,9 +220,9 @@ def main():
                 lambda: have("parity8-act-gru", "parity8-pondernet")
                 and pondernet.main([d / "parity8-act-gru", d / "parity8-pondernet"])),
     ]
-    text = "\n".join(parts)
-    (HERE / "README.md").write_text(text)
+    text = "\n".join(part.replace("\n## ", "\n### ").replace("## ", "### ", 1) for part in parts)
     update_readme({
+        "tables": text,
         "sweep-addition": tables_only(lambda: sweep.main([d / r for r in sweep_runs("addition")])),
         "sweep-logic": tables_only(lambda: sweep.main([d / r for r in sweep_runs("logic")])),
         "difficulty": tables_only(difficulty_figure),
