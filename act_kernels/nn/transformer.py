@@ -209,7 +209,12 @@ class ACTTransformerEncoder(nn.Module):
             self.ponder_cost = x.new_zeros(0, dtype=torch.float32)
             self.steps = torch.zeros(0, dtype=torch.int64, device=x.device)
             return x.clone()
-        max_seqlen = max(lengths) if max_seqlen is None else max_seqlen
+        longest = max(lengths)
+        if max_seqlen is None:
+            max_seqlen = longest
+        elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
+            # a smaller one would make the kernels skip query blocks and leave rows unwritten
+            raise ValueError(f"max_seqlen must be an int >= the longest sequence ({longest}), got {max_seqlen!r}")
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
         step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention)
         out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,

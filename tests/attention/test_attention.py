@@ -319,3 +319,23 @@ def test_public_reference_function_gradcheck_float64():
     for causal in (False, True):
         assert torch.autograd.gradcheck(
             lambda q, k, v: ak.ragged_attention(q, k, v, cu, q_rows, causal=causal, backend="reference"), leaves)
+
+
+def test_grid_puts_the_batch_on_the_unlimited_axis():
+    """More than 65,535 sequences must launch: CUDA limits grid axes y and z
+    to 65,535, so the batch goes on axis x, and what would exceed y or z is
+    a clear error before any launch."""
+    pytest.importorskip("triton")
+    from act_kernels.ops.attention import triton_kernels
+
+    assert triton_kernels._grid(100, 64, 70_000, 4) == (70_000, 2, 4)
+    with pytest.raises(ValueError, match="at most"):
+        triton_kernels._grid(65_536 * 64 + 1, 64, 1, 4)
+
+
+@pytest.mark.gpu
+def test_more_sequences_than_a_grid_axis_holds():
+    lengths = [1, 2] * 35_000
+    q, k, v, cu, q_rows = problem(lengths, 1, 16, torch.float16, running=0.5)
+    out = ak.ragged_attention(q, k, v, cu, q_rows, causal=True, backend="triton")
+    assert_close(out, oracle(q, k, v, cu, q_rows, True).to(out.dtype), torch.float16, "out")

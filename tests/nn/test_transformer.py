@@ -127,6 +127,17 @@ def test_packed_entry_point_matches_padded():
     assert enc.steps.shape == (int(real.sum()),)
 
 
+def test_packed_entry_point_rejects_a_short_max_seqlen():
+    """A max_seqlen below the longest sequence would make the kernels skip
+    query blocks and leave outputs unwritten: it is an error instead."""
+    enc = make()
+    x = torch.randn(9, 16, dtype=torch.float64).to(DEVICE)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="max_seqlen must be an int >= the longest sequence"):
+        enc.forward_packed(x, cu, max_seqlen=4)
+    torch.testing.assert_close(enc.forward_packed(x, cu, max_seqlen=7), enc.forward_packed(x, cu))
+
+
 def test_empty_sequence_in_packed_batch():
     enc = make()
     g = torch.Generator().manual_seed(8)

@@ -15,7 +15,7 @@ is never copied.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import NamedTuple, Sequence, Tuple
 
 import torch
 import triton
@@ -29,16 +29,48 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
 
-def _blocks(head_dim: int, device: torch.device) -> Tuple[int, int, int, int]:
-    """BLOCK_M, BLOCK_N, BLOCK_D and the warp count for a head dim."""
+class LaunchConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_d: int
+    warps: int
+    stages: int
+
+
+# Software-pipelining stages per (kernel, float32?, BLOCK_D) on a GPU, where
+# the default of 3 would not fit sm_90's 232,448 B of shared memory per block:
+# the float32 dK/dV kernel at BLOCK_D 256 needs 296,960 B with 3 stages and
+# 164,864 B with 2. tests/system/test_triton_resources.py compiles every
+# configuration `gpu_configs` lists and checks shared memory and spills.
+STAGES = {("bwd_kv", True, 256): 2}
+KERNELS = ("fwd", "bwd_kv", "bwd_q")
+
+
+def launch_config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    """Tiles, warps and pipelining stages of `kernel` ("fwd", "bwd_kv", "bwd_q")
+    for a head dim and dtype."""
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"the triton backend supports head dims up to {MAX_HEAD_DIM}, got {head_dim}")
     block_d = max(16, triton.next_power_of_2(head_dim))
     if device.type != "cuda" or triton_interpreted():
-        return 16, 16, block_d, 1   # the interpreter runs every program in Python: keep tiles small
+        return LaunchConfig(16, 16, block_d, 1, 1)   # the interpreter runs every program in Python: keep tiles small
+    return gpu_config(kernel, block_d, dtype == torch.float32)
+
+
+def gpu_config(kernel: str, block_d: int, fp32: bool) -> LaunchConfig:
     if block_d <= 64:
-        return 64, 64, block_d, 4
-    return 64, 32, block_d, 4 if block_d <= 128 else 8
+        block_m, block_n, warps = 64, 64, 4
+    else:
+        block_m, block_n, warps = 64, 32, 4 if block_d <= 128 else 8
+    return LaunchConfig(block_m, block_n, block_d, warps, STAGES.get((kernel, fp32, block_d), 3))
+
+
+def gpu_configs():
+    """Every (kernel, dtype name, LaunchConfig) the launchers can choose on a GPU."""
+    for kernel in KERNELS:
+        for dtype in ("fp32", "fp16", "bf16"):
+            for block_d in (16, 32, 64, 128, 256):
+                yield kernel, dtype, gpu_config(kernel, block_d, dtype == "fp32")
 
 
 def _dot_mode(dtype: torch.dtype) -> int:
@@ -85,7 +117,7 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_m, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_m, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_bos = tl.load(cu_q_ptr + i_b)
     q_eos = tl.load(cu_q_ptr + i_b + 1)
     if i_m * BLOCK_M >= q_eos - q_bos:
@@ -141,7 +173,7 @@ def _attn_bwd_kv_kernel(
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_n, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu_k_ptr + i_b)
     seq_len = tl.load(cu_k_ptr + i_b + 1) - bos
     if i_n * BLOCK_N >= seq_len:
@@ -194,7 +226,7 @@ def _attn_bwd_q_kernel(
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_m, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_m, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_bos = tl.load(cu_q_ptr + i_b)
     q_eos = tl.load(cu_q_ptr + i_b + 1)
     if i_m * BLOCK_M >= q_eos - q_bos:
@@ -259,8 +291,16 @@ def _unit_features(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[2] <= 1 or t.stride(2) == 1 else t.contiguous()
 
 
+MAX_GRID_YZ = 65535   # CUDA's limit on grid axes y and z; axis x takes 2^31 - 1
+
+
 def _grid(max_seqlen: int, block: int, batch: int, heads: int):
-    return (triton.cdiv(max(max_seqlen, 1), block), batch, heads)
+    # the batch on axis x, which has no practical limit: any number of sequences launches
+    blocks = triton.cdiv(max(max_seqlen, 1), block)
+    if blocks > MAX_GRID_YZ or heads > MAX_GRID_YZ:
+        raise ValueError(f"the triton ragged attention takes sequences of at most {MAX_GRID_YZ * block} tokens "
+                         f"and {MAX_GRID_YZ} heads, got a sequence of {max_seqlen} and {heads} heads")
+    return (batch, blocks, heads)
 
 
 def attention_forward(
@@ -276,17 +316,18 @@ def attention_forward(
     lse = torch.empty(num_q, heads, dtype=torch.float32, device=q.device)
     if num_q == 0:
         return out, lse
-    block_m, block_n, block_d, warps = _blocks(dim, q.device)
+    cfg = launch_config("fwd", dim, q.dtype, q.device)
     batch = cu_seqlens.shape[0] - 1
     k0, v0 = k_pool[0], v_pool[0]
     q = _unit_features(q)
     with on_device(q.device):
-        _attn_fwd_kernel[_grid(max_seqlen, block_m, batch, heads)](
+        _attn_fwd_kernel[_grid(max_seqlen, cfg.block_m, batch, heads)](
             q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, out, lse,
             q.stride(0), q.stride(1), k0.stride(1), v0.stride(1), out.stride(0), out.stride(1),
             heads, dim, scale * LOG2E,
             CAUSAL=causal, IEEE=_dot_mode(q.dtype),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.warps,
+            num_stages=cfg.stages,
         )
     return out, lse
 
@@ -307,19 +348,23 @@ def attention_backward(
     q, grad_out = _unit_features(q), _unit_features(grad_out)
     # delta = rowsum(dO * O), the softmax backward's correction term
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
-    block_m, block_n, block_d, warps = _blocks(dim, q.device)
     batch = cu_seqlens.shape[0] - 1
     k0, v0 = k_pool[0], v_pool[0]
     common = (q.stride(0), q.stride(1), k0.stride(1), v0.stride(1), grad_out.stride(0), grad_out.stride(1),
               heads, dim, scale * LOG2E, scale)
-    meta = dict(CAUSAL=causal, IEEE=_dot_mode(q.dtype),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+
+    def meta(cfg: LaunchConfig):
+        return dict(CAUSAL=causal, IEEE=_dot_mode(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                    BLOCK_D=cfg.block_d, num_warps=cfg.warps, num_stages=cfg.stages)
+
+    kv, dq_cfg = launch_config("bwd_kv", dim, q.dtype, q.device), launch_config("bwd_q", dim, q.dtype, q.device)
     with on_device(q.device):
-        _attn_bwd_kv_kernel[_grid(max_seqlen, block_n, batch, heads)](
-            q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dk, dv, *common, **meta)
+        _attn_bwd_kv_kernel[_grid(max_seqlen, kv.block_n, batch, heads)](
+            q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dk, dv, *common, **meta(kv))
         if num_q:
-            _attn_bwd_q_kernel[_grid(max_seqlen, block_m, batch, heads)](
-                q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dq, *common, **meta)
+            _attn_bwd_q_kernel[_grid(max_seqlen, dq_cfg.block_m, batch, heads)](
+                q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dq, *common,
+                **meta(dq_cfg))
     return dq, dk, dv
 
 
