@@ -2,7 +2,8 @@
 (bench/results/<device>.png). It rewrites the block between
 `<!-- report:tables -->` and `<!-- /report -->` in bench/README.md (every
 table) and the one between `<!-- report:summary -->` and `<!-- /report -->`
-in the project README (one summary table per device), and prints both.
+in the project README (one summary table per device), and prints both. Given
+another results folder (a device run's $OUT), it only prints and plots.
 
     python bench/report.py [results folder]
 """
@@ -200,8 +201,10 @@ def main():
     devices = [json.loads(f.read_text()) for f in files]
     tables = "\n\n".join(device_tables(d) for d in devices)
     summary = "\n\n".join(f"**{heading(d)}**\n\n{summary_table(d)}" for d in devices)
-    replace_block(HERE / "README.md", "tables", tables)
-    replace_block(HERE.parent / "README.md", "summary", summary)
+    if RESULTS.resolve() == (HERE / "results").resolve():
+        # the READMEs show the repository's own results, never another folder's
+        replace_block(HERE / "README.md", "tables", tables)
+        replace_block(HERE.parent / "README.md", "summary", summary)
     for f, data in zip(files, devices):
         plot(data, f.with_suffix(".png"))
     print(summary + "\n\n" + tables)
