@@ -12,7 +12,7 @@ backward.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,44 +62,116 @@ def _padding_to_valid(mask: Optional[Tensor], shape: Tuple[int, int], device) ->
     raise TypeError(f"src_key_padding_mask must be bool or float, got {mask.dtype}")
 
 
+class _Pool:
+    """One layer's key/value rows during a ponder: segments appended step by
+    step (after the cache's own rows, read in place, when there is a cache)
+    and `kv_rows` (T_tok,), the pool row every packed token is read through.
+    With `record`, it keeps which new token each appended row belongs to, so
+    that the cache can take the rows in token order after the ponder."""
+
+    def __init__(self, num_tokens: int, device, cached: Optional[Tuple[Tensor, Tensor]] = None,
+                 record: bool = False):
+        self.k, self.v, self.size = [], [], 0
+        if cached is not None and cached[0].shape[0]:
+            self.k, self.v, self.size = [cached[0]], [cached[1]], cached[0].shape[0]
+        self.first_new = self.size
+        self.kv_rows = torch.zeros(num_tokens, dtype=torch.int64, device=device) if cached is not None else None
+        self.assigned = [] if record else None
+
+    def append(self, k: Tensor, v: Tensor, tokens: Optional[Tensor], positions: Optional[Tensor]) -> None:
+        """k, v: the rows of `tokens` (new-token indices; None: all of them in
+        order), which sit at packed `positions` (None: the same)."""
+        rows = torch.arange(self.size, self.size + k.shape[0], device=k.device)
+        self.kv_rows = rows if positions is None and self.kv_rows is None else \
+            self.kv_rows.index_copy(0, positions if positions is not None else rows - self.first_new, rows)
+        self.k.append(k)
+        self.v.append(v)
+        self.size += k.shape[0]
+        if self.assigned is not None:
+            self.assigned.append((tokens if tokens is not None else rows - self.first_new, rows))
+
+
 class _TokenStep:
-    """The step function of one ponder: applies the shared layer to the
-    running tokens, reading keys and values from the pool."""
+    """The step function of one ponder: applies the shared block's layers to
+    the running tokens, each layer reading keys and values from its pool
+    (design §9). A halted token is seen as it last was: at the first layer
+    through its final state s^N, at every other layer through the rows of
+    its last step. With a cache context, the cached tokens of the same
+    sequences are read too, through the index, for the step they had
+    reached (`ACTTransformerEncoder.extend`)."""
 
     def __init__(self, enc: "ACTTransformerEncoder", x: Tensor, cu_seqlens: Tensor, causal: bool,
-                 max_seqlen: int, attention_backend: str):
+                 max_seqlen: int, attention_backend: str, context=None):
         self.enc, self.cu_seqlens, self.causal = enc, cu_seqlens, causal
         self.max_seqlen, self.backend = max_seqlen, attention_backend
-        self.k_pool, self.v_pool = [], []
-        self.kv_rows: Optional[Tensor] = None
-        self.pool_size = 0
+        self.context = context
+        self.layers, self.final_norm = enc.layers, enc.final_norm   # read once per call, not per step
+        num_tokens = x.shape[0] + (context.num_cached if context is not None else 0)
+        self.pools = [_Pool(num_tokens, x.device, context.buffers(k) if context is not None else None,
+                            record=context is not None) for k in range(len(self.layers))]
+        # the packed position of every new token (None: the new tokens are all the tokens, in order)
+        self.positions = context.new_positions if context is not None else None
         self.changed, self.changed_rows = x, None  # tokens whose visible state changed last step
+
+    # the first layer's pool, by the single-layer names
+    @property
+    def k_pool(self):
+        return self.pools[0].k
+
+    @property
+    def v_pool(self):
+        return self.pools[0].v
+
+    @property
+    def kv_rows(self):
+        return self.pools[0].kv_rows
+
+    def _at(self, rows: Optional[Tensor]) -> Optional[Tensor]:
+        return rows if self.positions is None or rows is None else self.positions[rows]
+
+    def project_changed(self) -> None:
+        """Keys and values of the tokens that ran the previous step (all tokens
+        at step 1) join the first layer's pool; every other token keeps its
+        rows there."""
+        changed = self.changed_rows
+        k_new, v_new = self.enc._project_kv(self.changed)   # the first layer's
+        self.pools[0].append(k_new, v_new, changed, self._at(changed) if changed is not None else self.positions)
 
     def __call__(self, state: Tensor, n: int, active: Tensor) -> Tensor:
         enc = self.enc
-        # Keys and values of the tokens that ran the previous step (all tokens at
-        # step 1) join the pool; every other token keeps its frozen rows.
-        k_new, v_new = enc._project_kv(self.changed)
-        rows_new = torch.arange(self.pool_size, self.pool_size + k_new.shape[0], device=state.device)
-        self.kv_rows = rows_new if self.changed_rows is None else self.kv_rows.index_copy(0, self.changed_rows, rows_new)
-        self.k_pool.append(k_new)
-        self.v_pool.append(v_new)
-        self.pool_size += k_new.shape[0]
+        self.project_changed()
+        if self.context is not None:
+            self.context.read_cached(self.pools, n)
+        at = self._at(active)
+        x = state
+        for k, layer in enumerate(self.layers):
+            pool = self.pools[k]
+            if k:
+                # a later layer reads the running tokens' rows of this step, and
+                # every other token's rows of its last step
+                k_new, v_new = enc._project_kv(x, layer)
+                everyone = n == 1 and self.positions is None   # step 1 of a plain call: all tokens, in order
+                pool.append(k_new, v_new, None if everyone else active, None if everyone else at)
+            x = enc._layer_rows(x, at, self, pool, layer)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
         # Under autocast the layer returns the autocast dtype; the ponder keeps
         # the input's dtype (its halting math is float32 either way).
-        new = enc._layer_rows(state, active, self).to(state.dtype)
+        new = x.to(state.dtype)
         self.changed, self.changed_rows = new, active
         return new
 
 
 class ACTTransformerEncoder(nn.Module):
-    """Adaptive Computation Time over one shared `nn.TransformerEncoderLayer`,
-    per token (a Universal Transformer with ACT, design §9).
+    """Adaptive Computation Time over one shared `nn.TransformerEncoderLayer`
+    or block of them, per token (a Universal Transformer with ACT, design §9).
 
     encoder_layer: the layer applied at every ponder step (batch_first or not,
-        norm_first or not, relu or gelu, bias on or off). `.layer` is that
-        layer and `.halting` is nn.Linear(d_model, 1), its bias set to
-        halting_bias_init.
+        norm_first or not, relu or gelu, bias on or off), or an
+        `nn.TransformerEncoder` whose layers one ponder step applies in order
+        (then its norm), halting read after the whole block. `.layer` is what
+        was given, `.layers` the block's layers, and `.halting` is
+        nn.Linear(d_model, 1), its bias set to halting_bias_init.
     max_steps, eps: ACT's M and epsilon (design §1).
     backend: "auto" | "reference" | "triton" | "cuda". It picks the halting
         kernels; ragged attention runs on Triton for "triton", "cuda" and
@@ -126,69 +198,93 @@ class ACTTransformerEncoder(nn.Module):
         loss = task_loss(y) + tau * enc.ponder_cost.sum() / (~pad).sum()
     """
 
-    def __init__(self, encoder_layer: nn.TransformerEncoderLayer, *, max_steps: int = 8, eps: float = 0.01,
-                 halting_bias_init: float = 1.0, backend: str = "auto"):
+    def __init__(self, encoder_layer: Union[nn.TransformerEncoderLayer, nn.TransformerEncoder], *,
+                 max_steps: int = 8, eps: float = 0.01, halting_bias_init: float = 1.0, backend: str = "auto"):
         super().__init__()
-        if not isinstance(encoder_layer, nn.TransformerEncoderLayer):
-            raise TypeError(f"encoder_layer must be a torch.nn.TransformerEncoderLayer, "
-                            f"got {type(encoder_layer).__name__}")
+        if isinstance(encoder_layer, nn.TransformerEncoder):
+            layers = list(encoder_layer.layers)
+        elif isinstance(encoder_layer, nn.TransformerEncoderLayer):
+            layers = [encoder_layer]
+        else:
+            raise TypeError(f"encoder_layer must be a torch.nn.TransformerEncoderLayer or a "
+                            f"torch.nn.TransformerEncoder of them, got {type(encoder_layer).__name__}")
         check_layer_options(max_steps, eps, backend)
-        attn = encoder_layer.self_attn
-        if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
-            raise ValueError("the layer's self-attention must use one in-projection, no bias_k/bias_v "
-                             "and no add_zero_attn (as nn.TransformerEncoderLayer builds it)")
+        if not layers or not all(isinstance(layer, nn.TransformerEncoderLayer) for layer in layers):
+            raise TypeError("a TransformerEncoder block must hold one or more TransformerEncoderLayers")
+        first = layers[0].self_attn
+        for layer in layers:
+            attn = layer.self_attn
+            if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+                raise ValueError("the layer's self-attention must use one in-projection, no bias_k/bias_v "
+                                 "and no add_zero_attn (as nn.TransformerEncoderLayer builds it)")
+            if attn.embed_dim != first.embed_dim or attn.batch_first != first.batch_first:
+                raise ValueError("every layer of the block must share d_model and batch_first")
         self.layer = encoder_layer
-        self.d_model = attn.embed_dim
+        self.d_model = first.embed_dim
         self.max_steps, self.eps, self.backend = max_steps, float(eps), backend
-        self.halting = nn.Linear(self.d_model, 1, device=attn.in_proj_weight.device,
-                                 dtype=attn.in_proj_weight.dtype)
+        self.halting = nn.Linear(self.d_model, 1, device=first.in_proj_weight.device,
+                                 dtype=first.in_proj_weight.dtype)
         with torch.no_grad():
             self.halting.bias.fill_(halting_bias_init)
         self.ponder_cost: Optional[Tensor] = None
         self.steps: Optional[Tensor] = None
+
+    @property
+    def layers(self) -> List[nn.TransformerEncoderLayer]:
+        """The block's layers in the order a ponder step applies them."""
+        return list(self.layer.layers) if isinstance(self.layer, nn.TransformerEncoder) else [self.layer]
+
+    @property
+    def final_norm(self) -> Optional[nn.Module]:
+        """A TransformerEncoder's final norm, applied at the end of every step."""
+        return self.layer.norm if isinstance(self.layer, nn.TransformerEncoder) else None
 
     def extra_repr(self) -> str:
         return f"max_steps={self.max_steps}, eps={self.eps}, backend={self.backend!r}"
 
     # -- the layer's math, on rows -------------------------------------------------
 
-    def _heads(self, t: Tensor) -> Tensor:
-        heads = self.layer.self_attn.num_heads
+    def _heads(self, t: Tensor, layer: nn.TransformerEncoderLayer) -> Tensor:
+        heads = layer.self_attn.num_heads
         return t.reshape(t.shape[0], heads, self.d_model // heads)
 
-    def _project_kv(self, visible: Tensor) -> Tuple[Tensor, Tensor]:
-        layer, d = self.layer, self.d_model
+    def _project_kv(self, visible: Tensor, layer: Optional[nn.TransformerEncoderLayer] = None
+                    ) -> Tuple[Tensor, Tensor]:
+        """The keys and values one layer (default: the block's first) makes of rows."""
+        layer = self.layers[0] if layer is None else layer
+        d = self.d_model
         h = layer.norm1(visible) if layer.norm_first else visible
         w, b = layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias
         kv = F.linear(h, w[d:], None if b is None else b[d:])
-        return self._heads(kv[:, :d]), self._heads(kv[:, d:])
+        return self._heads(kv[:, :d], layer), self._heads(kv[:, d:], layer)
 
-    def _attention(self, x: Tensor, active: Tensor, step: _TokenStep) -> Tensor:
-        layer, d = self.layer, self.d_model
+    def _attention(self, x: Tensor, q_rows: Tensor, step: _TokenStep, pool: _Pool,
+                   layer: nn.TransformerEncoderLayer) -> Tensor:
+        d = self.d_model
         attn = layer.self_attn
         w, b = attn.in_proj_weight, attn.in_proj_bias
-        q = self._heads(F.linear(x, w[:d], None if b is None else b[:d]))
+        q = self._heads(F.linear(x, w[:d], None if b is None else b[:d]), layer)
         scale = 1.0 / (d // attn.num_heads) ** 0.5
         if self.training and attn.dropout > 0:
-            out = reference_ragged_attention(q, step.k_pool, step.v_pool, step.cu_seqlens, active, step.kv_rows,
+            out = reference_ragged_attention(q, pool.k, pool.v, step.cu_seqlens, q_rows, pool.kv_rows,
                                              step.causal, scale, dropout_p=attn.dropout)
         else:
-            out = attend(q, step.k_pool, step.v_pool, step.cu_seqlens, active, step.kv_rows, step.causal, scale,
+            out = attend(q, pool.k, pool.v, step.cu_seqlens, q_rows, pool.kv_rows, step.causal, scale,
                          step.max_seqlen, step.backend)
         return attn.out_proj(out.reshape(out.shape[0], d))
 
-    def _feed_forward(self, x: Tensor) -> Tensor:
-        layer = self.layer
+    @staticmethod
+    def _feed_forward(x: Tensor, layer: nn.TransformerEncoderLayer) -> Tensor:
         return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
 
-    def _layer_rows(self, x: Tensor, active: Tensor, step: _TokenStep) -> Tensor:
+    def _layer_rows(self, x: Tensor, q_rows: Tensor, step: _TokenStep, pool: _Pool,
+                    layer: nn.TransformerEncoderLayer) -> Tensor:
         """nn.TransformerEncoderLayer's forward for the running tokens' rows x."""
-        layer = self.layer
         if layer.norm_first:
-            x = x + layer.dropout1(self._attention(layer.norm1(x), active, step))
-            return x + self._feed_forward(layer.norm2(x))
-        x = layer.norm1(x + layer.dropout1(self._attention(x, active, step)))
-        return layer.norm2(x + self._feed_forward(x))
+            x = x + layer.dropout1(self._attention(layer.norm1(x), q_rows, step, pool, layer))
+            return x + self._feed_forward(layer.norm2(x), layer)
+        x = layer.norm1(x + layer.dropout1(self._attention(x, q_rows, step, pool, layer)))
+        return layer.norm2(x + self._feed_forward(x, layer))
 
     # -- entry points -----------------------------------------------------------
 
@@ -229,7 +325,7 @@ class ACTTransformerEncoder(nn.Module):
                              f"got {tuple(src.shape) if isinstance(src, Tensor) else type(src).__name__}")
         self._check_input(src, src.dim())
         unbatched = src.dim() == 2
-        batch_first = self.layer.self_attn.batch_first
+        batch_first = self.layers[0].self_attn.batch_first
         x = src.unsqueeze(0) if unbatched else (src if batch_first else src.transpose(0, 1))  # (B, L, D)
         batch, length = x.shape[:2]
         pad = src_key_padding_mask
@@ -256,4 +352,4 @@ class ACTTransformerEncoder(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         if x.shape[-1] != self.d_model:
             raise ValueError(f"input has {x.shape[-1]} features, expected d_model = {self.d_model}")
-        check_layer_input(x, self.layer.self_attn.in_proj_weight)
+        check_layer_input(x, self.layers[0].self_attn.in_proj_weight)
