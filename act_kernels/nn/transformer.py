@@ -12,13 +12,14 @@ backward.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.act import ponder
+from .cache import ACTCache, CacheContext, check_extend_args, chunk_lengths
 from .checks import check_layer_input, check_layer_options
 from ..backends import resolve_encoder
 from ..ops.attention import attend, reference_ragged_attention
@@ -315,6 +316,40 @@ class ACTTransformerEncoder(nn.Module):
         step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention)
         out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                      backend=chosen.halting)
+        self.ponder_cost, self.steps = out.ponder_cost, out.steps
+        return out.state
+
+    def new_cache(self, batch_size: int) -> ACTCache:
+        """An empty key/value cache for `batch_size` sequences, on this
+        encoder's device and in its dtype, for `extend`."""
+        weight = self.layers[0].self_attn.in_proj_weight
+        return ACTCache(self, batch_size, weight.device, weight.dtype)
+
+    @torch.no_grad()
+    def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
+               is_causal: bool = True) -> Tensor:
+        """Causal incremental evaluation (design §14): appends a chunk of new
+        tokens to each of the cache's `sequences` (any subset, each once) and
+        ponders them. x (T_new, D): the chunks back to back; cu_seqlens: their
+        B' + 1 offsets (int tensor or ints); prefill is a whole prompt,
+        decoding one token each. Returns (T_new, D); `.ponder_cost` and
+        `.steps` become (T_new,). For any split of the sequences into chunks,
+        the outputs, steps and ponder costs are those of
+        `forward(..., is_causal=True)` on the whole sequences. Inference
+        only: it records no autograd graph."""
+        self._check_input(x, 2)
+        lengths = chunk_lengths(cu_seqlens)
+        sequences = list(sequences)
+        check_extend_args(self, cache, x, lengths, sequences, is_causal)
+        context = CacheContext(cache, sequences, lengths)
+        chosen = resolve_encoder(self.backend, x.device, x.dtype)
+        step = _TokenStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context)
+        out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
+                     backend=chosen.halting)
+        if self.max_steps > 1:
+            # s^N of the tokens that ran the last step: later tokens read it at the first layer
+            step.project_changed()
+        context.commit(step.pools, out.steps)
         self.ponder_cost, self.steps = out.ponder_cost, out.steps
         return out.state
 

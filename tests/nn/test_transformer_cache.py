@@ -1,0 +1,150 @@
+"""Causal incremental evaluation on ACTTransformerEncoder (design §14):
+`extend` over a ragged key/value cache gives, for any split of the
+sequences into chunks, the outputs, steps and ponder costs of one causal
+forward over the whole sequences; the cache keeps N + 1 rows per token at
+the block's first layer and N at every other layer; bad input is refused
+before anything runs."""
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import act_kernels as ak
+from helpers import DEVICE
+
+LENGTHS = [7, 4, 6]
+
+
+def make(layers=1, *, dtype=torch.float64, max_steps=6, backend="reference", seed=0, norm_first=True):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+    block = layer if layers == 1 else nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+    enc = ak.nn.ACTTransformerEncoder(block, max_steps=max_steps, halting_bias_init=-1.0, backend=backend)
+    enc = enc.to(DEVICE, dtype)
+    with torch.no_grad():
+        enc.halting.weight.mul_(4.0)
+        for p in block.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return enc.eval()
+
+
+def sequences(dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 16, generator=g).to(DEVICE, dtype) for n in LENGTHS]
+
+
+def whole(enc, seqs):
+    """One causal forward over the whole sequences, packed."""
+    cu = torch.tensor([0, *torch.tensor([len(s) for s in seqs]).cumsum(0).tolist()], dtype=torch.int32,
+                      device=DEVICE)
+    with torch.no_grad():
+        y = enc.forward_packed(torch.cat(seqs), cu, is_causal=True)
+    return y.split([len(s) for s in seqs]), enc.steps.split([len(s) for s in seqs]), \
+        enc.ponder_cost.split([len(s) for s in seqs])
+
+
+def incremental(enc, seqs, plan):
+    """Runs `plan`: a list of calls, each a dict {sequence: number of new tokens}."""
+    cache = enc.new_cache(len(seqs))
+    done = [0] * len(seqs)
+    outs = [[] for _ in seqs]
+    steps = [[] for _ in seqs]
+    costs = [[] for _ in seqs]
+    for call in plan:
+        ids = sorted(call)
+        chunks = [seqs[s][done[s]:done[s] + call[s]] for s in ids]
+        offsets = [0]
+        for c in chunks:
+            offsets.append(offsets[-1] + len(c))
+        y = enc.extend(cache, torch.cat(chunks), offsets, ids)
+        for i, s in enumerate(ids):
+            outs[s].append(y[offsets[i]:offsets[i + 1]])
+            steps[s].append(enc.steps[offsets[i]:offsets[i + 1]])
+            costs[s].append(enc.ponder_cost[offsets[i]:offsets[i + 1]])
+            done[s] += call[s]
+    assert done == [len(s) for s in seqs]
+    return cache, [torch.cat(o) for o in outs], [torch.cat(t) for t in steps], [torch.cat(c) for c in costs]
+
+
+def plans():
+    prefill = [{0: 7, 1: 4, 2: 6}]
+    token_by_token = [{s: 1 for s in range(3) if t < LENGTHS[s]} for t in range(max(LENGTHS))]
+    staggered = [{0: 3}, {1: 2, 2: 4}, {0: 4, 1: 1}, {1: 1, 2: 2}]        # subsets, mixed chunk sizes
+    rng = random.Random(0)
+    randomized, left = [], list(LENGTHS)
+    while any(left):
+        call = {s: rng.randint(1, left[s]) for s in range(3) if left[s] and rng.random() < 0.7}
+        for s, n in call.items():
+            left[s] -= n
+        if call:
+            randomized.append(call)
+    prompt_then_decode = [{0: 5, 1: 2, 2: 3}] + [{s: 1 for s in range(3) if t < LENGTHS[s] - (5, 2, 3)[s]}
+                                                 for t in range(3)]
+    return dict(prefill=prefill, token_by_token=token_by_token, staggered=staggered, randomized=randomized,
+                prompt_then_decode=prompt_then_decode)
+
+
+@pytest.mark.parametrize("layers", [1, 2], ids=["layer", "block2"])
+@pytest.mark.parametrize("plan", list(plans()))
+def test_any_chunking_equals_the_causal_forward(layers, plan):
+    enc = make(layers)
+    seqs = sequences()
+    y_w, steps_w, cost_w = whole(enc, seqs)
+    _, y_i, steps_i, cost_i = incremental(enc, seqs, plans()[plan])
+    all_steps = torch.cat(steps_w)
+    assert len(set(all_steps.tolist())) > 2          # tokens halt at several different steps
+    for s in range(3):
+        assert torch.equal(steps_i[s], steps_w[s]), (s, steps_i[s], steps_w[s])
+        torch.testing.assert_close(y_i[s], y_w[s], atol=1e-10, rtol=0)
+        torch.testing.assert_close(cost_i[s], cost_w[s], atol=1e-10, rtol=0)
+
+
+def test_cache_keeps_n_plus_one_rows_at_the_first_layer_and_n_at_the_others():
+    enc = make(3)
+    seqs = sequences(seed=4)
+    cache, _, steps, _ = incremental(enc, seqs, plans()["staggered"])
+    total_n = int(torch.cat(steps).sum())
+    tokens = sum(LENGTHS)
+    assert cache.rows() == [total_n + tokens, total_n, total_n]
+    assert total_n < tokens * enc.max_steps                            # never max_steps rows per token
+    for s in range(3):
+        assert torch.equal(cache.sequence_steps(s), steps[s])
+
+
+def test_extend_on_triton_under_the_interpreter():
+    pytest.importorskip("triton")
+    ref = make(2, dtype=torch.float32)
+    enc = make(2, dtype=torch.float32, backend="triton")
+    seqs = sequences(torch.float32)
+    y_w, steps_w, _ = whole(ref, seqs)
+    _, y_i, steps_i, _ = incremental(enc, seqs, plans()["prompt_then_decode"])
+    for s in range(3):
+        assert torch.equal(steps_i[s], steps_w[s])
+        torch.testing.assert_close(y_i[s], y_w[s], atol=2e-5, rtol=2e-5)
+
+
+def test_bad_extend_calls_are_refused_before_anything_runs(monkeypatch):
+    enc, other = make(), make(seed=1)
+    cache = enc.new_cache(2)
+    x = torch.randn(3, 16, dtype=torch.float64, device=DEVICE)
+    ran = []
+    monkeypatch.setattr(enc, "_layer_rows", lambda *a: ran.append(1))
+    cases = [
+        (dict(cache=other.new_cache(2)), ValueError, "belongs to another encoder"),
+        (dict(is_causal=False), ValueError, "causal evaluation only"),
+        (dict(x=x.float()), TypeError, "input has dtype torch.float32"),
+        (dict(sequences=[0, 2]), ValueError, r"ints in \[0, 2\)"),
+        (dict(sequences=[1, 1]), ValueError, "once per call"),
+        (dict(cu_seqlens=[0, 3, 3]), ValueError, "at least one new token"),
+        (dict(cu_seqlens=[0, 1, 2]), ValueError, "add up to 2"),
+        (dict(cache="cache"), TypeError, "ACTCache"),
+    ]
+    for change, exc, match in cases:
+        args = dict(cache=cache, x=x, cu_seqlens=[0, 1, 3], sequences=[0, 1], is_causal=True)
+        args.update(change)
+        with pytest.raises(exc, match=match):
+            enc.extend(args.pop("cache"), args.pop("x"), args.pop("cu_seqlens"), args.pop("sequences"), **args)
+    assert not ran and cache.rows() == [0] and cache.lengths == [0, 0]
+    with pytest.raises(ValueError, match="batch_size"):
+        enc.new_cache(0)
