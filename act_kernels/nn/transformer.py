@@ -163,44 +163,14 @@ class _TokenStep:
         return new
 
 
-class ACTTransformerEncoder(nn.Module):
-    """Adaptive Computation Time over one shared `nn.TransformerEncoderLayer`
-    or block of them, per token (a Universal Transformer with ACT, design §9).
+class RaggedBlock(nn.Module):
+    """A block of `nn.TransformerEncoderLayer`s evaluated on packed rows:
+    the layers' math on the running tokens' rows, reading keys and values
+    from per-layer pools through ragged attention, and a cache for causal
+    incremental evaluation. `ACTTransformerEncoder` ponders over it; a
+    language model's plain layers run it for one step (`CausalStack`)."""
 
-    encoder_layer: the layer applied at every ponder step (batch_first or not,
-        norm_first or not, relu or gelu, bias on or off), or an
-        `nn.TransformerEncoder` whose layers one ponder step applies in order
-        (then its norm), halting read after the whole block. `.layer` is what
-        was given, `.layers` the block's layers, and `.halting` is
-        nn.Linear(d_model, 1), its bias set to halting_bias_init.
-    max_steps, eps: ACT's M and epsilon (design §1).
-    backend: "auto" | "reference" | "triton" | "cuda". It picks the halting
-        kernels; ragged attention runs on Triton for "triton", "cuda" and
-        "auto" on a GPU, and on its reference otherwise.
-
-    forward(src, mask=None, src_key_padding_mask=None, is_causal=False)
-    follows torch.nn.TransformerEncoder: src is (L, B, D), (B, L, D) with
-    batch_first, or unbatched (L, D); `mask` may be None or a causal mask.
-    Returns the mean-field output S, shaped like src, 0 at padding. After a
-    call, `.ponder_cost` (float32, differentiable: add tau * ponder_cost.sum()
-    to the loss) and `.steps` (int64) are shaped like src without its feature
-    dim, 0 at padding.
-
-    With dropout 0 the results equal the dense loop that applies the layer to
-    whole padded sequences of visible states at every step and keeps only the
-    running tokens' rows; a halted token's visible state stays at its last
-    state. In training the layer's dropouts act as in torch's layer; dropout
-    on the attention probabilities runs on the reference attention (the
-    Triton kernel has none).
-
-        layer = nn.TransformerEncoderLayer(256, 8, 1024, dropout=0.0, batch_first=True)
-        enc = ak.nn.ACTTransformerEncoder(layer, max_steps=8)
-        y = enc(x, src_key_padding_mask=pad)           # (B, L, 256)
-        loss = task_loss(y) + tau * enc.ponder_cost.sum() / (~pad).sum()
-    """
-
-    def __init__(self, encoder_layer: Union[nn.TransformerEncoderLayer, nn.TransformerEncoder], *,
-                 max_steps: int = 8, eps: float = 0.01, halting_bias_init: float = 1.0, backend: str = "auto"):
+    def __init__(self, encoder_layer: Union[nn.TransformerEncoderLayer, nn.TransformerEncoder], backend: str):
         super().__init__()
         if isinstance(encoder_layer, nn.TransformerEncoder):
             layers = list(encoder_layer.layers)
@@ -209,7 +179,6 @@ class ACTTransformerEncoder(nn.Module):
         else:
             raise TypeError(f"encoder_layer must be a torch.nn.TransformerEncoderLayer or a "
                             f"torch.nn.TransformerEncoder of them, got {type(encoder_layer).__name__}")
-        check_layer_options(max_steps, eps, backend)
         if not layers or not all(isinstance(layer, nn.TransformerEncoderLayer) for layer in layers):
             raise TypeError("a TransformerEncoder block must hold one or more TransformerEncoderLayers")
         first = layers[0].self_attn
@@ -222,13 +191,7 @@ class ACTTransformerEncoder(nn.Module):
                 raise ValueError("every layer of the block must share d_model and batch_first")
         self.layer = encoder_layer
         self.d_model = first.embed_dim
-        self.max_steps, self.eps, self.backend = max_steps, float(eps), backend
-        self.halting = nn.Linear(self.d_model, 1, device=first.in_proj_weight.device,
-                                 dtype=first.in_proj_weight.dtype)
-        with torch.no_grad():
-            self.halting.bias.fill_(halting_bias_init)
-        self.ponder_cost: Optional[Tensor] = None
-        self.steps: Optional[Tensor] = None
+        self.backend = backend
 
     @property
     def layers(self) -> List[nn.TransformerEncoderLayer]:
@@ -239,9 +202,6 @@ class ACTTransformerEncoder(nn.Module):
     def final_norm(self) -> Optional[nn.Module]:
         """A TransformerEncoder's final norm, applied at the end of every step."""
         return self.layer.norm if isinstance(self.layer, nn.TransformerEncoder) else None
-
-    def extra_repr(self) -> str:
-        return f"max_steps={self.max_steps}, eps={self.eps}, backend={self.backend!r}"
 
     # -- the layer's math, on rows -------------------------------------------------
 
@@ -287,6 +247,72 @@ class ACTTransformerEncoder(nn.Module):
         x = layer.norm1(x + layer.dropout1(self._attention(x, q_rows, step, pool, layer)))
         return layer.norm2(x + self._feed_forward(x, layer))
 
+    def new_cache(self, batch_size: int) -> ACTCache:
+        """An empty key/value cache for `batch_size` sequences, on this
+        encoder's device and in its dtype, for `extend`."""
+        weight = self.layers[0].self_attn.in_proj_weight
+        return ACTCache(self, batch_size, weight.device, weight.dtype)
+
+    def _check_input(self, x: Tensor, dims: int) -> None:
+        if not isinstance(x, Tensor) or x.dim() != dims:
+            raise ValueError(f"expected a {dims}-D input, got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"input has {x.shape[-1]} features, expected d_model = {self.d_model}")
+        check_layer_input(x, self.layers[0].self_attn.in_proj_weight)
+
+
+class ACTTransformerEncoder(RaggedBlock):
+    """Adaptive Computation Time over one shared `nn.TransformerEncoderLayer`
+    or block of them, per token (a Universal Transformer with ACT, design §9).
+
+    encoder_layer: the layer applied at every ponder step (batch_first or not,
+        norm_first or not, relu or gelu, bias on or off), or an
+        `nn.TransformerEncoder` whose layers one ponder step applies in order
+        (then its norm), halting read after the whole block. `.layer` is what
+        was given, `.layers` the block's layers, and `.halting` is
+        nn.Linear(d_model, 1), its bias set to halting_bias_init.
+    max_steps, eps: ACT's M and epsilon (design §1).
+    backend: "auto" | "reference" | "triton" | "cuda". It picks the halting
+        kernels; ragged attention runs on Triton for "triton", "cuda" and
+        "auto" on a GPU, and on its reference otherwise.
+
+    forward(src, mask=None, src_key_padding_mask=None, is_causal=False)
+    follows torch.nn.TransformerEncoder: src is (L, B, D), (B, L, D) with
+    batch_first, or unbatched (L, D); `mask` may be None or a causal mask.
+    Returns the mean-field output S, shaped like src, 0 at padding. After a
+    call, `.ponder_cost` (float32, differentiable: add tau * ponder_cost.sum()
+    to the loss) and `.steps` (int64) are shaped like src without its feature
+    dim, 0 at padding.
+
+    With dropout 0 the results equal the dense loop that applies the layer to
+    whole padded sequences of visible states at every step and keeps only the
+    running tokens' rows; a halted token's visible state stays at its last
+    state. In training the layer's dropouts act as in torch's layer; dropout
+    on the attention probabilities runs on the reference attention (the
+    Triton kernel has none).
+
+        layer = nn.TransformerEncoderLayer(256, 8, 1024, dropout=0.0, batch_first=True)
+        enc = ak.nn.ACTTransformerEncoder(layer, max_steps=8)
+        y = enc(x, src_key_padding_mask=pad)           # (B, L, 256)
+        loss = task_loss(y) + tau * enc.ponder_cost.sum() / (~pad).sum()
+    """
+
+    def __init__(self, encoder_layer: Union[nn.TransformerEncoderLayer, nn.TransformerEncoder], *,
+                 max_steps: int = 8, eps: float = 0.01, halting_bias_init: float = 1.0, backend: str = "auto"):
+        check_layer_options(max_steps, eps, backend)
+        super().__init__(encoder_layer, backend)
+        weight = self.layers[0].self_attn.in_proj_weight
+        self.max_steps, self.eps = max_steps, float(eps)
+        self.halting = nn.Linear(self.d_model, 1, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.halting.bias.fill_(halting_bias_init)
+        self.ponder_cost: Optional[Tensor] = None
+        self.steps: Optional[Tensor] = None
+
+    def extra_repr(self) -> str:
+        return f"max_steps={self.max_steps}, eps={self.eps}, backend={self.backend!r}"
+
     # -- entry points -----------------------------------------------------------
 
     def forward_packed(self, x: Tensor, cu_seqlens: Tensor, *, is_causal: bool = False,
@@ -318,12 +344,6 @@ class ACTTransformerEncoder(nn.Module):
                      backend=chosen.halting)
         self.ponder_cost, self.steps = out.ponder_cost, out.steps
         return out.state
-
-    def new_cache(self, batch_size: int) -> ACTCache:
-        """An empty key/value cache for `batch_size` sequences, on this
-        encoder's device and in its dtype, for `extend`."""
-        weight = self.layers[0].self_attn.in_proj_weight
-        return ACTCache(self, batch_size, weight.device, weight.dtype)
 
     @torch.no_grad()
     def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
@@ -381,10 +401,34 @@ class ACTTransformerEncoder(nn.Module):
         self.ponder_cost, self.steps = cost, steps
         return out
 
-    def _check_input(self, x: Tensor, dims: int) -> None:
-        if not isinstance(x, Tensor) or x.dim() != dims:
-            raise ValueError(f"expected a {dims}-D input, got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"input has {x.shape[-1]} features, expected d_model = {self.d_model}")
-        check_layer_input(x, self.layers[0].self_attn.in_proj_weight)
+
+class CausalStack(RaggedBlock):
+    """Plain causal layers (a TransformerEncoderLayer or a TransformerEncoder
+    of them) on packed rows, with the same key/value cache as the ponder
+    block: the prelude and coda of a looped language model. Every token
+    runs exactly once, so its cache holds one row per layer."""
+
+    def __init__(self, encoder_layer: Union[nn.TransformerEncoderLayer, nn.TransformerEncoder],
+                 backend: str = "auto"):
+        check_layer_options(1, 0.5, backend)
+        super().__init__(encoder_layer, backend)
+
+    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """x (T_tok, D) packed sequences, cu_seqlens (B + 1,) int32: the causal stack's output."""
+        chosen = resolve_encoder(self.backend, x.device, x.dtype)
+        step = _TokenStep(self, x, cu_seqlens, True, max_seqlen, chosen.attention)
+        return step(x, 1, torch.arange(x.shape[0], device=x.device))
+
+    @torch.no_grad()
+    def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int]) -> Tensor:
+        """`ACTTransformerEncoder.extend` for plain layers."""
+        self._check_input(x, 2)
+        lengths = chunk_lengths(cu_seqlens)
+        sequences = list(sequences)
+        check_extend_args(self, cache, x, lengths, sequences, True)
+        context = CacheContext(cache, sequences, lengths)
+        chosen = resolve_encoder(self.backend, x.device, x.dtype)
+        step = _TokenStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context)
+        out = step(x, 1, torch.arange(x.shape[0], device=x.device))
+        context.commit(step.pools, torch.ones(x.shape[0], dtype=torch.int64, device=x.device))
+        return out
