@@ -70,6 +70,12 @@ class ACTCache:
         self.token_first_row = [torch.zeros(0, dtype=torch.int64, device=device) for _ in self.layers]
         self.num_tokens = 0
 
+    def reset(self, sequence: int) -> None:
+        """Empties one sequence, for a new one in its place. (Its rows stay in
+        the buffers until the cache is dropped.)"""
+        self._tokens[sequence] = self._tokens[sequence][:0]
+        self.lengths[sequence] = 0
+
     def owner(self):
         return self._owner()
 

@@ -1,0 +1,276 @@
+"""A looped language model with per-token adaptive depth (design §14): a
+prelude of plain causal layers, one shared block of layers applied again
+and again with ACT halting per token, a coda, a final norm and an output
+head; and batched generation over the ragged key/value cache, exact
+against the parallel forward.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checks import check_layer_options
+from .transformer import ACTTransformerEncoder, CausalStack
+
+
+class Generation(NamedTuple):
+    """What `ACTLanguageModel.generate` returns, one entry per prompt.
+
+    sequences: each prompt followed by its generated tokens (int64), ending
+               after `eos_token_id` when it came
+    steps:     the ponder steps of every token of each sequence (int64, same shapes)
+    scores:    (generated, vocab_size) the logits each generated token was chosen from
+    """
+
+    sequences: List[Tensor]
+    steps: List[Tensor]
+    scores: List[Tensor]
+
+
+def _layers(d_model, nhead, dim_feedforward, dropout, count) -> Optional[nn.Module]:
+    if count == 0:
+        return None
+    layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout=dropout, activation="gelu",
+                                       batch_first=True, norm_first=True)
+    return layer if count == 1 else nn.TransformerEncoder(layer, count, enable_nested_tensor=False)
+
+
+class ACTLanguageModel(nn.Module):
+    """A looped causal LM whose every token decides how many times the shared
+    block runs on it (ACT, Graves 2016), with no padding waste in training
+    or in batched generation.
+
+        model = ak.nn.ACTLanguageModel(256, 256, 4, block_layers=2, max_steps=8)
+        logits = model(tokens, lengths)                      # (B, L, 256)
+        loss = F.cross_entropy(logits[:, :-1][real], tokens[:, 1:][real]) + tau * model.ponder_cost.mean()
+        out = model.generate([prompt_a, prompt_b], max_new_tokens=64)
+
+    Token embedding plus learned absolute positions (max_len), pre-norm
+    causal GELU layers (prelude_layers, the pondered block of block_layers,
+    coda_layers; dim_feedforward defaults to 4 d_model), a final LayerNorm
+    and a linear head. The block is an `ACTTransformerEncoder` over an
+    `nn.TransformerEncoder` (`.block`), with max_steps, eps and
+    halting_bias_init; `.prelude` and `.coda` are `CausalStack`s (or None).
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, nhead: int, dim_feedforward: Optional[int] = None, *,
+                 prelude_layers: int = 1, block_layers: int = 2, coda_layers: int = 1, max_steps: int = 8,
+                 eps: float = 0.01, halting_bias_init: float = 1.0, dropout: float = 0.0, max_len: int = 2048,
+                 backend: str = "auto"):
+        super().__init__()
+        for name, value, low in (("vocab_size", vocab_size, 1), ("d_model", d_model, 1), ("nhead", nhead, 1),
+                                 ("prelude_layers", prelude_layers, 0), ("block_layers", block_layers, 1),
+                                 ("coda_layers", coda_layers, 0), ("max_len", max_len, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if d_model % nhead:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of nhead ({nhead})")
+        check_layer_options(max_steps, eps, backend)
+        ff = 4 * d_model if dim_feedforward is None else dim_feedforward
+        self.vocab_size, self.d_model, self.max_len = vocab_size, d_model, max_len
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(max_len, d_model)
+        prelude = _layers(d_model, nhead, ff, dropout, prelude_layers)
+        coda = _layers(d_model, nhead, ff, dropout, coda_layers)
+        self.prelude = CausalStack(prelude, backend) if prelude is not None else None
+        self.block = ACTTransformerEncoder(_layers(d_model, nhead, ff, dropout, block_layers),
+                                           max_steps=max_steps, eps=eps, halting_bias_init=halting_bias_init,
+                                           backend=backend)
+        self.coda = CausalStack(coda, backend) if coda is not None else None
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+        with torch.no_grad():
+            nn.init.normal_(self.embed.weight, std=0.02)
+            nn.init.normal_(self.position.weight, std=0.02)
+        self.ponder_cost: Optional[Tensor] = None
+        self.steps: Optional[Tensor] = None
+
+    def _stacks(self):
+        return [m for m in (self.prelude, self.block, self.coda) if m is not None]
+
+    def _check_tokens(self, tokens: Tensor) -> None:
+        if tokens.dtype != torch.int64:
+            raise TypeError(f"tokens must be int64, got {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got values in "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+    def _logits(self, h: Tensor) -> Tensor:
+        return self.head(self.norm(h))
+
+    # -- training: the parallel forward -------------------------------------------------
+
+    def forward(self, tokens: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+        """tokens (B, L) int64, right padding past `lengths` (B,). Returns logits
+        (B, L, vocab_size), 0 at padding; `.ponder_cost` (float32,
+        differentiable) and `.steps` (int64) become (B, L), 0 at padding."""
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, L), got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
+        batch, length = tokens.shape
+        if length > self.max_len:
+            raise ValueError(f"sequences of {length} tokens exceed max_len = {self.max_len}")
+        positions = torch.arange(length, device=tokens.device)
+        if lengths is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
+        else:
+            lengths = torch.as_tensor(lengths, device=tokens.device)
+            if lengths.shape != (batch,) or int(lengths.min()) < 0 or int(lengths.max()) > length:
+                raise ValueError(f"lengths must be (B,) = ({batch},) values in [0, {length}]")
+            valid = positions[None] < lengths[:, None]
+        real = tokens[valid]
+        self._check_tokens(real)
+        counts = valid.sum(1)
+        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(counts.max()) if batch else 0
+        h = self.embed(real) + self.position(positions.expand(batch, length)[valid])
+        if self.prelude is not None:
+            h = self.prelude.forward_packed(h, cu, max(longest, 1))
+        h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest if real.numel() else None)
+        cost, steps = self.block.ponder_cost, self.block.steps
+        if self.coda is not None:
+            h = self.coda.forward_packed(h, cu, max(longest, 1))
+        logits = self._logits(h)
+        out = logits.new_zeros(batch, length, self.vocab_size).index_put((valid,), logits)
+        self.ponder_cost = cost.new_zeros(batch, length).index_put((valid,), cost)
+        self.steps = steps.new_zeros(batch, length).index_put((valid,), steps)
+        return out
+
+    # -- generation over the ragged cache ------------------------------------------------
+
+    def new_cache(self, batch_size: int):
+        """One cache per stack (prelude, block, coda) for `batch_size` sequences."""
+        return [m.new_cache(batch_size) for m in self._stacks()]
+
+    @torch.no_grad()
+    def extend(self, caches, tokens: Tensor, cu_seqlens: Sequence[int], sequences: Sequence[int]) -> Tensor:
+        """Appends chunks of tokens (T_new,) to cache `sequences` and returns
+        their logits (T_new, vocab_size); `.steps` / `.ponder_cost` become
+        (T_new,). Exactly the causal forward's, for any chunking."""
+        self._check_tokens(tokens)
+        block_cache = caches[1 if self.prelude is not None else 0]
+        offsets = list(cu_seqlens)
+        positions = torch.cat([torch.arange(block_cache.lengths[s], block_cache.lengths[s] + b - a)
+                               for s, a, b in zip(sequences, offsets, offsets[1:])]).to(tokens.device)
+        if positions.numel() and int(positions.max()) >= self.max_len:
+            raise ValueError(f"a sequence would exceed max_len = {self.max_len} tokens")
+        h = self.embed(tokens) + self.position(positions)
+        for stack, cache in zip(self._stacks(), caches):
+            h = stack.extend(cache, h, offsets, sequences)
+            if stack is self.block:
+                self.steps, self.ponder_cost = stack.steps, stack.ponder_cost
+        return self._logits(h)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Tensor], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: Optional[int] = None, eos_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, max_batch_size: Optional[int] = None) -> Generation:
+        """Batched generation: prompts of different lengths, each token
+        pondering on its own, over one ragged cache. temperature 0 is greedy;
+        otherwise softmax(logits / temperature), over the top_k logits when
+        given, sampled with `generator`. A sequence ends after eos_token_id,
+        after max_new_tokens new tokens, or at max_len tokens. With
+        max_batch_size, at most that many sequences run at once and a slot
+        is refilled with the next prompt as soon as its sequence ends
+        (continuous batching). The model runs in eval mode for the call."""
+        device = self.head.weight.device
+        prompts = self._check_generate(prompts, max_new_tokens, temperature, top_k, eos_token_id, generator,
+                                       max_batch_size, device)
+        slots = min(max_batch_size or len(prompts), len(prompts))
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(prompts, max_new_tokens, temperature, top_k, eos_token_id, generator, slots)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, eos, generator, slots) -> Generation:
+        caches = self.new_cache(slots)
+        waiting = list(range(len(prompts)))
+        tokens = [p.clone() for p in prompts]                    # each sequence so far
+        steps: List[List[Tensor]] = [[] for _ in prompts]
+        scores: List[List[Tensor]] = [[] for _ in prompts]
+        in_slot = [None] * slots                                  # the prompt a slot serves
+        fed = [0] * len(prompts)                                  # tokens of each sequence already in its cache
+        finished = [False] * len(prompts)
+        while waiting or any(i is not None for i in in_slot):
+            for slot in range(slots):
+                if in_slot[slot] is None and waiting:
+                    in_slot[slot] = waiting.pop(0)
+                    for cache in caches:
+                        cache.reset(slot)
+            busy = [slot for slot in range(slots) if in_slot[slot] is not None]
+            chunks = [tokens[in_slot[s]][fed[in_slot[s]]:] for s in busy]
+            offsets = [0]
+            for c in chunks:
+                offsets.append(offsets[-1] + c.numel())
+            logits = self.extend(caches, torch.cat(chunks), offsets, busy)
+            for j, slot in enumerate(busy):
+                i = in_slot[slot]
+                steps[i].append(self.steps[offsets[j]:offsets[j + 1]].clone())
+                fed[i] = tokens[i].numel()
+                generated = tokens[i].numel() - prompts[i].numel()
+                if generated >= max_new_tokens or tokens[i].numel() >= self.max_len:
+                    finished[i] = True
+                if finished[i]:
+                    # every token of the sequence is in the cache and has its steps: the slot is free
+                    in_slot[slot] = None
+                    continue
+                row = logits[offsets[j + 1] - 1]
+                nxt = self._choose(row, temperature, top_k, generator)
+                scores[i].append(row.clone())
+                tokens[i] = torch.cat([tokens[i], nxt.view(1)])
+                if eos is not None and int(nxt) == eos:
+                    finished[i] = True    # its last token is fed next round, for its steps
+        vocab = self.vocab_size
+        return Generation(
+            sequences=tokens,
+            steps=[torch.cat(s) if s else torch.zeros(0, dtype=torch.int64) for s in steps],
+            scores=[torch.stack(s) if s else torch.zeros(0, vocab) for s in scores],
+        )
+
+    @staticmethod
+    def _choose(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:
+        if temperature == 0.0:
+            return logits.argmax()
+        scaled = logits.double() / temperature
+        if top_k is not None and top_k < scaled.numel():
+            cut = torch.topk(scaled, top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < cut, -math.inf)
+        probs = torch.softmax(scaled, -1)
+        return torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu"
+                                 else probs, 1, generator=generator).to(logits.device).view(())
+
+    def _check_generate(self, prompts, max_new_tokens, temperature, top_k, eos, generator, max_batch_size,
+                        device) -> List[Tensor]:
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompts must be a non-empty list of 1-D int64 tensors")
+        out = []
+        for k, p in enumerate(prompts):
+            if not isinstance(p, Tensor) or p.dim() != 1 or p.dtype != torch.int64:
+                raise TypeError(f"prompt {k} must be a 1-D int64 tensor, got "
+                                f"{p.dtype if isinstance(p, Tensor) else type(p).__name__}")
+            if p.numel() == 0:
+                raise ValueError(f"prompt {k} is empty: a prompt needs at least one token")
+            if p.numel() > self.max_len:
+                raise ValueError(f"prompt {k} has {p.numel()} tokens, more than max_len = {self.max_len}")
+            self._check_tokens(p)
+            out.append(p.to(device))
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be a float >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < self.vocab_size):
+            raise ValueError(f"eos_token_id must be None or a token in [0, {self.vocab_size}), got {eos!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                           or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
+        return out
