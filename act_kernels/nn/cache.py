@@ -13,6 +13,7 @@ outputs, steps and ponder costs of one causal forward.
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import List, Sequence, Tuple
 
@@ -97,15 +98,16 @@ class CacheContext:
         device = cache.device
         cached_lengths = [cache.lengths[s] for s in sequences]
         totals = [c + n for c, n in zip(cached_lengths, new_lengths)]
-        starts = torch.tensor([0, *totals], dtype=torch.int64).cumsum(0)
-        # packed layout of the call: per sequence, its cached tokens, then its new ones
-        cached_pos = [torch.arange(int(starts[i]), int(starts[i]) + c) for i, c in enumerate(cached_lengths)]
-        new_pos = [torch.arange(int(starts[i]) + c, int(starts[i + 1])) for i, c in enumerate(cached_lengths)]
-        self.cu_seqlens = starts.to(torch.int32).to(device)
+        starts = list(itertools.accumulate(totals, initial=0))
+        # packed layout of the call: per sequence, its cached tokens, then its new
+        # ones; made from lengths the host already knows (no device read)
+        cached_pos = [p for i, c in enumerate(cached_lengths) for p in range(starts[i], starts[i] + c)]
+        new_pos = [p for i, c in enumerate(cached_lengths) for p in range(starts[i] + c, starts[i + 1])]
+        self.cu_seqlens = torch.tensor(starts, dtype=torch.int32).to(device)
         self.max_seqlen = max(totals)
-        self.cached_positions = torch.cat(cached_pos).to(device)
-        self.new_positions = torch.cat(new_pos).to(device)
-        self.num_cached = int(self.cached_positions.numel())
+        self.cached_positions = torch.tensor(cached_pos, dtype=torch.int64).to(device)
+        self.new_positions = torch.tensor(new_pos, dtype=torch.int64).to(device)
+        self.num_cached = len(cached_pos)
         ids = [cache._tokens[s] for s in sequences]
         cached_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64, device=device)
         self.cached_steps = cache.token_steps[cached_ids]
@@ -136,7 +138,9 @@ class CacheContext:
             values = pool.v[1:] if pool.first_new else pool.v
             k_new = torch.cat(segments)[rows[order]]
             v_new = torch.cat(values)[rows[order]]
-            counts = torch.bincount(tokens, minlength=num_new)
+            # per-token row counts without bincount, which reads the device for its size
+            counts = torch.zeros(num_new, dtype=torch.int64, device=tokens.device).index_add_(
+                0, tokens, torch.ones_like(tokens))
             first = cache.layers[k].append(k_new, v_new) + counts.cumsum(0) - counts
             cache.token_first_row[k] = torch.cat([cache.token_first_row[k], first])
         ids = torch.arange(cache.num_tokens, cache.num_tokens + num_new, device=cache.device)
