@@ -5,6 +5,7 @@
     python -m act_kernels.train parity --fixed-steps      # the same network, one step
     python -m act_kernels.train pointer                   # per-token ACT transformer encoder
     python -m act_kernels.train pointer --fixed-steps 8   # the same layer at a fixed depth of 8
+    python -m act_kernels.train lm                        # the looped ACT byte LM on real text (--help there)
 
 Writes to --out (default runs/<task>[-fixed]): checkpoint.pt (at every
 evaluation; --resume continues from it), summary.json (settings, final error,
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import signal
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,7 +37,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m act_kernels.train", description=__doc__,
                                 formatter_class=_HelpFormatter)
-    p.add_argument("task", choices=sorted(TASKS), help="the task to train on")
+    p.add_argument("task", choices=sorted(TASKS), help="the task to train on (or lm: see "
+                                                     "python -m act_kernels.train lm --help)")
     p.add_argument("--size", choices=["small", "paper"], default=None,
                    help="task and network size (None: paper on a GPU, small on the CPU)")
     p.add_argument("--knob", action="append", default=[], metavar="NAME=INT",
@@ -254,6 +257,11 @@ def _knobs(items, flag):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm"]:   # the language model has a command of its own
+        from .lm import main as lm_main
+
+        return lm_main(argv[1:])
     args = parse_args(argv)
     wall0 = time.time()
     device = torch.device(args.device)

@@ -7,6 +7,7 @@
 #
 #     bash docs/study/run.sh addition logic      # tau sweeps, then ACT against fixed depth
 #     bash docs/study/run.sh parity sort pointer pondernet
+#     bash docs/study/run.sh lm lm_sweep              # the byte LM (two shells: lm lm_sweep, lm_deep)
 #
 # Then redraw every figure and table: python docs/study/redraw.py
 set -euo pipefail
@@ -73,4 +74,21 @@ group_pondernet() {
     train parity8-act-gru "${common[@]}" --cell gru --tau 1e-3
 }
 
-for group in ${@:-addition logic parity sort pointer pondernet}; do "group_$group"; done
+train_lm() {   # train_lm <out name> <args...>: the byte LM on the Python standard library
+    local out=$STUDY/$1; shift
+    if [[ -f $out/summary.json ]]; then echo "have $out"; return; fi
+    echo "== $out: lm $*"
+    python -m act_kernels.train lm --eval-every 500 --eval-windows 256 --iterations 3000 "$@" --out "$out" > /dev/null
+    rm -f "$out/checkpoint.pt"
+}
+group_lm() {   # ACT at tau 0.01, the same model at fixed depth K (ACT's rounded mean steps), then 1 and M = 8
+    train_lm lm-act-tau0.01 --tau 0.01
+    local k
+    k=$(python -c "import json; print(round(json.load(open('$STUDY/lm-act-tau0.01/summary.json'))['mean_steps']))")
+    train_lm "lm-fixed$k" --fixed-steps "$k"
+    train_lm lm-fixed1 --fixed-steps 1
+}
+group_lm_deep() { train_lm lm-fixed8 --fixed-steps 8; }
+group_lm_sweep() { for tau in 0.001 0.003 0.03; do train_lm "lm-act-tau$tau" --tau "$tau"; done; }
+
+for group in ${@:-addition logic parity sort pointer pondernet lm lm_sweep lm_deep}; do "group_$group"; done
