@@ -1,0 +1,85 @@
+"""Host work of a decoding ponder step (design §14, §11), counted with a
+TorchDispatchMode on the kernel backends: a decode call of the ACT block
+reads the device once per ponder step (the survivor count) and nothing
+else, and issues per ponder step at most 1.5 times the ATen calls of the
+same layers run as plain cached layers (one step) on the same rows. Kernel
+launches count as one event each (what runs inside a launcher is muted:
+under the interpreter a launch is many ATen ops, on a GPU one kernel)."""
+import collections
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import act_kernels as ak
+
+VIEWS = {"detach", "view", "t", "squeeze", "unsqueeze", "select", "alias", "slice", "expand", "_unsafe_view"}
+READS = {"nonzero", "_local_scalar_dense", "item", "is_nonzero", "equal"}
+
+
+class Census(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.events, self.muted = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.muted:
+            name = func.overloadpacket.__name__
+            if name not in VIEWS:
+                self.events.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def wrap(self, name, fn):
+        def launcher(*args, **kwargs):
+            self.events.append(f"LAUNCH {name}")
+            self.muted += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.muted -= 1
+        return launcher
+
+
+def decode_census(module, monkeypatch, batch=4):
+    """Events of one decode call (one new token per sequence) after a prefill."""
+    import act_kernels.ops.act.triton_kernels as act_triton
+    import act_kernels.ops.attention.triton_kernels as attention_triton
+
+    device = module.layers[0].self_attn.in_proj_weight.device
+    g = torch.Generator().manual_seed(0)
+    cache = module.new_cache(batch)
+    module.extend(cache, torch.randn(batch * 5, 32, generator=g).to(device), list(range(0, batch * 5 + 1, 5)),
+                  list(range(batch)))
+    census = Census()
+    monkeypatch.setattr(attention_triton, "attention_forward",
+                        census.wrap("attention", attention_triton.attention_forward))
+    monkeypatch.setattr(act_triton, "halting_step", census.wrap("halting", act_triton.halting_step))
+    with census:
+        module.extend(cache, torch.randn(batch, 32, generator=g).to(device), list(range(batch + 1)),
+                      list(range(batch)))
+    monkeypatch.undo()
+    return census.events
+
+
+@pytest.mark.parametrize("bias,steps", [(40.0, 1), (-1.0, None), (-40.0, 8)], ids=["1 step", "mixed", "8 steps"])
+def test_decode_ponder_step_host_work(bias, steps, monkeypatch):
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+    block = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).to(device)
+    enc = ak.nn.ACTTransformerEncoder(block, max_steps=8, halting_bias_init=bias, backend="triton").to(device)
+    plain = ak.nn.CausalStack(block, backend="triton").eval()
+    act_events = decode_census(enc.eval(), monkeypatch)
+    taken = int(enc.steps.max())
+    assert steps is None or taken == steps
+    plain_events = decode_census(plain, monkeypatch)
+    reads = collections.Counter(e for e in act_events if e in READS)
+    # one device read per ponder step, the running count; nothing else per token
+    assert reads == collections.Counter({"nonzero": taken}), reads
+    assert not [e for e in plain_events if e in READS]
+    per_step = len(act_events) / taken
+    assert per_step <= 1.5 * len(plain_events), (per_step, len(plain_events))
+    assert act_events.count("LAUNCH halting") == taken
+    assert act_events.count("LAUNCH attention") == 2 * taken and plain_events.count("LAUNCH attention") == 2
