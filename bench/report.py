@@ -129,6 +129,51 @@ def plot(data, path):
     fig.savefig(path, dpi=110)
 
 
+def lm_tables(data) -> str:
+    """The looped LM: generation against the dense per-step cache and against
+    no cache, training, and the cache's bytes."""
+    parts = []
+    gen = {r["name"]: r for r in data["rows"] if r["group"] == "lm_generate"}
+    if gen:
+        lines = ["| LM generation | tokens/s | speedup vs dense per-step cache | ideal | % of ideal | mean steps |",
+                 "|---|---|---|---|---|---|"]
+        base = gen.get("dense_cache")
+        for name in ("dense_cache", "act_cache"):
+            r = gen.get(name)
+            if r is None:
+                continue
+            speed = base["median_s"] / r["median_s"] if base else float("nan")
+            pct = "-" if name == "dense_cache" else f"{100 * speed / r['ideal_speedup']:.0f} %"
+            lines.append(f"| {r['prompts']} prompts, {r['new_tokens']} new, d {r['d_model']}: {name} "
+                         f"| {r['tokens_per_s']:.0f} | {speed:.2f} x | {r['ideal_speedup']:.2f} x | {pct} "
+                         f"| {r['mean_steps']:.2f} |")
+        parts.append("\n".join(lines))
+    nocache = {r["name"]: r for r in data["rows"] if r["group"] == "lm_generate_no_cache"}
+    if nocache:
+        lines = ["| LM generation, no cache | tokens/s | speedup vs no cache | ideal (tokens recomputed) | % of ideal |",
+                 "|---|---|---|---|---|"]
+        base = nocache.get("no_cache")
+        for name in ("no_cache", "act_cache"):
+            r = nocache.get(name)
+            if r is None:
+                continue
+            speed = base["median_s"] / r["median_s"] if base else float("nan")
+            pct = "-" if name == "no_cache" else f"{100 * speed / r['ideal_speedup']:.0f} %"
+            lines.append(f"| {r['prompts']} prompts, {r['new_tokens']} new: {name} | {r['tokens_per_s']:.0f} "
+                         f"| {speed:.2f} x | {r['ideal_speedup']:.2f} x | {pct} |")
+        parts.append("\n".join(lines))
+    if any(r["group"] == "lm_train" for r in data["rows"]):
+        parts.append(ideal_table(data, "lm_train", lambda r: (r["batch"], r["length"], r["d_model"]), "B x L x D",
+                                 lambda k: " x ".join(map(str, k)), "ideal (layer applications)",
+                                 "every_token_max_steps", ms_digits=1, order=("every_token_max_steps", "act")))
+    for r in (r for r in data["rows"] if r["group"] == "lm_cache_bytes"):
+        parts.append(f"Cache after a prefill of {r['tokens']} tokens (mean steps {r['mean_steps']:.2f}): "
+                     f"{r['ragged_rows']} rows, {r['ragged_bytes'] / 2**20:.1f} MiB, against {r['dense_rows']} rows, "
+                     f"{r['dense_bytes'] / 2**20:.1f} MiB for a dense per-step cache ({r['ideal_speedup']:.2f} x "
+                     "fewer).")
+    return "\n\n".join(parts)
+
+
 def heading(data) -> str:
     return (f"{data['device']} (torch {data['torch']}, triton {data['triton']}, "
             f"commit {data['commit']}, {data['date'][:10]})")
@@ -139,8 +184,10 @@ def device_tables(data) -> str:
     if data.get("copy_GBps"):
         parts.append(f"Measured device copy bandwidth: {data['copy_GBps']:.0f} GB/s\n")
     parts.append(ponder_table(data) + "\n")
-    for table in (layer_table, encoder_table, attention_table, pondernet_table):
-        parts.append(table(data) + "\n")
+    for table in (layer_table, encoder_table, attention_table, pondernet_table, lm_tables):
+        text = table(data)
+        if text.strip():
+            parts.append(text + "\n")
     parts.append(kernel_table(data, "halting_step") + "\n")
     parts.append(kernel_table(data, "combine_backward"))
     return "\n".join(parts)
@@ -177,6 +224,12 @@ def summary_table(data) -> str:
         speed = base["median_s"] / best["median_s"]
         lines.append(f"| {family} | {baseline.replace('_', ' ')} | {best['name']} | {speed:.2f} x "
                      f"| {best['ideal_speedup']:.2f} x | {100 * speed / best['ideal_speedup']:.0f} % |")
+    gen = {r["name"]: r for r in data["rows"] if r["group"] == "lm_generate"}
+    if "act_cache" in gen and "dense_cache" in gen:
+        r, base = gen["act_cache"], gen["dense_cache"]
+        speed = base["median_s"] / r["median_s"]
+        lines.append(f"| looped LM generation | dense per-step cache | act_cache | {speed:.2f} x "
+                     f"| {r['ideal_speedup']:.2f} x | {100 * speed / r['ideal_speedup']:.0f} % |")
     attention = [r for r in data["rows"] if r["group"] == "ragged_attention" and r["name"] != "sdpa_dense"]
     if attention:
         best = max(attention, key=lambda r: r["TFLOPs"])

@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import compare  # noqa: E402
+import lm  # noqa: E402
 import pointer  # noqa: E402
 import pondernet  # noqa: E402
 import sweep  # noqa: E402
@@ -164,6 +165,14 @@ def difficulty_figure():
     plt.close(fig)
 
 
+def lm_study():
+    runs = sorted(HERE.glob("lm-*"), key=lambda p: p.name)
+    if not runs:
+        print("No byte-LM runs yet (docs/study/run.sh lm lm_sweep lm_deep).")
+        return
+    lm.main(runs)
+
+
 def capture(draw) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -216,6 +225,7 @@ def main():
         section("Per-token pondering: pointer chasing (pointer.png)",
                 lambda: have("pointer-act", "pointer-fixed1", "pointer-fixed3", "pointer-fixed8")
                 and pointer.main([d / f"pointer-{r}" for r in ("act", "fixed1", "fixed3", "fixed8")])),
+        section("A looped ACT byte LM on the Python standard library (lm.png)", lm_study),
         section("ACT against PonderNet on parity (pondernet.png)",
                 lambda: have("parity8-act-gru", "parity8-pondernet")
                 and pondernet.main([d / "parity8-act-gru", d / "parity8-pondernet"])),
@@ -223,6 +233,7 @@ def main():
     text = "\n".join(part.replace("\n## ", "\n### ").replace("## ", "### ", 1) for part in parts)
     update_readme({
         "tables": text,
+        "lm": tables_only(lm_study),
         "sweep-addition": tables_only(lambda: sweep.main([d / r for r in sweep_runs("addition")])),
         "sweep-logic": tables_only(lambda: sweep.main([d / r for r in sweep_runs("logic")])),
         "difficulty": tables_only(difficulty_figure),
