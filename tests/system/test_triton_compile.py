@@ -80,7 +80,7 @@ SCRIPT = textwrap.dedent('''
     quick = [("bf16", 0, 128, True), ("bf16", 0, 64, False), ("fp32", 1, 64, True)]
     for dtype, ieee, dim, causal in full if FULL else quick:
         p = "*" + dtype
-        block_m, block_n = (64, 64) if dim <= 64 else (64, 32)   # attention.gpu_config
+        block_m, block_n = (64, 64) if dim <= 64 else (64, 32)   # a compile check; resources: test_triton_resources
         consts = dict(CAUSAL=causal, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=dim)
         build(attention._attn_fwd_kernel,
               dict(q_ptr=p, k_ptr=p, v_ptr=p, **tables, o_ptr=p, lse_ptr="*fp32", **strides,

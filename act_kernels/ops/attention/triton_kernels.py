@@ -37,12 +37,21 @@ class LaunchConfig(NamedTuple):
     stages: int
 
 
-# Software-pipelining stages per (kernel, float32?, BLOCK_D) on a GPU, where
-# the default of 3 would not fit sm_90's 232,448 B of shared memory per block:
-# the float32 dK/dV kernel at BLOCK_D 256 needs 296,960 B with 3 stages and
-# 164,864 B with 2. tests/system/test_triton_resources.py compiles every
-# configuration `gpu_configs` lists and checks shared memory and spills.
-STAGES = {("bwd_kv", True, 256): 2}
+# Tiles, warps and pipelining stages per kernel, half or full precision and
+# BLOCK_D on a GPU: (BLOCK_M, BLOCK_N, warps, stages). Chosen from sm_90
+# ahead-of-time compiles (tests/system/test_triton_resources.py checks every
+# entry): shared memory within 232,448 B per block, and in half precision no
+# stack frame (spills). What the first choices cost on sm_90: the float32
+# dK/dV kernel at BLOCK_D 256 asked 296,960 B of shared memory with 3 stages;
+# the half-precision kernels at 4 warps spilled at BLOCK_D 64 (dK/dV, 184 B
+# of stack per thread), 128 (16..624 B) and 256 (264..976 B at 8 warps).
+# Float32 takes full-precision dots (no TF32), which ptxas builds from FMAs on
+# a stack frame: a cost the resource test bounds, not a spill it can remove.
+HALF = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 8, 3),
+        128: {"fwd": (64, 32, 8, 3), "bwd_kv": (32, 32, 4, 3), "bwd_q": (64, 32, 8, 3)},
+        256: (32, 32, 8, 3)}
+FULL = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 4, 3), 128: (64, 32, 4, 3),
+        256: {"fwd": (32, 32, 8, 3), "bwd_kv": (32, 32, 8, 2), "bwd_q": (32, 32, 8, 3)}}
 KERNELS = ("fwd", "bwd_kv", "bwd_q")
 
 
@@ -58,11 +67,9 @@ def launch_config(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.
 
 
 def gpu_config(kernel: str, block_d: int, fp32: bool) -> LaunchConfig:
-    if block_d <= 64:
-        block_m, block_n, warps = 64, 64, 4
-    else:
-        block_m, block_n, warps = 64, 32, 4 if block_d <= 128 else 8
-    return LaunchConfig(block_m, block_n, block_d, warps, STAGES.get((kernel, fp32, block_d), 3))
+    entry = (FULL if fp32 else HALF)[block_d]
+    block_m, block_n, warps, stages = entry[kernel] if isinstance(entry, dict) else entry
+    return LaunchConfig(block_m, block_n, block_d, warps, stages)
 
 
 def gpu_configs():
