@@ -89,6 +89,13 @@ group_lm() {   # ACT at tau 0.01, the same model at fixed depth K (ACT's rounded
     train_lm lm-fixed1 --fixed-steps 1
 }
 group_lm_deep() { train_lm lm-fixed8 --fixed-steps 8; }
+group_lm_equal() {   # a fixed-depth run at every ACT run's rounded mean steps
+    local k
+    for run in "$STUDY"/lm-act-tau*/summary.json; do
+        k=$(python -c "import json; print(round(json.load(open('$run'))['mean_steps']))")
+        train_lm "lm-fixed$k" --fixed-steps "$k"
+    done
+}
 group_lm_sweep() { for tau in 0.001 0.003 0.03; do train_lm "lm-act-tau$tau" --tau "$tau"; done; }
 
-for group in ${@:-addition logic parity sort pointer pondernet lm lm_sweep lm_deep}; do "group_$group"; done
+for group in ${@:-addition logic parity sort pointer pondernet lm lm_sweep lm_deep lm_equal}; do "group_$group"; done
