@@ -209,6 +209,7 @@ class ACTLanguageModel(nn.Module):
             for c in chunks:
                 offsets.append(offsets[-1] + c.numel())
             logits = self.extend(caches, torch.cat(chunks), offsets, busy)
+            choosing = []
             for j, slot in enumerate(busy):
                 i = in_slot[slot]
                 steps[i].append(self.steps[offsets[j]:offsets[j + 1]].clone())
@@ -219,12 +220,17 @@ class ACTLanguageModel(nn.Module):
                 if finished[i]:
                     # every token of the sequence is in the cache and has its steps: the slot is free
                     in_slot[slot] = None
-                    continue
-                row = logits[offsets[j + 1] - 1]
-                nxt = self._choose(row, temperature, top_k, generator)
-                scores[i].append(row.clone())
+                else:
+                    choosing.append((i, offsets[j + 1] - 1))
+            if not choosing:
+                continue
+            rows = logits[torch.tensor([r for _, r in choosing], device=logits.device)]
+            # the next tokens of every running sequence, brought to the host in one read per call
+            chosen = self._choose(rows, temperature, top_k, generator)
+            for (i, _), row, nxt, value in zip(choosing, rows, chosen, chosen.tolist()):
+                scores[i].append(row)
                 tokens[i] = torch.cat([tokens[i], nxt.view(1)])
-                if eos is not None and int(nxt) == eos:
+                if eos is not None and value == eos:
                     finished[i] = True    # its last token is fed next round, for its steps
         vocab = self.vocab_size
         return Generation(
@@ -235,15 +241,19 @@ class ACTLanguageModel(nn.Module):
 
     @staticmethod
     def _choose(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:
+        """The next token of every row of logits (S, vocab): argmax at
+        temperature 0, else a draw from softmax(logits / temperature),
+        restricted to the top_k logits when given."""
         if temperature == 0.0:
-            return logits.argmax()
+            return logits.argmax(-1)
         scaled = logits.double() / temperature
-        if top_k is not None and top_k < scaled.numel():
-            cut = torch.topk(scaled, top_k).values[-1]
+        if top_k is not None and top_k < scaled.shape[-1]:
+            cut = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
             scaled = scaled.masked_fill(scaled < cut, -math.inf)
         probs = torch.softmax(scaled, -1)
-        return torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu"
-                                 else probs, 1, generator=generator).to(logits.device).view(())
+        if generator is not None and generator.device != probs.device:
+            probs = probs.to(generator.device)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
 
     def _check_generate(self, prompts, max_new_tokens, temperature, top_k, eos, generator, max_batch_size,
                         device) -> List[Tensor]:

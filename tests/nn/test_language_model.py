@@ -164,3 +164,17 @@ def test_bad_generate_and_extend_calls():
         with pytest.raises(exc, match=match):
             call()
     assert all(torch.equal(a, b) for a, b in zip(given, before))
+
+
+def test_one_slot_one_token_prompts_and_an_immediate_eos():
+    model = make(seed=8)
+    given = prompts((1, 1, 2), seed=9)
+    free = model.generate(given, 3)
+    eos = int(free.sequences[0][1])                 # the first token sequence 0 generates
+    out = model.generate(given, 3, eos_token_id=eos, max_batch_size=1)
+    assert out.sequences[0].numel() == 2 and int(out.sequences[0][-1]) == eos
+    for full, seq, prompt in zip(free.sequences, out.sequences, given):
+        new = full[prompt.numel():].tolist()
+        stop = new.index(eos) + 1 if eos in new else len(new)
+        assert torch.equal(seq, full[:prompt.numel() + stop])
+    check_against_forward(model, given, out)
