@@ -9,11 +9,25 @@ def dense_act_encoder(layer, halting, src, pad=None, causal=False, max_steps=8, 
     """src (B, L, D) batch-first values; pad (B, L) bool, True at padding.
     Returns (output, ponder_cost, steps) as (B, L, D), (B, L), (B, L); the
     layer sees (B, L, D) or (L, B, D) as its batch_first says."""
+    length = src.shape[1]
+    mask = torch.ones(length, length, dtype=torch.bool, device=src.device).triu(1) if causal else None
+
+    def step(visible, running):
+        x = visible if layer.self_attn.batch_first else visible.transpose(0, 1)
+        y = layer(x, src_mask=mask, src_key_padding_mask=pad, is_causal=causal)
+        return y if layer.self_attn.batch_first else y.transpose(0, 1)
+
+    return _dense_act(step, halting, src, pad, max_steps, eps)
+
+
+def _dense_act(step, halting, src, pad, max_steps, eps):
+    """ACT's halting per token over whole padded sequences with masks:
+    step(visible (B, L, D), running (B, L)) -> every token's new state; a
+    halted token's visible state stays at its last state."""
     batch, length, _ = src.shape
     acc = torch.float64 if src.dtype == torch.float64 else torch.float32
     real = torch.ones(batch, length, dtype=torch.bool) if pad is None else ~pad
     real = real.to(src.device)
-    mask = torch.ones(length, length, dtype=torch.bool, device=src.device).triu(1) if causal else None
     visible = src
     running = real.clone()
     sum_h = torch.zeros(batch, length, dtype=acc, device=src.device)
@@ -21,9 +35,7 @@ def dense_act_encoder(layer, halting, src, pad=None, causal=False, max_steps=8, 
     steps = torch.zeros(batch, length, dtype=torch.int64, device=src.device)
     remainder = torch.zeros(batch, length, dtype=acc, device=src.device)
     for n in range(1, max_steps + 1):
-        x = visible if layer.self_attn.batch_first else visible.transpose(0, 1)
-        y = layer(x, src_mask=mask, src_key_padding_mask=pad, is_causal=causal)
-        y = y if layer.self_attn.batch_first else y.transpose(0, 1)
+        y = step(visible, running)
         h = torch.sigmoid(halting(y.to(halting.weight.dtype)).squeeze(-1).to(acc))
         halt = running & ((sum_h + h >= 1 - eps) | (n == max_steps))
         p = torch.where(halt, 1 - sum_h, h)
@@ -38,7 +50,6 @@ def dense_act_encoder(layer, halting, src, pad=None, causal=False, max_steps=8, 
             break
     cost = torch.where(real, steps.to(acc) + remainder, torch.zeros_like(remainder))
     return out.to(src.dtype), cost, steps
-
 
 def _layer_with_keys(layer, x, kv, mask, pad):
     """torch's TransformerEncoderLayer (batch-first values (B, L, D), dropout
@@ -65,19 +76,11 @@ def dense_act_block(layers, final_norm, halting, src, pad=None, causal=False, ma
     and by every later layer through its input to that layer at its last
     step. Written with the layers' own modules, independently of the package.
     Returns (output, ponder_cost, steps) like dense_act_encoder."""
-    batch, length, _ = src.shape
-    acc = torch.float64 if src.dtype == torch.float64 else torch.float32
-    real = torch.ones(batch, length, dtype=torch.bool) if pad is None else ~pad
-    real = real.to(src.device)
+    length = src.shape[1]
     mask = torch.ones(length, length, dtype=torch.bool, device=src.device).triu(1) if causal else None
-    visible = src
     last_inputs = [None] * len(layers)          # every token's input to layer k at its last step
-    running = real.clone()
-    sum_h = torch.zeros(batch, length, dtype=acc, device=src.device)
-    out = torch.zeros(src.shape, dtype=acc, device=src.device)
-    steps = torch.zeros(batch, length, dtype=torch.int64, device=src.device)
-    remainder = torch.zeros(batch, length, dtype=acc, device=src.device)
-    for n in range(1, max_steps + 1):
+
+    def step(visible, running):
         y = visible
         for k, layer in enumerate(layers):
             if k == 0:
@@ -86,19 +89,6 @@ def dense_act_block(layers, final_norm, halting, src, pad=None, causal=False, ma
                 last_inputs[k] = y if last_inputs[k] is None else torch.where(running[..., None], y, last_inputs[k])
                 kv = last_inputs[k]
             y = _layer_with_keys(layer, y, kv, mask, pad)
-        if final_norm is not None:
-            y = final_norm(y)
-        h = torch.sigmoid(halting(y.to(halting.weight.dtype)).squeeze(-1).to(acc))
-        halt = running & ((sum_h + h >= 1 - eps) | (n == max_steps))
-        p = torch.where(halt, 1 - sum_h, h)
-        p = torch.where(running, p, torch.zeros_like(p))
-        out = out + p[..., None] * y.to(acc)
-        remainder = torch.where(halt, p, remainder)
-        steps = torch.where(halt, torch.full_like(steps, n), steps)
-        sum_h = torch.where(running & ~halt, sum_h + h, sum_h)
-        visible = torch.where(running[..., None], y, visible)
-        running = running & ~halt
-        if not bool(running.any()):
-            break
-    cost = torch.where(real, steps.to(acc) + remainder, torch.zeros_like(remainder))
-    return out.to(src.dtype), cost, steps
+        return y if final_norm is None else final_norm(y)
+
+    return _dense_act(step, halting, src, pad, max_steps, eps)

@@ -253,6 +253,18 @@ class RaggedBlock(nn.Module):
         weight = self.layers[0].self_attn.in_proj_weight
         return ACTCache(self, batch_size, weight.device, weight.dtype)
 
+    def _cached_step(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], is_causal: bool):
+        """Checks an incremental call and sets it up: the backends, the call's
+        view of the cache and the step function that reads it."""
+        self._check_input(x, 2)
+        lengths = chunk_lengths(cu_seqlens)
+        sequences = list(sequences)
+        check_extend_args(self, cache, x, lengths, sequences, is_causal)
+        context = CacheContext(cache, sequences, lengths)
+        chosen = resolve_encoder(self.backend, x.device, x.dtype)
+        step = _TokenStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context)
+        return chosen, context, step
+
     def _check_input(self, x: Tensor, dims: int) -> None:
         if not isinstance(x, Tensor) or x.dim() != dims:
             raise ValueError(f"expected a {dims}-D input, got "
@@ -357,13 +369,7 @@ class ACTTransformerEncoder(RaggedBlock):
         the outputs, steps and ponder costs are those of
         `forward(..., is_causal=True)` on the whole sequences. Inference
         only: it records no autograd graph."""
-        self._check_input(x, 2)
-        lengths = chunk_lengths(cu_seqlens)
-        sequences = list(sequences)
-        check_extend_args(self, cache, x, lengths, sequences, is_causal)
-        context = CacheContext(cache, sequences, lengths)
-        chosen = resolve_encoder(self.backend, x.device, x.dtype)
-        step = _TokenStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context)
+        chosen, context, step = self._cached_step(cache, x, cu_seqlens, sequences, is_causal)
         out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                      backend=chosen.halting)
         if self.max_steps > 1:
@@ -422,13 +428,7 @@ class CausalStack(RaggedBlock):
     @torch.no_grad()
     def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int]) -> Tensor:
         """`ACTTransformerEncoder.extend` for plain layers."""
-        self._check_input(x, 2)
-        lengths = chunk_lengths(cu_seqlens)
-        sequences = list(sequences)
-        check_extend_args(self, cache, x, lengths, sequences, True)
-        context = CacheContext(cache, sequences, lengths)
-        chosen = resolve_encoder(self.backend, x.device, x.dtype)
-        step = _TokenStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context)
+        _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True)
         out = step(x, 1, torch.arange(x.shape[0], device=x.device))
         context.commit(step.pools, torch.ones(x.shape[0], dtype=torch.int64, device=x.device))
         return out

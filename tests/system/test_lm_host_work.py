@@ -10,35 +10,11 @@ import collections
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import act_kernels as ak
+from census import SYNCS, Census
 
-VIEWS = {"detach", "view", "t", "squeeze", "unsqueeze", "select", "alias", "slice", "expand", "_unsafe_view"}
-READS = {"nonzero", "_local_scalar_dense", "item", "is_nonzero", "equal"}
-
-
-class Census(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.events, self.muted = [], 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.muted:
-            name = func.overloadpacket.__name__
-            if name not in VIEWS:
-                self.events.append(name)
-        return func(*args, **(kwargs or {}))
-
-    def wrap(self, name, fn):
-        def launcher(*args, **kwargs):
-            self.events.append(f"LAUNCH {name}")
-            self.muted += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.muted -= 1
-        return launcher
+READS = SYNCS
 
 
 def decode_census(module, monkeypatch, batch=4):
