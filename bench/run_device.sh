@@ -20,8 +20,9 @@
 #                  that the phases after it hit it; it adds no wall time
 #                  unless it outlasts the build
 #   gpu-tests 120  every kernel at least once, the shapes the CPU never runs
-#                  (tests/system/test_gpu_shapes.py, test_gpu.py) and the
-#                  kernel backends' own rows (about 630 tests on 16 workers)
+#                  (tests/system/test_gpu_shapes.py, test_gpu.py), the
+#                  kernel backends' own rows, the encoder's block and cache
+#                  and the looped LM (about 680 tests on 16 workers)
 #   sanitize   90  memcheck on one small test per kernel family
 #   bench-rows 60  one benchmark row per family against its baseline
 #   total     360  (the limits add up to 480 s; the start of the machine is extra)
@@ -118,8 +119,11 @@ for phase in "${expanded[@]}"; do
       fi
       tail -2 "$out/warm.log" ;;
     gpu-tests)
+      # plus the per-token encoder's block and cache, the looped LM and its decode host work
       run_phase gpu-tests 120 150 "$PY" -m pytest -q -rs -n "$JOBS" --timeout 120 -p no:cacheprovider \
-        "${PROOF_TESTS[@]}" tests/attention/test_attention.py -k "$PROOF_FILTER" > "$out/tests.log" 2>&1
+        "${PROOF_TESTS[@]}" tests/attention/test_attention.py tests/nn/test_transformer_block.py \
+        tests/nn/test_transformer_cache.py tests/nn/test_language_model.py tests/system/test_lm_host_work.py \
+        -k "$PROOF_FILTER" > "$out/tests.log" 2>&1
       tail -4 "$out/tests.log" ;;
     sanitize)
       run_phase sanitize 90 120 bash -c "$(declare -f sanitize); out=$out PY=$PY; sanitize memcheck \"\${@}\"" _ \
