@@ -90,3 +90,18 @@ def run(backend, batch, hidden, dtype, bias, max_steps, seed=0, w_scale=1.0):
     out = act_kernels.ponder(step, s0, w, c, max_steps=max_steps, backend=backend)
     grads = loss_and_grads(out, [s0, w, c, *step.params()], seed=seed)
     return out, grads, step
+
+
+def assert_grads_match(module, x, got, expected, dtype, seed=5):
+    """The gradients of a random functional of (output, ponder cost) in x and
+    every parameter of `module` agree between two computations of them."""
+    (y, cost), (y_d, cost_d) = got, expected
+    g = torch.Generator().manual_seed(seed)
+    wy = torch.randn(y.shape, generator=g).to(y.device, dtype)
+    params = [x, *module.parameters()]
+    a_grads = torch.autograd.grad((y * wy).sum() + 0.1 * cost.sum(), params, allow_unused=True)
+    b_grads = torch.autograd.grad((y_d * wy).sum() + 0.1 * cost_d.sum(), params, allow_unused=True)
+    for (name, _), a, b in zip([("x", x), *module.named_parameters()], a_grads, b_grads):
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        assert_close(a, b, dtype, f"grad {name}")

@@ -7,7 +7,7 @@ from torch import nn
 
 import act_kernels as ak
 from dense_encoder import dense_act_encoder
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, assert_grads_match
 
 
 def make(d=16, heads=2, ff=32, *, batch_first=True, norm_first=False, activation="relu", bias=True,
@@ -52,15 +52,7 @@ def compare(enc, x, pad, causal, dtype, check_grads=True):
     assert_close(y[real], y_d[real], dtype, "output")
     assert_close(cost, cost_d, dtype, "ponder cost")
     if check_grads:
-        g = torch.Generator().manual_seed(5)
-        wy = torch.randn(y.shape, generator=g).to(DEVICE, dtype)
-        params = [x, *enc.parameters()]
-        got = torch.autograd.grad((y * wy).sum() + 0.1 * cost.sum(), params, allow_unused=True)
-        exp = torch.autograd.grad((y_d * wy).sum() + 0.1 * cost_d.sum(), params, allow_unused=True)
-        for (name, _), a, b in zip([("x", x), *enc.named_parameters()], got, exp):
-            a = torch.zeros_like(b) if a is None else a
-            b = torch.zeros_like(a) if b is None else b
-            assert_close(a, b, dtype, f"grad {name}")
+        assert_grads_match(enc, x, (y, cost), (y_d, cost_d), dtype)
     return steps
 
 
