@@ -5,7 +5,8 @@ A user names a backend ("auto", "reference", "triton", "cuda"); the
 functions here turn it, with the tensors' device and dtype, into the name
 of the implementation that runs, in the vocabulary each family's loader
 takes (`ops.act.get_kernels`, `ops.pondernet.get_kernels`,
-`ops.cells.gate_kernels`): "reference" (the oracle), "twins" (the reference
+`ops.cells.gate_kernels`, all through `implementation_module`): "reference"
+(the oracle; the gate twins for the cells), "twins" (the reference
 twins of the kernel contracts on the kernel loop), "triton", "cuda", "cpu"
 (the CPU gate kernels). The families and the layers ask here and never
 translate names themselves.
@@ -21,10 +22,11 @@ translate names themselves.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from functools import lru_cache
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -144,6 +146,23 @@ def resolve_pondernet(backend: str, device: torch.device) -> str:
     ("auto": the CUDA extension on a GPU when it is built, else Triton there,
     else the reference)."""
     return resolve(backend, device)
+
+
+# The module of a family's folder that holds each implementation the
+# resolvers above name.
+IMPLEMENTATION_MODULES = {"triton": "triton_kernels", "cuda": "cuda_kernels", "cpu": "cpu_kernels",
+                          "twins": "reference", "reference": "reference"}
+
+
+def implementation_module(package: str, implementation: str, offered: Sequence[str], what: str):
+    """The module of `package` (an op family, e.g. "act_kernels.ops.act") that
+    implements its kernel contracts for `implementation`, one of `offered`
+    (`what` names them in the error). Imported on first use: a backend
+    nobody asks for is never loaded."""
+    if implementation not in offered:
+        names = ", ".join(repr(name) for name in offered[:-1]) + f" and {offered[-1]!r}"
+        raise ValueError(f"{what} have {names} implementations, got {implementation!r}")
+    return importlib.import_module(f"{package}.{IMPLEMENTATION_MODULES[implementation]}")
 
 
 def op_implementation(device: torch.device, *, has_cuda_kernels: bool) -> str:

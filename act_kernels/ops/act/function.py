@@ -20,7 +20,7 @@ from typing import Callable, List, NamedTuple, Sequence, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ...backends import resolve
+from ...backends import implementation_module, resolve
 from ..checks import check_ponder_args, check_step_output
 from ..ragged import compact, packed_step_index
 from ..state import accumulation_dtype, as_state_tuple
@@ -74,14 +74,7 @@ def get_kernels(implementation: str) -> Kernels:
     """The (halting_step, combine_backward) pair of an implementation as
     `act_kernels.backends` names it: "triton", "cuda" or "twins" (the
     reference twins on the kernel loop)."""
-    if implementation == "triton":
-        from . import triton_kernels as mod
-    elif implementation == "cuda":
-        from . import cuda_kernels as mod
-    elif implementation == "twins":
-        from . import reference as mod
-    else:
-        raise ValueError(f"no ACT kernels for implementation {implementation!r}")
+    mod = implementation_module(__package__, implementation, ("triton", "cuda", "twins"), "ACT's kernels")
     return Kernels(mod.halting_step, mod.combine_backward)
 
 

@@ -10,26 +10,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ...backends import implementation_module
 from ..launch import as_dtype
-from . import reference
 
 
 def gate_kernels(backend: str):
     """The module implementing the gate contracts of `reference` for a backend:
     "reference", "cpu" (the extension's C++ kernels), "triton" or "cuda"."""
-    if backend == "triton":
-        from . import triton_kernels
-        return triton_kernels
-    if backend == "cuda":
-        from . import cuda_kernels
-        return cuda_kernels
-    if backend == "cpu":
-        from . import cpu_kernels
-        return cpu_kernels
-    if backend == "reference":
-        return reference
-    raise ValueError(f"the fused gates have 'reference', 'cpu', 'triton' and 'cuda' implementations, "
-                     f"got {backend!r}")
+    return implementation_module(__package__, backend, ("reference", "cpu", "triton", "cuda"), "the fused gates")
 
 
 class _GRUGates(torch.autograd.Function):

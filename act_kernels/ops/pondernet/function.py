@@ -17,7 +17,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ...backends import resolve_pondernet
+from ...backends import implementation_module, resolve_pondernet
 from ..checks import check_step_output
 from ..ragged import compact, packed_step_index
 from ..state import accumulation_dtype, as_state_tuple
@@ -99,14 +99,7 @@ def get_kernels(implementation: str) -> PonderNetKernels:
     """The (halting_step, halting_backward) pair of an implementation as
     `act_kernels.backends` names it: "triton", "cuda" or "twins" (the
     reference twins on the kernel loop)."""
-    if implementation == "triton":
-        from . import triton_kernels as mod
-    elif implementation == "cuda":
-        from . import cuda_kernels as mod
-    elif implementation == "twins":
-        from . import reference as mod
-    else:
-        raise ValueError(f"no PonderNet kernels for implementation {implementation!r}")
+    mod = implementation_module(__package__, implementation, ("triton", "cuda", "twins"), "PonderNet's kernels")
     return PonderNetKernels(mod.halting_step, mod.halting_backward)
 
 
