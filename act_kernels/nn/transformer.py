@@ -83,8 +83,10 @@ class _Pool:
         """k, v: the rows of `tokens` (new-token indices; None: all of them in
         order), which sit at packed `positions` (None: the same)."""
         rows = torch.arange(self.size, self.size + k.shape[0], device=k.device)
-        self.kv_rows = rows if positions is None and self.kv_rows is None else \
-            self.kv_rows.index_copy(0, positions if positions is not None else rows - self.first_new, rows)
+        if positions is None:   # every token in order: the first rows of a call without a cache
+            self.kv_rows = rows
+        else:
+            self.kv_rows = self.kv_rows.index_copy(0, positions, rows)
         self.k.append(k)
         self.v.append(v)
         self.size += k.shape[0]
