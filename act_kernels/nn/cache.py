@@ -66,7 +66,9 @@ class ACTCache:
                                   device, dtype) for layer in encoder.layers]
         self.batch_size = batch_size
         self.lengths: List[int] = [0] * batch_size
-        self._tokens = [torch.zeros(0, dtype=torch.int64, device=device) for _ in range(batch_size)]
+        # the cache's token ids, sequence by sequence: row s holds sequence s's
+        # tokens in order (its first lengths[s] entries), grown by doubling
+        self._token_table = torch.zeros(batch_size, 16, dtype=torch.int64, device=device)
         self.token_steps = torch.zeros(0, dtype=torch.int64, device=device)
         self.token_first_row = [torch.zeros(0, dtype=torch.int64, device=device) for _ in self.layers]
         self.num_tokens = 0
@@ -74,7 +76,6 @@ class ACTCache:
     def reset(self, sequence: int) -> None:
         """Empties one sequence, for a new one in its place. (Its rows stay in
         the buffers until the cache is dropped.)"""
-        self._tokens[sequence] = self._tokens[sequence][:0]
         self.lengths[sequence] = 0
 
     def owner(self):
@@ -86,33 +87,62 @@ class ACTCache:
 
     def sequence_steps(self, sequence: int) -> Tensor:
         """(length,) int64: the ponder steps of the sequence's tokens so far."""
-        return self.token_steps[self._tokens[sequence]]
+        return self.token_steps[self._token_table[sequence, :self.lengths[sequence]]]
+
+
+class ChunkLayout:
+    """The packed layout of one incremental call: per listed sequence, its
+    cached tokens, then its new ones, back to back. It depends only on the
+    lengths, so a model whose stacks keep caches of the same sequences (a
+    language model's prelude, block and coda) makes it once per call. Built
+    from per-sequence numbers the host already knows, with no device read and
+    host work that grows with the sequences listed, not their tokens."""
+
+    def __init__(self, cached_lengths: Sequence[int], new_lengths: Sequence[int], device):
+        self.cached_lengths, self.new_lengths = list(cached_lengths), list(new_lengths)
+        totals = [c + n for c, n in zip(cached_lengths, new_lengths)]
+        starts = list(itertools.accumulate(totals, initial=0))
+        self.num_cached, num_new = sum(cached_lengths), sum(new_lengths)
+        self.max_seqlen = max(totals)
+        self.cu_seqlens = torch.tensor(starts, dtype=torch.int32).to(device)
+        # packed position = a running index + the packed start's lead over it, per sequence
+        cached_lead = [start - before for start, before in
+                       zip(starts, itertools.accumulate(cached_lengths, initial=0))]
+        new_lead = [start + c - before for start, c, before in
+                    zip(starts, cached_lengths, itertools.accumulate(new_lengths, initial=0))]
+        small = torch.tensor([list(cached_lengths), list(new_lengths), cached_lead[:-1], new_lead],
+                             dtype=torch.int64).to(device)
+        self.cached_positions = torch.arange(self.num_cached, device=device) + torch.repeat_interleave(
+            small[2], small[0], output_size=self.num_cached)
+        self.new_positions = torch.arange(num_new, device=device) + torch.repeat_interleave(
+            small[3], small[1], output_size=num_new)
+        self.cached_counts, self.new_counts = small[0], small[1]
 
 
 class CacheContext:
-    """One `extend` call's view of the cache: which packed positions hold
-    cached tokens and which hold the new ones, and the cached tokens' rows."""
+    """One `extend` call's view of a cache: the call's packed layout, and the
+    cached tokens' steps and first rows at every layer."""
 
-    def __init__(self, cache: ACTCache, sequences: Sequence[int], new_lengths: Sequence[int]):
-        self.cache = cache
-        device = cache.device
-        cached_lengths = [cache.lengths[s] for s in sequences]
-        totals = [c + n for c, n in zip(cached_lengths, new_lengths)]
-        starts = list(itertools.accumulate(totals, initial=0))
-        # packed layout of the call: per sequence, its cached tokens, then its new
-        # ones; made from lengths the host already knows (no device read)
-        cached_pos = [p for i, c in enumerate(cached_lengths) for p in range(starts[i], starts[i] + c)]
-        new_pos = [p for i, c in enumerate(cached_lengths) for p in range(starts[i] + c, starts[i + 1])]
-        self.cu_seqlens = torch.tensor(starts, dtype=torch.int32).to(device)
-        self.max_seqlen = max(totals)
-        self.cached_positions = torch.tensor(cached_pos, dtype=torch.int64).to(device)
-        self.new_positions = torch.tensor(new_pos, dtype=torch.int64).to(device)
-        self.num_cached = len(cached_pos)
-        ids = [cache._tokens[s] for s in sequences]
-        cached_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64, device=device)
+    def __init__(self, cache: ACTCache, sequences: Sequence[int], layout: ChunkLayout):
+        if layout.cached_lengths != [cache.lengths[s] for s in sequences]:
+            raise ValueError("the layout was made for other cached lengths than this cache holds")
+        self.cache, self.layout = cache, layout
+        self.cu_seqlens, self.max_seqlen = layout.cu_seqlens, layout.max_seqlen
+        self.cached_positions, self.new_positions = layout.cached_positions, layout.new_positions
+        self.num_cached = layout.num_cached
+        self.sequences = torch.tensor(list(sequences), dtype=torch.int64).to(cache.device)
+        self.sequence_list = list(sequences)
+        # every cached token's row of the token table and its place in it
+        cached_seq = torch.repeat_interleave(self.sequences, layout.cached_counts, output_size=layout.num_cached)
+        cached_ids = cache._token_table[cached_seq, self._place(layout.cached_counts, layout.num_cached)]
         self.cached_steps = cache.token_steps[cached_ids]
         self.cached_first = [first[cached_ids] for first in cache.token_first_row]
-        self.sequences, self.new_lengths = list(sequences), list(new_lengths)
+
+    @staticmethod
+    def _place(counts: Tensor, total: int) -> Tensor:
+        """0, 1, ..., counts[i] - 1 for every i, back to back."""
+        starts = counts.cumsum(0) - counts
+        return torch.arange(total, device=counts.device) - torch.repeat_interleave(starts, counts, output_size=total)
 
     def buffers(self, layer: int) -> Tuple[Tensor, Tensor]:
         return self.cache.layers[layer].view()
@@ -128,8 +158,8 @@ class CacheContext:
 
     def commit(self, pools, steps: Tensor) -> None:
         """Moves the new tokens' rows from the ponder's pools into the cache,
-        token by token, and records their steps and first rows."""
-        cache, num_new = self.cache, steps.shape[0]
+        token by token, and records their steps, first rows and places."""
+        cache, num_new, layout = self.cache, steps.shape[0], self.layout
         for k, pool in enumerate(pools):
             tokens = torch.cat([t for t, _ in pool.assigned])
             rows = torch.cat([r for _, r in pool.assigned]) - pool.first_new
@@ -143,21 +173,38 @@ class CacheContext:
                 0, tokens, torch.ones_like(tokens))
             first = cache.layers[k].append(k_new, v_new) + counts.cumsum(0) - counts
             cache.token_first_row[k] = torch.cat([cache.token_first_row[k], first])
-        ids = torch.arange(cache.num_tokens, cache.num_tokens + num_new, device=cache.device)
+        longest = max(c + n for c, n in zip(layout.cached_lengths, layout.new_lengths))
+        if longest > cache._token_table.shape[1]:
+            grown = cache._token_table.new_zeros(cache.batch_size, max(longest, 2 * cache._token_table.shape[1]))
+            grown[:, :cache._token_table.shape[1]] = cache._token_table
+            cache._token_table = grown
+        new_seq = torch.repeat_interleave(self.sequences, layout.new_counts, output_size=num_new)
+        new_place = self._place(layout.new_counts, num_new) + torch.repeat_interleave(
+            layout.cached_counts, layout.new_counts, output_size=num_new)
+        cache._token_table[new_seq, new_place] = torch.arange(cache.num_tokens, cache.num_tokens + num_new,
+                                                              device=cache.device)
         cache.token_steps = torch.cat([cache.token_steps, steps])
         cache.num_tokens += num_new
-        start = 0
-        for s, n in zip(self.sequences, self.new_lengths):
-            cache._tokens[s] = torch.cat([cache._tokens[s], ids[start:start + n]])
+        for s, n in zip(self.sequence_list, layout.new_lengths):
             cache.lengths[s] += n
-            start += n
+
+
+def check_sequences(cache, sequences: Sequence[int]) -> None:
+    """The cache and the sequences an incremental call appends to."""
+    if not isinstance(cache, ACTCache):
+        raise TypeError(f"cache must be an ACTCache from encoder.new_cache(...), got {type(cache).__name__}")
+    if not sequences:
+        raise ValueError("extend needs at least one sequence to append to")
+    if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < cache.batch_size for s in sequences):
+        raise ValueError(f"sequences must be ints in [0, {cache.batch_size}), got {list(sequences)}")
+    if len(set(sequences)) != len(sequences):
+        raise ValueError(f"each sequence may appear once per call, got {list(sequences)}")
 
 
 def check_extend_args(encoder, cache, x: Tensor, lengths: Sequence[int], sequences: Sequence[int],
                       is_causal: bool) -> None:
     """`extend`'s checks, before any kernel runs."""
-    if not isinstance(cache, ACTCache):
-        raise TypeError(f"cache must be an ACTCache from encoder.new_cache(...), got {type(cache).__name__}")
+    check_sequences(cache, sequences)
     if cache.owner() is not encoder:
         raise ValueError("this cache belongs to another encoder: make one with this encoder's new_cache(...)")
     if not is_causal:
@@ -168,10 +215,6 @@ def check_extend_args(encoder, cache, x: Tensor, lengths: Sequence[int], sequenc
         raise TypeError(f"x has dtype {x.dtype}, but the cache holds {cache.dtype}")
     if len(sequences) != len(lengths):
         raise ValueError(f"{len(sequences)} sequences but {len(lengths)} chunk lengths")
-    if any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < cache.batch_size for s in sequences):
-        raise ValueError(f"sequences must be ints in [0, {cache.batch_size}), got {list(sequences)}")
-    if len(set(sequences)) != len(sequences):
-        raise ValueError(f"each sequence may appear once per call, got {list(sequences)}")
     if any(n < 1 for n in lengths):
         raise ValueError(f"every listed sequence needs at least one new token, got chunk lengths {list(lengths)}")
     if sum(lengths) != x.shape[0]:
@@ -186,4 +229,4 @@ def chunk_lengths(cu_seqlens) -> List[int]:
     return [b - a for a, b in zip(offsets, offsets[1:])]
 
 
-__all__ = ["ACTCache", "CacheContext", "check_extend_args", "chunk_lengths"]
+__all__ = ["ACTCache", "CacheContext", "ChunkLayout", "check_extend_args", "check_sequences", "chunk_lengths"]

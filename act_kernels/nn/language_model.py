@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_layer_options
+from .cache import ChunkLayout, check_sequences, chunk_lengths
 from .transformer import ACTTransformerEncoder, CausalStack
 
 
@@ -152,18 +153,29 @@ class ACTLanguageModel(nn.Module):
         their logits (T_new, vocab_size); `.steps` / `.ponder_cost` become
         (T_new,). Exactly the causal forward's, for any chunking."""
         self._check_tokens(tokens)
-        block_cache = caches[1 if self.prelude is not None else 0]
-        offsets = list(cu_seqlens)
-        positions = torch.cat([torch.arange(block_cache.lengths[s], block_cache.lengths[s] + b - a)
-                               for s, a, b in zip(sequences, offsets, offsets[1:])]).to(tokens.device)
-        if positions.numel() and int(positions.max()) >= self.max_len:
+        offsets, sequences = list(cu_seqlens), list(sequences)
+        new_lengths = chunk_lengths(offsets)
+        if not isinstance(caches, (list, tuple)) or len(caches) != len(self._stacks()):
+            raise TypeError("caches must be the list that model.new_cache(batch_size) returns")
+        check_sequences(caches[0], sequences)
+        cached = [caches[0].lengths[s] for s in sequences]
+        if any(c + n > self.max_len for c, n in zip(cached, new_lengths)):
             raise ValueError(f"a sequence would exceed max_len = {self.max_len} tokens")
-        h = self.embed(tokens) + self.position(positions)
+        # one packed layout for the three stacks' caches, which hold the same sequences
+        layout = ChunkLayout(cached, new_lengths, tokens.device)
+        h = self.embed(tokens) + self.position(self._positions(layout))
         for stack, cache in zip(self._stacks(), caches):
-            h = stack.extend(cache, h, offsets, sequences)
+            h = stack.extend(cache, h, offsets, sequences, layout=layout)
             if stack is self.block:
                 self.steps, self.ponder_cost = stack.steps, stack.ponder_cost
         return self._logits(h)
+
+    @staticmethod
+    def _positions(layout: ChunkLayout) -> Tensor:
+        """The position in its sequence of every new token of the call."""
+        return layout.new_positions - torch.repeat_interleave(layout.cu_seqlens[:-1].to(torch.int64),
+                                                               layout.new_counts,
+                                                               output_size=layout.new_positions.numel())
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Tensor], max_new_tokens: int, *, temperature: float = 0.0,

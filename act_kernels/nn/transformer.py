@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.act import ponder
-from .cache import ACTCache, CacheContext, check_extend_args, chunk_lengths
+from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths
 from .checks import check_layer_input, check_layer_options
 from ..backends import resolve_encoder
 from ..ops.attention import attend, reference_ragged_attention
@@ -255,14 +255,19 @@ class RaggedBlock(nn.Module):
         weight = self.layers[0].self_attn.in_proj_weight
         return ACTCache(self, batch_size, weight.device, weight.dtype)
 
-    def _cached_step(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], is_causal: bool):
+    def _cached_step(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], is_causal: bool,
+                     layout: Optional[ChunkLayout]):
         """Checks an incremental call and sets it up: the backends, the call's
         view of the cache and the step function that reads it."""
         self._check_input(x, 2)
         lengths = chunk_lengths(cu_seqlens)
         sequences = list(sequences)
         check_extend_args(self, cache, x, lengths, sequences, is_causal)
-        context = CacheContext(cache, sequences, lengths)
+        if layout is None:
+            layout = ChunkLayout([cache.lengths[s] for s in sequences], lengths, cache.device)
+        elif layout.new_lengths != lengths:
+            raise ValueError("the layout was made for other chunk lengths than cu_seqlens gives")
+        context = CacheContext(cache, sequences, layout)
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
         step = _TokenStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context)
         return chosen, context, step
@@ -361,7 +366,7 @@ class ACTTransformerEncoder(RaggedBlock):
 
     @torch.no_grad()
     def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
-               is_causal: bool = True) -> Tensor:
+               is_causal: bool = True, layout: Optional[ChunkLayout] = None) -> Tensor:
         """Causal incremental evaluation (design §14): appends a chunk of new
         tokens to each of the cache's `sequences` (any subset, each once) and
         ponders them. x (T_new, D): the chunks back to back; cu_seqlens: their
@@ -370,8 +375,10 @@ class ACTTransformerEncoder(RaggedBlock):
         `.steps` become (T_new,). For any split of the sequences into chunks,
         the outputs, steps and ponder costs are those of
         `forward(..., is_causal=True)` on the whole sequences. Inference
-        only: it records no autograd graph."""
-        chosen, context, step = self._cached_step(cache, x, cu_seqlens, sequences, is_causal)
+        only: it records no autograd graph. `layout`: the call's
+        `ChunkLayout`, when the caller made it once for several caches of the
+        same sequences (a language model's stacks)."""
+        chosen, context, step = self._cached_step(cache, x, cu_seqlens, sequences, is_causal, layout)
         out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                      backend=chosen.halting)
         if self.max_steps > 1:
@@ -428,9 +435,10 @@ class CausalStack(RaggedBlock):
         return step(x, 1, torch.arange(x.shape[0], device=x.device))
 
     @torch.no_grad()
-    def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int]) -> Tensor:
+    def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
+               layout: Optional[ChunkLayout] = None) -> Tensor:
         """`ACTTransformerEncoder.extend` for plain layers."""
-        _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True)
+        _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout)
         out = step(x, 1, torch.arange(x.shape[0], device=x.device))
         context.commit(step.pools, torch.ones(x.shape[0], dtype=torch.int64, device=x.device))
         return out
