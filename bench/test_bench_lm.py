@@ -38,6 +38,11 @@ SETTING = (dict(prompts=64, d_model=1024, heads=16) if GPU else dict(prompts=16,
 PRELUDE, BLOCK, CODA, MAX_STEPS, VOCAB = 1, 2, 1, 8, 256
 
 
+def byte_steps(seed: int = 0) -> torch.Tensor:
+    """(VOCAB,) the ponder steps after which each byte halts in the ACT model."""
+    return skewed_steps(VOCAB, MAX_STEPS, 2.5, seed)
+
+
 def controlled_model(fixed: bool, seed: int = 0) -> ak.nn.ACTLanguageModel:
     """The benchmark model; `fixed`: the same weights with halting off, so
     every token runs MAX_STEPS (the dense baseline)."""
@@ -45,7 +50,7 @@ def controlled_model(fixed: bool, seed: int = 0) -> ak.nn.ACTLanguageModel:
     d = SETTING["d_model"]
     model = ak.nn.ACTLanguageModel(VOCAB, d, SETTING["heads"], prelude_layers=PRELUDE, block_layers=BLOCK,
                                    coda_layers=CODA, max_steps=MAX_STEPS, max_len=512)
-    steps = skewed_steps(VOCAB, MAX_STEPS, 2.5, seed)
+    steps = byte_steps(seed)
     h = 0.99 / steps.double() + 1e-4
     with torch.no_grad():
         for stack in (model.prelude, model.block):
@@ -107,7 +112,7 @@ def test_generation_tokens_per_second(benchmark, record, impl):
     new = 128
     out = benchmark.pedantic(lambda: generate(model, given, new), rounds=ROUNDS, warmup_rounds=1)
     processed = torch.cat(out.sequences)
-    act_steps = controlled_model(fixed=False).token_steps.to(DEVICE)[processed]
+    act_steps = byte_steps().to(DEVICE)[processed]
     dense = layer_work(processed, torch.full_like(act_steps, MAX_STEPS))
     steps = torch.cat(out.steps)
     assert torch.equal(steps, model.token_steps.to(DEVICE)[processed]), "tokens did not halt where they should"
@@ -152,7 +157,7 @@ def test_training_forward_backward(benchmark, record, impl):
         sync()
 
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
-    act_steps = controlled_model(fixed=False).token_steps.to(DEVICE)[tokens]
+    act_steps = byte_steps().to(DEVICE)[tokens]
     dense = layer_work(tokens, torch.full_like(act_steps, MAX_STEPS))
     record("lm_train", impl, batch=batch, length=length, d_model=SETTING["d_model"], max_steps=MAX_STEPS,
            mean_steps=float(act_steps.double().mean()), ideal_speedup=dense / layer_work(tokens, act_steps),
