@@ -116,19 +116,6 @@ class _TokenStep:
         self.positions = context.new_positions if context is not None else None
         self.changed, self.changed_rows = x, None  # tokens whose visible state changed last step
 
-    # the first layer's pool, by the single-layer names
-    @property
-    def k_pool(self):
-        return self.pools[0].k
-
-    @property
-    def v_pool(self):
-        return self.pools[0].v
-
-    @property
-    def kv_rows(self):
-        return self.pools[0].kv_rows
-
     def _at(self, rows: Optional[Tensor]) -> Optional[Tensor]:
         return rows if self.positions is None or rows is None else self.positions[rows]
 
