@@ -124,7 +124,7 @@ class _TokenStep:
         at step 1) join the first layer's pool; every other token keeps its
         rows there."""
         changed = self.changed_rows
-        k_new, v_new = self.enc._project_kv(self.changed)   # the first layer's
+        k_new, v_new = self.enc._project_kv(self.changed, self.layers[0])
         self.pools[0].append(k_new, v_new, changed, self._at(changed) if changed is not None else self.positions)
 
     def __call__(self, state: Tensor, n: int, active: Tensor) -> Tensor:
@@ -198,10 +198,8 @@ class RaggedBlock(nn.Module):
         heads = layer.self_attn.num_heads
         return t.reshape(t.shape[0], heads, self.d_model // heads)
 
-    def _project_kv(self, visible: Tensor, layer: Optional[nn.TransformerEncoderLayer] = None
-                    ) -> Tuple[Tensor, Tensor]:
-        """The keys and values one layer (default: the block's first) makes of rows."""
-        layer = self.layers[0] if layer is None else layer
+    def _project_kv(self, visible: Tensor, layer: nn.TransformerEncoderLayer) -> Tuple[Tensor, Tensor]:
+        """The keys and values one layer makes of rows."""
         d = self.d_model
         h = layer.norm1(visible) if layer.norm_first else visible
         w, b = layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias

@@ -158,7 +158,7 @@ def test_feed_forward_rows_equal_sum_n_and_kv_once():
     ff_rows, kv_rows, q_rows = [], [], []
     enc.layer.linear1.register_forward_pre_hook(lambda m, a: ff_rows.append(a[0].shape[0]))
     project_kv = enc._project_kv
-    enc._project_kv = lambda v: (kv_rows.append(v.shape[0]), project_kv(v))[1]
+    enc._project_kv = lambda v, layer: (kv_rows.append(v.shape[0]), project_kv(v, layer))[1]
     enc.layer.self_attn.out_proj.register_forward_pre_hook(lambda m, a: q_rows.append(a[0].shape[0]))
     enc(x, src_key_padding_mask=pad)
     steps = enc.steps[~pad]
