@@ -31,6 +31,7 @@ def extension():
     return _load()
 
 
+@lru_cache(maxsize=None)   # launchers ask on every launch; a failed import is not cached
 def _load():
     # by its full name: `from .. import _C` would read, to the import
     # contract, as an import of the whole package from this floor
