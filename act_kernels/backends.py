@@ -188,17 +188,23 @@ def attention_op_implementation(device: torch.device, dtype: torch.dtype) -> str
 
 class EncoderBackends(NamedTuple):
     """What serves one call of the per-token encoder: ACT's halting kernels
-    (a `resolve` name) and ragged attention (a `resolve_attention` name)."""
+    (a `resolve` name), ragged attention (a `resolve_attention` name), and
+    whether the ponder runs as one autograd Function over a fixed key/value
+    pool (every backend but "reference", whose step-by-step autograd loop is
+    the oracle), with the kernels `ops.act.get_kernels` names."""
 
     halting: str
     attention: str
+    whole_ponder: bool
+    kernels: str
 
 
 def resolve_encoder(backend: str, device: torch.device, dtype: torch.dtype) -> EncoderBackends:
     """The encoder's two backends from its one option: ragged attention has no
     CUDA C++ kernel, so "cuda" runs it on Triton."""
-    return EncoderBackends(resolve(backend, device),
-                           resolve_attention("triton" if backend == "cuda" else backend, device, dtype))
+    halting = resolve(backend, device)
+    return EncoderBackends(halting, resolve_attention("triton" if backend == "cuda" else backend, device, dtype),
+                           backend != "reference", "twins" if halting == "reference" else halting)
 
 
 class CellBackends(NamedTuple):

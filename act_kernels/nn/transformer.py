@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.act import ponder
+from ..ops.act import get_kernels, ponder
 from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths
 from .checks import check_layer_input, check_layer_options
 from ..backends import resolve_encoder
-from ..ops.attention import attend, reference_ragged_attention
+from ..ops.attention import attend, key_table, reference_ragged_attention
+from .token_ponder import TokenPonder, supports, token_ponder
 
 
 def causal_from(mask: Optional[Tensor], is_causal: bool, length: int) -> bool:
@@ -343,6 +344,14 @@ class ACTTransformerEncoder(RaggedBlock):
             # a smaller one would make the kernels skip query blocks and leave rows unwritten
             raise ValueError(f"max_seqlen must be an int >= the longest sequence ({longest}), got {max_seqlen!r}")
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
+        if chosen.whole_ponder and supports(self.layers, self.final_norm, self.training):
+            heads = self.layers[0].self_attn.num_heads
+            keys = key_table(chosen.attention, cu_seqlens, x.shape[0], max_seqlen, heads, self.d_model,
+                             bool(is_causal), 1.0 / (self.d_model // heads) ** 0.5, lengths)
+            run = TokenPonder(self.layers, self.final_norm, keys, get_kernels(chosen.kernels), self.max_steps,
+                              self.eps)
+            state, self.ponder_cost, self.steps = token_ponder(run, x, self.halting.weight, self.halting.bias)
+            return state
         step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention)
         out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                      backend=chosen.halting)

@@ -10,11 +10,15 @@ top-down:
                        backend's fused attention over padded sequences
     triton_kernels.py  flash-style Triton forward and backward, and launchers
     library.py         the torch.library ops
+    fixed_pool.py      the same over a pool of one row per token, updated in
+                       place, with its index tables built once per call
     index.py           the index tables the kernels read, and pool gradients
     checks.py          the argument checks
 """
+from .fixed_pool import KeyTable, QueryTable, key_table, pool_backward, pool_forward, query_table
 from .function import RaggedAttention, attend, ragged_attention
 from .library import ragged_attention_op
 from .reference import ragged_attention as reference_ragged_attention
 
-__all__ = ["ragged_attention", "attend", "RaggedAttention", "ragged_attention_op", "reference_ragged_attention"]
+__all__ = ["ragged_attention", "attend", "RaggedAttention", "ragged_attention_op", "reference_ragged_attention",
+           "KeyTable", "QueryTable", "key_table", "query_table", "pool_forward", "pool_backward"]
