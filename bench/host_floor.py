@@ -15,15 +15,19 @@ from torch import nn
 import act_kernels as ak
 
 
-def median_seconds(fn, rounds):
-    for _ in range(10):
-        fn()
-    times = []
+def median_seconds(fns, rounds):
+    """Median seconds of each function, timed in alternation (round-robin)
+    so that a slower stretch of a shared machine weighs on all of them."""
+    for fn in fns:
+        for _ in range(10):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main():
@@ -55,7 +59,7 @@ def main():
 
     for what, act, plain, rounds in (("forward (no_grad)", act_forward, plain_forward, 200),
                                      ("forward + backward", act_backward, plain_backward, 100)):
-        a, p = median_seconds(act, rounds), median_seconds(plain, rounds)
+        a, p = median_seconds([act, plain], rounds)
         print(f"{what}: per ponder step {a / 8 * 1e6:.0f} us for the ACT encoder, {p / 8 * 1e6:.0f} us for the "
               f"plain layer: {a / p:.2f}x")
 

@@ -156,17 +156,17 @@ class _PoolAttention(torch.autograd.Function):
         else:
             ctx.replaced = pool.rows.index_select(0, written)
             pool.rows.index_copy_(0, written, kv.detach())
-        out, lse = pool_forward(q, pool.rows, keys, queries)
+        out, saved = pool_forward(q, pool.rows, keys, queries)
         ctx.pool, ctx.keys, ctx.queries, ctx.written = pool, keys, queries, written
-        ctx.save_for_backward(q, out, lse)
+        ctx.save_for_backward(q, out, *saved)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, out, lse = ctx.saved_tensors
+        q, out, *saved = ctx.saved_tensors
         pool, written = ctx.pool, ctx.written
-        dq, dk, dv = pool_backward(grad_out.contiguous(), q, pool.rows, out, lse, ctx.keys, ctx.queries)
+        dq, dk, dv = pool_backward(grad_out.contiguous(), q, pool.rows, out, saved, ctx.keys, ctx.queries)
         tokens, width = pool.rows.shape
         if pool.grad is None:
             pool.grad = torch.cat([dk.reshape(tokens, width // 2), dv.reshape(tokens, width // 2)], 1)

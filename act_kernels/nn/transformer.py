@@ -347,7 +347,7 @@ class ACTTransformerEncoder(RaggedBlock):
         if chosen.whole_ponder and supports(self.layers, self.final_norm, self.training):
             heads = self.layers[0].self_attn.num_heads
             keys = key_table(chosen.attention, cu_seqlens, x.shape[0], max_seqlen, heads, self.d_model,
-                             bool(is_causal), 1.0 / (self.d_model // heads) ** 0.5, lengths)
+                             bool(is_causal), 1.0 / (self.d_model // heads) ** 0.5, lengths, x.dtype)
             run = TokenPonder(self.layers, self.final_norm, keys, get_kernels(chosen.kernels), self.max_steps,
                               self.eps)
             state, self.ponder_cost, self.steps = token_ponder(run, x, self.halting.weight, self.halting.bias)

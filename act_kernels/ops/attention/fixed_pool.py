@@ -16,7 +16,7 @@ token; accumulating them into the pool's gradient is the caller's.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,8 @@ class KeyTable(NamedTuple):
     heads: int
     causal: bool
     scale: float
+    acc: torch.dtype              # the dtype the reference computes in
+    cpu_flash: bool               # reference on the CPU: torch's flash kernels called directly
     uniform: bool                 # every sequence max_seqlen long: padding is a view, no gather
     key_slots: Optional[Tensor]   # (B, max_len) token at each key slot (reference, not uniform)
     tok_flat: Optional[Tensor]    # (T_tok,) flat key slot of every token (reference, not uniform)
@@ -56,9 +58,10 @@ class QueryTable(NamedTuple):
 
 
 def key_table(backend: str, cu_seqlens: Tensor, num_tokens: int, max_seqlen: int, heads: int, d_model: int,
-              causal: bool, scale: float, lengths: list) -> KeyTable:
+              causal: bool, scale: float, lengths: list, dtype: torch.dtype) -> KeyTable:
     """Built once per call. `lengths`: the B sequence lengths as ints (the
-    caller has them already; reading them again would be a device sync)."""
+    caller has them already; reading them again would be a device sync);
+    dtype: the layer input's."""
     cu = cu_seqlens.contiguous()
     uniform = all(n == max_seqlen for n in lengths)
     key_slots = tok_flat = offsets = None
@@ -73,8 +76,8 @@ def key_table(backend: str, cu_seqlens: Tensor, num_tokens: int, max_seqlen: int
         tokens = torch.arange(num_tokens, device=cu.device)
         seq = torch.searchsorted(cu64[1:], tokens, right=True)
         tok_flat = seq * max_seqlen + tokens - cu64[seq]
-    return KeyTable(backend, cu, num_tokens, max_seqlen, heads, bool(causal), float(scale), uniform, key_slots,
-                    tok_flat, offsets)
+    return KeyTable(backend, cu, num_tokens, max_seqlen, heads, bool(causal), float(scale), accumulation_dtype(dtype),
+                    cu.device.type == "cpu", uniform, key_slots, tok_flat, offsets)
 
 
 def query_table(keys: KeyTable, q_rows: Tensor, num_queries: int) -> QueryTable:
@@ -101,6 +104,8 @@ def query_table(keys: KeyTable, q_rows: Tensor, num_queries: int) -> QueryTable:
             allowed = (key_pos < (cu[1:] - cu[:-1])[:, None])[:, None, :]
         # padded query slots see every key: dropped afterwards, and never NaN on the way
         mask = (allowed | ~real_q[:, :, None])[:, None]
+        if keys.cpu_flash:   # torch's CPU flash kernels take the mask as scores to add
+            mask = torch.zeros(mask.shape, dtype=keys.acc, device=mask.device).masked_fill_(~mask, float("-inf"))
     return QueryTable(q_rows, None, True, query_slots, real_q, q_flat, mask)
 
 
@@ -136,43 +141,54 @@ def _sdpa(qp: Tensor, kp: Tensor, vp: Tensor, keys: KeyTable, queries: QueryTabl
     return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=queries.mask, scale=keys.scale)
 
 
-def pool_forward(q: Tensor, pool: Tensor, keys: KeyTable, queries: QueryTable) -> Tuple[Tensor, Optional[Tensor]]:
+def pool_forward(q: Tensor, pool: Tensor, keys: KeyTable, queries: QueryTable) -> Tuple[Tensor, Tuple[Tensor, ...]]:
     """q (A, heads, d), pool (T_tok, 2 d_model). Returns the output (A, heads,
-    d) in q's dtype and what the backward needs besides (the logsumexp on
-    Triton, None on the reference, which recomputes)."""
+    d) in q's dtype and what the backward needs besides: the logsumexp
+    (Triton), the padded output and its logsumexp (torch's CPU flash
+    kernels), nothing (elsewhere the reference recomputes)."""
     if keys.backend == "triton":
         from .triton_kernels import attention_forward
 
         k, v = _pool_views(pool, keys)
-        return attention_forward(q, [k], [v], keys.offsets, keys.offsets, keys.cu_seqlens, queries.cu_q,
-                                 queries.q_rows, keys.causal, keys.scale, keys.max_seqlen)
-    acc = accumulation_dtype(q.dtype)
-    kp, vp = _padded_keys(pool, keys, acc)
-    out = _sdpa(_padded_queries(q, keys, queries, acc), kp, vp, keys, queries)
-    return _unpadded_queries(out, queries).to(q.dtype), None
+        out, lse = attention_forward(q, [k], [v], keys.offsets, keys.offsets, keys.cu_seqlens, queries.cu_q,
+                                     queries.q_rows, keys.causal, keys.scale, keys.max_seqlen)
+        return out, (lse,)
+    kp, vp = _padded_keys(pool, keys, keys.acc)
+    qp = _padded_queries(q, keys, queries, keys.acc)
+    if keys.cpu_flash:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qp, kp, vp, 0.0, keys.causal and not queries.padded, attn_mask=queries.mask, scale=keys.scale)
+        return _unpadded_queries(out, queries).to(q.dtype), (out, lse)
+    out = _sdpa(qp, kp, vp, keys, queries)
+    return _unpadded_queries(out, queries).to(q.dtype), ()
 
 
-def pool_backward(grad_out: Tensor, q: Tensor, pool: Tensor, out: Tensor, lse: Optional[Tensor], keys: KeyTable,
+def pool_backward(grad_out: Tensor, q: Tensor, pool: Tensor, out: Tensor, saved: Sequence[Tensor], keys: KeyTable,
                   queries: QueryTable) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns dq (A, heads, d) and every token's dk, dv (T_tok, heads, d),
-    for the pool as it was at the forward."""
+    for the pool as it was at the forward (`saved`: what `pool_forward`
+    returned besides the output)."""
     if keys.backend == "triton":
         from .triton_kernels import attention_backward
 
         k, v = _pool_views(pool, keys)
         return attention_backward(grad_out, q, [k], [v], keys.offsets, keys.offsets, keys.cu_seqlens,
-                                  queries.cu_q, queries.q_rows, out, lse, keys.causal, keys.scale,
+                                  queries.cu_q, queries.q_rows, out, saved[0], keys.causal, keys.scale,
                                   keys.max_seqlen)
-    acc = accumulation_dtype(q.dtype)
+    acc = keys.acc
     kp, vp = _padded_keys(pool, keys, acc)
-    leaves = [_padded_queries(q, keys, queries, acc).detach().requires_grad_(), kp.detach().requires_grad_(),
-              vp.detach().requires_grad_()]
-    with torch.enable_grad():
-        o = _sdpa(*leaves, keys, queries)
-        grad_padded = _padded_queries(grad_out, keys, queries, acc)
-        if queries.padded:   # padded query slots carry no gradient
-            grad_padded = grad_padded * queries.real_q[:, None, :, None]
-        dqp, dkp, dvp = torch.autograd.grad(o, leaves, grad_padded)
+    qp = _padded_queries(q, keys, queries, acc)
+    grad_padded = _padded_queries(grad_out, keys, queries, acc)
+    if queries.padded:   # padded query slots carry no gradient
+        grad_padded = grad_padded * queries.real_q[:, None, :, None]
+    if keys.cpu_flash:
+        dqp, dkp, dvp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_padded, qp, kp, vp, saved[0], saved[1], 0.0, keys.causal and not queries.padded,
+            attn_mask=queries.mask, scale=keys.scale)
+    else:
+        leaves = [t.detach().requires_grad_() for t in (qp, kp, vp)]
+        with torch.enable_grad():
+            dqp, dkp, dvp = torch.autograd.grad(_sdpa(*leaves, keys, queries), leaves, grad_padded)
     dq = _unpadded_queries(dqp, queries).to(q.dtype)
     return dq, _token_rows(dkp, keys).to(q.dtype), _token_rows(dvp, keys).to(q.dtype)
 
