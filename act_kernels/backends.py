@@ -203,8 +203,13 @@ def resolve_encoder(backend: str, device: torch.device, dtype: torch.dtype) -> E
     """The encoder's two backends from its one option: ragged attention has no
     CUDA C++ kernel, so "cuda" runs it on Triton."""
     halting = resolve(backend, device)
+    kernels = halting
+    if halting == "reference":
+        # on the CPU the extension's halting step, where it is built ("cpu"), else the twins
+        cpu = device.type == "cpu" and dtype in (torch.float32, torch.float64) and not cuda_extension_error()
+        kernels = "cpu" if cpu else "twins"
     return EncoderBackends(halting, resolve_attention("triton" if backend == "cuda" else backend, device, dtype),
-                           backend != "reference", "twins" if halting == "reference" else halting)
+                           backend != "reference", kernels)
 
 
 class CellBackends(NamedTuple):

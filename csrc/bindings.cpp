@@ -254,6 +254,35 @@ void cpu_cell_forward(int kind, uintptr_t gi, int64_t s_gi, uintptr_t gh, int64_
 }
 
 template <typename T>
+void cpu_halting_step_typed(uintptr_t state, int64_t s_state, int64_t rows, int64_t hidden, uintptr_t active,
+                            uintptr_t weight, uintptr_t bias, uintptr_t threshold, uintptr_t running_sum,
+                            uintptr_t acc, int64_t acc_stride, uintptr_t steps, uintptr_t remainder, uintptr_t p,
+                            uintptr_t h, uintptr_t halted, int64_t step, int64_t max_steps) {
+  const act::cpu::Halting<T> q{ptr<const int64_t>(active), ptr<const T>(weight), ptr<const T>(bias),
+                               ptr<const T>(threshold), ptr<T>(running_sum), ptr<T>(acc), acc_stride,
+                               nullptr, 0, ptr<int64_t>(steps), ptr<T>(remainder), ptr<T>(p),
+                               ptr<T>(h), ptr<bool>(halted), step, max_steps};
+  act::cpu::halting_forward<T>(ptr<const T>(state), s_state, rows, hidden, &q);
+}
+
+// ACT's halting step on the CPU over given states, in the state's dtype
+// (float32 or float64): the contract of ops/halting.py's halting_step.
+void cpu_halting_step(uintptr_t state, int64_t s_state, int64_t rows, int64_t hidden, uintptr_t active,
+                      uintptr_t weight, uintptr_t bias, uintptr_t threshold, uintptr_t running_sum, uintptr_t acc,
+                      int64_t acc_stride, uintptr_t steps, uintptr_t remainder, uintptr_t p, uintptr_t h,
+                      uintptr_t halted, int64_t step, int64_t max_steps, int dtype) {
+  if (dtype == static_cast<int>(act::DType::kFloat32)) {
+    cpu_halting_step_typed<float>(state, s_state, rows, hidden, active, weight, bias, threshold, running_sum, acc,
+                                  acc_stride, steps, remainder, p, h, halted, step, max_steps);
+  } else if (dtype == static_cast<int>(act::DType::kFloat64)) {
+    cpu_halting_step_typed<double>(state, s_state, rows, hidden, active, weight, bias, threshold, running_sum, acc,
+                                   acc_stride, steps, remainder, p, h, halted, step, max_steps);
+  } else {
+    throw std::invalid_argument("act_kernels: the CPU halting step takes float32 or float64");
+  }
+}
+
+template <typename T>
 void cpu_cell_backward_typed(int kind, uintptr_t grad_h, int64_t s_dh, uintptr_t grad_c, int64_t s_dc, uintptr_t gi,
                              int64_t s_gi, uintptr_t gh, int64_t s_gh, uintptr_t state, int64_t s_state,
                              uintptr_t d_gi, uintptr_t d_gh, uintptr_t d_state, int64_t rows, int64_t hidden) {
@@ -300,6 +329,8 @@ PYBIND11_MODULE(_C, m) {
         "CPU GRU (kind 0) / LSTM (1) gates, with the halting step when step > 0 (float32, float64)");
   m.def("cpu_cell_backward", &cpu_cell_backward, py::call_guard<py::gil_scoped_release>(),
         "CPU GRU / LSTM gates backward, recomputing the gates (float32, float64)");
+  m.def("cpu_halting_step", &cpu_halting_step, py::call_guard<py::gil_scoped_release>(),
+        "ACT's halting step on the CPU over given states (float32/float64)");
   m.def("cell_halting_step", &cell_halting_step,
         "A GRU (op 0) or LSTM (op 1) ponder step's gates and its halting step in one launch");
   m.def("combine_backward_groups", &combine_backward_groups,

@@ -289,6 +289,7 @@ class TokenPonder:
         grads = [g for k, math in enumerate(self.math) for g in math.grads(self.params[12 * k:12 * k + 12])]
         if self.norm is not None:
             grads += [None if t is None else t.grad for t in self.norm[:2]]
+        self.math = self.norm = self.saved = None   # the leaves and their gradients are handed over
         return (grad_next, gw.to(weight.dtype).reshape(weight.shape), gc.to(bias.dtype).reshape(bias.shape),
                 *grads)
 
@@ -309,7 +310,6 @@ class _TokenPonderFunction(torch.autograd.Function):
     def backward(ctx, grad_state, grad_cost, _grad_steps):
         weight, bias = ctx.saved_tensors
         gx, gw, gc, *grads = ctx.run.backward(grad_state, grad_cost, weight, bias)
-        ctx.run = None
         return (None, None, gx, gw, gc, *[g for g, here in zip(grads, ctx.present) if here])
 
 

@@ -330,8 +330,9 @@ class ACTTransformerEncoder(RaggedBlock):
             raise TypeError("cu_seqlens must be a 1-D int32 tensor of B + 1 offsets")
         if cu_seqlens.device != x.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, expected {x.device} like x")
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        if int(cu_seqlens[0]) != 0 or min(lengths, default=0) < 0 or int(cu_seqlens[-1]) != x.shape[0]:
+        offsets = cu_seqlens.tolist()   # one read of the device per call
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if not offsets or offsets[0] != 0 or min(lengths, default=0) < 0 or offsets[-1] != x.shape[0]:
             raise ValueError(f"cu_seqlens must rise from 0 to T_tok = {x.shape[0]}")
         if x.shape[0] == 0:
             self.ponder_cost = x.new_zeros(0, dtype=torch.float32)

@@ -209,7 +209,13 @@ ACT_CPU_CLONES void lstm_backward(const T* grad_h, int64_t s_dh, const T* grad_c
   }
 }
 
+template <typename T>
+void halting_forward(const T* state, int64_t s_state, int64_t rows, int64_t hidden, const Halting<T>* halting) {
+  for (int64_t i = 0; i < rows; ++i) halt_row(*halting, i, state + i * s_state, static_cast<const T*>(nullptr), hidden);
+}
+
 #define ACT_CPU_INSTANTIATE(T)                                                                              \
+  template void halting_forward<T>(const T*, int64_t, int64_t, int64_t, const Halting<T>*);                  \
   template void gru_forward<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t, T*, int64_t, int64_t, \
                                const Halting<T>*);                                                          \
   template void lstm_forward<T>(const T*, int64_t, const T*, int64_t, const T*, int64_t, T*, T*, int64_t,    \

@@ -38,6 +38,11 @@ template <typename T>
 void lstm_forward(const T* gi, int64_t s_gi, const T* gh, int64_t s_gh, const T* c, int64_t s_c, T* out_h,
                   T* out_c, int64_t rows, int64_t hidden, const Halting<T>* halting);
 
+// The halting step alone, over given new states (A, H) with a row stride:
+// the per-token transformer's step, whose state comes from its layers.
+template <typename T>
+void halting_forward(const T* state, int64_t s_state, int64_t rows, int64_t hidden, const Halting<T>* halting);
+
 // Backward, recomputing the gates: d_gi, d_gh (A, 3H) and d_h (A, H) for a
 // GRU; d_a (A, 4H) (= d gi = d gh) and d_c (A, H) for an LSTM; contiguous.
 template <typename T>

@@ -4,10 +4,12 @@ import torch
 
 from act_kernels import reference
 from act_kernels.ops.act import get_kernels
-from backends import KERNEL_BACKENDS
+from backends import CPU_GATES, KERNEL_BACKENDS
 from helpers import DEVICE, assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# the halting step also has the extension's CPU implementation (half precision runs on the twin)
+HALTING_BACKENDS = [*KERNEL_BACKENDS, CPU_GATES]
 
 
 def halting_inputs(batch, hidden, active, dtype, bias, seed=0):
@@ -30,7 +32,7 @@ def halting_inputs(batch, hidden, active, dtype, bias, seed=0):
     ), buffers
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", HALTING_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", [1, 7, 64, 100])
 @pytest.mark.parametrize("active,step,max_steps", [
@@ -57,7 +59,7 @@ def test_halting_step(backend, dtype, hidden, active, step, max_steps):
         assert_close(buffers[name], ref_buffers[name], acc_dtype, name)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", HALTING_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("widths", [(70,), (5, 3)])
 def test_halting_step_accumulates_extra_state_tensors(backend, dtype, widths):
@@ -86,7 +88,7 @@ def test_halting_step_accumulates_extra_state_tensors(backend, dtype, widths):
         assert torch.equal(a[untouched], b0[untouched])
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend", HALTING_BACKENDS)
 def test_halting_step_mixed_decisions(backend):
     """Rows on both sides of the threshold in one launch."""
     kernel = get_kernels(backend).halting_step

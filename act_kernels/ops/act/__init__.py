@@ -7,6 +7,7 @@
                        backward)
     triton_kernels.py  the Triton kernels and their launchers
     cuda_kernels.py    the launchers of the CUDA extension's kernels
+    cpu_kernels.py     the extension's halting step on the CPU
     library.py         the torch.library ops
 """
 from ..output import HaltingProbs, PonderOutput

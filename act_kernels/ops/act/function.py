@@ -72,9 +72,10 @@ class Kernels(NamedTuple):
 
 def get_kernels(implementation: str) -> Kernels:
     """The (halting_step, combine_backward) pair of an implementation as
-    `act_kernels.backends` names it: "triton", "cuda" or "twins" (the
-    reference twins on the kernel loop)."""
-    mod = implementation_module(__package__, implementation, ("triton", "cuda", "twins"), "ACT's kernels")
+    `act_kernels.backends` names it: "triton", "cuda", "cpu" (the
+    extension's CPU halting step) or "twins" (the reference twins on the
+    kernel loop)."""
+    mod = implementation_module(__package__, implementation, ("triton", "cuda", "cpu", "twins"), "ACT's kernels")
     return Kernels(mod.halting_step, mod.combine_backward)
 
 

@@ -1,0 +1,202 @@
+"""The per-token encoder's whole-ponder Function (nn/token_ponder.py, design
+§9, §11): the path every backend but "reference" takes. Checked against the
+independent dense loop (values, exact steps, ponder cost, every gradient),
+against the step-by-step oracle path, and for what it must not do: take
+layers it cannot compute exactly, keep a graph past its backward, or
+leave the key/value pools changed by a backward."""
+import pytest
+import torch
+from torch import nn
+
+import act_kernels.nn.token_ponder as token_ponder
+from dense_encoder import dense_act_encoder
+from helpers import DEVICE, assert_close
+from test_transformer import compare, inputs, make
+from test_transformer_block import block_inputs, compare_block, make_block
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls that ran on the whole-ponder Function."""
+    seen = []
+    original = token_ponder.TokenPonder.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(kwargs.get("need_grad"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(token_ponder.TokenPonder, "forward", forward)
+    return seen
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "equal_lengths"])
+def test_matches_dense_loop(batch_first, norm_first, causal, padded, calls):
+    enc = make(batch_first=batch_first, norm_first=norm_first, backend="auto")
+    x, pad = inputs(padded=padded)
+    steps = compare(enc, x, pad, causal, torch.float64)
+    assert calls == [True]
+    assert len(set(steps[~pad].tolist() if pad is not None else steps.flatten().tolist())) > 2
+
+
+@pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu", False), ("gelu", False)])
+def test_activation_and_bias(activation, bias, calls):
+    enc = make(activation=activation, bias=bias, backend="auto", norm_first=True)
+    x, pad = inputs(seed=3)
+    compare(enc, x, pad, True, torch.float64)
+    assert calls == [True]
+
+
+@pytest.mark.parametrize("layers,final_norm,norm_first", [(2, False, True), (3, True, False), (2, True, True)])
+def test_block_matches_dense_loop(layers, final_norm, norm_first, calls):
+    enc = make_block(layers, norm_first=norm_first, final_norm=final_norm, backend="auto")
+    x, pad = block_inputs()
+    compare_block(enc, x, pad, True, torch.float64)
+    assert calls == [True]
+
+
+@pytest.mark.parametrize("bias,expect", [(40.0, 1), (-40.0, 6)], ids=["all_halt_at_1", "none_before_max"])
+def test_extreme_halting(bias, expect, calls):
+    enc = make(halting_bias=bias, backend="auto")
+    x, pad = inputs(seed=4)
+    steps = compare(enc, x, pad, False, torch.float64)
+    assert bool((steps[~pad] == expect).all())
+
+
+def test_single_token_and_unbatched(calls):
+    enc = make(backend="auto")
+    x, _ = inputs(batch=1, length=1, padded=False)
+    compare(enc, x, None, True, torch.float64)
+    y = enc(x[0])
+    assert y.shape == (1, 16) and enc.steps.shape == (1,)
+
+
+def test_agrees_with_the_oracle_path_in_float32():
+    """The same module on "auto" (the whole-ponder Function) and on
+    "reference" (the step-by-step autograd loop): equal steps, outputs and
+    gradients to float32 rounding."""
+    enc = make(dtype=torch.float32, norm_first=True, backend="auto", seed=2)
+    x, pad = inputs(dtype=torch.float32, seed=5)
+    results = []
+    for backend in ("auto", "reference"):
+        enc.backend = backend
+        y = enc(x, src_key_padding_mask=pad, is_causal=True)
+        grads = torch.autograd.grad(y.square().sum() + enc.ponder_cost.sum(), [x, *enc.parameters()])
+        results.append((y, enc.steps, grads))
+    (y_a, s_a, g_a), (y_r, s_r, g_r) = results
+    assert torch.equal(s_a, s_r)
+    assert_close(y_a, y_r, torch.float32, "output")
+    for a, b in zip(g_a, g_r):
+        assert_close(a, b, torch.float32, "gradient")
+
+
+def test_frozen_parameters_input_without_grad_and_no_grad(calls):
+    """Frozen parameters get no gradient, an input that needs none gets
+    none, and under no_grad nothing is recorded (the Function is not even
+    entered) with the same values."""
+    enc = make(backend="auto")
+    x, pad = inputs(seed=6)
+    enc.layer.linear1.weight.requires_grad_(False)
+    enc.layer.self_attn.in_proj_bias.requires_grad_(False)
+    y = enc(x.detach(), src_key_padding_mask=pad)
+    assert y.requires_grad
+    y.sum().backward()
+    assert enc.layer.linear1.weight.grad is None and enc.layer.self_attn.in_proj_bias.grad is None
+    assert enc.layer.linear2.weight.grad is not None and enc.layer.self_attn.in_proj_weight.grad is not None
+    with torch.no_grad():
+        z = enc(x, src_key_padding_mask=pad)
+    assert not z.requires_grad
+    assert calls == [True, False]
+    torch.testing.assert_close(y.detach(), z, rtol=0, atol=0)
+
+
+def test_backward_twice_raises_and_retain_graph_is_not_needed():
+    enc = make(backend="auto")
+    x, pad = inputs(seed=7)
+    y = enc(x, src_key_padding_mask=pad)
+    loss = y.sum() + enc.ponder_cost.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_takes_only_layers_it_computes_exactly(calls):
+    """Active dropout in training, a norm other than LayerNorm and the
+    "reference" backend run on the step-by-step path."""
+    enc = make(dropout=0.1, dtype=torch.float32, backend="auto")
+    x, pad = inputs(dtype=torch.float32, seed=8)
+    enc.train()
+    enc(x, src_key_padding_mask=pad)
+    assert calls == []
+    enc.eval()
+    enc(x, src_key_padding_mask=pad)
+    assert calls == [True]
+    enc = make(backend="auto")
+    enc.layer.norm2 = nn.RMSNorm(16).to(DEVICE, torch.float64)
+    enc(inputs()[0])
+    enc.backend = "reference"
+    enc.layer.norm2 = nn.LayerNorm(16).to(DEVICE, torch.float64)
+    enc(inputs()[0])
+    assert calls == [True]
+
+
+def test_non_contiguous_and_stride_zero_input(calls):
+    enc = make(backend="auto")
+    base = torch.randn(7, 3, 16, dtype=torch.float64, device=DEVICE)
+    x = base.transpose(0, 1)                       # (3, 7, 16), not contiguous
+    wide = torch.randn(3, 1, 16, dtype=torch.float64, device=DEVICE).expand(3, 7, 16)   # stride 0 over L
+    for src in (x, wide):
+        y = enc(src)
+        y_d, _, steps_d = dense_act_encoder(enc.layer, enc.halting, src.contiguous(), None, False, enc.max_steps,
+                                            enc.eps)
+        assert torch.equal(enc.steps, steps_d)
+        assert_close(y, y_d, torch.float64, "output")
+
+
+def test_autocast_bfloat16_on_cpu():
+    """Under CPU autocast the projections run in bfloat16 and the pools hold
+    bfloat16 rows; the result is close to float32 and its gradients flow."""
+    enc = make(dtype=torch.float32, backend="auto", halting_bias=1.0, norm_first=True)
+    x, pad = inputs(dtype=torch.float32, seed=9)
+    y32 = enc(x, src_key_padding_mask=pad).detach()
+    steps32 = enc.steps.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = enc(x, src_key_padding_mask=pad)
+    assert y.dtype == torch.float32
+    same = enc.steps == steps32
+    assert bool(same.float().mean() > 0.8)
+    torch.testing.assert_close(y[same & ~pad], y32[same & ~pad], atol=0.1, rtol=0.05)
+    (y.sum() + enc.ponder_cost.sum()).backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+@pytest.mark.parametrize("norm_first,causal", [(False, False), (True, True)])
+def test_triton_kernels_under_interpreter(norm_first, causal, calls):
+    """The Triton attention and halting kernels on the whole-ponder path
+    (interpreted on the CPU), float32, against the dense loop."""
+    pytest.importorskip("triton")
+    enc = make(norm_first=norm_first, dtype=torch.float32, backend="triton", seed=1)
+    x, pad = inputs(dtype=torch.float32, seed=9)
+    compare(enc, x, pad, causal, torch.float32)
+    assert calls == [True]
+
+
+def test_backward_restores_the_pools():
+    """Two backwards of two forwards over one module, interleaved, give the
+    gradients of each alone: each call's pools are its own, and every
+    restored row is the one its step read."""
+    enc = make(backend="auto", norm_first=True)
+    x1, pad = inputs(seed=10)
+    x2, _ = inputs(seed=11)
+    alone = []
+    for x in (x1, x2):
+        y = enc(x, src_key_padding_mask=pad, is_causal=True)
+        alone.append(torch.autograd.grad(y.square().sum(), [x, enc.layer.linear1.weight]))
+    y1 = enc(x1, src_key_padding_mask=pad, is_causal=True)
+    y2 = enc(x2, src_key_padding_mask=pad, is_causal=True)
+    both = [torch.autograd.grad(y.square().sum(), [x, enc.layer.linear1.weight]) for y, x in ((y2, x2), (y1, x1))]
+    for a, b in zip(alone, reversed(both)):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
