@@ -23,7 +23,7 @@ from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk
 from .checks import check_layer_input, check_layer_options
 from ..backends import resolve_encoder
 from ..ops.attention import attend, key_table, reference_ragged_attention
-from .token_ponder import TokenPonder, supports, token_ponder
+from .token_ponder import pool_ponder, supports
 
 
 def causal_from(mask: Optional[Tensor], is_causal: bool, length: int) -> bool:
@@ -349,10 +349,10 @@ class ACTTransformerEncoder(RaggedBlock):
             heads = self.layers[0].self_attn.num_heads
             keys = key_table(chosen.attention, cu_seqlens, x.shape[0], max_seqlen, heads, self.d_model,
                              bool(is_causal), 1.0 / (self.d_model // heads) ** 0.5, lengths, x.dtype)
-            run = TokenPonder(self.layers, self.final_norm, keys, get_kernels(chosen.kernels), self.max_steps,
-                              self.eps)
-            state, self.ponder_cost, self.steps = token_ponder(run, x, self.halting.weight, self.halting.bias)
-            return state
+            out = pool_ponder(self.layers, self.final_norm, keys, get_kernels(chosen.kernels), x,
+                              self.halting.weight, self.halting.bias, self.max_steps, self.eps)
+            self.ponder_cost, self.steps = out.ponder_cost, out.steps
+            return out.state
         step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention)
         out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                      backend=chosen.halting)

@@ -1,14 +1,14 @@
-"""The per-token encoder's whole-ponder Function (nn/token_ponder.py, design
-§9, §11): the path every backend but "reference" takes. Checked against the
-independent dense loop (values, exact steps, ponder cost, every gradient),
-against the step-by-step oracle path, and for what it must not do: take
-layers it cannot compute exactly, keep a graph past its backward, or
-leave the key/value pools changed by a backward."""
+"""The per-token encoder's ponder over fixed key/value pools
+(nn/token_ponder.py, design §9, §11): the path every backend but "reference"
+takes. Checked against the independent dense loop (values, exact steps,
+ponder cost, every gradient), against the step-by-step oracle path, and for
+what it must not do: take layers it cannot compute exactly, run a second
+backward over pools the first restored, or mix two calls' pools."""
 import pytest
 import torch
 from torch import nn
 
-import act_kernels.nn.token_ponder as token_ponder
+import act_kernels.nn.transformer as transformer
 from dense_encoder import dense_act_encoder
 from helpers import DEVICE, assert_close
 from test_transformer import compare, inputs, make
@@ -17,15 +17,15 @@ from test_transformer_block import block_inputs, compare_block, make_block
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the calls that ran on the whole-ponder Function."""
+    """Records, for each call that ran on the pool path, whether autograd recorded it."""
     seen = []
-    original = token_ponder.TokenPonder.forward
+    original = transformer.pool_ponder
 
-    def forward(self, *args, **kwargs):
-        seen.append(kwargs.get("need_grad"))
-        return original(self, *args, **kwargs)
+    def pool_ponder(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(token_ponder.TokenPonder, "forward", forward)
+    monkeypatch.setattr(transformer, "pool_ponder", pool_ponder)
     return seen
 
 
@@ -74,7 +74,7 @@ def test_single_token_and_unbatched(calls):
 
 
 def test_agrees_with_the_oracle_path_in_float32():
-    """The same module on "auto" (the whole-ponder Function) and on
+    """The same module on "auto" (the pool path) and on
     "reference" (the step-by-step autograd loop): equal steps, outputs and
     gradients to float32 rounding."""
     enc = make(dtype=torch.float32, norm_first=True, backend="auto", seed=2)
@@ -94,8 +94,7 @@ def test_agrees_with_the_oracle_path_in_float32():
 
 def test_frozen_parameters_input_without_grad_and_no_grad(calls):
     """Frozen parameters get no gradient, an input that needs none gets
-    none, and under no_grad nothing is recorded (the Function is not even
-    entered) with the same values."""
+    none, and under no_grad the same values come with nothing recorded."""
     enc = make(backend="auto")
     x, pad = inputs(seed=6)
     enc.layer.linear1.weight.requires_grad_(False)
@@ -112,7 +111,7 @@ def test_frozen_parameters_input_without_grad_and_no_grad(calls):
     torch.testing.assert_close(y.detach(), z, rtol=0, atol=0)
 
 
-def test_backward_twice_raises_and_retain_graph_is_not_needed():
+def test_a_second_backward_over_one_forward_raises():
     enc = make(backend="auto")
     x, pad = inputs(seed=7)
     y = enc(x, src_key_padding_mask=pad)
