@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..ops.act import Kernels, kernel_ponder_loop
-from ..ops.attention import KeyTable, pool_backward, pool_forward, query_table
+from ..ops.attention import KeyTable, pool_backward, pool_forward, pool_views, query_table
 
 
 def supports(layers: Sequence[nn.TransformerEncoderLayer], final_norm: Optional[nn.Module], training: bool) -> bool:
@@ -102,6 +102,7 @@ class _Pool:
 
     def __init__(self):
         self.rows: Optional[Tensor] = None   # (T_tok, 2 d_model)
+        self.views = None                    # its attention views (fixed_pool.pool_views)
         self.grad: Optional[Tensor] = None
         self.spent = False                   # the backward reached step 1: the pool is back at its start
 
@@ -117,11 +118,12 @@ class _PoolAttention(torch.autograd.Function):
         if written is None:
             # step 1 writes every token: the pool starts as a copy of it
             pool.rows = kv.detach().clone(memory_format=torch.contiguous_format)
+            pool.views = pool_views(pool.rows, keys)
             ctx.replaced = None
         else:
             ctx.replaced = pool.rows.index_select(0, written)
             pool.rows.index_copy_(0, written, kv.detach())
-        out, saved = pool_forward(q, pool.rows, keys, queries)
+        out, saved = pool_forward(q, pool.views, keys, queries)
         ctx.pool, ctx.keys, ctx.queries, ctx.written = pool, keys, queries, written
         ctx.save_for_backward(q, out, *saved)
         return out
@@ -134,7 +136,7 @@ class _PoolAttention(torch.autograd.Function):
         if pool.spent:
             raise RuntimeError("ACTTransformerEncoder's backward ran twice over one forward (its key/value pools "
                                "were restored by the first): run the forward again")
-        dq, dk, dv = pool_backward(grad_out.contiguous(), q, pool.rows, out, saved, ctx.keys, ctx.queries)
+        dq, dk, dv = pool_backward(grad_out.contiguous(), q, pool.views, out, saved, ctx.keys, ctx.queries)
         tokens, width = pool.rows.shape
         if pool.grad is None:
             pool.grad = torch.cat([dk.reshape(tokens, width // 2), dv.reshape(tokens, width // 2)], 1)

@@ -47,15 +47,21 @@ def halting_step(
     p, h, halted = halting_outputs(rows, acc, state.device)
     if rows == 0:
         return p, h, halted
-    out = cell_step_buffers(running_sum, steps, remainder, [accumulator])
+    # the loops hand dense buffers; anything else goes through a dense copy and back
+    dense_buffers = running_sum.is_contiguous() and steps.is_contiguous() and remainder.is_contiguous() and (
+        accumulator.shape[1] <= 1 or accumulator.stride(1) == 1)
+    out = None if dense_buffers else cell_step_buffers(running_sum, steps, remainder, [accumulator])
+    if out is not None:
+        running_sum, steps, remainder, accumulator = out["running_sum"], out["steps"], out["remainder"], out["acc_h"]
     weight, bias, threshold = (dense(as_dtype(t, acc)) for t in (weight, bias, threshold))
     active = dense(active)
     extension().cpu_halting_step(
         state.data_ptr(), state.stride(0), rows, hidden, active.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-        threshold.data_ptr(), out["running_sum"].data_ptr(), out["acc_h"].data_ptr(), out["acc_h"].stride(0),
-        out["steps"].data_ptr(), out["remainder"].data_ptr(), p.data_ptr(), h.data_ptr(), halted.data_ptr(),
+        threshold.data_ptr(), running_sum.data_ptr(), accumulator.data_ptr(), accumulator.stride(0),
+        steps.data_ptr(), remainder.data_ptr(), p.data_ptr(), h.data_ptr(), halted.data_ptr(),
         max(int(step), 1), int(max_steps), DTYPE_CODES[acc])
-    out.finish()
+    if out is not None:
+        out.finish()
     return p, h, halted
 
 

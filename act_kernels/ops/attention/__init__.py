@@ -15,10 +15,11 @@ top-down:
     index.py           the index tables the kernels read, and pool gradients
     checks.py          the argument checks
 """
-from .fixed_pool import KeyTable, QueryTable, key_table, pool_backward, pool_forward, query_table
+from .fixed_pool import KeyTable, PoolViews, QueryTable, key_table, pool_backward, pool_forward, pool_views, query_table
 from .function import RaggedAttention, attend, ragged_attention
 from .library import ragged_attention_op
 from .reference import ragged_attention as reference_ragged_attention
 
 __all__ = ["ragged_attention", "attend", "RaggedAttention", "ragged_attention_op", "reference_ragged_attention",
-           "KeyTable", "QueryTable", "key_table", "query_table", "pool_forward", "pool_backward"]
+           "KeyTable", "QueryTable", "PoolViews", "key_table", "query_table", "pool_views", "pool_forward",
+           "pool_backward"]

@@ -109,16 +109,36 @@ def query_table(keys: KeyTable, q_rows: Tensor, num_queries: int) -> QueryTable:
     return QueryTable(q_rows, None, True, query_slots, real_q, q_flat, mask)
 
 
-def _padded_keys(pool: Tensor, keys: KeyTable, acc) -> Tuple[Tensor, Tensor]:
-    """(B, heads, max_len, d) keys and values of the padded sequences."""
+class PoolViews(NamedTuple):
+    """Views of one pool, made once per call (the pool is written in place,
+    so they stay current)."""
+
+    k: Tensor                     # (T_tok, heads, d) keys
+    v: Tensor                     # (T_tok, heads, d) values
+    padded: Optional[Tuple[Tensor, Tensor]]   # (B, heads, L, d) keys and values: equal lengths, reference
+
+
+def pool_views(pool: Tensor, keys: KeyTable) -> PoolViews:
+    """pool (T_tok, 2 d_model): a token's key, then its value."""
     d_model = pool.shape[1] // 2
-    k, v = pool[:, :d_model], pool[:, d_model:]
-    shape = (keys.num_tokens, keys.heads, d_model // keys.heads)
-    k, v = k.view(shape), v.view(shape)
+    shape = (pool.shape[0], keys.heads, d_model // keys.heads)
+    k, v = pool[:, :d_model].view(shape), pool[:, d_model:].view(shape)
+    padded = None
+    if keys.backend != "triton" and keys.uniform and pool.dtype == keys.acc:
+        padded = _padded_keys(k, v, keys, keys.acc)
+    return PoolViews(k, v, padded)
+
+
+def _padded_keys(k: Tensor, v: Tensor, keys: KeyTable, acc) -> Tuple[Tensor, Tensor]:
+    """(B, heads, max_len, d) keys and values of the padded sequences."""
     if keys.uniform:
         batch = keys.cu_seqlens.shape[0] - 1
-        return tuple(t.view(batch, keys.max_seqlen, *shape[1:]).transpose(1, 2).to(acc) for t in (k, v))
+        return tuple(t.view(batch, keys.max_seqlen, *t.shape[1:]).transpose(1, 2).to(acc) for t in (k, v))
     return reference.padded(k, keys.key_slots, acc), reference.padded(v, keys.key_slots, acc)
+
+
+def _keys_of(views: PoolViews, keys: KeyTable) -> Tuple[Tensor, Tensor]:
+    return views.padded if views.padded is not None else _padded_keys(views.k, views.v, keys, keys.acc)
 
 
 def _padded_queries(q: Tensor, keys: KeyTable, queries: QueryTable, acc) -> Tensor:
@@ -141,19 +161,18 @@ def _sdpa(qp: Tensor, kp: Tensor, vp: Tensor, keys: KeyTable, queries: QueryTabl
     return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=queries.mask, scale=keys.scale)
 
 
-def pool_forward(q: Tensor, pool: Tensor, keys: KeyTable, queries: QueryTable) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    """q (A, heads, d), pool (T_tok, 2 d_model). Returns the output (A, heads,
+def pool_forward(q: Tensor, views: PoolViews, keys: KeyTable, queries: QueryTable) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+    """q (A, heads, d), views: `pool_views` of the pool. Returns the output (A, heads,
     d) in q's dtype and what the backward needs besides: the logsumexp
     (Triton), the padded output and its logsumexp (torch's CPU flash
     kernels), nothing (elsewhere the reference recomputes)."""
     if keys.backend == "triton":
         from .triton_kernels import attention_forward
 
-        k, v = _pool_views(pool, keys)
-        out, lse = attention_forward(q, [k], [v], keys.offsets, keys.offsets, keys.cu_seqlens, queries.cu_q,
+        out, lse = attention_forward(q, [views.k], [views.v], keys.offsets, keys.offsets, keys.cu_seqlens, queries.cu_q,
                                      queries.q_rows, keys.causal, keys.scale, keys.max_seqlen)
         return out, (lse,)
-    kp, vp = _padded_keys(pool, keys, keys.acc)
+    kp, vp = _keys_of(views, keys)
     qp = _padded_queries(q, keys, queries, keys.acc)
     if keys.cpu_flash:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -163,20 +182,19 @@ def pool_forward(q: Tensor, pool: Tensor, keys: KeyTable, queries: QueryTable) -
     return _unpadded_queries(out, queries).to(q.dtype), ()
 
 
-def pool_backward(grad_out: Tensor, q: Tensor, pool: Tensor, out: Tensor, saved: Sequence[Tensor], keys: KeyTable,
-                  queries: QueryTable) -> Tuple[Tensor, Tensor, Tensor]:
+def pool_backward(grad_out: Tensor, q: Tensor, views: PoolViews, out: Tensor, saved: Sequence[Tensor],
+                  keys: KeyTable, queries: QueryTable) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns dq (A, heads, d) and every token's dk, dv (T_tok, heads, d),
     for the pool as it was at the forward (`saved`: what `pool_forward`
     returned besides the output)."""
     if keys.backend == "triton":
         from .triton_kernels import attention_backward
 
-        k, v = _pool_views(pool, keys)
-        return attention_backward(grad_out, q, [k], [v], keys.offsets, keys.offsets, keys.cu_seqlens,
+        return attention_backward(grad_out, q, [views.k], [views.v], keys.offsets, keys.offsets, keys.cu_seqlens,
                                   queries.cu_q, queries.q_rows, out, saved[0], keys.causal, keys.scale,
                                   keys.max_seqlen)
     acc = keys.acc
-    kp, vp = _padded_keys(pool, keys, acc)
+    kp, vp = _keys_of(views, keys)
     qp = _padded_queries(q, keys, queries, acc)
     grad_padded = _padded_queries(grad_out, keys, queries, acc)
     if queries.padded:   # padded query slots carry no gradient
@@ -191,12 +209,6 @@ def pool_backward(grad_out: Tensor, q: Tensor, pool: Tensor, out: Tensor, saved:
             dqp, dkp, dvp = torch.autograd.grad(_sdpa(*leaves, keys, queries), leaves, grad_padded)
     dq = _unpadded_queries(dqp, queries).to(q.dtype)
     return dq, _token_rows(dkp, keys).to(q.dtype), _token_rows(dvp, keys).to(q.dtype)
-
-
-def _pool_views(pool: Tensor, keys: KeyTable) -> Tuple[Tensor, Tensor]:
-    d_model = pool.shape[1] // 2
-    shape = (pool.shape[0], keys.heads, d_model // keys.heads)
-    return pool[:, :d_model].view(shape), pool[:, d_model:].view(shape)
 
 
 def _token_rows(d_padded: Tensor, keys: KeyTable) -> Tensor:
