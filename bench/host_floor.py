@@ -1,18 +1,21 @@
 """The host floor of a transformer ponder step, as the dispatch-floor issue
-measures it: B = 1, L = 8, d_model 16, 2 heads, dropout 0 in train mode,
-every token running all 8 steps (halting bias -40), against the plain layer
-called 8 times; forward under no_grad, and forward + backward; medians on
-one thread, where sizes are so small that only host work counts.
+measures it (`workloads.HostFloor`: sizes so small that only host work
+counts, every token running all 8 steps, against the same layers run as
+plain layers): the encoder's forward (no_grad) and forward + backward
+against nn.TransformerEncoderLayer called 8 times, and a looped LM's decode
+call against a plain cached stack; medians of the two sides timed in
+alternation on one thread, per ponder step.
 
-    python bench/host_floor.py
+    python bench/host_floor.py            # backend "auto"
+    python bench/host_floor.py reference  # the step-by-step oracle path
 """
 import statistics
+import sys
 import time
 
 import torch
-from torch import nn
 
-import act_kernels as ak
+from workloads import HostFloor
 
 
 def median_seconds(fns, rounds):
@@ -32,36 +35,12 @@ def median_seconds(fns, rounds):
 
 def main():
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
-    enc = ak.nn.ACTTransformerEncoder(layer, max_steps=8, halting_bias_init=-40.0)
-    x = torch.randn(1, 8, 16, requires_grad=True)
-
-    def act_forward():
-        with torch.no_grad():
-            enc(x)
-
-    def plain_forward():
-        with torch.no_grad():
-            y = x
-            for _ in range(8):
-                y = layer(y)
-
-    def act_backward():
-        y = enc(x)
-        (y.sum() + enc.ponder_cost.sum()).backward()
-
-    def plain_backward():
-        y = x
-        for _ in range(8):
-            y = layer(y)
-        y.sum().backward()
-
-    for what, act, plain, rounds in (("forward (no_grad)", act_forward, plain_forward, 200),
-                                     ("forward + backward", act_backward, plain_backward, 100)):
-        a, p = median_seconds([act, plain], rounds)
-        print(f"{what}: per ponder step {a / 8 * 1e6:.0f} us for the ACT encoder, {p / 8 * 1e6:.0f} us for the "
-              f"plain layer: {a / p:.2f}x")
+    work = HostFloor(sys.argv[1] if len(sys.argv) > 1 else "auto")
+    for what, act, plain in work.cases():
+        a, p = median_seconds([act, plain], 200)
+        per_step = a / work.STEPS
+        print(f"{what}: per ponder step {per_step * 1e6:.0f} us for ACT, {p * 1e6:.0f} us for the plain "
+              f"layers: {per_step / p:.2f}x")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,28 @@ def encoder_table(data):
                        ms_digits=1, order=("act_encoder", "dense_loop", "ut_t2t"))
 
 
+def equal_work_table(data):
+    return ideal_table(data, "act_encoder_equal_work", lambda r: (r["batch"], r["length"], r["d_model"]),
+                       "B x L x D, every token 8 steps", lambda k: " x ".join(map(str, k)), "ideal", "dense_loop",
+                       ms_digits=1, order=("act_encoder", "dense_loop"))
+
+
+def host_floor_table(data):
+    """Per ponder step: the ACT side's time over its 8 steps against the
+    plain layers' call on the same rows (ideal 1.0 x)."""
+    cases = defaultdict(dict)
+    for r in (r for r in data["rows"] if r["group"] == "host_floor"):
+        cases[r["case"]][r["name"]] = r
+    lines = ["| host floor, per ponder step | ACT (us) | plain layers (us) | ACT / plain | ideal |",
+             "|---|---|---|---|---|"]
+    for case in ("forward (no_grad)", "forward + backward", "decode call"):
+        rows = cases.get(case, {})
+        if "act" in rows and "plain" in rows:
+            act, plain = rows["act"]["per_step_s"], rows["plain"]["per_step_s"]
+            lines.append(f"| {case} | {act * 1e6:.0f} | {plain * 1e6:.0f} | {act / plain:.2f} x | 1.00 x |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def attention_table(data):
     groups = defaultdict(dict)
     for r in (r for r in data["rows"] if r["group"] == "ragged_attention"):
@@ -184,7 +206,8 @@ def device_tables(data) -> str:
     if data.get("copy_GBps"):
         parts.append(f"Measured device copy bandwidth: {data['copy_GBps']:.0f} GB/s\n")
     parts.append(ponder_table(data) + "\n")
-    for table in (layer_table, encoder_table, attention_table, pondernet_table, lm_tables):
+    for table in (layer_table, encoder_table, equal_work_table, host_floor_table, attention_table,
+                  pondernet_table, lm_tables):
         text = table(data)
         if text.strip():
             parts.append(text + "\n")

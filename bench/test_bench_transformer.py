@@ -167,3 +167,37 @@ def test_encoder_fwd_bwd(benchmark, record, impl, batch, length, d_model):
     record("act_encoder", impl, batch=batch, length=length, d_model=d_model, max_steps=8,
            sum_n=int(work.target.sum()), tokens=work.target.numel(), ideal_speedup=work.ideal_speedup,
            dtype=str(DTYPE))
+
+
+EQUAL_SIZES = [(16, 2048, 1024)] if GPU else [(4, 256, 256)]
+
+
+@pytest.mark.parametrize("impl", ["act_encoder", "dense_loop"])
+@pytest.mark.parametrize("batch,length,d_model", EQUAL_SIZES)
+def test_encoder_equal_work(benchmark, record, impl, batch, length, d_model):
+    """Every token runs all 8 steps (halting bias -40), so the encoder and
+    the dense loop compute the same rows: the ratio is what the encoder's
+    ragged bookkeeping costs or saves at equal work. Ideal 1.0."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model, 16 if GPU else max(1, d_model // 64), 4 * d_model, dropout=0.0,
+                                             batch_first=True, norm_first=True).to(DEVICE, DTYPE)
+    enc = ak.nn.ACTTransformerEncoder(layer, max_steps=8, halting_bias_init=-40.0).to(DEVICE, DTYPE)
+    x = torch.randn(batch, length, d_model, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    params = [x, *enc.parameters()]
+
+    def forward():
+        if impl == "act_encoder":
+            return enc(x), enc.ponder_cost
+        y, cost, _ = dense_act_encoder(enc.layer, enc.halting, x, None, False, 8, 0.01)
+        return y, cost
+
+    def run():
+        y, cost = forward()
+        torch.autograd.grad(y.float().square().mean() + 0.01 * cost.sum(), params, allow_unused=True)
+        sync()
+
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    if impl == "act_encoder":
+        assert int(enc.steps.min()) == 8, "every token must run every step"
+    record("act_encoder_equal_work", impl, batch=batch, length=length, d_model=d_model, max_steps=8,
+           sum_n=8 * batch * length, tokens=batch * length, ideal_speedup=1.0, dtype=str(DTYPE))

@@ -218,3 +218,72 @@ class GRULayerWorkload:
             outs.append(state)
             costs.append(rho)
         return torch.stack(outs), torch.stack(costs)
+
+
+class HostFloor:
+    """The host floor of a transformer ponder step (design §11): sizes so
+    small that only host work counts, every token running every one of the
+    8 steps (halting bias -40), against the same layers run as plain layers
+    on the same rows, one thread.
+
+    - encoder: B = 1, L = 8, d_model 16, 2 heads, dropout 0 in train mode:
+      the ACT encoder against nn.TransformerEncoderLayer called 8 times,
+      forward under no_grad (`forward`) and forward + backward (`backward`);
+    - decode: a looped LM's decode call (4 sequences, one new token each,
+      after a 5-token prefill) of a 2-layer pre-norm block (d_model 32, 4
+      heads) against the same layers as a plain cached stack (`CausalStack`)
+      on the same rows; each side's cache grows by a token per call.
+    Per ponder step: the ACT side's time over 8."""
+
+    STEPS = 8
+
+    def __init__(self, backend: str = "auto"):
+        import act_kernels as ak
+
+        torch.manual_seed(0)
+        self.layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = ak.nn.ACTTransformerEncoder(self.layer, max_steps=self.STEPS, halting_bias_init=-40.0,
+                                               backend=backend)
+        self.x = torch.randn(1, 8, 16, requires_grad=True)
+        block_layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True)
+        block = torch.nn.TransformerEncoder(block_layer, 2, enable_nested_tensor=False)
+        self.block = ak.nn.ACTTransformerEncoder(block, max_steps=self.STEPS, halting_bias_init=-40.0,
+                                                 backend=backend).eval()
+        self.stack = ak.nn.CausalStack(block, backend=backend).eval()
+        g = torch.Generator().manual_seed(1)
+        self.prompt = torch.randn(20, 32, generator=g)
+        self.token = torch.randn(4, 32, generator=g)
+        self.caches = {}
+        for name, module in (("block", self.block), ("stack", self.stack)):
+            self.caches[name] = module.new_cache(4)
+            module.extend(self.caches[name], self.prompt, [0, 5, 10, 15, 20], [0, 1, 2, 3])
+
+    def cases(self):
+        """(name, ACT side, plain side): each side is a no-argument callable."""
+        def act_forward():
+            with torch.no_grad():
+                self.enc(self.x)
+
+        def plain_forward():
+            with torch.no_grad():
+                y = self.x
+                for _ in range(self.STEPS):
+                    y = self.layer(y)
+
+        def act_backward():
+            y = self.enc(self.x)
+            (y.sum() + self.enc.ponder_cost.sum()).backward()
+
+        def plain_backward():
+            y = self.x
+            for _ in range(self.STEPS):
+                y = self.layer(y)
+            y.sum().backward()
+
+        def decode(name, module):
+            cache = self.caches[name]
+            return lambda: module.extend(cache, self.token, [0, 1, 2, 3, 4], [0, 1, 2, 3])
+
+        return [("forward (no_grad)", act_forward, plain_forward),
+                ("forward + backward", act_backward, plain_backward),
+                ("decode call", decode("block", self.block), decode("stack", self.stack))]

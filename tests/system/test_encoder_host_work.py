@@ -32,13 +32,16 @@ def census_of(fn, launchers, monkeypatch):
     return census.events
 
 
-@pytest.mark.parametrize("backend", [
-    "triton",
-    pytest.param("auto", marks=pytest.mark.skipif(
-        torch.cuda.is_available() or bool(cuda_extension_error()),
-        reason="the CPU path: a CPU run with the extension built")),
-])
-@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+CPU_PATH = pytest.mark.skipif(torch.cuda.is_available() or bool(cuda_extension_error()),
+                              reason="the CPU path: a CPU run with the extension built")
+
+
+@pytest.mark.parametrize("backend,norm_first", [
+    ("triton", False),
+    pytest.param("triton", True, marks=pytest.mark.slow),   # 20-30 s more under the interpreter
+    pytest.param("auto", False, marks=CPU_PATH),
+    pytest.param("auto", True, marks=CPU_PATH),
+], ids=["triton-post_norm", "triton-pre_norm", "cpu-post_norm", "cpu-pre_norm"])
 def test_training_step_aten_calls_within_budget(backend, norm_first, monkeypatch):
     if backend == "triton":
         pytest.importorskip("triton")
