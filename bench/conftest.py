@@ -69,7 +69,9 @@ def meta():
 
 
 def _row_key(row):
-    return tuple(sorted((k, v) for k, v in row.items() if k not in ("median_s", "min_s", "rounds", "GBps", "TFLOPs", "commit")))
+    # what a row measured, without the timings and the figures derived from them
+    derived = ("median_s", "min_s", "rounds", "GBps", "TFLOPs", "tokens_per_s", "per_step_s", "commit")
+    return tuple(sorted((k, v) for k, v in row.items() if k not in derived))
 
 
 def _write():

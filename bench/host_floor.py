@@ -36,11 +36,11 @@ def median_seconds(fns, rounds):
 def main():
     torch.set_num_threads(1)
     work = HostFloor(sys.argv[1] if len(sys.argv) > 1 else "auto")
-    for what, act, plain in work.cases():
+    for what, act, plain, plain_steps in work.cases():
         a, p = median_seconds([act, plain], 200)
-        per_step = a / work.STEPS
-        print(f"{what}: per ponder step {per_step * 1e6:.0f} us for ACT, {p * 1e6:.0f} us for the plain "
-              f"layers: {per_step / p:.2f}x")
+        a, p = a / work.STEPS, p / plain_steps
+        print(f"{what}: per ponder step {a * 1e6:.0f} us for ACT, {p * 1e6:.0f} us for the plain layers: "
+              f"{a / p:.2f}x")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def ideal_table(data, group, key, columns, cells, ideal_header, baseline, others
     groups = defaultdict(dict)
     for r in (r for r in data["rows"] if r["group"] == group):
         groups[key(r)][r["name"]] = r
+    if not groups:
+        return ""
     lines = [f"| {columns} | impl | fwd+bwd (ms) | speedup vs {baseline.replace('_', ' ')} | {ideal_header} "
              "| % of ideal |", "|---" * (columns.count("|") + 6) + "|"]
     for k, rows in sorted(groups.items()):
@@ -101,6 +103,8 @@ def attention_table(data):
     groups = defaultdict(dict)
     for r in (r for r in data["rows"] if r["group"] == "ragged_attention"):
         groups[(r["batch"], r["length"], r["heads"], r["dim"], r["causal"], r["running"])][r["name"]] = r
+    if not groups:
+        return ""
     lines = ["| B x L, heads x d | mask | running | impl | fwd+bwd (ms) | vs SDPA on all tokens "
              "| ideal (T / A) | useful TFLOP/s |", "|---|---|---|---|---|---|---|---|"]
     for (b, length, heads, dim, causal, running), rows in sorted(groups.items()):

@@ -119,10 +119,12 @@ for phase in "${expanded[@]}"; do
       fi
       tail -2 "$out/warm.log" ;;
     gpu-tests)
-      # plus the per-token encoder's block and cache, the looped LM and its decode host work
+      # plus the per-token encoder's pool path, block and cache, the looped LM, and the host work of
+      # an encoder training step and of a decode step
       run_phase gpu-tests 120 150 "$PY" -m pytest -q -rs -n "$JOBS" --timeout 120 -p no:cacheprovider \
         "${PROOF_TESTS[@]}" tests/attention/test_attention.py tests/nn/test_transformer_block.py \
         tests/nn/test_transformer_cache.py tests/nn/test_language_model.py tests/system/test_lm_host_work.py \
+        tests/nn/test_transformer_whole_ponder.py tests/system/test_encoder_host_work.py \
         -k "$PROOF_FILTER" > "$out/tests.log" 2>&1
       tail -4 "$out/tests.log" ;;
     sanitize)
@@ -132,7 +134,7 @@ for phase in "${expanded[@]}"; do
       run_phase bench-rows 60 60 "$PY" -m pytest -q -p no:cacheprovider bench --benchmark-only \
         --benchmark-min-rounds=3 -k "copy_bandwidth or (ponder_gru_fwd_bwd and 4096-256 and not compiled) \
 or (pondernet_fwd_bwd and 4096-256) or (actgru_layer and 16-4096-1024-skewed) \
-or (ragged_attention_fwd_bwd and 16-2048-16-64-causal-run0.4) or encoder_fwd_bwd" >> "$out/bench.log" 2>&1
+or (ragged_attention_fwd_bwd and 16-2048-16-64-causal-run0.4) or encoder_fwd_bwd or host_floor" >> "$out/bench.log" 2>&1
       tail -3 "$out/bench.log" ;;
     tests)
       # the whole suite; xdist spreads Triton's compile time over the cores

@@ -134,6 +134,16 @@ def test_flex_attention_forward(benchmark, record, causal):
 # the encoder, forward + backward
 # ---------------------------------------------------------------------------
 
+def time_fwd_bwd(benchmark, forward, params):
+    """Times forward() -> (output, ponder cost) and the gradients of a loss of both in params."""
+    def run():
+        y, cost = forward()
+        torch.autograd.grad(y.float().square().mean() + 0.01 * cost.sum(), params, allow_unused=True)
+        sync()
+
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+
+
 ENCODER_SIZES = [(16, 2048, 1024)] if GPU else [(4, 128, 128), (4, 256, 256), (4, 512, 512)]
 ENCODER_IMPLS = ["act_encoder", "dense_loop", "ut_t2t"]
 
@@ -156,12 +166,7 @@ def test_encoder_fwd_bwd(benchmark, record, impl, batch, length, d_model):
             return y, cost
         return ut_act_encoder(enc.layer, enc.halting, work.x, 8)
 
-    def run():
-        y, cost = forward()
-        torch.autograd.grad(y.float().square().mean() + 0.01 * cost.sum(), params, allow_unused=True)
-        sync()
-
-    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    time_fwd_bwd(benchmark, forward, params)
     if impl == "act_encoder":
         assert torch.equal(enc.steps, work.target), "the workload did not halt where it should"
     record("act_encoder", impl, batch=batch, length=length, d_model=d_model, max_steps=8,
@@ -191,12 +196,7 @@ def test_encoder_equal_work(benchmark, record, impl, batch, length, d_model):
         y, cost, _ = dense_act_encoder(enc.layer, enc.halting, x, None, False, 8, 0.01)
         return y, cost
 
-    def run():
-        y, cost = forward()
-        torch.autograd.grad(y.float().square().mean() + 0.01 * cost.sum(), params, allow_unused=True)
-        sync()
-
-    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    time_fwd_bwd(benchmark, forward, params)
     if impl == "act_encoder":
         assert int(enc.steps.min()) == 8, "every token must run every step"
     record("act_encoder_equal_work", impl, batch=batch, length=length, d_model=d_model, max_steps=8,

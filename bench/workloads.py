@@ -259,7 +259,10 @@ class HostFloor:
             module.extend(self.caches[name], self.prompt, [0, 5, 10, 15, 20], [0, 1, 2, 3])
 
     def cases(self):
-        """(name, ACT side, plain side): each side is a no-argument callable."""
+        """(name, ACT side, plain side, plain steps): each side is a no-argument
+        callable; the plain side runs its layers `plain steps` times (8 for
+        the encoder, whose plain side is the layer called 8 times; 1 for
+        decoding)."""
         def act_forward():
             with torch.no_grad():
                 self.enc(self.x)
@@ -284,6 +287,6 @@ class HostFloor:
             cache = self.caches[name]
             return lambda: module.extend(cache, self.token, [0, 1, 2, 3, 4], [0, 1, 2, 3])
 
-        return [("forward (no_grad)", act_forward, plain_forward),
-                ("forward + backward", act_backward, plain_backward),
-                ("decode call", decode("block", self.block), decode("stack", self.stack))]
+        return [("forward (no_grad)", act_forward, plain_forward, self.STEPS),
+                ("forward + backward", act_backward, plain_backward, self.STEPS),
+                ("decode call", decode("block", self.block), decode("stack", self.stack), 1)]
