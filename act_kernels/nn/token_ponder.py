@@ -111,18 +111,26 @@ class _PoolAttention(torch.autograd.Function):
     """Writes kv (the rows of `written`, all tokens when None) into the pool,
     then attends q to it. The backward returns dq and the gradient of the
     written rows: what this step's attention and every later read of them
-    gave, before a later step overwrote them."""
+    gave, before a later step overwrote them.
+
+    When a step writes every token's row (step 1, and any step at which
+    every token ran the step before), kv itself becomes the pool and the
+    replaced pool is kept whole: no row is copied either way, and the
+    backward swaps the pools back. kv is no other node's saved tensor (the
+    projection saves its input, this Function its q and output), so later
+    in-place writes to it harm nothing."""
 
     @staticmethod
     def forward(ctx, pool: _Pool, keys: KeyTable, queries, written: Optional[Tensor], q: Tensor, kv: Tensor):
-        if written is None:
-            # step 1 writes every token: the pool starts as a copy of it
-            pool.rows = kv.detach().clone(memory_format=torch.contiguous_format)
+        rows = kv.detach()
+        ctx.whole = written is None or written.numel() == pool.rows.shape[0]
+        if ctx.whole:
+            ctx.replaced = pool.rows            # None at step 1: no pool yet
+            pool.rows = rows if rows.is_contiguous() else rows.contiguous()
             pool.views = pool_views(pool.rows, keys)
-            ctx.replaced = None
         else:
             ctx.replaced = pool.rows.index_select(0, written)
-            pool.rows.index_copy_(0, written, kv.detach())
+            pool.rows.index_copy_(0, written, rows)
         out, saved = pool_forward(q, pool.views, keys, queries)
         ctx.pool, ctx.keys, ctx.queries, ctx.written = pool, keys, queries, written
         ctx.save_for_backward(q, out, *saved)
@@ -143,8 +151,13 @@ class _PoolAttention(torch.autograd.Function):
         else:
             pool.grad[:, :width // 2] += dk.reshape(tokens, width // 2)
             pool.grad[:, width // 2:] += dv.reshape(tokens, width // 2)
-        if written is None:   # step 1: the rows' whole gradient, and nothing reads the pool after
-            d_kv, pool.grad, pool.spent = pool.grad, None, True
+        if ctx.whole:   # every row was written here: its whole gradient, and the pool before it comes back
+            d_kv, pool.grad = pool.grad, None
+            if ctx.replaced is None:   # step 1: the pool is back at its start
+                pool.spent = True
+            else:
+                pool.rows, ctx.replaced = ctx.replaced, None
+                pool.views = pool_views(pool.rows, ctx.keys)
         else:
             d_kv = pool.grad.index_select(0, written)
             pool.grad.index_fill_(0, written, 0)

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import act_kernels.nn.transformer as transformer
-from dense_encoder import dense_act_encoder
-from helpers import DEVICE, assert_close
+from dense_encoder import dense_act_block, dense_act_encoder
+from helpers import DEVICE, assert_close, assert_grads_match
 from test_transformer import compare, inputs, make
 from test_transformer_block import block_inputs, compare_block, make_block
 
@@ -63,6 +63,24 @@ def test_extreme_halting(bias, expect, calls):
     x, pad = inputs(seed=4)
     steps = compare(enc, x, pad, False, torch.float64)
     assert bool((steps[~pad] == expect).all())
+
+
+def test_block_where_every_token_runs_every_step(calls):
+    """Every step writes every token's rows at every layer: the pools are
+    swapped whole instead of written row by row, and swapped back in the
+    backward."""
+    enc = make_block(3, norm_first=False, final_norm=True, backend="auto")
+    with torch.no_grad():
+        enc.halting.bias.fill_(-40.0)
+    x, pad = block_inputs(seed=5)
+    y = enc(x, src_key_padding_mask=pad, is_causal=True)
+    assert bool((enc.steps[~pad] == enc.max_steps).all())
+    y_d, cost_d, steps_d = dense_act_block(enc.layers, enc.final_norm, enc.halting, x, pad, True, enc.max_steps,
+                                           enc.eps)
+    assert torch.equal(enc.steps, steps_d)
+    assert_close(y[~pad], y_d[~pad], torch.float64, "output")
+    assert_grads_match(enc, x, (y, enc.ponder_cost), (y_d, cost_d), torch.float64)
+    assert calls == [True]
 
 
 def test_single_token_and_unbatched(calls):
