@@ -107,6 +107,30 @@ class _Pool:
         self.spent = False                   # the backward reached step 1: the pool is back at its start
 
 
+def _write(pool: _Pool, keys: KeyTable, written: Optional[Tensor], rows: Tensor, keep: bool):
+    """Writes `rows` into the pool at `written` (every token when None).
+    Returns (whole, replaced): whether the rows became the pool, and what
+    they replaced when `keep` (the backward puts it back)."""
+    whole = written is None or written.numel() == pool.rows.shape[0]
+    if whole:
+        replaced = pool.rows                 # None at step 1: no pool yet
+        pool.rows = rows if rows.is_contiguous() else rows.contiguous()
+        pool.views = pool_views(pool.rows, keys)
+        return True, replaced if keep else None
+    replaced = pool.rows.index_select(0, written) if keep else None
+    pool.rows.index_copy_(0, written, rows)
+    return False, replaced
+
+
+def pool_attend(pool: _Pool, keys: KeyTable, queries, written: Optional[Tensor], q: Tensor, kv: Tensor) -> Tensor:
+    """`_PoolAttention` when nothing needs a gradient: the same write and
+    read, with no autograd node and nothing kept for a backward."""
+    if torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+        return _PoolAttention.apply(pool, keys, queries, written, q, kv)
+    _write(pool, keys, written, kv, keep=False)
+    return pool_forward(q, pool.views, keys, queries)[0]
+
+
 class _PoolAttention(torch.autograd.Function):
     """Writes kv (the rows of `written`, all tokens when None) into the pool,
     then attends q to it. The backward returns dq and the gradient of the
@@ -122,15 +146,7 @@ class _PoolAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pool: _Pool, keys: KeyTable, queries, written: Optional[Tensor], q: Tensor, kv: Tensor):
-        rows = kv.detach()
-        ctx.whole = written is None or written.numel() == pool.rows.shape[0]
-        if ctx.whole:
-            ctx.replaced = pool.rows            # None at step 1: no pool yet
-            pool.rows = rows if rows.is_contiguous() else rows.contiguous()
-            pool.views = pool_views(pool.rows, keys)
-        else:
-            ctx.replaced = pool.rows.index_select(0, written)
-            pool.rows.index_copy_(0, written, rows)
+        ctx.whole, ctx.replaced = _write(pool, keys, written, kv.detach(), keep=True)
         out, saved = pool_forward(q, pool.views, keys, queries)
         ctx.pool, ctx.keys, ctx.queries, ctx.written = pool, keys, queries, written
         ctx.save_for_backward(q, out, *saved)
@@ -187,7 +203,7 @@ class PoolStep:
         for k, (math, pool) in enumerate(zip(self.math, self.pools)):
             source, written = (self.changed, self.changed_rows) if k == 0 else (x, rows)
             kv = math.project_kv(source)
-            x = math(x, lambda q: _PoolAttention.apply(pool, self.keys, queries, written, q, kv))  # noqa: B023
+            x = math(x, lambda q: pool_attend(pool, self.keys, queries, written, q, kv))  # noqa: B023
         if self.norm is not None:
             x = F.layer_norm(x, (x.shape[1],), *self.norm)
         # under autocast the layers return the autocast dtype; the state keeps the input's

@@ -53,7 +53,8 @@ def halting_step(
     out = None if dense_buffers else cell_step_buffers(running_sum, steps, remainder, [accumulator])
     if out is not None:
         running_sum, steps, remainder, accumulator = out["running_sum"], out["steps"], out["remainder"], out["acc_h"]
-    weight, bias, threshold = (dense(as_dtype(t, acc)) for t in (weight, bias, threshold))
+    if not (weight.dtype == bias.dtype == threshold.dtype == acc and weight.is_contiguous()):
+        weight, bias, threshold = (dense(as_dtype(t, acc)) for t in (weight, bias, threshold))
     active = dense(active)
     extension().cpu_halting_step(
         state.data_ptr(), state.stride(0), rows, hidden, active.data_ptr(), weight.data_ptr(), bias.data_ptr(),
