@@ -217,3 +217,26 @@ def test_backward_restores_the_pools():
     for a, b in zip(alone, reversed(both)):
         for u, v in zip(a, b):
             torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_agrees_with_the_oracle_path(dtype):
+    """A half-precision model on the pool path (the twins' halting step,
+    attention in float32 on padded copies of the pools) against the
+    step-by-step path on the same module: the same steps and outputs, and
+    gradients equal to half-precision rounding."""
+    enc = make(dtype=dtype, backend="auto", norm_first=True, halting_bias=1.0, halting_gain=1.0)
+    x, pad = inputs(dtype=dtype, seed=3)
+    results = []
+    for backend in ("auto", "reference"):
+        enc.backend = backend
+        y = enc(x, src_key_padding_mask=pad, is_causal=True)
+        assert y.dtype == dtype
+        grads = torch.autograd.grad(y.float().square().sum() + enc.ponder_cost.sum(), [x, *enc.parameters()])
+        results.append((y, enc.steps.clone(), grads))
+    (y_a, s_a, g_a), (y_r, s_r, g_r) = results
+    assert torch.equal(s_a, s_r)
+    torch.testing.assert_close(y_a, y_r, atol=2e-2, rtol=2e-2)
+    for a, b in zip(g_a, g_r):
+        assert bool(torch.isfinite(a).all())
+        assert float((a.float() - b.float()).norm()) <= 2e-2 * float(b.float().norm()) + 1e-3
