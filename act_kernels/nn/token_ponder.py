@@ -146,20 +146,21 @@ class _PoolAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pool: _Pool, keys: KeyTable, queries, written: Optional[Tensor], q: Tensor, kv: Tensor):
-        ctx.whole, ctx.replaced = _write(pool, keys, written, kv.detach(), keep=True)
+        ctx.whole, replaced = _write(pool, keys, written, kv.detach(), keep=True)
         out, saved = pool_forward(q, pool.views, keys, queries)
         ctx.pool, ctx.keys, ctx.queries, ctx.written = pool, keys, queries, written
-        ctx.save_for_backward(q, out, *saved)
+        # the replaced rows too, so that saved-tensor hooks (offloading, accounting) see them
+        ctx.save_for_backward(q, out, replaced, *saved)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, out, *saved = ctx.saved_tensors
         pool, written = ctx.pool, ctx.written
         if pool.spent:
             raise RuntimeError("ACTTransformerEncoder's backward ran twice over one forward (its key/value pools "
                                "were restored by the first): run the forward again")
+        q, out, replaced, *saved = ctx.saved_tensors
         dq, dk, dv = pool_backward(grad_out.contiguous(), q, pool.views, out, saved, ctx.keys, ctx.queries)
         tokens, width = pool.rows.shape
         if pool.grad is None:
@@ -169,15 +170,15 @@ class _PoolAttention(torch.autograd.Function):
             pool.grad[:, width // 2:] += dv.reshape(tokens, width // 2)
         if ctx.whole:   # every row was written here: its whole gradient, and the pool before it comes back
             d_kv, pool.grad = pool.grad, None
-            if ctx.replaced is None:   # step 1: the pool is back at its start
+            if replaced is None:   # step 1: the pool is back at its start
                 pool.spent = True
             else:
-                pool.rows, ctx.replaced = ctx.replaced, None
+                pool.rows = replaced
                 pool.views = pool_views(pool.rows, ctx.keys)
         else:
             d_kv = pool.grad.index_select(0, written)
             pool.grad.index_fill_(0, written, 0)
-            pool.rows.index_copy_(0, written, ctx.replaced)
+            pool.rows.index_copy_(0, written, replaced)
         return None, None, None, None, dq, d_kv
 
 

@@ -240,3 +240,34 @@ def test_half_precision_agrees_with_the_oracle_path(dtype):
     for a, b in zip(g_a, g_r):
         assert bool(torch.isfinite(a).all())
         assert float((a.float() - b.float()).norm()) <= 2e-2 * float(b.float().norm()) + 1e-3
+
+
+def test_saved_tensors_grow_with_sum_n_and_hooks_see_them():
+    """Everything the pool path keeps for the backward passes through
+    saved-tensor hooks (so offloading them works), nothing saved is of size
+    (max_steps, T_tok, D) or (queries, keys), and the bytes stay within a
+    constant times sum N rows; a backward through hooks that copy every
+    saved tensor gives the same gradients."""
+    d, ff, max_steps = 32, 64, 20
+    enc = make(d=d, heads=4, ff=ff, max_steps=max_steps, dtype=torch.float32, halting_bias=1.0, halting_gain=1.0,
+               backend="auto")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 96, d, generator=g).to(DEVICE).requires_grad_()
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t.clone()   # what an offloading hook hands back: another tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = enc(x)
+    steps = enc.steps
+    tokens, sum_n = steps.numel(), int(steps.sum())
+    row = 4 * (d + ff)
+    assert max(sizes) < tokens * tokens * 4, "an (A, T_tok) matrix was saved"
+    assert max(sizes) < max_steps * tokens * d * 4
+    assert sum(sizes) <= 12 * (sum_n + tokens) * row, (sum(sizes), sum_n, tokens)
+    got = torch.autograd.grad(y.square().sum(), [x, enc.layer.linear1.weight])
+    want = torch.autograd.grad(enc(x).square().sum(), [x, enc.layer.linear1.weight])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
