@@ -271,3 +271,21 @@ def test_saved_tensors_grow_with_sum_n_and_hooks_see_them():
     want = torch.autograd.grad(enc(x).square().sum(), [x, enc.layer.linear1.weight])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_packed_with_an_empty_sequence_and_a_longer_max_seqlen(causal, calls):
+    """An empty sequence between two others, and a max_seqlen above the
+    longest: each sequence's rows equal its own call's."""
+    enc = make(backend="auto")
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(9, 16, generator=g, dtype=torch.float64).to(DEVICE)
+    cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32, device=DEVICE)
+    y = enc.forward_packed(x, cu, is_causal=causal, max_seqlen=7)
+    steps = enc.steps.clone()
+    for lo, hi in ((0, 4), (4, 9)):
+        alone = enc.forward_packed(x[lo:hi], torch.tensor([0, hi - lo], dtype=torch.int32, device=DEVICE),
+                                   is_causal=causal)
+        assert torch.equal(enc.steps, steps[lo:hi])
+        torch.testing.assert_close(y[lo:hi], alone)
+    assert len(calls) == 3
