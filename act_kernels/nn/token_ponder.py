@@ -38,9 +38,10 @@ from ..ops.attention import KeyTable, pool_backward, pool_forward, pool_views, q
 
 
 def supports(layers: Sequence[nn.TransformerEncoderLayer], final_norm: Optional[nn.Module], training: bool) -> bool:
-    """Whether the whole-ponder Function computes these layers exactly as
-    torch does: LayerNorm norms, an activation without parameters, and no
-    dropout that acts (its masks would have to be replayed)."""
+    """Whether the pool path computes these layers exactly as torch does:
+    LayerNorm norms, an activation without parameters, and no dropout that
+    acts (attention-probability dropout has no Triton kernel, and the step
+    by step path already applies every dropout as torch's layer does)."""
     norms = [n for layer in layers for n in (layer.norm1, layer.norm2)] + ([final_norm] if final_norm else [])
     if not all(type(n) is nn.LayerNorm and len(n.normalized_shape) == 1 for n in norms):
         return False

@@ -2,13 +2,17 @@
 Universal Transformer in which every token halts on its own.
 
 At ponder step n only the running tokens are projected, attend as queries and
-go through the feed-forward block. Keys and values live in a pool of rows,
-one segment per step: a token's key and value are computed once each time its
-visible state changes (the step after it ran), and a halted token's frozen
-rows are read through the token -> pool-row index (the Triton kernels never
-copy them; the reference attention gathers them per call and keeps no copy).
-Nothing of size (max_steps, T_tok, D) or (queries, keys) is kept for the
-backward.
+go through the feed-forward block. A token's key and value are computed once
+each time its visible state changes (the step after it ran). Nothing of size
+(max_steps, T_tok, D) or (queries, keys) is kept for the backward.
+
+Two paths compute it (design §9). The pool path (`token_ponder.py`: one
+key/value row per token, written in place) serves every backend but
+"reference" for LayerNorm layers without active dropout. The step-by-step
+path here serves the rest and incremental decoding: keys and values live in
+a pool of rows, one segment per step, and a halted token's frozen rows are
+read through the token -> pool-row index (the Triton kernels never copy
+them; the reference attention gathers them per call and keeps no copy).
 """
 from __future__ import annotations
 
