@@ -188,14 +188,14 @@ def attention_op_implementation(device: torch.device, dtype: torch.dtype) -> str
 
 class EncoderBackends(NamedTuple):
     """What serves one call of the per-token encoder: ACT's halting kernels
-    (a `resolve` name), ragged attention (a `resolve_attention` name), and
-    whether the ponder runs as one autograd Function over a fixed key/value
-    pool (every backend but "reference", whose step-by-step autograd loop is
-    the oracle), with the kernels `ops.act.get_kernels` names."""
+    (a `resolve` name), ragged attention (a `resolve_attention` name),
+    whether it may take the pool path (nn/token_ponder.py: every backend but
+    "reference", whose step-by-step autograd loop is the oracle), and the
+    kernels that path's loop runs (an `ops.act.get_kernels` name)."""
 
     halting: str
     attention: str
-    whole_ponder: bool
+    pool_path: bool
     kernels: str
 
 

@@ -349,7 +349,7 @@ class ACTTransformerEncoder(RaggedBlock):
             # a smaller one would make the kernels skip query blocks and leave rows unwritten
             raise ValueError(f"max_seqlen must be an int >= the longest sequence ({longest}), got {max_seqlen!r}")
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
-        if chosen.whole_ponder and supports(self.layers, self.final_norm, self.training):
+        if chosen.pool_path and supports(self.layers, self.final_norm, self.training):
             heads = self.layers[0].self_attn.num_heads
             keys = key_table(chosen.attention, cu_seqlens, x.shape[0], max_seqlen, heads, self.d_model,
                              bool(is_causal), 1.0 / (self.d_model // heads) ** 0.5, lengths, x.dtype)

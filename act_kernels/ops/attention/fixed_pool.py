@@ -2,7 +2,7 @@
 token's own packed index, updated in place between calls (design §9, §11).
 
 A layer that keeps its keys and values this way (the per-token encoder's
-whole-ponder function) reads them with no token -> row table, so everything
+pool path, nn/token_ponder.py) reads them with no token -> row table, so everything
 about the keys is fixed for a whole ponder: `key_table` builds it once per
 call, `query_table` what depends on the running queries once per step (the
 block's layers share it), and `pool_forward` / `pool_backward` are one
@@ -110,8 +110,8 @@ def query_table(keys: KeyTable, q_rows: Tensor, num_queries: int) -> QueryTable:
 
 
 class PoolViews(NamedTuple):
-    """Views of one pool, made once per call (the pool is written in place,
-    so they stay current)."""
+    """Views of one pool tensor, made when it becomes the pool (rows written
+    in place later show through them)."""
 
     k: Tensor                     # (T_tok, heads, d) keys
     v: Tensor                     # (T_tok, heads, d) values
