@@ -221,3 +221,76 @@ def pool_ponder(layers: Sequence[nn.TransformerEncoderLayer], final_norm: Option
     the loop's PonderOutput."""
     step = PoolStep(layers, final_norm, keys, x)
     return kernel_ponder_loop(kernels, step, (x,), False, weight, bias, max_steps, eps)
+
+
+class CachedPoolStep(PoolStep):
+    """`PoolStep` for an incremental call over a cache (design §14), without
+    autograd: the pools hold the call's packed tokens, each sequence's
+    cached tokens before its new ones. Before the layers of step n, every
+    cached token's rows are read from the cache at the step it had reached
+    (`CacheContext.read_cached`'s rule); each new token's rows are written
+    where it sits, and kept, to go into the cache after the ponder."""
+
+    def __init__(self, layers: Sequence[nn.TransformerEncoderLayer], final_norm: Optional[nn.LayerNorm],
+                 keys: KeyTable, x: Tensor, context):
+        super().__init__(layers, final_norm, keys, x)
+        self.context = context
+        self.positions = context.new_positions      # where each new token sits among the packed tokens
+        self.records = [[] for _ in layers]         # per layer: (new tokens or None for all, their kv rows)
+
+    def _pool(self, k: int, like: Tensor) -> _Pool:
+        pool = self.pools[k]
+        if pool.rows is None:   # made at the first write, in the projections' dtype
+            pool.rows = like.new_empty(self.keys.num_tokens, like.shape[1])
+            pool.views = pool_views(pool.rows, self.keys)
+        return pool
+
+    def _read_cached(self, n: int, like: Tensor) -> None:
+        context = self.context
+        if not context.num_cached:
+            return
+        for k in range(len(self.math)):
+            steps = context.cached_steps
+            reached = steps.clamp(max=n - 1) if k == 0 else steps.clamp(max=n) - 1
+            keys, values = context.buffers(k)
+            rows = context.cached_first[k] + reached
+            kv = torch.cat([keys[rows].flatten(1), values[rows].flatten(1)], 1)
+            self._pool(k, like).rows.index_copy_(0, context.cached_positions, kv.to(like.dtype))
+
+    def _write(self, k: int, tokens: Optional[Tensor], kv: Tensor) -> None:
+        self.records[k].append((tokens, kv))
+        at = self.positions if tokens is None else self.positions[tokens]
+        self._pool(k, kv).rows.index_copy_(0, at, kv)
+
+    def project_changed(self) -> None:
+        """The first layer's rows of the tokens that ran the last step (their
+        final state s^N), for the cache: later tokens read them."""
+        self.records[0].append((self.changed_rows, self.math[0].project_kv(self.changed)))
+
+    def __call__(self, x: Tensor, n: int, active: Tensor) -> Tensor:
+        kv0 = self.math[0].project_kv(self.changed)
+        self._read_cached(n, kv0)
+        self._write(0, self.changed_rows, kv0)
+        queries = query_table(self.keys, self.positions[active], x.shape[0])
+        for k, math in enumerate(self.math):
+            if k:
+                self._write(k, None if n == 1 else active, math.project_kv(x))
+            pool = self.pools[k]
+            x = math(x, lambda q: pool_forward(q, pool.views, self.keys, queries)[0])  # noqa: B023
+        if self.norm is not None:
+            x = F.layer_norm(x, (x.shape[1],), *self.norm)
+        new = x.to(self.dtype)
+        self.changed, self.changed_rows = new, active
+        return new
+
+    def commit(self, steps: Tensor) -> None:
+        """Moves the new tokens' rows into the cache, token by token."""
+        num_new = self.positions.shape[0]
+        everyone = torch.arange(num_new, device=steps.device)
+        per_layer = []
+        for math, records in zip(self.math, self.records):
+            tokens = torch.cat([everyone if t is None else t for t, _ in records])
+            kv = torch.cat([r for _, r in records])
+            shape = (kv.shape[0], math.heads, math.d // math.heads)
+            per_layer.append((tokens, kv[:, :math.d].reshape(shape), kv[:, math.d:].reshape(shape)))
+        self.context.commit_rows(per_layer, steps)
