@@ -157,29 +157,21 @@ class CacheContext:
             pool.kv_rows = pool.kv_rows.index_copy(0, self.cached_positions, self.cached_first[k] + reached)
 
     def commit(self, pools, steps: Tensor) -> None:
-        """Moves the new tokens' rows from the step-by-step ponder's pools
-        (segments with the new token each row belongs to) into the cache."""
-        per_layer = []
-        for pool in pools:
+        """Moves the new tokens' rows from the ponder's pools into the cache,
+        token by token, and records their steps, first rows and places."""
+        cache, num_new, layout = self.cache, steps.shape[0], self.layout
+        for k, pool in enumerate(pools):
             tokens = torch.cat([t for t, _ in pool.assigned])
             rows = torch.cat([r for _, r in pool.assigned]) - pool.first_new
+            order = torch.argsort(tokens, stable=True)      # by token, each token's rows in step order
             segments = pool.k[1:] if pool.first_new else pool.k
             values = pool.v[1:] if pool.first_new else pool.v
-            per_layer.append((tokens, torch.cat(segments)[rows], torch.cat(values)[rows]))
-        self.commit_rows(per_layer, steps)
-
-    def commit_rows(self, per_layer, steps: Tensor) -> None:
-        """Stores the new tokens' rows in the cache, token by token, and
-        records their steps, first rows and places. per_layer[k]: (tokens
-        (R,), keys (R, heads, d), values (R, heads, d)): row i belongs to new
-        token tokens[i], each token's rows in step order."""
-        cache, num_new, layout = self.cache, steps.shape[0], self.layout
-        for k, (tokens, keys, values) in enumerate(per_layer):
-            order = torch.argsort(tokens, stable=True)      # by token, each token's rows in step order
+            k_new = torch.cat(segments)[rows[order]]
+            v_new = torch.cat(values)[rows[order]]
             # per-token row counts without bincount, which reads the device for its size
             counts = torch.zeros(num_new, dtype=torch.int64, device=tokens.device).index_add_(
                 0, tokens, torch.ones_like(tokens))
-            first = cache.layers[k].append(keys[order], values[order]) + counts.cumsum(0) - counts
+            first = cache.layers[k].append(k_new, v_new) + counts.cumsum(0) - counts
             cache.token_first_row[k] = torch.cat([cache.token_first_row[k], first])
         longest = max(c + n for c, n in zip(layout.cached_lengths, layout.new_lengths))
         if longest > cache._token_table.shape[1]:

@@ -6,12 +6,12 @@ go through the feed-forward block. A token's key and value are computed once
 each time its visible state changes (the step after it ran). Nothing of size
 (max_steps, T_tok, D) or (queries, keys) is kept for the backward.
 
-Two paths compute it, forward and incremental (design §9, §14). The pool
-path (`token_ponder.py`: one key/value row per token, written in place)
-serves every backend but "reference" for LayerNorm layers without active
-dropout. The step-by-step path here serves the rest: keys and values live
-in a pool of rows, one segment per step, and a halted token's frozen rows
-are read through the token -> pool-row index (the Triton kernels never copy
+Two paths compute it (design §9). The pool path (`token_ponder.py`: one
+key/value row per token, written in place) serves every backend but
+"reference" for LayerNorm layers without active dropout. The step-by-step
+path here serves the rest and incremental decoding: keys and values live in
+a pool of rows, one segment per step, and a halted token's frozen rows are
+read through the token -> pool-row index (the Triton kernels never copy
 them; the reference attention gathers them per call and keeps no copy).
 """
 from __future__ import annotations
@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.act import get_kernels, kernel_ponder_loop, ponder
+from ..ops.act import get_kernels, ponder
 from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths
 from .checks import check_layer_input, check_layer_options
 from ..backends import resolve_encoder
 from ..ops.attention import attend, key_table, reference_ragged_attention
-from .token_ponder import CachedPoolStep, pool_ponder, supports
+from .token_ponder import pool_ponder, supports
 
 
 def causal_from(mask: Optional[Tensor], is_causal: bool, length: int) -> bool:
@@ -123,10 +123,6 @@ class _TokenStep:
 
     def _at(self, rows: Optional[Tensor]) -> Optional[Tensor]:
         return rows if self.positions is None or rows is None else self.positions[rows]
-
-    def commit(self, steps: Tensor) -> None:
-        """After an incremental call: the new tokens' rows go into the cache."""
-        self.context.commit(self.pools, steps)
 
     def project_changed(self) -> None:
         """Keys and values of the tokens that ran the previous step (all tokens
@@ -251,10 +247,8 @@ class RaggedBlock(nn.Module):
 
     def _cached_step(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], is_causal: bool,
                      layout: Optional[ChunkLayout]):
-        """Checks an incremental call and sets it up: the backends and the
-        step function that reads the cache (on the pool path where it can
-        serve, else step by step); `step.commit(steps)` stores the call's
-        rows after it."""
+        """Checks an incremental call and sets it up: the backends, the call's
+        view of the cache and the step function that reads it."""
         self._check_input(x, 2)
         lengths = chunk_lengths(cu_seqlens)
         sequences = list(sequences)
@@ -265,14 +259,8 @@ class RaggedBlock(nn.Module):
             raise ValueError("the layout was made for other chunk lengths than cu_seqlens gives")
         context = CacheContext(cache, sequences, layout)
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
-        if chosen.pool_path and supports(self.layers, self.final_norm, self.training):
-            heads = self.layers[0].self_attn.num_heads
-            totals = [c + n for c, n in zip(layout.cached_lengths, layout.new_lengths)]
-            keys = key_table(chosen.attention, context.cu_seqlens, context.num_cached + x.shape[0],
-                             context.max_seqlen, heads, self.d_model, True, 1.0 / (self.d_model // heads) ** 0.5,
-                             totals, x.dtype)
-            return chosen, CachedPoolStep(self.layers, self.final_norm, keys, x, context)
-        return chosen, _TokenStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context)
+        step = _TokenStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context)
+        return chosen, context, step
 
     def _check_input(self, x: Tensor, dims: int) -> None:
         if not isinstance(x, Tensor) or x.dim() != dims:
@@ -389,17 +377,13 @@ class ACTTransformerEncoder(RaggedBlock):
         only: it records no autograd graph. `layout`: the call's
         `ChunkLayout`, when the caller made it once for several caches of the
         same sequences (a language model's stacks)."""
-        chosen, step = self._cached_step(cache, x, cu_seqlens, sequences, is_causal, layout)
-        if isinstance(step, CachedPoolStep):
-            out = kernel_ponder_loop(get_kernels(chosen.kernels), step, (x,), False, self.halting.weight,
-                                     self.halting.bias, self.max_steps, self.eps)
-        else:
-            out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
-                         backend=chosen.halting)
+        chosen, context, step = self._cached_step(cache, x, cu_seqlens, sequences, is_causal, layout)
+        out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
+                     backend=chosen.halting)
         if self.max_steps > 1:
             # s^N of the tokens that ran the last step: later tokens read it at the first layer
             step.project_changed()
-        step.commit(out.steps)
+        context.commit(step.pools, out.steps)
         self.ponder_cost, self.steps = out.ponder_cost, out.steps
         return out.state
 
@@ -453,7 +437,7 @@ class CausalStack(RaggedBlock):
     def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
                layout: Optional[ChunkLayout] = None) -> Tensor:
         """`ACTTransformerEncoder.extend` for plain layers."""
-        _, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout)
+        _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout)
         out = step(x, 1, torch.arange(x.shape[0], device=x.device))
-        step.commit(torch.ones(x.shape[0], dtype=torch.int64, device=x.device))
+        context.commit(step.pools, torch.ones(x.shape[0], dtype=torch.int64, device=x.device))
         return out

@@ -59,13 +59,8 @@ def test_forward_shapes_padding_and_loss():
     torch.testing.assert_close(alone[0], logits[1, :4], atol=1e-10, rtol=0)
 
 
-# "auto" on the CPU: the stacks' incremental calls on the pool path (nn/token_ponder.py:CachedPoolStep)
-PATHS = pytest.mark.parametrize("backend", ["reference", "auto"], ids=["step_by_step", "pool_path"])
-
-
-@PATHS
-def test_greedy_generation_equals_the_forward_mixed_lengths(backend):
-    model = make(backend=backend)
+def test_greedy_generation_equals_the_forward_mixed_lengths():
+    model = make()
     given = prompts()
     out = model.generate(given, 7)
     assert [s.numel() for s in out.sequences] == [p.numel() + 7 for p in given]
@@ -74,9 +69,8 @@ def test_greedy_generation_equals_the_forward_mixed_lengths(backend):
     check_against_forward(model, given, out)
 
 
-@PATHS
-def test_generation_stops_after_eos_and_continuous_batching_refills_slots(backend):
-    model = make(seed=2, backend=backend)
+def test_generation_stops_after_eos_and_continuous_batching_refills_slots():
+    model = make(seed=2)
     given = prompts((4, 2, 7, 3, 5, 1), seed=3)
     free = model.generate(given, 8)
     eos = int(free.sequences[2][7 + 2])            # a token the third sequence generates third
@@ -89,9 +83,8 @@ def test_generation_stops_after_eos_and_continuous_batching_refills_slots(backen
     check_against_forward(model, given, out)
 
 
-@PATHS
-def test_every_chunking_of_a_prefill_gives_the_forward(backend):
-    model = make(seed=4, backend=backend)
+def test_every_chunking_of_a_prefill_gives_the_forward():
+    model = make(seed=4)
     seq = prompts((7,), seed=5)[0]
     with torch.no_grad():
         want = model(seq[None])[0]
@@ -141,9 +134,8 @@ def test_zero_new_tokens_and_max_len():
     assert [s.numel() for s in capped.sequences] == [9, 10]
 
 
-@PATHS
-def test_block_cache_keeps_ragged_rows(backend):
-    model = make(seed=7, backend=backend)
+def test_block_cache_keeps_ragged_rows():
+    model = make(seed=7)
     given = prompts((5, 3))
     caches = model.new_cache(2)
     model.extend(caches, torch.cat(given), [0, 5, 8], [0, 1])
@@ -174,9 +166,8 @@ def test_bad_generate_and_extend_calls():
     assert all(torch.equal(a, b) for a, b in zip(given, before))
 
 
-@PATHS
-def test_one_slot_one_token_prompts_and_an_immediate_eos(backend):
-    model = make(seed=8, backend=backend)
+def test_one_slot_one_token_prompts_and_an_immediate_eos():
+    model = make(seed=8)
     given = prompts((1, 1, 2), seed=9)
     free = model.generate(given, 3)
     eos = int(free.sequences[0][1])                 # the first token sequence 0 generates

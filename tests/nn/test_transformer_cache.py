@@ -85,15 +85,10 @@ def plans():
                 prompt_then_decode=prompt_then_decode)
 
 
-# "auto" on the CPU: the pool path's incremental step (nn/token_ponder.py:CachedPoolStep)
-PATHS = pytest.mark.parametrize("backend", ["reference", "auto"], ids=["step_by_step", "pool_path"])
-
-
-@PATHS
 @pytest.mark.parametrize("layers", [1, 2], ids=["layer", "block2"])
 @pytest.mark.parametrize("plan", list(plans()))
-def test_any_chunking_equals_the_causal_forward(layers, plan, backend):
-    enc = make(layers, backend=backend)
+def test_any_chunking_equals_the_causal_forward(layers, plan):
+    enc = make(layers)
     seqs = sequences()
     y_w, steps_w, cost_w = whole(enc, seqs)
     _, y_i, steps_i, cost_i = incremental(enc, seqs, plans()[plan])
@@ -105,9 +100,8 @@ def test_any_chunking_equals_the_causal_forward(layers, plan, backend):
         torch.testing.assert_close(cost_i[s], cost_w[s], atol=1e-10, rtol=0)
 
 
-@PATHS
-def test_cache_keeps_n_plus_one_rows_at_the_first_layer_and_n_at_the_others(backend):
-    enc = make(3, backend=backend)
+def test_cache_keeps_n_plus_one_rows_at_the_first_layer_and_n_at_the_others():
+    enc = make(3)
     seqs = sequences(seed=4)
     cache, _, steps, _ = incremental(enc, seqs, plans()["staggered"])
     total_n = int(torch.cat(steps).sum())
