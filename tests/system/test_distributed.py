@@ -1,6 +1,8 @@
 """Distributed training with torch.distributed on the CPU (gloo, 2 processes):
 after k optimizer steps, DDP and FSDP2 (`fully_shard`) replicas hold the
 parameters of one process trained on the whole batch, for every layer."""
+import datetime
+import gc
 import os
 import tempfile
 
@@ -48,7 +50,9 @@ def train(model, x, params):
 
 
 def _worker(rank, init_file, results, kind):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # a bounded wait: a rank that dies makes the other's collectives fail in 2 minutes, not hang the suite
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         for name in LAYERS:
             model = build(name)
@@ -66,6 +70,13 @@ def _worker(rank, init_file, results, kind):
                          for k, v in model.state_dict().items()}
             if rank == 0:
                 torch.save(state, os.path.join(results, f"{name}.pt"))
+            # the wrappers' C++ state (DDP's reducer, FSDP's hooks) goes while the group is alive:
+            # destroyed after it, at the worker's exit, it could hang or abort the process
+            del model, state
+            wrapped = None
+            gc.collect()
+        # every rank's collectives complete before any rank tears the group down
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
