@@ -135,10 +135,16 @@ def resolve_gates(backend: str, device: torch.device, dtype: torch.dtype = torch
     chosen = resolve(backend, device)
     if chosen in ("triton", "cuda"):
         return chosen
-    if (backend == "auto" and device.type == "cpu" and dtype in (torch.float32, torch.float64)
-            and not cuda_extension_error()):
+    if backend == "auto" and cpu_kernels_serve(device, dtype):
         return "cpu"
     return ""
+
+
+def cpu_kernels_serve(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the extension's CPU kernels (the cells' gates, ACT's halting
+    step) can serve tensors of this device and dtype: CPU float32/float64,
+    the extension built."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.float64) and not cuda_extension_error()
 
 
 def resolve_pondernet(backend: str, device: torch.device) -> str:
@@ -206,8 +212,7 @@ def resolve_encoder(backend: str, device: torch.device, dtype: torch.dtype) -> E
     kernels = halting
     if halting == "reference":
         # on the CPU the extension's halting step, where it is built ("cpu"), else the twins
-        cpu = device.type == "cpu" and dtype in (torch.float32, torch.float64) and not cuda_extension_error()
-        kernels = "cpu" if cpu else "twins"
+        kernels = "cpu" if cpu_kernels_serve(device, dtype) else "twins"
     return EncoderBackends(halting, resolve_attention("triton" if backend == "cuda" else backend, device, dtype),
                            backend != "reference", kernels)
 

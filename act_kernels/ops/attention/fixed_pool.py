@@ -69,13 +69,7 @@ def key_table(backend: str, cu_seqlens: Tensor, num_tokens: int, max_seqlen: int
         # row j of the (T_tok, 2 d_model) pool starts 2 d_model elements after row j - 1
         offsets = torch.arange(num_tokens, device=cu.device) * (2 * d_model)
     elif not uniform:
-        cu64 = cu.to(torch.int64)
-        slot = torch.arange(max_seqlen, device=cu.device)
-        lens = cu64[1:] - cu64[:-1]
-        key_slots = torch.where(slot[None] < lens[:, None], cu64[:-1, None] + slot[None], 0)
-        tokens = torch.arange(num_tokens, device=cu.device)
-        seq = torch.searchsorted(cu64[1:], tokens, right=True)
-        tok_flat = seq * max_seqlen + tokens - cu64[seq]
+        key_slots, tok_flat = reference.key_slots_and_tokens(cu, num_tokens, max_seqlen)
     return KeyTable(backend, cu, num_tokens, max_seqlen, heads, bool(causal), float(scale), accumulation_dtype(dtype),
                     cu.device.type == "cpu", uniform, key_slots, tok_flat, offsets)
 

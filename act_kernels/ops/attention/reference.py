@@ -56,6 +56,18 @@ class Layout(NamedTuple):
         return (allowed | ~self.real_q[:, :, None])[:, None]
 
 
+def key_slots_and_tokens(cu_seqlens: torch.Tensor, num_tokens: int, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The key side of the padded layout: (B, max_len) the token at each key
+    slot (a valid token at padding), and (T_tok,) the flat slot of every token."""
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    slot_k = torch.arange(max_len, device=cu.device)
+    key_slots = torch.where(slot_k[None] < lengths[:, None], cu[:-1, None] + slot_k[None], 0)
+    tokens = torch.arange(num_tokens, device=cu.device)
+    tok_seq = sequence_of_tokens(cu_seqlens, tokens)
+    return key_slots, tok_seq * max_len + tokens - cu[tok_seq]
+
+
 def layout(cu_seqlens: torch.Tensor, q_rows: torch.Tensor, num_tokens: int, max_len: Optional[int] = None) -> Layout:
     cu = cu_seqlens.to(torch.int64)
     lengths = cu[1:] - cu[:-1]
@@ -65,17 +77,13 @@ def layout(cu_seqlens: torch.Tensor, q_rows: torch.Tensor, num_tokens: int, max_
     counts = cu_q[1:] - cu_q[:-1]
     max_len = int(lengths.max()) if max_len is None else max_len
     max_q = int(counts.max())
-    slot_k = torch.arange(max_len, device=device)
     slot_q = torch.arange(max_q, device=device)
-    key_slots = torch.where(slot_k[None] < lengths[:, None], cu[:-1, None] + slot_k[None], 0)
+    key_slots, tok_flat = key_slots_and_tokens(cu_seqlens, num_tokens, max_len)
     real_q = slot_q[None] < counts[:, None]
     query_slots = torch.where(real_q, cu_q[:-1, None] + slot_q[None], 0)
     q_pos = q_rows[query_slots] - cu[:-1, None]
     q_seq = sequence_of_tokens(cu_seqlens, q_rows)
     q_flat = q_seq * max_q + torch.arange(q_rows.numel(), device=device) - cu_q[q_seq]
-    tokens = torch.arange(num_tokens, device=device)
-    tok_seq = sequence_of_tokens(cu_seqlens, tokens)
-    tok_flat = tok_seq * max_len + tokens - cu[tok_seq]
     return Layout(key_slots, query_slots, real_q, q_pos, lengths, q_flat, tok_flat)
 
 
