@@ -62,8 +62,8 @@ class ACTCache:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self._owner = weakref.ref(encoder)
         self.device, self.dtype = torch.device(device), dtype
-        self.layers = [_LayerRows(layer.self_attn.num_heads, encoder.d_model // layer.self_attn.num_heads,
-                                  device, dtype) for layer in encoder.layers]
+        kind = encoder.kind
+        self.layers = [_LayerRows(kind.kv_heads, kind.head_dim, device, dtype) for _ in range(len(kind))]
         self.batch_size = batch_size
         self.lengths: List[int] = [0] * batch_size
         # the cache's token ids, sequence by sequence: row s holds sequence s's

@@ -19,9 +19,10 @@ launch per layer and the halting launch of ACT's kernel loop.
 - The in-projection is sliced into its query and key/value rows once per
   call, not per step.
 
-It runs the layers as `nn.TransformerEncoderLayer` computes them
-(`supports` says which layers qualify: LayerNorms, a parameter-free
-activation, no active dropout); the encoder takes the step-by-step path of
+It runs the layers through their row adapter (`nn/layers/torch_encoder.py`,
+the same math the step-by-step path runs); `EncoderLayers.pool_path_supported`
+says which layers qualify (LayerNorms, a parameter-free activation, no
+active dropout). The encoder takes the step-by-step path of
 `nn/transformer.py` otherwise, and on backend="reference".
 """
 from __future__ import annotations
@@ -35,66 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from ..ops.act import Kernels, kernel_ponder_loop
 from ..ops.attention import KeyTable, pool_backward, pool_forward, pool_views, query_table
-
-
-def supports(layers: Sequence[nn.TransformerEncoderLayer], final_norm: Optional[nn.Module], training: bool) -> bool:
-    """Whether the pool path computes these layers exactly as torch does:
-    LayerNorm norms, an activation without parameters, and no dropout that
-    acts (attention-probability dropout has no Triton kernel, and the step
-    by step path already applies every dropout as torch's layer does)."""
-    norms = [n for layer in layers for n in (layer.norm1, layer.norm2)] + ([final_norm] if final_norm else [])
-    if not all(type(n) is nn.LayerNorm and len(n.normalized_shape) == 1 for n in norms):
-        return False
-    for layer in layers:
-        act = layer.activation
-        if isinstance(act, nn.Module) and any(True for _ in act.parameters()):
-            return False
-        dropouts = (layer.dropout.p, layer.dropout1.p, layer.dropout2.p, layer.self_attn.dropout)
-        if training and any(p > 0 for p in dropouts):
-            return False
-    return True
-
-
-class _LayerMath:
-    """One layer's math on rows. The in-projection's query and key/value
-    rows are sliced once per call (a slice per step would cost autograd a
-    slice backward per step)."""
-
-    def __init__(self, layer: nn.TransformerEncoderLayer):
-        attn = layer.self_attn
-        d = attn.embed_dim
-        self.d, self.heads = d, attn.num_heads
-        self.norm_first, self.activation = layer.norm_first, layer.activation
-        w, b = attn.in_proj_weight, attn.in_proj_bias
-        self.q_w, self.kv_w = w[:d], w[d:]
-        self.q_b, self.kv_b = (None, None) if b is None else (b[:d], b[d:])
-        self.out_w, self.out_b = attn.out_proj.weight, attn.out_proj.bias
-        self.n1_w, self.n1_b, self.eps1 = layer.norm1.weight, layer.norm1.bias, layer.norm1.eps
-        self.n2_w, self.n2_b, self.eps2 = layer.norm2.weight, layer.norm2.bias, layer.norm2.eps
-        self.l1_w, self.l1_b = layer.linear1.weight, layer.linear1.bias
-        self.l2_w, self.l2_b = layer.linear2.weight, layer.linear2.bias
-
-    def project_kv(self, x: Tensor) -> Tensor:
-        """(rows, 2 d_model): the keys and values of rows, as one pool row each."""
-        h = F.layer_norm(x, (self.d,), self.n1_w, self.n1_b, self.eps1) if self.norm_first else x
-        return F.linear(h, self.kv_w, self.kv_b)
-
-    def __call__(self, x: Tensor, attend) -> Tensor:
-        """nn.TransformerEncoderLayer's forward on rows; attend(q (A, heads,
-        head_dim)) -> (A, heads, head_dim) reads the pool."""
-        if self.norm_first:
-            x = x + self._attention(F.layer_norm(x, (self.d,), self.n1_w, self.n1_b, self.eps1), attend)
-            return x + self._feed_forward(F.layer_norm(x, (self.d,), self.n2_w, self.n2_b, self.eps2))
-        x = F.layer_norm(x + self._attention(x, attend), (self.d,), self.n1_w, self.n1_b, self.eps1)
-        return F.layer_norm(x + self._feed_forward(x), (self.d,), self.n2_w, self.n2_b, self.eps2)
-
-    def _attention(self, h: Tensor, attend) -> Tensor:
-        rows = h.shape[0]
-        q = F.linear(h, self.q_w, self.q_b).view(rows, self.heads, self.d // self.heads)
-        return F.linear(attend(q).reshape(rows, self.d), self.out_w, self.out_b)
-
-    def _feed_forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.activation(F.linear(x, self.l1_w, self.l1_b)), self.l2_w, self.l2_b)
+from .layers import EncoderLayerRows
 
 
 class _Pool:
@@ -189,7 +131,7 @@ class PoolStep:
 
     def __init__(self, layers: Sequence[nn.TransformerEncoderLayer], final_norm: Optional[nn.LayerNorm],
                  keys: KeyTable, x: Tensor):
-        self.math = [_LayerMath(layer) for layer in layers]
+        self.math = [EncoderLayerRows(layer, training=False) for layer in layers]
         self.norm = None if final_norm is None else (final_norm.weight, final_norm.bias, final_norm.eps)
         self.keys, self.dtype = keys, x.dtype
         self.pools = [_Pool() for _ in layers]
@@ -202,10 +144,14 @@ class PoolStep:
         tokens (at step 1: every token, in order)."""
         queries = query_table(self.keys, active, x.shape[0])
         rows = None if n == 1 else active
+        first = self.math[0].key_values(self.changed)   # the first layer's rows: every token that ran the step before
         for k, (math, pool) in enumerate(zip(self.math, self.pools)):
-            source, written = (self.changed, self.changed_rows) if k == 0 else (x, rows)
-            kv = math.project_kv(source)
-            x = math(x, lambda q: pool_attend(pool, self.keys, queries, written, q, kv))  # noqa: B023
+            written = self.changed_rows if k == 0 else rows
+
+            def attend(q, kv, scale, dropout_p):
+                return pool_attend(pool, self.keys, queries, written, q, first if k == 0 else kv())
+
+            x = math.forward(x, active, attend)
         if self.norm is not None:
             x = F.layer_norm(x, (x.shape[1],), *self.norm)
         # under autocast the layers return the autocast dtype; the state keeps the input's

@@ -16,7 +16,7 @@ them; the reference attention gathers them per call and keeps no copy).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,10 @@ from ..ops.act import get_kernels, ponder
 from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths
 from .checks import check_layer_input, check_layer_options
 from ..backends import resolve_encoder
-from ..ops.attention import attend, key_table, reference_ragged_attention
-from .token_ponder import pool_ponder, supports
+from ..ops.attention import attend as attend_rows
+from ..ops.attention import key_table, reference_ragged_attention
+from .layers import DecoderLayers, EncoderLayers
+from .token_ponder import pool_ponder
 
 
 def causal_from(mask: Optional[Tensor], is_causal: bool, length: int) -> bool:
@@ -106,14 +108,19 @@ class _TokenStep:
     through its final state s^N, at every other layer through the rows of
     its last step. With a cache context, the cached tokens of the same
     sequences are read too, through the index, for the step they had
-    reached (`ACTTransformerEncoder.extend`)."""
+    reached (`extend`). It knows the layers only by their row adapters
+    (nn/layers)."""
 
-    def __init__(self, enc: "ACTTransformerEncoder", x: Tensor, cu_seqlens: Tensor, causal: bool,
-                 max_seqlen: int, attention_backend: str, context=None):
-        self.enc, self.cu_seqlens, self.causal = enc, cu_seqlens, causal
+    def __init__(self, block: "RaggedBlock", x: Tensor, cu_seqlens: Tensor, causal: bool,
+                 max_seqlen: int, attention_backend: str, context=None, positions: Optional[Tensor] = None):
+        self.cu_seqlens, self.causal = cu_seqlens, causal
         self.max_seqlen, self.backend = max_seqlen, attention_backend
         self.context = context
-        self.layers, self.final_norm = enc.layers, enc.final_norm   # read once per call, not per step
+        kind = block.kind
+        # read once per call, not per step
+        self.layers, self.final_norm = kind.rows(block.training, positions), kind.final_norm()
+        self.kv_width = kind.kv_heads * kind.head_dim
+        self.kv_shape = (kind.kv_heads, kind.head_dim)
         num_tokens = x.shape[0] + (context.num_cached if context is not None else 0)
         self.pools = [_Pool(num_tokens, x.device, context.buffers(k) if context is not None else None,
                             record=context is not None) for k in range(len(self.layers))]
@@ -124,30 +131,45 @@ class _TokenStep:
     def _at(self, rows: Optional[Tensor]) -> Optional[Tensor]:
         return rows if self.positions is None or rows is None else self.positions[rows]
 
+    def _split(self, kv: Tensor) -> Tuple[Tensor, Tensor]:
+        rows = kv.shape[0]
+        return kv[:, :self.kv_width].view(rows, *self.kv_shape), kv[:, self.kv_width:].view(rows, *self.kv_shape)
+
     def project_changed(self) -> None:
         """Keys and values of the tokens that ran the previous step (all tokens
         at step 1) join the first layer's pool; every other token keeps its
         rows there."""
         changed = self.changed_rows
-        k_new, v_new = self.enc._project_kv(self.changed, self.layers[0])
-        self.pools[0].append(k_new, v_new, changed, self._at(changed) if changed is not None else self.positions)
+        at = self._at(changed) if changed is not None else self.positions
+        k_new, v_new = self._split(self.layers[0].key_values(self.changed, at))
+        self.pools[0].append(k_new, v_new, changed, at)
+
+    def _attend(self, k: int, pool: "_Pool", q_rows: Tensor, active: Optional[Tensor], everyone: bool):
+        """The attention one layer's rows call: a later layer first writes the
+        running tokens' rows of this step (every other token keeps the rows
+        of its last step), then the queries read the pool."""
+
+        def attend(q: Tensor, kv, scale: float, dropout_p: float) -> Tensor:
+            if k:
+                k_new, v_new = self._split(kv())
+                pool.append(k_new, v_new, None if everyone else active, None if everyone else q_rows)
+            if dropout_p > 0:
+                return reference_ragged_attention(q, pool.k, pool.v, self.cu_seqlens, q_rows, pool.kv_rows,
+                                                  self.causal, scale, dropout_p=dropout_p)
+            return attend_rows(q, pool.k, pool.v, self.cu_seqlens, q_rows, pool.kv_rows, self.causal, scale,
+                               self.max_seqlen, self.backend)
+
+        return attend
 
     def __call__(self, state: Tensor, n: int, active: Tensor) -> Tensor:
-        enc = self.enc
         self.project_changed()
         if self.context is not None:
             self.context.read_cached(self.pools, n)
         at = self._at(active)
+        everyone = n == 1 and self.positions is None   # step 1 of a plain call: all tokens, in order
         x = state
-        for k, layer in enumerate(self.layers):
-            pool = self.pools[k]
-            if k:
-                # a later layer reads the running tokens' rows of this step, and
-                # every other token's rows of its last step
-                k_new, v_new = enc._project_kv(x, layer)
-                everyone = n == 1 and self.positions is None   # step 1 of a plain call: all tokens, in order
-                pool.append(k_new, v_new, None if everyone else active, None if everyone else at)
-            x = enc._layer_rows(x, at, self, pool, layer)
+        for k, (layer, pool) in enumerate(zip(self.layers, self.pools)):
+            x = layer.forward(x, at, self._attend(k, pool, at, active, everyone))
         if self.final_norm is not None:
             x = self.final_norm(x)
         # Under autocast the layer returns the autocast dtype; the ponder keeps
@@ -158,97 +180,51 @@ class _TokenStep:
 
 
 class RaggedBlock(nn.Module):
-    """A block of `nn.TransformerEncoderLayer`s evaluated on packed rows:
-    the layers' math on the running tokens' rows, reading keys and values
-    from per-layer pools through ragged attention, and a cache for causal
-    incremental evaluation. `ACTTransformerEncoder` ponders over it; a
-    language model's plain layers run it for one step (`CausalStack`)."""
+    """A block of layers evaluated on packed rows: the layers' math on the
+    running tokens' rows (through a layer kind's row adapters, nn/layers),
+    reading keys and values from per-layer pools through ragged attention,
+    and a cache for causal incremental evaluation. `ACTTransformerEncoder`
+    ponders over it; a language model's plain layers run it for one step
+    (`CausalStack`).
 
-    def __init__(self, encoder_layer: Union[nn.TransformerEncoderLayer, nn.TransformerEncoder], backend: str):
+    encoder_layer: an `nn.TransformerEncoderLayer` or `nn.TransformerEncoder`
+    (registered as `.layer`), or a layer kind from `act_kernels.nn.layers`
+    (a transformers model's decoder layers: not registered here, they stay
+    the model's own modules)."""
+
+    def __init__(self, encoder_layer, backend: str):
         super().__init__()
-        if isinstance(encoder_layer, nn.TransformerEncoder):
-            layers = list(encoder_layer.layers)
-        elif isinstance(encoder_layer, nn.TransformerEncoderLayer):
-            layers = [encoder_layer]
+        if isinstance(encoder_layer, (EncoderLayers, DecoderLayers)):
+            self.kind = encoder_layer
         else:
-            raise TypeError(f"encoder_layer must be a torch.nn.TransformerEncoderLayer or a "
-                            f"torch.nn.TransformerEncoder of them, got {type(encoder_layer).__name__}")
-        if not layers or not all(isinstance(layer, nn.TransformerEncoderLayer) for layer in layers):
-            raise TypeError("a TransformerEncoder block must hold one or more TransformerEncoderLayers")
-        first = layers[0].self_attn
-        for layer in layers:
-            attn = layer.self_attn
-            if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
-                raise ValueError("the layer's self-attention must use one in-projection, no bias_k/bias_v "
-                                 "and no add_zero_attn (as nn.TransformerEncoderLayer builds it)")
-            if attn.embed_dim != first.embed_dim or attn.batch_first != first.batch_first:
-                raise ValueError("every layer of the block must share d_model and batch_first")
-        self.layer = encoder_layer
-        self.d_model = first.embed_dim
+            self.kind = EncoderLayers(encoder_layer)
+        if isinstance(self.kind, EncoderLayers):
+            self.layer = self.kind.module
+        self.d_model = self.kind.d_model
         self.backend = backend
 
     @property
-    def layers(self) -> List[nn.TransformerEncoderLayer]:
+    def layers(self) -> List[nn.Module]:
         """The block's layers in the order a ponder step applies them."""
-        return list(self.layer.layers) if isinstance(self.layer, nn.TransformerEncoder) else [self.layer]
+        return self.kind.layers
 
     @property
     def final_norm(self) -> Optional[nn.Module]:
-        """A TransformerEncoder's final norm, applied at the end of every step."""
-        return self.layer.norm if isinstance(self.layer, nn.TransformerEncoder) else None
-
-    # -- the layer's math, on rows -------------------------------------------------
-
-    def _heads(self, t: Tensor, layer: nn.TransformerEncoderLayer) -> Tensor:
-        heads = layer.self_attn.num_heads
-        return t.reshape(t.shape[0], heads, self.d_model // heads)
-
-    def _project_kv(self, visible: Tensor, layer: nn.TransformerEncoderLayer) -> Tuple[Tensor, Tensor]:
-        """The keys and values one layer makes of rows."""
-        d = self.d_model
-        h = layer.norm1(visible) if layer.norm_first else visible
-        w, b = layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias
-        kv = F.linear(h, w[d:], None if b is None else b[d:])
-        return self._heads(kv[:, :d], layer), self._heads(kv[:, d:], layer)
-
-    def _attention(self, x: Tensor, q_rows: Tensor, step: _TokenStep, pool: _Pool,
-                   layer: nn.TransformerEncoderLayer) -> Tensor:
-        d = self.d_model
-        attn = layer.self_attn
-        w, b = attn.in_proj_weight, attn.in_proj_bias
-        q = self._heads(F.linear(x, w[:d], None if b is None else b[:d]), layer)
-        scale = 1.0 / (d // attn.num_heads) ** 0.5
-        if self.training and attn.dropout > 0:
-            out = reference_ragged_attention(q, pool.k, pool.v, step.cu_seqlens, q_rows, pool.kv_rows,
-                                             step.causal, scale, dropout_p=attn.dropout)
-        else:
-            out = attend(q, pool.k, pool.v, step.cu_seqlens, q_rows, pool.kv_rows, step.causal, scale,
-                         step.max_seqlen, step.backend)
-        return attn.out_proj(out.reshape(out.shape[0], d))
-
-    @staticmethod
-    def _feed_forward(x: Tensor, layer: nn.TransformerEncoderLayer) -> Tensor:
-        return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
-
-    def _layer_rows(self, x: Tensor, q_rows: Tensor, step: _TokenStep, pool: _Pool,
-                    layer: nn.TransformerEncoderLayer) -> Tensor:
-        """nn.TransformerEncoderLayer's forward for the running tokens' rows x."""
-        if layer.norm_first:
-            x = x + layer.dropout1(self._attention(layer.norm1(x), q_rows, step, pool, layer))
-            return x + self._feed_forward(layer.norm2(x), layer)
-        x = layer.norm1(x + layer.dropout1(self._attention(x, q_rows, step, pool, layer)))
-        return layer.norm2(x + self._feed_forward(x, layer))
+        """The norm applied at the end of every step, if any."""
+        return self.kind.norm
 
     def new_cache(self, batch_size: int) -> ACTCache:
         """An empty key/value cache for `batch_size` sequences, on this
         encoder's device and in its dtype, for `extend`."""
-        weight = self.layers[0].self_attn.in_proj_weight
+        weight = self.kind.weight
         return ACTCache(self, batch_size, weight.device, weight.dtype)
 
     def _cached_step(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], is_causal: bool,
-                     layout: Optional[ChunkLayout]):
+                     layout: Optional[ChunkLayout], positions: Optional[Tensor] = None):
         """Checks an incremental call and sets it up: the backends, the call's
-        view of the cache and the step function that reads it."""
+        view of the cache and the step function that reads it. positions:
+        the new tokens' positions in their sequences (layers with rotary
+        embeddings need them)."""
         self._check_input(x, 2)
         lengths = chunk_lengths(cu_seqlens)
         sequences = list(sequences)
@@ -259,16 +235,19 @@ class RaggedBlock(nn.Module):
             raise ValueError("the layout was made for other chunk lengths than cu_seqlens gives")
         context = CacheContext(cache, sequences, layout)
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
-        step = _TokenStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context)
+        if positions is not None:   # the step reads rows by packed index: cached tokens first, then the new ones
+            positions = positions.new_zeros(layout.num_cached + x.shape[0]).index_copy_(
+                0, layout.new_positions, positions)
+        step = _TokenStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context,
+                          positions)
         return chosen, context, step
 
     def _check_input(self, x: Tensor, dims: int) -> None:
         if not isinstance(x, Tensor) or x.dim() != dims:
             raise ValueError(f"expected a {dims}-D input, got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"input has {x.shape[-1]} features, expected d_model = {self.d_model}")
-        check_layer_input(x, self.layers[0].self_attn.in_proj_weight)
+        self.kind.check_input(x)
+        check_layer_input(x, self.kind.weight)
 
 
 class ACTTransformerEncoder(RaggedBlock):
@@ -307,11 +286,11 @@ class ACTTransformerEncoder(RaggedBlock):
         loss = task_loss(y) + tau * enc.ponder_cost.sum() / (~pad).sum()
     """
 
-    def __init__(self, encoder_layer: Union[nn.TransformerEncoderLayer, nn.TransformerEncoder], *,
-                 max_steps: int = 8, eps: float = 0.01, halting_bias_init: float = 1.0, backend: str = "auto"):
+    def __init__(self, encoder_layer, *, max_steps: int = 8, eps: float = 0.01, halting_bias_init: float = 1.0,
+                 backend: str = "auto"):
         check_layer_options(max_steps, eps, backend)
         super().__init__(encoder_layer, backend)
-        weight = self.layers[0].self_attn.in_proj_weight
+        weight = self.kind.weight
         self.max_steps, self.eps = max_steps, float(eps)
         self.halting = nn.Linear(self.d_model, 1, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
@@ -325,10 +304,11 @@ class ACTTransformerEncoder(RaggedBlock):
     # -- entry points -----------------------------------------------------------
 
     def forward_packed(self, x: Tensor, cu_seqlens: Tensor, *, is_causal: bool = False,
-                       max_seqlen: Optional[int] = None) -> Tensor:
+                       max_seqlen: Optional[int] = None, positions: Optional[Tensor] = None) -> Tensor:
         """Packed entry point: x (T_tok, D), the sequences' tokens back to back;
         cu_seqlens (B + 1,) int32. Returns (T_tok, D); `.ponder_cost` and
-        `.steps` become (T_tok,)."""
+        `.steps` become (T_tok,). positions (T_tok,) int64: every token's
+        position in its sequence, for layers with rotary embeddings."""
         self._check_input(x, 2)
         if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
             raise TypeError("cu_seqlens must be a 1-D int32 tensor of B + 1 offsets")
@@ -349,15 +329,15 @@ class ACTTransformerEncoder(RaggedBlock):
             # a smaller one would make the kernels skip query blocks and leave rows unwritten
             raise ValueError(f"max_seqlen must be an int >= the longest sequence ({longest}), got {max_seqlen!r}")
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
-        if chosen.pool_path and supports(self.layers, self.final_norm, self.training):
-            heads = self.layers[0].self_attn.num_heads
+        if chosen.pool_path and self.kind.pool_path_supported(self.training):
+            heads = self.kind.heads
             keys = key_table(chosen.attention, cu_seqlens, x.shape[0], max_seqlen, heads, self.d_model,
                              bool(is_causal), 1.0 / (self.d_model // heads) ** 0.5, lengths, x.dtype)
             out = pool_ponder(self.layers, self.final_norm, keys, get_kernels(chosen.kernels), x,
                               self.halting.weight, self.halting.bias, self.max_steps, self.eps)
             self.ponder_cost, self.steps = out.ponder_cost, out.steps
             return out.state
-        step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention)
+        step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
         out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                      backend=chosen.halting)
         self.ponder_cost, self.steps = out.ponder_cost, out.steps
@@ -365,7 +345,8 @@ class ACTTransformerEncoder(RaggedBlock):
 
     @torch.no_grad()
     def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
-               is_causal: bool = True, layout: Optional[ChunkLayout] = None) -> Tensor:
+               is_causal: bool = True, layout: Optional[ChunkLayout] = None,
+               positions: Optional[Tensor] = None) -> Tensor:
         """Causal incremental evaluation (design §14): appends a chunk of new
         tokens to each of the cache's `sequences` (any subset, each once) and
         ponders them. x (T_new, D): the chunks back to back; cu_seqlens: their
@@ -377,7 +358,7 @@ class ACTTransformerEncoder(RaggedBlock):
         only: it records no autograd graph. `layout`: the call's
         `ChunkLayout`, when the caller made it once for several caches of the
         same sequences (a language model's stacks)."""
-        chosen, context, step = self._cached_step(cache, x, cu_seqlens, sequences, is_causal, layout)
+        chosen, context, step = self._cached_step(cache, x, cu_seqlens, sequences, is_causal, layout, positions)
         out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                      backend=chosen.halting)
         if self.max_steps > 1:
@@ -394,7 +375,7 @@ class ACTTransformerEncoder(RaggedBlock):
                              f"got {tuple(src.shape) if isinstance(src, Tensor) else type(src).__name__}")
         self._check_input(src, src.dim())
         unbatched = src.dim() == 2
-        batch_first = self.layers[0].self_attn.batch_first
+        batch_first = self.kind.batch_first
         x = src.unsqueeze(0) if unbatched else (src if batch_first else src.transpose(0, 1))  # (B, L, D)
         batch, length = x.shape[:2]
         pad = src_key_padding_mask
@@ -422,22 +403,23 @@ class CausalStack(RaggedBlock):
     block: the prelude and coda of a looped language model. Every token
     runs exactly once, so its cache holds one row per layer."""
 
-    def __init__(self, encoder_layer: Union[nn.TransformerEncoderLayer, nn.TransformerEncoder],
-                 backend: str = "auto"):
+    def __init__(self, encoder_layer, backend: str = "auto"):
         check_layer_options(1, 0.5, backend)
         super().__init__(encoder_layer, backend)
 
-    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
-        """x (T_tok, D) packed sequences, cu_seqlens (B + 1,) int32: the causal stack's output."""
+    def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                       positions: Optional[Tensor] = None) -> Tensor:
+        """x (T_tok, D) packed sequences, cu_seqlens (B + 1,) int32: the causal
+        stack's output. positions: as `ACTTransformerEncoder.forward_packed`."""
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
-        step = _TokenStep(self, x, cu_seqlens, True, max_seqlen, chosen.attention)
+        step = _TokenStep(self, x, cu_seqlens, True, max_seqlen, chosen.attention, positions=positions)
         return step(x, 1, torch.arange(x.shape[0], device=x.device))
 
     @torch.no_grad()
     def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
-               layout: Optional[ChunkLayout] = None) -> Tensor:
+               layout: Optional[ChunkLayout] = None, positions: Optional[Tensor] = None) -> Tensor:
         """`ACTTransformerEncoder.extend` for plain layers."""
-        _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout)
+        _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout, positions)
         out = step(x, 1, torch.arange(x.shape[0], device=x.device))
         context.commit(step.pools, torch.ones(x.shape[0], dtype=torch.int64, device=x.device))
         return out

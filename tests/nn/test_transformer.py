@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import act_kernels as ak
+from act_kernels.nn.layers import EncoderLayerRows
 from dense_encoder import dense_act_encoder
 from helpers import DEVICE, assert_close, assert_grads_match
 
@@ -152,14 +153,21 @@ def test_triton_backends_under_interpreter(norm_first, causal):
 # work and memory grow with sum N
 # ---------------------------------------------------------------------------
 
-def test_feed_forward_rows_equal_sum_n_and_kv_once():
+def test_feed_forward_rows_equal_sum_n_and_kv_once(monkeypatch):
     enc = make(max_steps=8)
     x, pad = inputs(batch=4, length=9, seed=10)
     ff_rows, kv_rows, q_rows = [], [], []
-    enc.layer.linear1.register_forward_pre_hook(lambda m, a: ff_rows.append(a[0].shape[0]))
-    project_kv = enc._project_kv
-    enc._project_kv = lambda v, layer: (kv_rows.append(v.shape[0]), project_kv(v, layer))[1]
-    enc.layer.self_attn.out_proj.register_forward_pre_hook(lambda m, a: q_rows.append(a[0].shape[0]))
+    key_values, forward = EncoderLayerRows.key_values, EncoderLayerRows.forward
+    monkeypatch.setattr(EncoderLayerRows, "key_values",
+                        lambda self, v, rows=None: (kv_rows.append(v.shape[0]), key_values(self, v, rows))[1])
+    monkeypatch.setattr(EncoderLayerRows, "forward",
+                        lambda self, v, rows, attend: (ff_rows.append(v.shape[0]), forward(self, v, rows, attend))[1])
+
+    def counting(attend):
+        return lambda q, kv, scale, p: (q_rows.append(q.shape[0]), attend(q, kv, scale, p))[1]
+
+    monkeypatch.setattr(EncoderLayerRows, "_attention",
+                        lambda self, h, attend, f=EncoderLayerRows._attention: f(self, h, counting(attend)))
     enc(x, src_key_padding_mask=pad)
     steps = enc.steps[~pad]
     total, sum_n = steps.numel(), int(steps.sum())
@@ -242,7 +250,7 @@ def test_bad_construction(kwargs, exc, match):
 def test_bad_call_raises_before_any_kernel(monkeypatch):
     enc = make(dtype=torch.float32)
     x, pad = inputs(dtype=torch.float32)
-    monkeypatch.setattr(enc, "_layer_rows", lambda *a: (_ for _ in ()).throw(AssertionError("ran")))
+    monkeypatch.setattr(EncoderLayerRows, "forward", lambda *a: (_ for _ in ()).throw(AssertionError("ran")))
     arbitrary = torch.zeros(7, 7, dtype=torch.bool, device=DEVICE)
     arbitrary[0, 3] = True
     cases = [

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import act_kernels as ak
+from act_kernels.nn.layers import EncoderLayerRows
 from helpers import DEVICE
 
 LENGTHS = [7, 4, 6]
@@ -129,7 +130,7 @@ def test_bad_extend_calls_are_refused_before_anything_runs(monkeypatch):
     cache = enc.new_cache(2)
     x = torch.randn(3, 16, dtype=torch.float64, device=DEVICE)
     ran = []
-    monkeypatch.setattr(enc, "_layer_rows", lambda *a: ran.append(1))
+    monkeypatch.setattr(EncoderLayerRows, "forward", lambda *a: ran.append(1))
     cases = [
         (dict(cache=other.new_cache(2)), ValueError, "belongs to another encoder"),
         (dict(is_causal=False), ValueError, "causal evaluation only"),
