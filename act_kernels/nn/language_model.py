@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .checks import check_layer_options
 from .cache import ChunkLayout, check_sequences, chunk_lengths
+from .generation import generate_batched
 from .transformer import ACTTransformerEncoder, CausalStack
 
 
@@ -201,52 +202,12 @@ class ACTLanguageModel(nn.Module):
             self.train(was_training)
 
     def _generate(self, prompts, max_new_tokens, temperature, top_k, eos, generator, slots) -> Generation:
-        caches = self.new_cache(slots)
-        waiting = list(range(len(prompts)))
-        tokens = [p.clone() for p in prompts]                    # each sequence so far
-        steps: List[List[Tensor]] = [[] for _ in prompts]
-        scores: List[List[Tensor]] = [[] for _ in prompts]
-        in_slot = [None] * slots                                  # the prompt a slot serves
-        fed = [0] * len(prompts)                                  # tokens of each sequence already in its cache
-        finished = [False] * len(prompts)
-        while waiting or any(i is not None for i in in_slot):
-            for slot in range(slots):
-                if in_slot[slot] is None and waiting:
-                    in_slot[slot] = waiting.pop(0)
-                    for cache in caches:
-                        cache.reset(slot)
-            busy = [slot for slot in range(slots) if in_slot[slot] is not None]
-            chunks = [tokens[in_slot[s]][fed[in_slot[s]]:] for s in busy]
-            offsets = [0]
-            for c in chunks:
-                offsets.append(offsets[-1] + c.numel())
-            logits = self.extend(caches, torch.cat(chunks), offsets, busy)
-            choosing = []
-            for j, slot in enumerate(busy):
-                i = in_slot[slot]
-                steps[i].append(self.steps[offsets[j]:offsets[j + 1]].clone())
-                fed[i] = tokens[i].numel()
-                generated = tokens[i].numel() - prompts[i].numel()
-                if generated >= max_new_tokens or tokens[i].numel() >= self.max_len:
-                    finished[i] = True
-                if finished[i]:
-                    # every token of the sequence is in the cache and has its steps: the slot is free
-                    in_slot[slot] = None
-                else:
-                    choosing.append((i, offsets[j + 1] - 1))
-            if not choosing:
-                continue
-            rows = logits[torch.tensor([r for _, r in choosing], device=logits.device)]
-            # the next tokens of every running sequence, brought to the host in one read per call
-            chosen = self._choose(rows, temperature, top_k, generator)
-            for (i, _), row, nxt, value in zip(choosing, rows, chosen, chosen.tolist()):
-                scores[i].append(row)
-                tokens[i] = torch.cat([tokens[i], nxt.view(1)])
-                if eos is not None and value == eos:
-                    finished[i] = True    # its last token is fed next round, for its steps
+        sequences, steps, scores = generate_batched(
+            self.extend, lambda: self.steps, self.new_cache(slots), prompts, max_new_tokens, eos, self.max_len,
+            lambda logits: self._choose(logits, temperature, top_k, generator))
         vocab = self.vocab_size
         return Generation(
-            sequences=tokens,
+            sequences=sequences,
             steps=[torch.cat(s) if s else torch.zeros(0, dtype=torch.int64) for s in steps],
             scores=[torch.stack(s) if s else torch.zeros(0, vocab) for s in scores],
         )

@@ -119,6 +119,10 @@ class _TokenStep:
         kind = block.kind
         # read once per call, not per step
         self.layers, self.final_norm = kind.rows(block.training, positions), kind.final_norm()
+        # a layer whose forward computes its rows' keys and values anyway (a
+        # transformers layer) writes the running tokens' first-layer rows from
+        # it; only the tokens that have just halted need key_values
+        self.kv_in_forward = kind.kv_in_forward
         self.kv_width = kind.kv_heads * kind.head_dim
         self.kv_shape = (kind.kv_heads, kind.head_dim)
         num_tokens = x.shape[0] + (context.num_cached if context is not None else 0)
@@ -144,13 +148,31 @@ class _TokenStep:
         k_new, v_new = self._split(self.layers[0].key_values(self.changed, at))
         self.pools[0].append(k_new, v_new, changed, at)
 
+    def project_halted(self, active: Tensor) -> None:
+        """The first layer's rows of the tokens that ran the previous step but
+        not this one (they have just halted: their final state s^N). Both
+        index lists ascend and the count is known on the host, so the halted
+        ones are picked without a device read."""
+        changed = self.changed_rows
+        halted = changed.numel() - active.numel()
+        if halted == 0:
+            return
+        running = torch.isin(changed, active)
+        local = torch.argsort(running.to(torch.int8), stable=True)[:halted]   # the False entries, in order
+        rows = changed[local]
+        at = self._at(rows)
+        k_new, v_new = self._split(self.layers[0].key_values(self.changed[local], at))
+        self.pools[0].append(k_new, v_new, rows, at)
+
     def _attend(self, k: int, pool: "_Pool", q_rows: Tensor, active: Optional[Tensor], everyone: bool):
-        """The attention one layer's rows call: a later layer first writes the
-        running tokens' rows of this step (every other token keeps the rows
-        of its last step), then the queries read the pool."""
+        """The attention one layer's rows call: a later layer (and the first,
+        for a layer that computes keys and values in its forward) first writes
+        the running tokens' rows of this step (every other token keeps the
+        rows of its last step), then the queries read the pool."""
+        writes = k > 0 or self.kv_in_forward
 
         def attend(q: Tensor, kv, scale: float, dropout_p: float) -> Tensor:
-            if k:
+            if writes:
                 k_new, v_new = self._split(kv())
                 pool.append(k_new, v_new, None if everyone else active, None if everyone else q_rows)
             if dropout_p > 0:
@@ -162,7 +184,10 @@ class _TokenStep:
         return attend
 
     def __call__(self, state: Tensor, n: int, active: Tensor) -> Tensor:
-        self.project_changed()
+        if not self.kv_in_forward:
+            self.project_changed()
+        elif self.changed_rows is not None:
+            self.project_halted(active)
         if self.context is not None:
             self.context.read_cached(self.pools, n)
         at = self._at(active)

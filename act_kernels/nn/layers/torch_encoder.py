@@ -102,6 +102,7 @@ class EncoderLayers:
         self.d_model, self.heads = first.embed_dim, first.num_heads
         self.kv_heads, self.head_dim = self.heads, self.d_model // self.heads
         self.batch_first = first.batch_first
+        self.kv_in_forward = False   # its key/value projection is one matmul of its own
 
     @property
     def layers(self) -> List[nn.TransformerEncoderLayer]:

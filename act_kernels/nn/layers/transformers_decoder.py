@@ -121,6 +121,7 @@ class DecoderLayers:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or self.d_model // self.heads
         self.batch_first = True
+        self.kv_in_forward = True    # its forward computes every row's keys and values
 
     @property
     def layers(self) -> List[nn.Module]:

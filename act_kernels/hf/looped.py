@@ -1,0 +1,348 @@
+"""`LoopedCausalLM`: per-token ACT over a transformers causal LM's own decoder
+layers (design §15). Composition:
+
+    embed -> prelude layers [0, start) once -> the block [start, stop),
+    pondered per token with ACT -> coda layers [stop, L) once -> final norm -> head
+
+on the package's one engine (nn/transformer.py over nn/layers'
+`DecoderLayers`): padding is never a row, each token halts on its own, the
+work is Σ N rows at the block's layers (and the keys and values of a token
+that has just halted at its first layer), keys and values stay at the
+model's kv heads (grouped-query attention, never repeated), and generation
+runs batched over the ragged cache of design §14.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn import ACTTransformerEncoder, CausalStack
+from ..nn.cache import ChunkLayout
+from ..nn.checks import check_layer_options
+from ..nn.generation import generate_batched
+from ..nn.layers import DecoderLayers
+from .attention import ours
+from .checks import check_block, check_model, check_routes_attention
+
+SETTINGS_FILE = "act_kernels_loop.json"
+HALTING_FILE = "act_kernels_halting.pt"
+
+
+@dataclass
+class LoopedOutput:
+    """logits (B, L, V); loss: transformers' shifted causal-LM loss (None
+    without labels); ponder_cost (B, L) float32, differentiable, and steps
+    (B, L) int64, both 0 at padding."""
+
+    logits: Tensor
+    loss: Optional[Tensor]
+    ponder_cost: Tensor
+    steps: Tensor
+
+
+@dataclass
+class LoopedGeneration:
+    """sequences (B, L + new) int64 laid out as transformers' generate lays
+    them out; steps (same shape): every token's ponder steps, 0 at padding."""
+
+    sequences: Tensor
+    steps: Tensor
+
+
+def _positions(mask: Tensor) -> Tensor:
+    """(B, L): each real token's position, counted from its row's first real token."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+class LoopedCausalLM(nn.Module):
+    """A transformers causal LM whose decoder layers [start, stop) ponder per
+    token with ACT (Graves 2016; design §9, §14, §15).
+
+    model: a transformers causal LM whose decoder layers take
+        `position_embeddings` and route attention through transformers'
+        attention interface (Llama, Qwen2, Qwen3, Mistral without a sliding
+        window, and the like). Its own modules and parameters are used,
+        never copied: `.model` is the model given, and it keeps working as
+        itself (its own forward and generate are unchanged).
+    block: (start, stop), the layers one ponder step applies in order; the
+        layers before are the prelude, those after the coda, each run once.
+    max_steps, eps: ACT's M and epsilon (design §1); halting_bias_init: the
+        halting unit's bias (`.halting`, nn.Linear(hidden_size, 1)).
+    step_norm: apply the model's final norm at the end of every step (as
+        Ouro does); with no coda the head then reads the ponder's output
+        directly (it went through the norm at every step).
+    backend: "auto" | "reference" | "triton" | "cuda", as the encoder's.
+
+    Refused with an error naming the setting: sliding-window or chunked
+    attention, attention sinks, logit softcapping, ALiBi, non-causal
+    layers, encoder-decoders, cross-attention, a block outside the layers or
+    empty, layers that do not route attention through the interface.
+    """
+
+    def __init__(self, model: nn.Module, block=(0, 1), *, max_steps: int = 8, eps: float = 0.01,
+                 halting_bias_init: float = 1.0, step_norm: bool = False, backend: str = "auto"):
+        super().__init__()
+        check_layer_options(max_steps, eps, backend)
+        check_model(model)
+        layers = list(model.model.layers)
+        start, stop = check_block(block, len(layers))
+        check_routes_attention(model)
+        self.model = model
+        self.block_range, self.step_norm = (start, stop), bool(step_norm)
+        self.halting_bias_init, self.backend = float(halting_bias_init), backend
+        inner, config = model.model, model.config
+        kind = DecoderLayers(layers[start:stop], inner.rotary_emb, config, inner.norm if step_norm else None)
+        self.block = ACTTransformerEncoder(kind, max_steps=max_steps, eps=eps, halting_bias_init=halting_bias_init,
+                                           backend=backend)
+        self.prelude = CausalStack(DecoderLayers(layers[:start], inner.rotary_emb, config), backend) if start else None
+        self.coda = CausalStack(DecoderLayers(layers[stop:], inner.rotary_emb, config), backend) \
+            if stop < len(layers) else None
+        self.max_steps, self.eps = max_steps, float(eps)
+
+    @property
+    def halting(self) -> nn.Linear:
+        """The halting unit, nn.Linear(hidden_size, 1)."""
+        return self.block.halting
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def extra_repr(self) -> str:
+        return (f"block={self.block_range}, max_steps={self.max_steps}, eps={self.eps}, "
+                f"step_norm={self.step_norm}, backend={self.backend!r}")
+
+    def _stacks(self):
+        return [m for m in (self.prelude, self.block, self.coda) if m is not None]
+
+    def _head(self, h: Tensor) -> Tensor:
+        if not (self.step_norm and self.coda is None):
+            h = self.model.model.norm(h)
+        return self.model.lm_head(h)
+
+    def _check_ids(self, input_ids, attention_mask):
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+            raise ValueError("input_ids must be a (B, L) int64 tensor, got "
+                             f"{tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__}"
+                             f"{' ' + str(input_ids.dtype) if isinstance(input_ids, Tensor) else ''}")
+        vocab = self.config.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(f"input_ids must lie in [0, {vocab}), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        if attention_mask is None:
+            return torch.ones_like(input_ids, dtype=torch.bool)
+        if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}")
+        if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1 (1 at real tokens)")
+        return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+
+    # -- training: the parallel forward ---------------------------------------------------
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> LoopedOutput:
+        """input_ids (B, L) int64; attention_mask as in transformers (1 at real
+        tokens, left or right padding); labels (B, L), -100 ignored, shifted
+        inside as transformers does. Positions count from each sequence's
+        first real token; padding is never a row."""
+        valid = self._check_ids(input_ids, attention_mask)
+        batch, length = input_ids.shape
+        counts = valid.sum(1)
+        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(counts.max()) if batch else 0
+        positions = _positions(valid)[valid]
+        h = self.model.model.embed_tokens(input_ids[valid])
+        with ours(self.config):
+            if h.shape[0]:
+                if self.prelude is not None:
+                    h = self.prelude.forward_packed(h, cu, longest, positions)
+                h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest, positions=positions)
+                cost, steps = self.block.ponder_cost, self.block.steps
+                if self.coda is not None:
+                    h = self.coda.forward_packed(h, cu, longest, positions)
+            else:
+                cost = h.new_zeros(0, dtype=torch.float32)
+                steps = torch.zeros(0, dtype=torch.int64, device=h.device)
+        logits = self._head(h)
+        out = logits.new_zeros(batch, length, logits.shape[-1]).index_put((valid,), logits)
+        ponder_cost = cost.new_zeros(batch, length).index_put((valid,), cost)
+        token_steps = steps.new_zeros(batch, length).index_put((valid,), steps)
+        loss = None
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.shape != input_ids.shape:
+                raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}")
+            loss = self.model.loss_function(out, labels, vocab_size=self.config.vocab_size)
+        return LoopedOutput(out, loss, ponder_cost, token_steps)
+
+    # -- generation over the ragged cache ------------------------------------------------
+
+    def new_cache(self, batch_size: int):
+        """One cache per stack (prelude, block, coda) for `batch_size` sequences."""
+        return [m.new_cache(batch_size) for m in self._stacks()]
+
+    @torch.no_grad()
+    def extend(self, caches, tokens: Tensor, cu_seqlens: Sequence[int], sequences: Sequence[int]) -> Tensor:
+        """Appends chunks of tokens (T_new,) to cache `sequences` and returns
+        their logits (T_new, V); `.block.steps` becomes (T_new,). Exactly the
+        causal forward's, for any chunking (design §14)."""
+        offsets, sequences = list(cu_seqlens), list(sequences)
+        new_lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        layout = ChunkLayout([caches[0].lengths[s] for s in sequences], new_lengths, tokens.device)
+        positions = layout.new_positions - torch.repeat_interleave(
+            layout.cu_seqlens[:-1].to(torch.int64), layout.new_counts, output_size=layout.new_positions.numel())
+        h = self.model.model.embed_tokens(tokens)
+        with ours(self.config):
+            for stack, cache in zip(self._stacks(), caches):
+                h = stack.extend(cache, h, offsets, sequences, layout=layout, positions=positions)
+        return self._head(h)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, max_new_tokens: int,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, max_batch_size: Optional[int] = None
+                 ) -> LoopedGeneration:
+        """Batched generation with transformers' conventions: greedy unless
+        do_sample (then softmax(logits / temperature) over the top_k logits and
+        the top_p nucleus, drawn with `generator`: the draws of one call are
+        made in order, one per running sequence per decode call, so a fixed
+        generator repeats them; eos_token_id and pad_token_id default to the
+        model's generation config). Each prompt is its row's real tokens
+        (attention_mask); every token ponders on its own over one ragged cache,
+        and with max_batch_size at most that many sequences run at once, a
+        finished sequence's slot taking the next prompt (continuous batching).
+
+        Returns `.sequences` as transformers lays them out: the input as
+        given (its padding kept), then the new tokens, pad_token_id after a
+        sequence's eos; as in transformers, when every sequence has ended
+        before max_new_tokens the columns after the last new token are left
+        out. `.steps` (same shape): every token's ponder steps, 0 at padding.
+        The model runs in eval mode for the call."""
+        valid = self._check_ids(input_ids, attention_mask)
+        eos, pad = self._generation_ids(eos_token_id, pad_token_id)
+        self._check_generate(valid, max_new_tokens, do_sample, temperature, top_k, top_p, generator, max_batch_size)
+        prompts = [row[keep] for row, keep in zip(input_ids, valid)]
+        slots = min(max_batch_size or len(prompts), len(prompts))
+        was_training = self.training
+        self.eval()
+        try:
+            sequences, steps, _ = generate_batched(
+                self.extend, lambda: self.block.steps, self.new_cache(slots), prompts, max_new_tokens, eos, None,
+                lambda logits: self._choose(logits, do_sample, temperature, top_k, top_p, generator))
+        finally:
+            self.train(was_training)
+        return self._lay_out(input_ids, valid, prompts, sequences, steps, pad)
+
+    def _generation_ids(self, eos, pad):
+        config = getattr(self.model, "generation_config", None)
+        if eos is None and config is not None:
+            eos = config.eos_token_id
+        if pad is None and config is not None:
+            pad = config.pad_token_id
+        eos_ids = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if eos_ids is not None and any(isinstance(e, bool) or not isinstance(e, int) for e in eos_ids):
+            raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
+        if pad is None:
+            pad = eos_ids[0] if eos_ids else 0
+        return (tuple(eos_ids) if eos_ids else None), int(pad)
+
+    @staticmethod
+    def _check_generate(valid, max_new_tokens, do_sample, temperature, top_k, top_p, generator, max_batch_size):
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if valid.shape[0] == 0 or not bool(valid.any(1).all()):
+            raise ValueError("every row of input_ids needs at least one real token (attention_mask)")
+        if not isinstance(do_sample, bool):
+            raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None or a float in (0, 1], got {top_p!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if max_batch_size is not None and (isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int)
+                                           or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be None or an int >= 1, got {max_batch_size!r}")
+
+    @staticmethod
+    def _choose(logits: Tensor, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                generator) -> Tensor:
+        """The next token of every row of logits (S, V): argmax, or a draw
+        (temperature, then top_k, then top_p, as transformers' warpers order
+        them)."""
+        if not do_sample:
+            return logits.argmax(-1)
+        scaled = logits.double() / temperature
+        if top_k is not None and top_k < scaled.shape[-1]:
+            cut = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < cut, -math.inf)
+        if top_p is not None and top_p < 1.0:
+            ordered, order = torch.sort(scaled, descending=False, dim=-1)
+            drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[:, -1] = False   # the likeliest token always stays
+            scaled = scaled.masked_fill(drop.scatter(1, order, drop), -math.inf)
+        probs = torch.softmax(scaled, -1)
+        if generator is not None and generator.device != probs.device:
+            probs = probs.to(generator.device)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+
+    @staticmethod
+    def _lay_out(input_ids, valid, prompts, sequences, steps, pad) -> LoopedGeneration:
+        batch, length = input_ids.shape
+        new = [seq[p.numel():] for seq, p in zip(sequences, prompts)]
+        width = max(n.numel() for n in new)
+        out = torch.full((batch, length + width), pad, dtype=torch.int64, device=input_ids.device)
+        out_steps = torch.zeros(batch, length + width, dtype=torch.int64, device=input_ids.device)
+        out[:, :length] = input_ids
+        for b in range(batch):
+            token_steps = torch.cat(steps[b]).to(input_ids.device)
+            out_steps[b, :length][valid[b]] = token_steps[:prompts[b].numel()]
+            out[b, length:length + new[b].numel()] = new[b]
+            out_steps[b, length:length + new[b].numel()] = token_steps[prompts[b].numel():]
+        return LoopedGeneration(out, out_steps)
+
+    # -- save and load ---------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str, **kwargs) -> None:
+        """The model's own save_pretrained, plus the loop's settings
+        (act_kernels_loop.json) and the halting unit (act_kernels_halting.pt)."""
+        self.model.save_pretrained(directory, **kwargs)
+        settings = dict(block=list(self.block_range), max_steps=self.max_steps, eps=self.eps,
+                        halting_bias_init=self.halting_bias_init, step_norm=self.step_norm, backend=self.backend,
+                        dtype=str(self.halting.weight.dtype).replace("torch.", ""))
+        with open(os.path.join(directory, SETTINGS_FILE), "w") as f:
+            json.dump(settings, f, indent=2)
+        torch.save({k: v.detach().cpu() for k, v in self.halting.state_dict().items()},
+                   os.path.join(directory, HALTING_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str, **kwargs) -> "LoopedCausalLM":
+        """Loads what `save_pretrained` wrote, offline (a local folder);
+        kwargs go to transformers' AutoModelForCausalLM.from_pretrained."""
+        from transformers import AutoModelForCausalLM
+
+        path = os.path.join(directory, SETTINGS_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory} holds no {SETTINGS_FILE}: save it with LoopedCausalLM.save_pretrained")
+        with open(path) as f:
+            settings = json.load(f)
+        kwargs.setdefault("dtype", getattr(torch, settings["dtype"]))
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **kwargs)
+        looped = cls(model, tuple(settings["block"]), max_steps=settings["max_steps"], eps=settings["eps"],
+                     halting_bias_init=settings["halting_bias_init"], step_norm=settings["step_norm"],
+                     backend=settings["backend"])
+        state = torch.load(os.path.join(directory, HALTING_FILE), map_location="cpu", weights_only=True)
+        looped.halting.load_state_dict(state)
+        return looped
+
+
+__all__ = ["LoopedCausalLM", "LoopedOutput", "LoopedGeneration"]
