@@ -17,17 +17,19 @@ ATTN_BACKENDS = [pytest.param("triton", id="triton")]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def problem(lengths, heads, dim, dtype, running=0.6, seed=0, device=DEVICE, q_rows=None):
-    """Packed sequences of the given lengths and a random running subset of the tokens."""
+def problem(lengths, heads, dim, dtype, running=0.6, seed=0, device=DEVICE, q_rows=None, kv_heads=None):
+    """Packed sequences of the given lengths and a random running subset of the
+    tokens; keys and values with kv_heads heads (default: as many as q)."""
     g = torch.Generator().manual_seed(seed)
     total = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     if q_rows is None:
         q_rows = torch.nonzero(torch.rand(total, generator=g) < running).squeeze(1)
     q_rows = q_rows.to(device)
+    kv_heads = heads if kv_heads is None else kv_heads
     q = torch.randn(q_rows.numel(), heads, dim, generator=g).to(device, dtype)
-    k = torch.randn(total, heads, dim, generator=g).to(device, dtype)
-    v = torch.randn(total, heads, dim, generator=g).to(device, dtype)
+    k = torch.randn(total, kv_heads, dim, generator=g).to(device, dtype)
+    v = torch.randn(total, kv_heads, dim, generator=g).to(device, dtype)
     return q, k, v, cu, q_rows
 
 
@@ -274,6 +276,14 @@ BAD = [
     (dict(scale="big"), TypeError, "scale must be a float"),
     (dict(backend="cuda"), RuntimeError, "no CUDA C\\+\\+ kernel"),
     (dict(backend="fast"), ValueError, "backend must be one of"),
+    # grouped-query attention: Hkv must divide Hq, and k and v share it
+    (dict(k=torch.randn(7, 3, 8, device=DEVICE), v=torch.randn(7, 3, 8, device=DEVICE)), ValueError,
+     r"k has Hkv = 3 heads, which does not divide q's Hq = 2"),
+    (dict(q=torch.randn(4, 4, 8, device=DEVICE), k=torch.randn(7, 3, 8, device=DEVICE),
+          v=torch.randn(7, 3, 8, device=DEVICE)), ValueError, r"Hkv = 3 heads, which does not divide q's Hq = 4"),
+    (dict(k=torch.randn(7, 1, 8, device=DEVICE)), ValueError, r"v has Hkv = 2 heads and k 1"),
+    (dict(k=torch.randn(7, 0, 8, device=DEVICE), v=torch.randn(7, 0, 8, device=DEVICE)), ValueError,
+     r"k must have shape \(P, 2, 8\) like q, or \(P, Hkv, 8\) with Hkv >= 1"),
 ]
 
 
@@ -339,3 +349,168 @@ def test_more_sequences_than_a_grid_axis_holds():
     q, k, v, cu, q_rows = problem(lengths, 1, 16, torch.float16, running=0.5)
     out = ak.ragged_attention(q, k, v, cu, q_rows, causal=True, backend="triton")
     assert_close(out, oracle(q, k, v, cu, q_rows, True).to(out.dtype), torch.float16, "out")
+
+
+# ---------------------------------------------------------------------------
+# grouped-query attention: q with Hq = g * Hkv heads, k and v with Hkv
+# ---------------------------------------------------------------------------
+
+GROUPS = [pytest.param(2, 2, id="g1"), pytest.param(4, 2, id="g2"), pytest.param(4, 1, id="g4")]
+
+
+def dense_gqa_oracle(q, k, v, cu, q_rows, causal, scale=None):
+    """Grouped-query attention written densely, one sequence at a time: the
+    kv heads are expanded so that query head h has kv head h // g, then the
+    sequence's queries attend to all its keys (positions <= their own when
+    causal) with a plain softmax. Differentiable; returns the output (A, Hq, d)
+    and the logsumexp (A, Hq) of the scaled scores."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    kv_head = torch.arange(heads, device=q.device) // (heads // kv_heads)
+    k, v = k[:, kv_head], v[:, kv_head]                       # (T_tok, Hq, d)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    bounds, rows = cu.tolist(), q_rows.tolist()
+    outs, lses = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        mine = [a for a, t in enumerate(rows) if lo <= t < hi]   # q_rows ascend: q's order
+        if not mine:
+            continue
+        scores = torch.einsum("nhd,khd->hnk", q[mine], k[lo:hi]) * scale
+        if causal:
+            pos = torch.tensor([rows[a] - lo for a in mine], device=q.device)
+            later = torch.arange(hi - lo, device=q.device)[None, None, :] > pos[None, :, None]
+            scores = scores.masked_fill(later, -math.inf)
+        outs.append(torch.einsum("hnk,khd->nhd", torch.softmax(scores, -1), v[lo:hi]))
+        lses.append(torch.logsumexp(scores, -1).transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses)
+
+
+@pytest.mark.parametrize("heads,kv_heads", GROUPS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gqa_reference_matches_dense_oracle(heads, kv_heads, causal):
+    """The twins (forward, forward with logsumexp, written-out backward) and the
+    reference backend, forward and backward, against the dense oracle in fp64;
+    dk and dv have the pools' Hkv heads."""
+    q, k, v, cu, q_rows = problem([4, 1, 7, 3], heads, 8, torch.float64, seed=3, kv_heads=kv_heads)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want, want_lse = dense_gqa_oracle(*leaves, cu, q_rows, causal)
+    weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    want_grads = torch.autograd.grad(want, leaves, weight)
+    tight = dict(atol=1e-12, rtol=1e-10)
+
+    torch.testing.assert_close(reference.ragged_attention(q, k, v, cu, q_rows, causal=causal), want.detach(), **tight)
+    out, lse = reference.ragged_attention_lse(q, k, v, cu, q_rows, causal=causal)
+    torch.testing.assert_close(out, want.detach(), **tight)
+    torch.testing.assert_close(lse, want_lse.detach(), **tight)
+    twin = reference.ragged_attention_backward(weight, q, k, v, cu, q_rows, causal=causal)
+    assert [t.shape for t in twin] == [q.shape, k.shape, v.shape]
+    for name, a, b in zip(("dq", "dk", "dv"), twin, want_grads):
+        torch.testing.assert_close(a, b, **tight, msg=name)
+
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = ak.ragged_attention(*ref_leaves, cu, q_rows, causal=causal, backend="reference")
+    torch.testing.assert_close(out, want.detach(), **tight)
+    for name, a, b in zip(("dq", "dk", "dv"), torch.autograd.grad(out, ref_leaves, weight), want_grads):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, **tight, msg=name)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gqa_reference_gradcheck_float64(causal):
+    """The twin over a pool of two segments read through a shuffled index, and
+    the reference backend's recomputing Function, with Hq = 2 Hkv."""
+    q, k, v, cu, q_rows = problem([3, 1, 4], 4, 4, torch.float64, seed=5, kv_heads=2)
+    kv_rows = torch.randperm(k.shape[0], generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (q, k[:5], k[5:], v[:5], v[5:])]
+
+    def twin(q, k0, k1, v0, v1):
+        return reference.ragged_attention(q, [k0, k1], [v0, v1], cu, q_rows, kv_rows, causal)
+
+    def function(q, k0, k1, v0, v1):
+        return ak.ragged_attention(q, [k0, k1], [v0, v1], cu, q_rows, kv_rows=kv_rows, causal=causal,
+                                   backend="reference")
+
+    assert torch.autograd.gradcheck(twin, leaves)
+    assert torch.autograd.gradcheck(function, leaves)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("heads,kv_heads", GROUPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gqa_matches_reference(backend, dtype, causal, heads, kv_heads):
+    """Triton (interpreted on the CPU: tiny shapes) against the reference
+    backend at the dtype's tolerance, and in float32 against the dense oracle."""
+    q, k, v, cu, q_rows = problem([3, 9, 1, 6], heads, 16, dtype, running=0.6, seed=14, kv_heads=kv_heads)
+    out, ref, g, rg = run_both(backend, q, k, v, cu, q_rows, causal)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, ref, dtype, "out")
+    for name, a, b, x in zip(("dq", "dk", "dv"), g, rg, (q, k, v)):
+        assert a.shape == x.shape
+        assert_close(a, b, dtype, name)
+    if dtype == torch.float32:
+        want, _ = dense_gqa_oracle(q.double(), k.double(), v.double(), cu, q_rows, causal)
+        assert_close(out.double(), want, torch.float32, "out vs dense oracle")
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_gqa_pool_segments_and_row_index(backend):
+    """Hkv-headed keys and values in a pool of several segments (a strided view
+    among them) read through a token -> row index, as a layer keeps the frozen
+    rows of earlier steps: the output against the dense oracle over the rows
+    the index reads, the pool gradients (Hkv heads, one per segment) against
+    the reference backend."""
+    heads, kv_heads, dim = 4, 2, 16
+    q, _, _, cu, q_rows = problem([6, 9], heads, dim, torch.float32, seed=4, kv_heads=kv_heads)
+    total = cu[-1].item()
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(total + 5, kv_heads, 3, dim, generator=g).to(DEVICE)   # strided segment source
+    segs_k = [torch.randn(4, kv_heads, dim, generator=g).to(DEVICE), big[:, :, 0],
+              torch.randn(3, kv_heads, dim, generator=g).to(DEVICE)]
+    segs_v = [torch.randn(4, kv_heads, dim, generator=g).to(DEVICE), big[:, :, 1],
+              torch.randn(3, kv_heads, dim, generator=g).to(DEVICE)]
+    pool = sum(t.shape[0] for t in segs_k)
+    kv_rows = torch.randperm(pool, generator=g)[:total].to(DEVICE)   # some pool rows read by no token
+    keys, values = torch.cat(segs_k)[kv_rows], torch.cat(segs_v)[kv_rows]
+    for causal in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, *segs_k, *segs_v)]
+        ref_leaves = [t.detach().clone().requires_grad_() for t in (q, *segs_k, *segs_v)]
+        out = ak.ragged_attention(leaves[0], leaves[1:4], leaves[4:], cu, q_rows, kv_rows=kv_rows,
+                                  causal=causal, backend=backend)
+        ref = ak.ragged_attention(ref_leaves[0], ref_leaves[1:4], ref_leaves[4:], cu, q_rows, kv_rows=kv_rows,
+                                  causal=causal, backend="reference")
+        want, _ = dense_gqa_oracle(q.double(), keys.double(), values.double(), cu, q_rows, causal)
+        assert_close(out.double(), want, torch.float32, "out vs dense oracle")
+        assert_close(out, ref, torch.float32, "out")
+        for a, b, x in zip(grads(out, leaves), grads(ref, ref_leaves), leaves):
+            assert a.shape == b.shape == x.shape
+            assert_close(a, b, torch.float32, "pool grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gqa_opcheck(dtype, causal):
+    """The op with Hq = 2 Hkv: float32 runs its Triton path (interpreted on the
+    CPU), float64 its reference path; the fake kernels give dk, dv like k, v."""
+    q, k, v, cu, q_rows = problem([5, 3], 4, 16, dtype, seed=9, kv_heads=2)
+    args = (q.requires_grad_(), [k[:4].requires_grad_(), k[4:].requires_grad_()], [v.requires_grad_()],
+            cu, q_rows, None, causal, 0.25, 5)
+    torch.library.opcheck(attn_fn.ragged_attention_op, args)
+    out, lse = attn_fn.ragged_attention_op(*args)
+    assert out.shape == q.shape and lse.shape == q.shape[:2]
+    dq, dk, dv = attn_fn.ragged_attention_backward_op(torch.ones_like(out), q.detach(), [t.detach() for t in args[1]],
+                                                      [v.detach()], cu, q_rows, None, out, lse, causal, 0.25, 5)
+    assert dq.shape == q.shape and [t.shape for t in dk] == [(4, 2, 16), (4, 2, 16)] and dv[0].shape == v.shape
+
+
+@pytest.mark.gpu
+def test_gqa_deterministic_backward():
+    """Each dK/dV program loops over its group's query heads: still one writer
+    per element, so two runs agree bitwise."""
+    q, k, v, cu, q_rows = problem([12, 7], 4, 16, torch.float32, seed=8, kv_heads=1)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = ak.ragged_attention(*leaves, cu, q_rows, causal=True, backend="triton")
+        runs.append([out, *grads(out, leaves)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

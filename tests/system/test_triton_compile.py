@@ -73,15 +73,15 @@ SCRIPT = textwrap.dedent('''
 
     tables = dict(k_off_ptr="*i64", v_off_ptr="*i64", cu_k_ptr="*i32", cu_q_ptr="*i32", q_rows_ptr="*i64")
     strides = dict(stride_qa="i64", stride_qh="i64", stride_kh="i64", stride_vh="i64")
-    meta = dict(CAUSAL="constexpr", IEEE="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
-                BLOCK_D="constexpr")
+    meta = dict(CAUSAL="constexpr", IEEE="constexpr", GROUP="constexpr", BLOCK_M="constexpr",
+                BLOCK_N="constexpr", BLOCK_D="constexpr")
     full = [(d, ieee, dim, causal) for d, ieee in (("bf16", 0), ("fp16", 0), ("fp32", 1))
             for dim in (64, 128) for causal in (False, True)]
     quick = [("bf16", 0, 128, True), ("bf16", 0, 64, False), ("fp32", 1, 64, True)]
     for dtype, ieee, dim, causal in full if FULL else quick:
         p = "*" + dtype
         block_m, block_n = (64, 64) if dim <= 64 else (64, 32)   # a compile check; resources: test_triton_resources
-        consts = dict(CAUSAL=causal, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=dim)
+        consts = dict(CAUSAL=causal, IEEE=ieee, GROUP=1, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=dim)
         build(attention._attn_fwd_kernel,
               dict(q_ptr=p, k_ptr=p, v_ptr=p, **tables, o_ptr=p, lse_ptr="*fp32", **strides,
                    stride_oa="i64", stride_oh="i64", heads="i32", D="i32", qk_scale="fp32", **meta), consts)

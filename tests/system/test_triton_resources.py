@@ -9,7 +9,8 @@ The configurations come from the launchers' own tables
 (`ops.attention.triton_kernels.gpu_configs`; ACT's, the fused cells' and
 PonderNet's row kernels take BLOCK_H and warps from
 `ops.triton_helpers.block_and_warps`), so a change there is what this test
-compiles. Registers and local memory are read from the cubin with
+compiles, each attention kernel at GROUP 1 and 4 (query heads per kv head).
+Registers and local memory are read from the cubin with
 the cuobjdump Triton ships. The default run compiles the largest tiles of
 every kernel (the ones nearest the limits); `--run-slow` compiles them all.
 It runs in a subprocess: the test session imports the kernels under
@@ -81,14 +82,17 @@ SCRIPT = textwrap.dedent('''
 
     tables = dict(k_off_ptr="*i64", v_off_ptr="*i64", cu_k_ptr="*i32", cu_q_ptr="*i32", q_rows_ptr="*i64")
     strides = dict(stride_qa="i64", stride_qh="i64", stride_kh="i64", stride_vh="i64")
-    meta = dict(CAUSAL="constexpr", IEEE="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
-                BLOCK_D="constexpr")
-    for kernel, dtype, cfg in attention.gpu_configs():
+    meta = dict(CAUSAL="constexpr", IEEE="constexpr", GROUP="constexpr", BLOCK_M="constexpr",
+                BLOCK_N="constexpr", BLOCK_D="constexpr")
+    # GROUP: query heads per kv head (grouped-query attention); 1 is plain
+    # multi-head attention, 4 stands for every GROUP > 1 (the dK/dV kernel
+    # loops over the group's query heads, the others index the kv head)
+    for (kernel, dtype, cfg), group in ((c, g) for c in attention.gpu_configs() for g in (1, 4)):
         if not FULL and (cfg.block_d not in (128, 256) or dtype == "fp16"):
             continue
         p = "*" + dtype
-        consts = dict(CAUSAL=True, IEEE=1 if dtype == "fp32" else 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_D=cfg.block_d)
+        consts = dict(CAUSAL=True, IEEE=1 if dtype == "fp32" else 0, GROUP=group, BLOCK_M=cfg.block_m,
+                      BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d)
         grads = dict(do_ptr=p, lse_ptr="*fp32", delta_ptr="*fp32")
         tail = dict(stride_doa="i64", stride_doh="i64", heads="i32", D="i32", qk_scale="fp32",
                     sm_scale="fp32", **meta)
@@ -104,7 +108,7 @@ SCRIPT = textwrap.dedent('''
             fn, sig = attention._attn_bwd_q_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, **tables, **grads,
                                                          dq_ptr=p, **strides, **tail)
         config = (f"{dtype} BLOCK_M {cfg.block_m} BLOCK_N {cfg.block_n} BLOCK_D {cfg.block_d} "
-                  f"warps {cfg.warps} stages {cfg.stages}")
+                  f"warps {cfg.warps} stages {cfg.stages} GROUP {group}")
         build(f"attention {kernel}", fn, sig, consts, cfg.warps, cfg.stages, config)
 
     # ACT's and the fused cells' row kernels: one program per row, BLOCK_H and
@@ -165,7 +169,7 @@ def _compile(matrix):
         pytest.skip("this Triton has no ahead-of-time compile API")
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    print("\n".join(f"{r['kernel']:24s} {r['config']:50s} shared {r['shared']:7d} B  registers {r['registers']:4d}"
+    print("\n".join(f"{r['kernel']:24s} {r['config']:58s} shared {r['shared']:7d} B  registers {r['registers']:4d}"
                     f"  local {r['local']} B  stack {r['stack']} B" for r in rows))
     return rows
 
@@ -182,15 +186,15 @@ def _check(rows):
 
 def test_largest_launch_configurations_fit_sm90():
     """Every attention kernel at head-dim buckets 128 and 256 in fp32 and
-    bf16; ACT's halting and combine kernels, the fused cell kernels and
-    PonderNet's halting step at the largest H (about two minutes)."""
+    bf16, at GROUP 1 and 4; ACT's halting and combine kernels, the fused cell
+    kernels and PonderNet's halting step at the largest H (a few minutes)."""
     rows = _compile("quick")
-    assert len(rows) == 3 * 2 * 2 + 4 + 1
+    assert len(rows) == 3 * 2 * 2 * 2 + 4 + 1
     _check(rows)
 
 
 @pytest.mark.slow
 def test_every_launch_configuration_fits_sm90():
     rows = _compile("full")
-    assert len(rows) == 3 * 3 * 5 + 3 * 2 * 4 + 3 * 4
+    assert len(rows) == 3 * 3 * 5 * 2 + 3 * 2 * 4 + 3 * 4
     _check(rows)

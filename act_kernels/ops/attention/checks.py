@@ -10,12 +10,12 @@ from ..state import SUPPORTED_DTYPES
 
 
 def as_pool(pool, name: str) -> Tuple[torch.Tensor, ...]:
-    """A key/value pool: one (P, heads, d) tensor or a sequence of them."""
+    """A key/value pool: one (P, Hkv, d) tensor or a sequence of them."""
     if isinstance(pool, torch.Tensor):
         return (pool,)
     if isinstance(pool, (tuple, list)) and len(pool) > 0 and all(isinstance(t, torch.Tensor) for t in pool):
         return tuple(pool)
-    raise TypeError(f"{name} must be a tensor (P, heads, d) or a non-empty sequence of such tensors, "
+    raise TypeError(f"{name} must be a tensor (P, Hkv, d) or a non-empty sequence of such tensors, "
                     f"got {type(pool).__name__}")
 
 
@@ -40,11 +40,21 @@ def check_attention_args(q, k_pool, v_pool, cu_seqlens, q_rows, kv_rows, scale, 
     if q.dim() != 3 or q.shape[1] == 0 or q.shape[2] == 0:
         raise ValueError(f"q must have shape (A, heads, d) with heads, d >= 1, got {tuple(q.shape)}")
     heads, dim = q.shape[1:]
+    kv_heads = None   # Hkv, every segment of k and v alike; Hq = g * Hkv (grouped-query attention)
     for name, pool in (("k", k_pool), ("v", v_pool)):
         for i, t in enumerate(pool):
             what = name if len(pool) == 1 else f"{name}[{i}]"
-            if t.dim() != 3 or tuple(t.shape[1:]) != (heads, dim):
-                raise ValueError(f"{what} must have shape (P, {heads}, {dim}) like q, got {tuple(t.shape)}")
+            if t.dim() != 3 or t.shape[1] == 0 or t.shape[2] != dim:
+                raise ValueError(f"{what} must have shape (P, {heads}, {dim}) like q, or (P, Hkv, {dim}) with "
+                                 f"Hkv >= 1 dividing q's Hq = {heads} heads, got {tuple(t.shape)}")
+            if heads % t.shape[1]:
+                raise ValueError(f"{what} has Hkv = {t.shape[1]} heads, which does not divide q's Hq = {heads}: "
+                                 f"grouped-query attention needs Hq = g * Hkv for an integer g")
+            if kv_heads is None:
+                kv_heads = t.shape[1]
+            elif t.shape[1] != kv_heads:
+                raise ValueError(f"{what} has Hkv = {t.shape[1]} heads and k {kv_heads}: every key and value "
+                                 f"tensor must have the same heads")
             if t.dtype != q.dtype:
                 raise TypeError(f"{what} has dtype {t.dtype}, expected {q.dtype} like q")
             if t.device != q.device:

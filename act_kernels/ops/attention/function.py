@@ -36,9 +36,11 @@ def ragged_attention(
     """Softmax attention of a subset of packed tokens (the running queries)
     over the tokens of their own sequences.
 
-    q:          (A, heads, d) queries, one per running token
-    k, v:       (P, heads, d) key and value pools, or sequences of such
-                tensors read as their row-wise concatenation (never copied)
+    q:          (A, Hq, d) queries, one per running token
+    k, v:       (P, Hkv, d) key and value pools, or sequences of such
+                tensors read as their row-wise concatenation (never copied);
+                Hq = g * Hkv: query head h reads kv head h // g (grouped-query
+                attention when g > 1; the kv heads are never repeated)
     cu_seqlens: (B + 1,) int32 offsets of the B packed sequences, T_tok tokens
     q_rows:     (A,) int64/int32 packed token index of every query, strictly ascending
     kv_rows:    (T_tok,) optional: token j's key and value are pool row
@@ -48,7 +50,7 @@ def ragged_attention(
     scale:      default 1 / sqrt(d); max_seqlen: optional longest length (saves a sync)
     backend:    "auto" | "reference" | "triton"
 
-    Returns (A, heads, d) in q's dtype. Softmax statistics are float32
+    Returns (A, Hq, d) in q's dtype. Softmax statistics are float32
     (float64 on the reference for float64 inputs). Every backend saves only
     q, k, v, the output and index vectors (Triton also the logsumexp) for
     the backward, which recomputes the probabilities; the Triton kernels never store an (A, T_tok) matrix

@@ -47,7 +47,7 @@ def row_offsets(pool: Sequence[torch.Tensor], kv_rows: Optional[torch.Tensor], n
 
 
 def to_pool(values: Tensor, rows: Tensor, pool: Sequence[Tensor]) -> List[Tensor]:
-    """Gradients (N, heads, d) of the pool rows `rows` (N,), summed per row and
+    """Gradients (N, Hkv, d) of the pool rows `rows` (N,), summed per row and
     split back onto the pool's segments (rows nobody read get zeros)."""
     d_pool = values.new_zeros(sum(t.shape[0] for t in pool), *values.shape[1:], dtype=pool[0].dtype)
     d_pool.index_add_(0, rows, values.to(pool[0].dtype))
@@ -55,7 +55,7 @@ def to_pool(values: Tensor, rows: Tensor, pool: Sequence[Tensor]) -> List[Tensor
 
 
 def pool_grads(d_tok: Tensor, pool: Sequence[Tensor], kv_rows: Optional[Tensor]) -> List[Tensor]:
-    """Per-token gradients (T_tok, heads, d) back onto the pool's segments."""
+    """Per-token gradients (T_tok, Hkv, d) back onto the pool's segments."""
     if kv_rows is None and len(pool) == 1:
         return [d_tok]
     rows = torch.arange(d_tok.shape[0], device=d_tok.device) if kv_rows is None else kv_rows.to(torch.int64)

@@ -21,7 +21,7 @@ def ragged_attention_op(
     q: Tensor, k: List[Tensor], v: List[Tensor], cu_seqlens: Tensor, q_rows: Tensor,
     kv_rows: Optional[Tensor], causal: bool, scale: float, max_seqlen: int,
 ) -> Tuple[Tensor, Tensor]:
-    """Returns (out (A, heads, d), lse (A, heads)); see `ragged_attention`."""
+    """Returns (out (A, Hq, d), lse (A, Hq)), k and v with Hkv heads; see `ragged_attention`."""
     if attention_op_implementation(q.device, q.dtype) == "reference":
         out, lse = reference.ragged_attention_lse(q, k, v, cu_seqlens, q_rows, kv_rows, causal, scale)
         return out.clone(), lse.clone()
@@ -43,7 +43,7 @@ def ragged_attention_backward_op(
     grad_out: Tensor, q: Tensor, k: List[Tensor], v: List[Tensor], cu_seqlens: Tensor, q_rows: Tensor,
     kv_rows: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool, scale: float, max_seqlen: int,
 ) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
-    """Returns (dq, dk per segment of k, dv per segment of v)."""
+    """Returns (dq, dk per segment of k, dv per segment of v), each shaped as its input (Hkv heads for dk, dv)."""
     if attention_op_implementation(q.device, q.dtype) == "reference":
         dq, dk, dv = reference.ragged_attention_backward(grad_out, q, k, v, cu_seqlens, q_rows, kv_rows,
                                                          causal, scale)

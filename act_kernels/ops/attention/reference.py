@@ -7,6 +7,11 @@ dtype (float32; float64 for float64 inputs); the output is cast back to q's
 dtype. `ragged_attention_lse` and `ragged_attention_backward` write the same
 computation out with its scores, as the twins of the kernels' forward
 (which also returns the logsumexp) and backward.
+
+Grouped-query attention: q has Hq = g * Hkv heads, the keys and values Hkv,
+and query head h reads kv head h // g. The twins repeat each kv head g times
+(`per_query_head`), which the kernels never do; the reference backend's
+fused attention takes the Hkv heads as they are (`enable_gqa`).
 """
 from __future__ import annotations
 
@@ -23,9 +28,22 @@ Pool = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def gather_keys(pool: Pool, kv_rows: Optional[torch.Tensor]) -> torch.Tensor:
-    """(T_tok, heads, d): every token's key (or value) row, read from the pool."""
+    """(T_tok, Hkv, d): every token's key (or value) row, read from the pool."""
     rows = pool if isinstance(pool, torch.Tensor) else torch.cat(list(pool))
     return rows if kv_rows is None else rows.index_select(0, kv_rows.to(torch.int64))
+
+
+def per_query_head(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """(N, Hq, d) from (N, Hkv, d) key or value rows: query head h reads kv
+    head h // g, g = Hq / Hkv (a copy when g > 1; the twins are oracles)."""
+    return rows if rows.shape[1] == heads else rows.repeat_interleave(heads // rows.shape[1], dim=1)
+
+
+def per_kv_head(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(N, Hkv, d) from per-query-head gradients (N, Hq, d): each kv head's
+    gradient is the sum over the g query heads that read it."""
+    n, heads, dim = grad.shape
+    return grad if heads == kv_heads else grad.reshape(n, kv_heads, heads // kv_heads, dim).sum(2)
 
 
 class Layout(NamedTuple):
@@ -106,11 +124,12 @@ def ragged_attention(
 ) -> torch.Tensor:
     """Softmax attention of a subset of packed queries over their own sequences.
 
-    q (A, heads, d): the queries, token indices q_rows (A,) ascending.
-    k, v: (P, heads, d) pools (or sequences of such tensors, concatenated by
-    rows); token j's key and value are pool row kv_rows[j] (default: row j).
+    q (A, Hq, d): the queries, token indices q_rows (A,) ascending.
+    k, v: (P, Hkv, d) pools (or sequences of such tensors, concatenated by
+    rows), Hq = g * Hkv: query head h reads kv head h // g; token j's key
+    and value are pool row kv_rows[j] (default: row j).
     cu_seqlens (B + 1,) int32. Query a attends to the tokens of its sequence,
-    and only to positions <= its own when causal. Returns (A, heads, d).
+    and only to positions <= its own when causal. Returns (A, Hq, d).
 
     Written as PyTorch's scaled_dot_product_attention over the sequences
     padded to (B, heads, max queries, max length) with an explicit mask.
@@ -122,6 +141,7 @@ def ragged_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[0] == 0:  # still a function of q, k and v, so autograd sees zero gradients
         return q.new_zeros(q.shape) + 0 * (keys.sum() + values.sum()).to(q.dtype)
+    keys, values = per_query_head(keys, q.shape[1]), per_query_head(values, q.shape[1])
     lay = layout(cu_seqlens, q_rows, keys.shape[0])
     out = torch.nn.functional.scaled_dot_product_attention(
         padded(q, lay.query_slots, acc), padded(keys, lay.key_slots, acc), padded(values, lay.key_slots, acc),
@@ -149,6 +169,7 @@ def ragged_attention_lse(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[0] == 0:
         return q.new_zeros(q.shape), q.new_zeros(0, q.shape[1], dtype=acc)
+    keys, values = per_query_head(keys, q.shape[1]), per_query_head(values, q.shape[1])
     lay = layout(cu_seqlens, q_rows, keys.shape[0])
     probs, lse = _probabilities(q, keys, lay, causal, scale, acc)
     out = probs @ padded(values, lay.key_slots, acc)
@@ -159,17 +180,21 @@ def ragged_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: Pool, v: Pool, cu_seqlens: torch.Tensor, q_rows: torch.Tensor,
     kv_rows: Optional[torch.Tensor] = None, causal: bool = False, scale: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward written out (no autograd): returns dq (A, heads, d) and the
-    per-token dk, dv (T_tok, heads, d), the twin of the Triton backward.
+    """The backward written out (no autograd): returns dq (A, Hq, d) and the
+    per-token dk, dv (T_tok, Hkv, d), the twin of the Triton backward.
 
         dV = P^T dO,  dP = dO V^T,  dS = P (dP - rowsum(dO * O)),
         dQ = scale dS K,  dK = scale dS^T Q
+
+    per query head; a kv head's dK and dV sum those of its g query heads.
     """
     acc = accumulation_dtype(q.dtype)
     keys, values = gather_keys(k, kv_rows), gather_keys(v, kv_rows)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(keys), torch.zeros_like(values)
+    kv_heads = keys.shape[1]
+    keys, values = per_query_head(keys, q.shape[1]), per_query_head(values, q.shape[1])
     lay = layout(cu_seqlens, q_rows, keys.shape[0])
     probs, _ = _probabilities(q, keys, lay, causal, scale, acc)
     d_out = padded(grad_out, lay.query_slots, acc) * lay.real_q[:, None, :, None]   # padded slots carry none
@@ -179,8 +204,8 @@ def ragged_attention_backward(
     d_s = probs * (d_out @ vp.transpose(-1, -2) - (d_out * out).sum(-1, keepdim=True))
     d_q = d_s @ kp * scale
     d_k = d_s.transpose(-1, -2) @ qp * scale
-    return (unpadded(d_q, lay.q_flat).to(q.dtype), unpadded(d_k, lay.tok_flat).to(q.dtype),
-            unpadded(d_v, lay.tok_flat).to(q.dtype))
+    return (unpadded(d_q, lay.q_flat).to(q.dtype), per_kv_head(unpadded(d_k, lay.tok_flat), kv_heads).to(q.dtype),
+            per_kv_head(unpadded(d_v, lay.tok_flat), kv_heads).to(q.dtype))
 
 
 # -- the reference backend of RaggedAttention: PyTorch's fused attention over padded sequences --
@@ -188,8 +213,9 @@ def ragged_attention_backward(
 def padded_sdpa(q, k_pool, v_pool, lay, slots, causal, scale, grad=False):
     """The reference backend's attention: PyTorch's scaled_dot_product_attention
     over sequences padded to (B, heads, max_q, max_len), keys and values read
-    from the pool at `slots` (B, max_len). Returns the (A, heads, d) output and
-    the padded leaves (q, k, v) when grad is set."""
+    from the pool at `slots` (B, max_len) with their own Hkv heads (grouped
+    queries through `enable_gqa`, no repeat). Returns the (A, Hq, d) output
+    and the padded leaves (q, k, v) when grad is set."""
     acc = accumulation_dtype(q.dtype)
     k_rows = k_pool[0] if len(k_pool) == 1 else torch.cat(list(k_pool))
     v_rows = v_pool[0] if len(v_pool) == 1 else torch.cat(list(v_pool))
@@ -197,12 +223,14 @@ def padded_sdpa(q, k_pool, v_pool, lay, slots, causal, scale, grad=False):
               padded(v_rows, slots, acc)]
     if grad:
         leaves = [t.detach().requires_grad_() for t in leaves]
-    out = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=lay.allowed(causal), scale=scale)
+    gqa = dict(enable_gqa=True) if k_rows.shape[1] != q.shape[1] else {}
+    out = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=lay.allowed(causal), scale=scale,
+                                                           **gqa)
     return unpadded(out, lay.q_flat).to(q.dtype), leaves
 
 
 def slot_grads(d_padded: Tensor, slots: Tensor, pool: Sequence[Tensor]) -> List[Tensor]:
-    """Gradients of padded keys (B, heads, max_len, d) back onto the pool's
+    """Gradients of padded keys (B, Hkv, max_len, d) back onto the pool's
     segments. Padding slots point at a real row but carry exactly zero: their
     keys are masked out of every softmax."""
     batch, heads, m, dim = d_padded.shape

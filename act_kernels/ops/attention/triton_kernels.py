@@ -4,14 +4,21 @@ Forward: one program per (block of BLOCK_M queries of one sequence, sequence,
 head). It streams the sequence's keys and values in blocks of BLOCK_N with an
 online softmax in float32 and writes the output and the logsumexp; no
 (queries, keys) matrix is ever stored. Backward recomputes the scores from the
-saved logsumexp: one kernel per (key block, sequence, head) accumulates dK and
-dV over the sequence's running queries, one per (query block, sequence, head)
+saved logsumexp: one kernel per (key block, sequence, kv head) accumulates dK
+and dV over the sequence's running queries, one per (query block, sequence, head)
 accumulates dQ. Each output element has exactly one writer, so the backward is
 deterministic and needs no atomics.
 
 Keys and values are read through a per-token element offset (see
 `index.row_offsets`), so a pool of key/value rows spread over several tensors
 is never copied.
+
+Grouped-query attention: q has Hq = GROUP * Hkv heads, the pools Hkv, and
+query head h reads kv head h // GROUP, in place (never repeated). The forward
+and dQ programs run per query head; the dK/dV program runs per kv head and
+loops over its GROUP query heads, so each dK/dV element still has one writer.
+GROUP is a constexpr: GROUP = 1 compiles to the kernels of plain multi-head
+attention.
 """
 from __future__ import annotations
 
@@ -47,6 +54,8 @@ class LaunchConfig(NamedTuple):
 # of stack per thread), 128 (16..624 B) and 256 (264..976 B at 8 warps).
 # Float32 takes full-precision dots (no TF32), which ptxas builds from FMAs on
 # a stack frame: a cost the resource test bounds, not a spill it can remove.
+# The dK/dV kernel's loop over a query group (GROUP > 1) asks more shared
+# memory than GROUP 1, at most 174,080 B (float32, BLOCK_D 128, GROUP 4).
 HALF = {16: (64, 64, 4, 3), 32: (64, 64, 4, 3), 64: (64, 64, 8, 3),
         128: {"fwd": (64, 32, 8, 3), "bwd_kv": (32, 32, 4, 3), "bwd_q": (64, 32, 8, 3)},
         256: (32, 32, 8, 3)}
@@ -121,10 +130,11 @@ def _attn_fwd_kernel(
     o_ptr, lse_ptr,
     stride_qa, stride_qh, stride_kh, stride_vh, stride_oa, stride_oh,
     heads, D, qk_scale,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_b, i_m, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_m, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)   # i_h: the query head
+    i_kv = i_h // GROUP
     q_bos = tl.load(cu_q_ptr + i_b)
     q_eos = tl.load(cu_q_ptr + i_b + 1)
     if i_m * BLOCK_M >= q_eos - q_bos:
@@ -150,7 +160,7 @@ def _attn_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < hi
-        b_k = _pool_rows(k_ptr, k_off_ptr, bos, o_n, m_n, stride_kh, i_h, o_d, m_d)
+        b_k = _pool_rows(k_ptr, k_off_ptr, bos, o_n, m_n, stride_kh, i_kv, o_d, m_d)
         b_s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale          # log2 domain
         valid = m_n[None, :]
         if CAUSAL:
@@ -160,7 +170,7 @@ def _attn_fwd_kernel(
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_s - b_m_new[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_v = _pool_rows(v_ptr, v_off_ptr, bos, o_n, m_n, stride_vh, i_h, o_d, m_d)
+        b_v = _pool_rows(v_ptr, v_off_ptr, bos, o_n, m_n, stride_vh, i_kv, o_d, m_d)
         b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, IEEE)
         b_m = b_m_new
 
@@ -177,10 +187,11 @@ def _attn_bwd_kv_kernel(
     do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_qa, stride_qh, stride_kh, stride_vh, stride_doa, stride_doh,
     heads, D, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_b, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_n, i_kv = tl.program_id(0), tl.program_id(1), tl.program_id(2)   # i_kv: the kv head
+    kv_heads = heads // GROUP
     bos = tl.load(cu_k_ptr + i_b)
     seq_len = tl.load(cu_k_ptr + i_b + 1) - bos
     if i_n * BLOCK_N >= seq_len:
@@ -193,33 +204,37 @@ def _attn_bwd_kv_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     m_nd = m_n[:, None] & m_d[None, :]
-    b_k = _pool_rows(k_ptr, k_off_ptr, bos, o_n, m_n, stride_kh, i_h, o_d, m_d)
-    b_v = _pool_rows(v_ptr, v_off_ptr, bos, o_n, m_n, stride_vh, i_h, o_d, m_d)
+    b_k = _pool_rows(k_ptr, k_off_ptr, bos, o_n, m_n, stride_kh, i_kv, o_d, m_d)
+    b_v = _pool_rows(v_ptr, v_off_ptr, bos, o_n, m_n, stride_vh, i_kv, o_d, m_d)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # every running query of the sequence may attend to this key block
-    for start_m in range(q_bos, q_eos, BLOCK_M):
-        o_m = start_m + tl.arange(0, BLOCK_M)
-        m_m = o_m < q_eos
-        m_md = m_m[:, None] & m_d[None, :]
-        b_q = _rows(q_ptr, o_m, stride_qa, stride_qh, i_h, o_d, m_md)
-        b_do = _rows(do_ptr, o_m, stride_doa, stride_doh, i_h, o_d, m_md)
-        b_lse = tl.load(lse_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0) * 1.4426950408889634
-        b_delta = tl.load(delta_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0)
-        valid = m_m[:, None] & m_n[None, :]
-        if CAUSAL:
-            b_pos = tl.load(q_rows_ptr + o_m, mask=m_m, other=0).to(tl.int32) - bos
-            valid = valid & (o_n[None, :] <= b_pos[:, None])
-        b_s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale
-        b_p = tl.where(valid, tl.exp2(b_s - b_lse[:, None]), 0.0)          # (M, N)
-        b_dv += _dot(tl.trans(b_p.to(b_do.dtype)), b_do, IEEE)
-        b_dp = _dot(b_do, tl.trans(b_v), IEEE)
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        b_dk += _dot(tl.trans(b_ds.to(b_q.dtype)), b_q, IEEE)
+    # the GROUP query heads that read this kv head, and every running query
+    # of the sequence, may attend to this key block
+    for i_g in range(GROUP):
+        i_h = i_kv * GROUP + i_g
+        for start_m in range(q_bos, q_eos, BLOCK_M):
+            o_m = start_m + tl.arange(0, BLOCK_M)
+            m_m = o_m < q_eos
+            m_md = m_m[:, None] & m_d[None, :]
+            b_q = _rows(q_ptr, o_m, stride_qa, stride_qh, i_h, o_d, m_md)
+            b_do = _rows(do_ptr, o_m, stride_doa, stride_doh, i_h, o_d, m_md)
+            b_lse = tl.load(lse_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0) * 1.4426950408889634
+            b_delta = tl.load(delta_ptr + o_m.to(tl.int64) * heads + i_h, mask=m_m, other=0.0)
+            valid = m_m[:, None] & m_n[None, :]
+            if CAUSAL:
+                b_pos = tl.load(q_rows_ptr + o_m, mask=m_m, other=0).to(tl.int32) - bos
+                valid = valid & (o_n[None, :] <= b_pos[:, None])
+            b_s = _dot(b_q, tl.trans(b_k), IEEE) * qk_scale
+            b_p = tl.where(valid, tl.exp2(b_s - b_lse[:, None]), 0.0)          # (M, N)
+            b_dv += _dot(tl.trans(b_p.to(b_do.dtype)), b_do, IEEE)
+            b_dp = _dot(b_do, tl.trans(b_v), IEEE)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dk += _dot(tl.trans(b_ds.to(b_q.dtype)), b_q, IEEE)
 
-    # dK and dV are written per token (T_tok, heads, d), contiguous
-    p_out = o_n[:, None].to(tl.int64) * heads * D + bos.to(tl.int64) * heads * D + i_h * D + o_d[None, :]
+    # dK and dV are written per token (T_tok, Hkv, d), contiguous
+    p_out = (o_n[:, None].to(tl.int64) * kv_heads * D + bos.to(tl.int64) * kv_heads * D + i_kv * D
+             + o_d[None, :])
     tl.store(dk_ptr + p_out, (b_dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=m_nd)
     tl.store(dv_ptr + p_out, b_dv.to(dv_ptr.dtype.element_ty), mask=m_nd)
 
@@ -230,10 +245,11 @@ def _attn_bwd_q_kernel(
     do_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_qa, stride_qh, stride_kh, stride_vh, stride_doa, stride_doh,
     heads, D, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_b, i_m, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_m, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)   # i_h: the query head
+    i_kv = i_h // GROUP
     q_bos = tl.load(cu_q_ptr + i_b)
     q_eos = tl.load(cu_q_ptr + i_b + 1)
     if i_m * BLOCK_M >= q_eos - q_bos:
@@ -258,8 +274,8 @@ def _attn_bwd_q_kernel(
     for start_n in range(0, hi, BLOCK_N):
         o_n = start_n + tl.arange(0, BLOCK_N)
         m_n = o_n < hi
-        b_k = _pool_rows(k_ptr, k_off_ptr, bos, o_n, m_n, stride_kh, i_h, o_d, m_d)
-        b_v = _pool_rows(v_ptr, v_off_ptr, bos, o_n, m_n, stride_vh, i_h, o_d, m_d)
+        b_k = _pool_rows(k_ptr, k_off_ptr, bos, o_n, m_n, stride_kh, i_kv, o_d, m_d)
+        b_v = _pool_rows(v_ptr, v_off_ptr, bos, o_n, m_n, stride_vh, i_kv, o_d, m_d)
         valid = m_m[:, None] & m_n[None, :]
         if CAUSAL:
             valid = valid & (o_n[None, :] <= b_pos[:, None])
@@ -315,7 +331,8 @@ def attention_forward(
     k_off: torch.Tensor, v_off: torch.Tensor, cu_seqlens: torch.Tensor, cu_q: torch.Tensor,
     q_rows: torch.Tensor, causal: bool, scale: float, max_seqlen: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns out (A, heads, d) in q's dtype and lse (A, heads) float32.
+    """Returns out (A, Hq, d) in q's dtype and lse (A, Hq) float32; the pools
+    hold (P, Hkv, d) with Hq = g * Hkv (grouped-query attention when g > 1).
     k_off / v_off (T_tok,) int64 are element offsets from k_pool[0] / v_pool[0]
     (`index.row_offsets` of the pools as given here)."""
     num_q, heads, dim = q.shape
@@ -332,7 +349,7 @@ def attention_forward(
             q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, out, lse,
             q.stride(0), q.stride(1), k0.stride(1), v0.stride(1), out.stride(0), out.stride(1),
             heads, dim, scale * LOG2E,
-            CAUSAL=causal, IEEE=_dot_mode(q.dtype),
+            CAUSAL=causal, IEEE=_dot_mode(q.dtype), GROUP=heads // k0.shape[1],
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.warps,
             num_stages=cfg.stages,
         )
@@ -344,12 +361,12 @@ def attention_backward(
     k_off: torch.Tensor, v_off: torch.Tensor, cu_seqlens: torch.Tensor, cu_q: torch.Tensor,
     q_rows: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float, max_seqlen: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dq (A, heads, d) and dk, dv per token (T_tok, heads, d), in q's dtype."""
+    """Returns dq (A, Hq, d) and dk, dv per token (T_tok, Hkv, d), in q's dtype."""
     num_q, heads, dim = q.shape
-    num_tokens = k_off.shape[0]
+    num_tokens, kv_heads = k_off.shape[0], k_pool[0].shape[1]
     dq = torch.empty(num_q, heads, dim, dtype=q.dtype, device=q.device)
-    dk = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
-    dv = torch.empty(num_tokens, heads, dim, dtype=q.dtype, device=q.device)
+    dk = torch.empty(num_tokens, kv_heads, dim, dtype=q.dtype, device=q.device)
+    dv = torch.empty(num_tokens, kv_heads, dim, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return dq, dk, dv
     q, grad_out = _unit_features(q), _unit_features(grad_out)
@@ -361,12 +378,12 @@ def attention_backward(
               heads, dim, scale * LOG2E, scale)
 
     def meta(cfg: LaunchConfig):
-        return dict(CAUSAL=causal, IEEE=_dot_mode(q.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                    BLOCK_D=cfg.block_d, num_warps=cfg.warps, num_stages=cfg.stages)
+        return dict(CAUSAL=causal, IEEE=_dot_mode(q.dtype), GROUP=heads // kv_heads, BLOCK_M=cfg.block_m,
+                    BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, num_warps=cfg.warps, num_stages=cfg.stages)
 
     kv, dq_cfg = launch_config("bwd_kv", dim, q.dtype, q.device), launch_config("bwd_q", dim, q.dtype, q.device)
     with on_device(q.device):
-        _attn_bwd_kv_kernel[_grid(max_seqlen, kv.block_n, batch, heads)](
+        _attn_bwd_kv_kernel[_grid(max_seqlen, kv.block_n, batch, kv_heads)](   # one program per kv head
             q, k0, v0, k_off, v_off, cu_seqlens, cu_q, q_rows, grad_out, lse, delta, dk, dv, *common, **meta(kv))
         if num_q:
             _attn_bwd_q_kernel[_grid(max_seqlen, dq_cfg.block_m, batch, heads)](

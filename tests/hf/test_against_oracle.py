@@ -1,0 +1,72 @@
+"""LoopedCausalLM against the independent dense oracle over transformers'
+own layers (tests/hf/oracle.py): values, exact steps, ponder cost and every
+parameter's gradient, float64, Llama with grouped-query attention and Qwen3
+(q/k norms), left and right padding, blocks with and without prelude, coda
+and step norm."""
+import pytest
+import torch
+
+from hf.oracle import dense_looped_lm
+from tiny import MODELS, batch, vary
+
+pytest.importorskip("transformers")
+from act_kernels.hf import LoopedCausalLM  # noqa: E402
+
+
+def grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+CASES = [((1, 3), False), ((0, 2), False), ((2, 4), True), ((1, 4), True), ((0, 4), False)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("block, step_norm", CASES)
+@pytest.mark.parametrize("left", [True, False])
+def test_values_steps_cost_and_gradients_match_the_oracle(arch, block, step_norm, left):
+    model = MODELS[arch](seed=3, initializer_range=0.1)
+    looped = vary(LoopedCausalLM(model, block, max_steps=5, eps=0.05, step_norm=step_norm, backend="reference"),
+                  seed=4, scale=2.0)
+    ids, mask = batch(seed=5, rows=4, length=10, left=left)
+    real = mask.bool()
+    weights = torch.randn(ids.shape + (model.config.vocab_size,), dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(6))
+
+    out = looped(ids, mask)
+    ((out.logits * weights).sum() + 0.3 * out.ponder_cost.sum()).backward()
+    ours = grads(looped)
+    looped.zero_grad()
+
+    logits, cost, steps = dense_looped_lm(model, block, looped.halting, max_steps=5, eps=0.05, step_norm=step_norm,
+                                          input_ids=ids, attention_mask=mask, attn="sdpa")
+    ((logits * weights).sum() + 0.3 * cost.sum()).backward()
+    theirs = grads(looped)
+
+    assert torch.equal(out.steps, steps)
+    assert steps[real].min() < steps[real].max()          # real pondering: steps differ between tokens
+    torch.testing.assert_close(out.logits, logits, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(out.ponder_cost, cost.to(out.ponder_cost.dtype), atol=1e-10, rtol=1e-8)
+    assert ours.keys() == theirs.keys() and len(ours) == len(list(looped.parameters()))
+    for name in ours:
+        # transformers' RMSNorm computes in float32 even in a float64 model, so a gradient that
+        # passes through a norm carries float32 rounding of sums taken in another order: 1e-6 of
+        # the gradient's scale (measured: at most 5e-8; the block's output side agrees to 1e-15)
+        scale = float(theirs[name].abs().max())
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6 * scale, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_generation_matches_the_oracle_forward(arch):
+    """Greedy generation over the cache, its steps and its choices, against
+    the oracle's parallel forward on the completed sequences."""
+    model = MODELS[arch](seed=7, initializer_range=0.1)
+    looped = vary(LoopedCausalLM(model, (1, 3), max_steps=5, eps=0.05), seed=8, scale=2.0)
+    ids, mask = batch(seed=9, rows=3, length=8, left=True)
+    new = 6
+    gen = looped.generate(ids, mask, max_new_tokens=new, max_batch_size=2)
+    full = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        logits, _, steps = dense_looped_lm(model, (1, 3), looped.halting, max_steps=5, eps=0.05, step_norm=False,
+                                           input_ids=gen.sequences, attention_mask=full, attn="sdpa")
+    assert torch.equal(gen.steps, steps)
+    assert torch.equal(logits[:, ids.shape[1] - 1:-1].argmax(-1), gen.sequences[:, ids.shape[1]:])
