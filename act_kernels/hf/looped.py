@@ -158,18 +158,7 @@ class LoopedCausalLM(nn.Module):
         cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
         longest = int(counts.max()) if batch else 0
         positions = _positions(valid)[valid]
-        h = self.model.model.embed_tokens(input_ids[valid])
-        with ours(self.config):
-            if h.shape[0]:
-                if self.prelude is not None:
-                    h = self.prelude.forward_packed(h, cu, longest, positions)
-                h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest, positions=positions)
-                cost, steps = self.block.ponder_cost, self.block.steps
-                if self.coda is not None:
-                    h = self.coda.forward_packed(h, cu, longest, positions)
-            else:
-                cost = h.new_zeros(0, dtype=torch.float32)
-                steps = torch.zeros(0, dtype=torch.int64, device=h.device)
+        h, cost, steps = self._layers(self.model.model.embed_tokens(input_ids[valid]), cu, longest, positions)
         logits = self._head(h)
         out = logits.new_zeros(batch, length, logits.shape[-1]).index_put((valid,), logits)
         ponder_cost = cost.new_zeros(batch, length).index_put((valid,), cost)
@@ -180,6 +169,20 @@ class LoopedCausalLM(nn.Module):
                 raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}")
             loss = self.model.loss_function(out, labels, vocab_size=self.config.vocab_size)
         return LoopedOutput(out, loss, ponder_cost, token_steps)
+
+    @torch.compiler.disable   # a data-dependent loop with a host read per step: runs eagerly under torch.compile
+    def _layers(self, h: Tensor, cu: Tensor, longest: int, positions: Tensor):
+        """Prelude, pondered block and coda on the packed rows h (T_tok, D)."""
+        if not h.shape[0]:
+            return h, h.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.int64, device=h.device)
+        with ours(self.config):
+            if self.prelude is not None:
+                h = self.prelude.forward_packed(h, cu, longest, positions)
+            h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest, positions=positions)
+            cost, steps = self.block.ponder_cost, self.block.steps
+            if self.coda is not None:
+                h = self.coda.forward_packed(h, cu, longest, positions)
+        return h, cost, steps
 
     # -- generation over the ragged cache ------------------------------------------------
 

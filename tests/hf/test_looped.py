@@ -309,3 +309,10 @@ def test_torch_compile_runs_and_matches_eager():
         # transformers' float32 RMSNorm, compiled: float32 rounding of the gradient's scale
         torch.testing.assert_close(dict(looped.named_parameters())[name].grad, grad,
                                    atol=1e-6 * float(grad.abs().max()), rtol=0, msg=name)
+
+
+def test_readme_example_runs():
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).resolve().parents[2] / "docs" / "examples" / "looped_llama.py"))
