@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ..nn import ACTTransformerEncoder, CausalStack
 from ..nn.cache import ChunkLayout
 from ..nn.checks import check_layer_options
-from ..nn.generation import generate_batched
+from ..nn.depthwise import check_schedule, generate_depthwise
+from ..nn.generation import SequenceDraws, generate_batched
 from ..nn.layers import DecoderLayers
 from .attention import ours
 from .checks import check_block, check_model, check_routes_attention
@@ -54,6 +55,7 @@ class LoopedGeneration:
 
     sequences: Tensor
     steps: Tensor
+    iterations: int = 0
 
 
 def _positions(mask: Tensor) -> Tensor:
@@ -210,13 +212,13 @@ class LoopedCausalLM(nn.Module):
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, max_new_tokens: int,
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, max_batch_size: Optional[int] = None
-                 ) -> LoopedGeneration:
+                 generator: Optional[torch.Generator] = None, max_batch_size: Optional[int] = None,
+                 schedule: str = "depthwise") -> LoopedGeneration:
         """Batched generation with transformers' conventions: greedy unless
         do_sample (then softmax(logits / temperature) over the top_k logits and
-        the top_p nucleus, drawn with `generator`: the draws of one call are
-        made in order, one per running sequence per decode call, so a fixed
-        generator repeats them; eos_token_id and pad_token_id default to the
+        the top_p nucleus; row i draws its tokens from its own generator,
+        seeded by the i-th of B seeds drawn from `generator` at the start, so
+        a fixed generator repeats them whatever the schedule); eos_token_id and pad_token_id default to the
         model's generation config). Each prompt is its row's real tokens
         (attention_mask); every token ponders on its own over one ragged cache,
         and with max_batch_size at most that many sequences run at once, a
@@ -227,21 +229,43 @@ class LoopedCausalLM(nn.Module):
         sequence's eos; as in transformers, when every sequence has ended
         before max_new_tokens the columns after the last new token are left
         out. `.steps` (same shape): every token's ponder steps, 0 at padding.
-        The model runs in eval mode for the call."""
+        The model runs in eval mode for the call. schedule: "depthwise"
+        (every sequence advances on its own, design §17) or "synchronous"
+        (one decode call per new token of every sequence); the same output.
+        `.iterations`: how many times the block ran."""
         valid = self._check_ids(input_ids, attention_mask)
         eos, pad = self._generation_ids(eos_token_id, pad_token_id)
         self._check_generate(valid, max_new_tokens, do_sample, temperature, top_k, top_p, generator, max_batch_size)
+        check_schedule(schedule)
         prompts = [row[keep] for row, keep in zip(input_ids, valid)]
         slots = min(max_batch_size or len(prompts), len(prompts))
         was_training = self.training
         self.eval()
+        draws = SequenceDraws(generator, len(prompts)) if do_sample else None
+
+        def choose(logits, sequences):
+            return self._choose(logits, do_sample, temperature, top_k, top_p, draws, sequences)
+
+        self.block.iterations = 0
         try:
-            sequences, steps, _ = generate_batched(
-                self.extend, lambda: self.block.steps, self.new_cache(slots), prompts, max_new_tokens, eos, None,
-                lambda logits: self._choose(logits, do_sample, temperature, top_k, top_p, generator))
+            caches = self.new_cache(slots)
+            depthwise_iterations = 0
+            if schedule == "synchronous":
+                sequences, steps, _ = generate_batched(self.extend, lambda: self.block.steps, caches, prompts,
+                                                       max_new_tokens, eos, None, choose)
+            else:
+                with ours(self.config):
+                    sequences, steps, _, depthwise_iterations = generate_depthwise(
+                        prefill=lambda c, t, o, s: (self.extend(c, t, o, s), self.block.steps),
+                        embed=lambda t, pos: self.model.model.embed_tokens(t), prelude=self.prelude,
+                        block=self.block, coda=self.coda, head=self._head, caches=caches,
+                        attention=self.block.attention_backend(self.halting.weight), prompts=prompts,
+                        max_new_tokens=max_new_tokens, eos=eos, max_len=None, choose=choose)
         finally:
             self.train(was_training)
-        return self._lay_out(input_ids, valid, prompts, sequences, steps, pad)
+        out = self._lay_out(input_ids, valid, prompts, sequences, steps, pad)
+        out.iterations = self.block.iterations + depthwise_iterations
+        return out
 
     def _generation_ids(self, eos, pad):
         config = getattr(self.model, "generation_config", None)
@@ -278,7 +302,7 @@ class LoopedCausalLM(nn.Module):
 
     @staticmethod
     def _choose(logits: Tensor, do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
-                generator) -> Tensor:
+                draws, sequences) -> Tensor:
         """The next token of every row of logits (S, V): argmax, or a draw
         (temperature, then top_k, then top_p, as transformers' warpers order
         them)."""
@@ -293,10 +317,7 @@ class LoopedCausalLM(nn.Module):
             drop = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
             drop[:, -1] = False   # the likeliest token always stays
             scaled = scaled.masked_fill(drop.scatter(1, order, drop), -math.inf)
-        probs = torch.softmax(scaled, -1)
-        if generator is not None and generator.device != probs.device:
-            probs = probs.to(generator.device)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+        return draws(torch.softmax(scaled, -1), sequences)
 
     @staticmethod
     def _lay_out(input_ids, valid, prompts, sequences, steps, pad) -> LoopedGeneration:

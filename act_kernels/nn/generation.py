@@ -12,12 +12,31 @@ import torch
 from torch import Tensor
 
 
+class SequenceDraws:
+    """Sampling that does not depend on the scheduling: sequence i draws its
+    t-th token from its own generator, seeded by the i-th of len(prompts)
+    seeds drawn from the caller's generator at the start (or from torch's
+    default generator when none is given)."""
+
+    def __init__(self, generator: Optional[torch.Generator], count: int):
+        device = generator.device if generator is not None else torch.device("cpu")
+        seeds = torch.randint(0, 2**62, (count,), generator=generator, device=device).tolist()
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.device = device
+
+    def __call__(self, probs: Tensor, sequences: Sequence[int]) -> Tensor:
+        """One draw per row of probs (S, V), row r from sequence sequences[r]'s generator."""
+        rows = probs.to(self.device)
+        drawn = [torch.multinomial(row, 1, generator=self.generators[i]) for row, i in zip(rows, sequences)]
+        return torch.cat(drawn).to(probs.device)
+
+
 def generate_batched(extend: Callable, steps_of_call: Callable[[], Tensor], caches: Sequence, prompts: Sequence[Tensor],
                      max_new_tokens: int, eos: Optional[int], max_len: Optional[int],
                      choose: Callable[[Tensor], Tensor]) -> Tuple[List[Tensor], List[List[Tensor]], List[List[Tensor]]]:
     """extend(caches, tokens, offsets, slots) -> logits of the call's tokens;
-    steps_of_call() -> their ponder steps; choose(logits (S, V)) -> (S,) the
-    next tokens. Returns each sequence (prompt + generated tokens), the steps
+    steps_of_call() -> their ponder steps; choose(logits (S, V), sequences)
+    -> (S,) the next tokens of those sequences. Returns each sequence (prompt + generated tokens), the steps
     of every call's chunk, and the logits each generated token was chosen from."""
     slots = caches[0].batch_size
     waiting = list(range(len(prompts)))
@@ -57,7 +76,7 @@ def generate_batched(extend: Callable, steps_of_call: Callable[[], Tensor], cach
             continue
         rows = logits[torch.tensor([r for _, r in choosing], device=logits.device)]
         # the next tokens of every running sequence, brought to the host in one read per call
-        chosen = choose(rows)
+        chosen = choose(rows, [i for i, _ in choosing])
         for (i, _), row, nxt, value in zip(choosing, rows, chosen, chosen.tolist()):
             scores[i].append(row)
             tokens[i] = torch.cat([tokens[i], nxt.view(1)])
@@ -66,4 +85,4 @@ def generate_batched(extend: Callable, steps_of_call: Callable[[], Tensor], cach
     return tokens, steps, scores
 
 
-__all__ = ["generate_batched"]
+__all__ = ["generate_batched", "SequenceDraws"]

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from .checks import check_layer_options
 from .cache import ChunkLayout, check_sequences, chunk_lengths
-from .generation import generate_batched
+from .depthwise import check_schedule, generate_depthwise
+from .generation import SequenceDraws, generate_batched
 from .transformer import ACTTransformerEncoder, CausalStack
 
 
@@ -26,11 +27,13 @@ class Generation(NamedTuple):
                after `eos_token_id` when it came
     steps:     the ponder steps of every token of each sequence (int64, same shapes)
     scores:    (generated, vocab_size) the logits each generated token was chosen from
+    iterations: how many times the block ran (the prompts' prefill included)
     """
 
     sequences: List[Tensor]
     steps: List[Tensor]
     scores: List[Tensor]
+    iterations: int = 0     # block applications (ponder steps of the batch) the generation ran
 
 
 def _layers(d_model, nhead, dim_feedforward, dropout, count) -> Optional[nn.Module]:
@@ -181,7 +184,8 @@ class ACTLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: Sequence[Tensor], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: Optional[int] = None, eos_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, max_batch_size: Optional[int] = None) -> Generation:
+                 generator: Optional[torch.Generator] = None, max_batch_size: Optional[int] = None,
+                 schedule: str = "depthwise") -> Generation:
         """Batched generation: prompts of different lengths, each token
         pondering on its own, over one ragged cache. temperature 0 is greedy;
         otherwise softmax(logits / temperature), over the top_k logits when
@@ -189,31 +193,63 @@ class ACTLanguageModel(nn.Module):
         after max_new_tokens new tokens, or at max_len tokens. With
         max_batch_size, at most that many sequences run at once and a slot
         is refilled with the next prompt as soon as its sequence ends
-        (continuous batching). The model runs in eval mode for the call."""
+        (continuous batching). The model runs in eval mode for the call.
+
+        schedule: "depthwise" (design §17): every sequence advances on its
+        own, one block iteration holding tokens of different sequences at
+        different steps, so the block runs about mean-N times per token;
+        "synchronous": one decode call per new token of every sequence,
+        pondered together (the batch's deepest token sets the iterations).
+        Both give the same sequences, steps and scores. Sampling draws
+        sequence i's tokens from its own generator, seeded by the i-th of
+        len(prompts) seeds drawn from `generator` at the start, so a draw
+        does not depend on the schedule or the batch."""
         device = self.head.weight.device
         prompts = self._check_generate(prompts, max_new_tokens, temperature, top_k, eos_token_id, generator,
                                        max_batch_size, device)
+        check_schedule(schedule)
         slots = min(max_batch_size or len(prompts), len(prompts))
         was_training = self.training
         self.eval()
         try:
-            return self._generate(prompts, max_new_tokens, temperature, top_k, eos_token_id, generator, slots)
+            return self._generate(prompts, max_new_tokens, temperature, top_k, eos_token_id, generator, slots,
+                                  schedule)
         finally:
             self.train(was_training)
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_k, eos, generator, slots) -> Generation:
-        sequences, steps, scores = generate_batched(
-            self.extend, lambda: self.steps, self.new_cache(slots), prompts, max_new_tokens, eos, self.max_len,
-            lambda logits: self._choose(logits, temperature, top_k, generator))
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, eos, generator, slots, schedule) -> Generation:
+        draws = SequenceDraws(generator, len(prompts)) if temperature > 0 else None
+
+        def choose(logits, sequences):
+            return self._choose(logits, temperature, top_k, draws, sequences)
+
+        caches = self.new_cache(slots)
+        if schedule == "synchronous":
+            self.block.iterations = 0
+            sequences, steps, scores = generate_batched(self.extend, lambda: self.steps, caches, prompts,
+                                                        max_new_tokens, eos, self.max_len, choose)
+            iterations = self.block.iterations
+        else:
+            def prefill(caches, tokens, offsets, slots):
+                return self.extend(caches, tokens, offsets, slots), self.steps
+
+            before = self.block.iterations = 0
+            sequences, steps, scores, iterations = generate_depthwise(
+                prefill=prefill, embed=lambda t, pos: self.embed(t) + self.position(pos), prelude=self.prelude,
+                block=self.block, coda=self.coda, head=self._logits, caches=caches,
+                attention=self.block.attention_backend(self.head.weight), prompts=prompts,
+                max_new_tokens=max_new_tokens, eos=eos, max_len=self.max_len, choose=choose)
+            iterations += self.block.iterations - before
         vocab = self.vocab_size
         return Generation(
             sequences=sequences,
             steps=[torch.cat(s) if s else torch.zeros(0, dtype=torch.int64) for s in steps],
             scores=[torch.stack(s) if s else torch.zeros(0, vocab) for s in scores],
+            iterations=iterations,
         )
 
     @staticmethod
-    def _choose(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:
+    def _choose(logits: Tensor, temperature: float, top_k: Optional[int], draws, sequences) -> Tensor:
         """The next token of every row of logits (S, vocab): argmax at
         temperature 0, else a draw from softmax(logits / temperature),
         restricted to the top_k logits when given."""
@@ -223,10 +259,7 @@ class ACTLanguageModel(nn.Module):
         if top_k is not None and top_k < scaled.shape[-1]:
             cut = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
             scaled = scaled.masked_fill(scaled < cut, -math.inf)
-        probs = torch.softmax(scaled, -1)
-        if generator is not None and generator.device != probs.device:
-            probs = probs.to(generator.device)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+        return draws(torch.softmax(scaled, -1), sequences)
 
     def _check_generate(self, prompts, max_new_tokens, temperature, top_k, eos, generator, max_batch_size,
                         device) -> List[Tensor]:

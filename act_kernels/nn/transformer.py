@@ -113,7 +113,7 @@ class _TokenStep:
 
     def __init__(self, block: "RaggedBlock", x: Tensor, cu_seqlens: Tensor, causal: bool,
                  max_seqlen: int, attention_backend: str, context=None, positions: Optional[Tensor] = None):
-        self.cu_seqlens, self.causal = cu_seqlens, causal
+        self.block, self.cu_seqlens, self.causal = block, cu_seqlens, causal
         self.max_seqlen, self.backend = max_seqlen, attention_backend
         self.context = context
         kind = block.kind
@@ -184,6 +184,7 @@ class _TokenStep:
         return attend
 
     def __call__(self, state: Tensor, n: int, active: Tensor) -> Tensor:
+        self.block.iterations += 1
         if not self.kv_in_forward:
             self.project_changed()
         elif self.changed_rows is not None:
@@ -227,6 +228,11 @@ class RaggedBlock(nn.Module):
             self.layer = self.kind.module
         self.d_model = self.kind.d_model
         self.backend = backend
+        self.iterations = 0    # block applications so far (a counter for generation's reports)
+
+    def attention_backend(self, like: Tensor) -> str:
+        """The concrete attention backend for inputs like `like`."""
+        return resolve_encoder(self.backend, like.device, like.dtype).attention
 
     @property
     def layers(self) -> List[nn.Module]:

@@ -1,0 +1,283 @@
+"""Continuous depth-wise batching for generation (design §17): each sequence
+advances on its own, so one block iteration holds tokens of different
+sequences at different ponder steps, and the block runs about mean-N times
+per generated token instead of the batch's max-N.
+
+State per slot (one sequence each): its in-flight token, that token's step n,
+its visible state s^(n-1), ACT's running sum and mean-field accumulator, and
+the token's key/value rows so far in a per-slot scratch buffer (M + 1 rows at
+the block's first layer, M at the others). One iteration:
+
+- entering tokens (sampled at the previous iteration) run the prelude: s^0;
+- the block once over every in-flight token, each at its own step n: the
+  attention reads its sequence's cached tokens through the index, first layer
+  row min(n - 1, N_j), later layers min(n, N_j) (design §14), each row's n
+  taken from a tensor, and the token's own scratch rows;
+- ACT's halting (§1) per row; one device read: which rows halted;
+- the tokens that halted get their first-layer row of s^N, move their rows
+  into the block's cache (N + 1 and N rows: never M), and go through the
+  coda, final norm, head and sampling; their sequences feed the sampled token
+  at the next iteration. A finished sequence frees its slot for the next
+  prompt, which is prefilled as one chunk through the parallel path.
+
+Causality makes every interleaving exact: a token's states depend only on the
+earlier tokens of its own sequence, all in the cache before it enters.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..ops.attention import attend as attend_rows
+from ..ops.state import accumulation_dtype
+from .cache import CacheContext, ChunkLayout
+
+
+class DepthwiseBlock:
+    """The pondered block's in-flight tokens, one per slot, stepped one ponder
+    step per `iterate` call. `block` is an ACTTransformerEncoder (any layer
+    kind), `cache` its ACTCache, `attention` the concrete attention backend."""
+
+    def __init__(self, block, cache, attention: str):
+        kind = block.kind
+        self.block, self.cache, self.kind, self.attention = block, cache, kind, attention
+        self.max_steps, self.threshold = block.max_steps, 1.0 - block.eps
+        slots, device, dtype = cache.batch_size, cache.device, cache.dtype
+        self.acc = accumulation_dtype(dtype)
+        self.dtype, self.device = dtype, device
+        self.width = [self.max_steps + 1] + [self.max_steps] * (len(kind) - 1)   # scratch rows per slot and layer
+        shape = (kind.kv_heads, kind.head_dim)
+        self.scratch = [(torch.zeros(slots * w, *shape, device=device, dtype=dtype),
+                         torch.zeros(slots * w, *shape, device=device, dtype=dtype)) for w in self.width]
+        self.kv_width = kind.kv_heads * kind.head_dim
+        self.state = torch.zeros(slots, kind.d_model, device=device, dtype=dtype)
+        self.mean = torch.zeros(slots, kind.d_model, device=device, dtype=self.acc)
+        self.running_sum = torch.zeros(slots, device=device, dtype=self.acc)
+        self.step = torch.zeros(slots, dtype=torch.int64, device=device)
+        self.host_step = [0] * slots
+        weight = block.halting.weight
+        self.halt_w, self.halt_b = weight.reshape(-1), block.halting.bias.reshape(())
+        self.iterations = 0
+
+    def enter(self, slots: Sequence[int], s0: Tensor) -> None:
+        """New tokens of these slots, with their prelude outputs s^0."""
+        index = torch.tensor(list(slots), dtype=torch.int64).to(self.device)
+        self.state.index_copy_(0, index, s0.to(self.dtype))
+        self.mean.index_fill_(0, index, 0)
+        self.running_sum.index_fill_(0, index, 0)
+        self.step.index_fill_(0, index, 0)
+        for s in slots:
+            self.host_step[s] = 0
+
+    def _split(self, kv: Tensor):
+        rows = kv.shape[0]
+        shape = (self.kind.kv_heads, self.kind.head_dim)
+        return kv[:, :self.kv_width].reshape(rows, *shape), kv[:, self.kv_width:].reshape(rows, *shape)
+
+    def _write(self, k: int, rows: Tensor, kv: Tensor) -> None:
+        keys, values = self._split(kv)
+        self.scratch[k][0].index_copy_(0, rows, keys)
+        self.scratch[k][1].index_copy_(0, rows, values)
+
+    @torch.no_grad()
+    def iterate(self, slots: Sequence[int], positions: Tensor):
+        """One ponder step of the in-flight tokens of `slots` (ascending);
+        positions (R,): each token's position in its sequence. Returns the
+        halted slots (a host list), their mean-field outputs S (dtype) and
+        their steps (host ints)."""
+        self.iterations += 1
+        slots = list(slots)
+        count = len(slots)
+        cache, kind = self.cache, self.kind
+        index = torch.tensor(slots, dtype=torch.int64).to(self.device)
+        for s in slots:
+            self.host_step[s] += 1
+        self.step.index_add_(0, index, torch.ones_like(index))
+        n = self.step[index]                                       # (R,) every row's own step
+        layout = ChunkLayout([cache.lengths[s] for s in slots], [1] * count, self.device)
+        context = CacheContext(cache, slots, layout)
+        n_cached = torch.repeat_interleave(n, layout.cached_counts, output_size=layout.num_cached)
+        tables, own = [], []
+        for k, width in enumerate(self.width):
+            base = cache.layers[k].size                            # the scratch follows the cache in the pool
+            row_of = index * width + n - 1                         # this step's scratch row of every slot
+            if k == 0:
+                reached = torch.minimum(context.cached_steps, n_cached - 1)
+            else:
+                reached = torch.minimum(context.cached_steps, n_cached) - 1
+            kv_rows = torch.empty(layout.num_cached + count, dtype=torch.int64, device=self.device)
+            kv_rows.index_copy_(0, layout.cached_positions, context.cached_first[k] + reached)
+            kv_rows.index_copy_(0, layout.new_positions, base + row_of)
+            tables.append(kv_rows)
+            own.append(row_of)
+        layers = kind.rows(False, positions)
+        x = self.state[index]
+        if not kind.kv_in_forward:
+            self._write(0, own[0], layers[0].key_values(x))
+        for k, layer in enumerate(layers):
+            writes = k > 0 or kind.kv_in_forward
+
+            def attend(q, kv, scale, dropout_p):
+                if writes:
+                    self._write(k, own[k], kv())
+                cached_k, cached_v = cache.layers[k].view()
+                return attend_rows(q, (cached_k, self.scratch[k][0]), (cached_v, self.scratch[k][1]),
+                                   layout.cu_seqlens, layout.new_positions, tables[k], True, scale,
+                                   layout.max_seqlen, self.attention)
+
+            x = layer.forward(x, None, attend)
+        norm = kind.final_norm()
+        if norm is not None:
+            x = norm(x)
+        x = x.to(self.dtype)
+        # ACT's halting (design §1), each row at its own step
+        s = x.to(self.acc)
+        with torch.autocast(device_type=s.device.type, enabled=False):
+            h = torch.sigmoid(s @ self.halt_w.to(self.acc) + self.halt_b.to(self.acc))
+        before = self.running_sum[index]
+        halt = (before + h >= self.threshold) | (n >= self.max_steps)
+        p = torch.where(halt, 1 - before, h)
+        self.running_sum.index_copy_(0, index, torch.where(halt, before, before + h))
+        self.mean.index_add_(0, index, p[:, None] * s)
+        self.state.index_copy_(0, index, x)
+        halted_local = [i for i, flag in enumerate(halt.tolist()) if flag]   # the iteration's one device read
+        if not halted_local:
+            return [], None, []
+        halted = [slots[i] for i in halted_local]
+        local = torch.tensor(halted_local, dtype=torch.int64).to(self.device)
+        h_index = index[local]
+        steps = [self.host_step[s] for s in halted]
+        # s^N's first-layer row: later tokens read it (design §14)
+        final_row = h_index * self.width[0] + n[local]
+        self._write(0, final_row, layers[0].key_values(x[local], local))
+        self._commit(halted, h_index, steps)
+        return halted, self.mean[h_index].to(self.dtype), steps
+
+    def _commit(self, halted: List[int], h_index: Tensor, steps: List[int]) -> None:
+        """The halted tokens' rows into the cache, token by token: N + 1 at the
+        first layer, N at the others."""
+        rows, counts = [], []
+        for k, width in enumerate(self.width):
+            per_token = [n + 1 for n in steps] if k == 0 else list(steps)
+            total = sum(per_token)
+            lengths = torch.tensor(per_token, dtype=torch.int64).to(self.device)
+            starts = torch.repeat_interleave(h_index * width, lengths, output_size=total)
+            offsets = torch.arange(total, device=self.device) - torch.repeat_interleave(
+                lengths.cumsum(0) - lengths, lengths, output_size=total)
+            picked = starts + offsets
+            rows.append((self.scratch[k][0][picked], self.scratch[k][1][picked]))
+            counts.append(per_token)
+        self.cache.append_tokens(halted, rows, counts, torch.tensor(steps, dtype=torch.int64).to(self.device))
+
+
+SCHEDULES = ("depthwise", "synchronous")
+
+
+def check_schedule(schedule) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, coda, head: Callable,
+                       caches: Sequence, attention: str, prompts: Sequence[Tensor], max_new_tokens: int,
+                       eos, max_len: Optional[int], choose: Callable):
+    """The depth-wise scheduler. prefill(caches, tokens, offsets, slots) ->
+    logits: the parallel path for whole prompts; embed(tokens, positions) ->
+    rows; prelude / coda: CausalStacks (or None) with caches; head(h) ->
+    logits; choose(logits (S, V), sequences) -> (S,) tokens. Returns what
+    `generation.generate_batched` returns: sequences, steps per feed, scores."""
+    stacks = [m for m in (prelude, block, coda) if m is not None]
+    cache_of = dict(zip(map(id, stacks), caches))
+    slots = caches[0].batch_size
+    device = caches[0].device
+    engine = DepthwiseBlock(block, cache_of[id(block)], attention)
+    waiting = list(range(len(prompts)))
+    tokens = [p.clone() for p in prompts]
+    steps: List[List[Tensor]] = [[] for _ in prompts]
+    scores: List[List[Tensor]] = [[] for _ in prompts]
+    in_slot: List[Optional[int]] = [None] * slots
+    pending: List[Optional[int]] = [None] * slots        # the slot's next token to enter (a host int)
+    in_flight = [False] * slots
+    last = [False] * slots                               # the in-flight token is its sequence's last
+
+    def ended(i: int, value: Optional[int]) -> bool:
+        generated = tokens[i].numel() - prompts[i].numel()
+        if generated >= max_new_tokens or (max_len is not None and tokens[i].numel() >= max_len):
+            return True
+        return value is not None and eos is not None and value in ((eos,) if isinstance(eos, int) else eos)
+
+    def take(rows_logits: Tensor, seqs: List[int], slot_list: List[int]) -> None:
+        chosen = choose(rows_logits, seqs)
+        for i, slot, row, value in zip(seqs, slot_list, rows_logits, chosen.tolist()):
+            scores[i].append(row)
+            tokens[i] = torch.cat([tokens[i], chosen.new_tensor([value])])
+            pending[slot] = value
+            last[slot] = ended(i, value)
+
+    while waiting or any(i is not None for i in in_slot):
+        fresh = []
+        for slot in range(slots):
+            if in_slot[slot] is None and waiting:
+                in_slot[slot] = waiting.pop(0)
+                for cache in caches:
+                    cache.reset(slot)
+                fresh.append(slot)
+        if fresh:   # prompts as chunks through the parallel path
+            chunks = [tokens[in_slot[s]] for s in fresh]
+            offsets = [0]
+            for c in chunks:
+                offsets.append(offsets[-1] + c.numel())
+            logits, call_steps = prefill(caches, torch.cat(chunks), offsets, fresh)
+            choosing_seqs, choosing_slots, rows = [], [], []
+            for j, slot in enumerate(fresh):
+                i = in_slot[slot]
+                steps[i].append(call_steps[offsets[j]:offsets[j + 1]].clone())
+                if ended(i, None):            # max_new_tokens = 0, or a prompt at max_len
+                    in_slot[slot] = None
+                else:
+                    choosing_seqs.append(i)
+                    choosing_slots.append(slot)
+                    rows.append(offsets[j + 1] - 1)
+            if rows:
+                take(logits[torch.tensor(rows, device=logits.device)], choosing_seqs, choosing_slots)
+        entering = [s for s in range(slots) if in_slot[s] is not None and pending[s] is not None and not in_flight[s]]
+        if entering:
+            new = torch.tensor([pending[s] for s in entering], dtype=torch.int64).to(device)
+            where = [cache_of[id(block)].lengths[s] for s in entering]
+            positions = torch.tensor(where, dtype=torch.int64).to(device)
+            h = embed(new, positions)
+            if prelude is not None:
+                h = prelude.extend(cache_of[id(prelude)], h, list(range(len(entering) + 1)), entering,
+                                   positions=positions)
+            engine.enter(entering, h)
+            for s in entering:
+                in_flight[s], pending[s] = True, None
+        running = [s for s in range(slots) if in_flight[s]]
+        if not running:
+            continue
+        positions = torch.tensor([cache_of[id(block)].lengths[s] for s in running], dtype=torch.int64).to(device)
+        halted, out, halted_steps = engine.iterate(running, positions)
+        if not halted:
+            continue
+        for slot, n in zip(halted, halted_steps):
+            i = in_slot[slot]
+            steps[i].append(torch.tensor([n], dtype=torch.int64))
+            in_flight[slot] = False
+        going = [j for j, slot in enumerate(halted) if not last[slot]]
+        for slot in halted:
+            if last[slot]:
+                in_slot[slot] = None
+        if not going:
+            continue
+        go_slots = [halted[j] for j in going]
+        h = out[torch.tensor(going, dtype=torch.int64).to(device)] if len(going) < len(halted) else out
+        if coda is not None:
+            where = torch.tensor([cache_of[id(coda)].lengths[s] for s in go_slots], dtype=torch.int64).to(device)
+            h = coda.extend(cache_of[id(coda)], h, list(range(len(go_slots) + 1)), go_slots, positions=where)
+        take(head(h), [in_slot[s] for s in go_slots], go_slots)
+    return tokens, steps, scores, engine.iterations
+
+
+__all__ = ["DepthwiseBlock", "generate_depthwise", "check_schedule", "SCHEDULES"]
