@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import signal
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .common import Interrupt, machine, matplotlib_or_say_so
 from .model import PonderNetTaskModel, TaskModel, TokenTaskModel, sequence_errors
 from .tasks import TASKS, make_task
 
@@ -154,15 +152,6 @@ def spearman(x, y):
     return sxy / (sxx * syy) ** 0.5
 
 
-def machine() -> dict:
-    """Where a run ran, for its summary."""
-    info = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                cpus=os.cpu_count(), torch_threads=torch.get_num_threads())
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def save_figure(path, task, table, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -183,17 +172,6 @@ def save_figure(path, task, table, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _matplotlib_or_say_so() -> bool:
-    """Whether the figure can be drawn; said before training, not after it."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("matplotlib is not installed: training runs and writes summary.json and log.jsonl, "
-              "but no summary.png (pip install matplotlib, or the [train] extra)", flush=True)
-        return False
-    return True
 
 
 # What must match for a checkpoint to continue this run.
@@ -221,29 +199,6 @@ def _resume(path, config, model, optimizer, generator, device):
     except (KeyError, RuntimeError, ValueError) as exc:
         raise SystemExit(f"cannot resume from {path}: {exc}") from None
     return ckpt["iteration"], ckpt["history"]
-
-
-class _Interrupt:
-    """Turns the first Ctrl-C into a request the loop answers at the end of the
-    iteration (checkpoint, then a clean exit); a second one interrupts at once."""
-
-    def __enter__(self):
-        self.requested = False
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 def _knobs(items, flag):
@@ -309,7 +264,7 @@ def main(argv=None):
             print(f"resuming {ckpt_path} at iteration {start}")
         else:
             print(f"--resume: no checkpoint at {ckpt_path}; starting from iteration 0")
-    can_plot = _matplotlib_or_say_so()
+    can_plot = matplotlib_or_say_so()
 
     print(json.dumps(config))
     progress = range(start, args.iterations)
@@ -331,7 +286,7 @@ def main(argv=None):
                         generator=train_gen.get_state(), iteration=iteration, history=history, config=config),
                    ckpt_path)
 
-    with _Interrupt() as interrupt:
+    with Interrupt() as interrupt:
         for it in progress:
             batch = task.sample(batch_size, train_gen).to(device)
             loss = model.loss(batch, args.tau)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn import ACTLanguageModel
+from .common import Interrupt, machine, matplotlib_or_say_so
 
 BYTE_CLASSES = ("line start", "indentation", "identifier", "digit", "in string", "punctuation", "space", "comment")
 
@@ -223,8 +224,6 @@ _RESUME_KEYS = ("corpus", "corpus_bytes", "d_model", "heads", "block_layers", "m
 
 
 def main(argv=None):
-    from .command import _Interrupt, _matplotlib_or_say_so, machine
-
     args = parse_args(argv)
     wall0 = time.time()
     device = torch.device(args.device)
@@ -254,7 +253,7 @@ def main(argv=None):
         gen.set_state(state["generator"].cpu())
         start, history = state["iteration"], state["history"]
         print(f"resuming {ckpt} at iteration {start}")
-    can_plot = _matplotlib_or_say_so()
+    can_plot = matplotlib_or_say_so()
     print(json.dumps(config), flush=True)
 
     def save(iteration):
@@ -262,7 +261,7 @@ def main(argv=None):
                         iteration=iteration, history=history, config=config), ckpt)
 
     t0 = time.time()
-    with _Interrupt() as interrupt:
+    with Interrupt() as interrupt:
         for it in range(start, args.iterations):
             batch = windows(train, args.batch_size, args.context, gen).to(device)
             logits = model(batch[:, :-1])
