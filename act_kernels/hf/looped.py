@@ -213,13 +213,13 @@ class LoopedCausalLM(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, max_batch_size: Optional[int] = None,
-                 schedule: str = "depthwise") -> LoopedGeneration:
+                 schedule: str = "depthwise", fixed_rows: bool = False) -> LoopedGeneration:
         """Batched generation with transformers' conventions: greedy unless
         do_sample (then softmax(logits / temperature) over the top_k logits and
         the top_p nucleus; row i draws its tokens from its own generator,
         seeded by the i-th of B seeds drawn from `generator` at the start, so
-        a fixed generator repeats them whatever the schedule); eos_token_id and pad_token_id default to the
-        model's generation config). Each prompt is its row's real tokens
+        a fixed generator repeats them whatever the schedule); eos_token_id
+        and pad_token_id default to the model's generation config. Each prompt is its row's real tokens
         (attention_mask); every token ponders on its own over one ragged cache,
         and with max_batch_size at most that many sequences run at once, a
         finished sequence's slot taking the next prompt (continuous batching).
@@ -232,11 +232,13 @@ class LoopedCausalLM(nn.Module):
         The model runs in eval mode for the call. schedule: "depthwise"
         (every sequence advances on its own, design §17) or "synchronous"
         (one decode call per new token of every sequence); the same output.
+        fixed_rows (depthwise only): every block iteration runs one row per
+        slot, idle slots included, so the block's shapes never change.
         `.iterations`: how many times the block ran."""
         valid = self._check_ids(input_ids, attention_mask)
         eos, pad = self._generation_ids(eos_token_id, pad_token_id)
         self._check_generate(valid, max_new_tokens, do_sample, temperature, top_k, top_p, generator, max_batch_size)
-        check_schedule(schedule)
+        check_schedule(schedule, fixed_rows)
         prompts = [row[keep] for row, keep in zip(input_ids, valid)]
         slots = min(max_batch_size or len(prompts), len(prompts))
         was_training = self.training
@@ -260,7 +262,7 @@ class LoopedCausalLM(nn.Module):
                         embed=lambda t, pos: self.model.model.embed_tokens(t), prelude=self.prelude,
                         block=self.block, coda=self.coda, head=self._head, caches=caches,
                         attention=self.block.attention_backend(self.halting.weight), prompts=prompts,
-                        max_new_tokens=max_new_tokens, eos=eos, max_len=None, choose=choose)
+                        max_new_tokens=max_new_tokens, eos=eos, max_len=None, choose=choose, fixed_rows=fixed_rows)
         finally:
             self.train(was_training)
         out = self._lay_out(input_ids, valid, prompts, sequences, steps, pad)

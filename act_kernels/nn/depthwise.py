@@ -82,20 +82,32 @@ class DepthwiseBlock:
         self.scratch[k][1].index_copy_(0, rows, values)
 
     @torch.no_grad()
-    def iterate(self, slots: Sequence[int], positions: Tensor):
+    def iterate(self, slots: Sequence[int], positions: Tensor, active: Optional[Sequence[bool]] = None):
         """One ponder step of the in-flight tokens of `slots` (ascending);
-        positions (R,): each token's position in its sequence. Returns the
-        halted slots (a host list), their mean-field outputs S (dtype) and
-        their steps (host ints)."""
+        positions (R,): each token's position in its sequence. `active`
+        (fixed rows, design §17): a flag per slot listed, False for a slot
+        with no token in flight, whose row runs with the others and is
+        ignored (it never halts and its state is reset when a token enters).
+        Returns the halted slots (a host list), their mean-field outputs S
+        (dtype) and their steps (host ints)."""
         self.iterations += 1
         slots = list(slots)
         count = len(slots)
         cache, kind = self.cache, self.kind
         index = torch.tensor(slots, dtype=torch.int64).to(self.device)
-        for s in slots:
-            self.host_step[s] += 1
-        self.step.index_add_(0, index, torch.ones_like(index))
+        if active is None:
+            live = None
+            for s in slots:
+                self.host_step[s] += 1
+            self.step.index_add_(0, index, torch.ones_like(index))
+        else:
+            live = torch.tensor(list(active), dtype=torch.bool).to(self.device)
+            for s, flag in zip(slots, active):
+                self.host_step[s] += int(flag)
+            self.step.index_add_(0, index, live.long())
         n = self.step[index]                                       # (R,) every row's own step
+        if live is not None:
+            n = n.clamp(min=1)                                     # an idle row reads like a first step
         layout = ChunkLayout([cache.lengths[s] for s in slots], [1] * count, self.device)
         context = CacheContext(cache, slots, layout)
         n_cached = torch.repeat_interleave(n, layout.cached_counts, output_size=layout.num_cached)
@@ -138,6 +150,8 @@ class DepthwiseBlock:
             h = torch.sigmoid(s @ self.halt_w.to(self.acc) + self.halt_b.to(self.acc))
         before = self.running_sum[index]
         halt = (before + h >= self.threshold) | (n >= self.max_steps)
+        if live is not None:
+            halt = halt & live
         p = torch.where(halt, 1 - before, h)
         self.running_sum.index_copy_(0, index, torch.where(halt, before, before + h))
         self.mean.index_add_(0, index, p[:, None] * s)
@@ -175,19 +189,26 @@ class DepthwiseBlock:
 SCHEDULES = ("depthwise", "synchronous")
 
 
-def check_schedule(schedule) -> None:
+def check_schedule(schedule, fixed_rows=False) -> None:
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if not isinstance(fixed_rows, bool):
+        raise TypeError(f"fixed_rows must be a bool, got {type(fixed_rows).__name__}")
+    if fixed_rows and schedule != "depthwise":
+        raise ValueError("fixed_rows applies to schedule='depthwise' only")
 
 
 def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, coda, head: Callable,
                        caches: Sequence, attention: str, prompts: Sequence[Tensor], max_new_tokens: int,
-                       eos, max_len: Optional[int], choose: Callable):
+                       eos, max_len: Optional[int], choose: Callable, fixed_rows: bool = False):
     """The depth-wise scheduler. prefill(caches, tokens, offsets, slots) ->
     logits: the parallel path for whole prompts; embed(tokens, positions) ->
     rows; prelude / coda: CausalStacks (or None) with caches; head(h) ->
-    logits; choose(logits (S, V), sequences) -> (S,) tokens. Returns what
-    `generation.generate_batched` returns: sequences, steps per feed, scores."""
+    logits; choose(logits (S, V), sequences) -> (S,) tokens. fixed_rows:
+    every block iteration runs one row per slot, idle slots included (the
+    block's row count never changes). Returns what
+    `generation.generate_batched` returns (sequences, steps per feed,
+    scores) and the block iterations run."""
     stacks = [m for m in (prelude, block, coda) if m is not None]
     cache_of = dict(zip(map(id, stacks), caches))
     slots = caches[0].batch_size
@@ -257,8 +278,12 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
         running = [s for s in range(slots) if in_flight[s]]
         if not running:
             continue
+        if fixed_rows:
+            running, active = list(range(slots)), in_flight
+        else:
+            active = None
         positions = torch.tensor([cache_of[id(block)].lengths[s] for s in running], dtype=torch.int64).to(device)
-        halted, out, halted_steps = engine.iterate(running, positions)
+        halted, out, halted_steps = engine.iterate(running, positions, active)
         if not halted:
             continue
         for slot, n in zip(halted, halted_steps):

@@ -185,7 +185,7 @@ class ACTLanguageModel(nn.Module):
     def generate(self, prompts: Sequence[Tensor], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: Optional[int] = None, eos_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, max_batch_size: Optional[int] = None,
-                 schedule: str = "depthwise") -> Generation:
+                 schedule: str = "depthwise", fixed_rows: bool = False) -> Generation:
         """Batched generation: prompts of different lengths, each token
         pondering on its own, over one ragged cache. temperature 0 is greedy;
         otherwise softmax(logits / temperature), over the top_k logits when
@@ -203,21 +203,25 @@ class ACTLanguageModel(nn.Module):
         Both give the same sequences, steps and scores. Sampling draws
         sequence i's tokens from its own generator, seeded by the i-th of
         len(prompts) seeds drawn from `generator` at the start, so a draw
-        does not depend on the schedule or the batch."""
+        does not depend on the schedule or the batch. fixed_rows (depthwise
+        only): every block iteration runs one row per slot, idle slots
+        included, so the block's shapes do not change from one iteration to
+        the next (the same results)."""
         device = self.head.weight.device
         prompts = self._check_generate(prompts, max_new_tokens, temperature, top_k, eos_token_id, generator,
                                        max_batch_size, device)
-        check_schedule(schedule)
+        check_schedule(schedule, fixed_rows)
         slots = min(max_batch_size or len(prompts), len(prompts))
         was_training = self.training
         self.eval()
         try:
             return self._generate(prompts, max_new_tokens, temperature, top_k, eos_token_id, generator, slots,
-                                  schedule)
+                                  schedule, fixed_rows)
         finally:
             self.train(was_training)
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_k, eos, generator, slots, schedule) -> Generation:
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, eos, generator, slots, schedule,
+                  fixed_rows) -> Generation:
         draws = SequenceDraws(generator, len(prompts)) if temperature > 0 else None
 
         def choose(logits, sequences):
@@ -238,7 +242,7 @@ class ACTLanguageModel(nn.Module):
                 prefill=prefill, embed=lambda t, pos: self.embed(t) + self.position(pos), prelude=self.prelude,
                 block=self.block, coda=self.coda, head=self._logits, caches=caches,
                 attention=self.block.attention_backend(self.head.weight), prompts=prompts,
-                max_new_tokens=max_new_tokens, eos=eos, max_len=self.max_len, choose=choose)
+                max_new_tokens=max_new_tokens, eos=eos, max_len=self.max_len, choose=choose, fixed_rows=fixed_rows)
             iterations += self.block.iterations - before
         vocab = self.vocab_size
         return Generation(

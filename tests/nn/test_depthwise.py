@@ -1,0 +1,207 @@
+"""Continuous depth-wise batching (design §17) in ACTLanguageModel.generate:
+every interleaving of the sequences' tokens gives what the synchronous
+scheduler gives (sequences, steps, scores in float64) and the forward's argmax
+on the completed sequences; block iterations hold rows at different steps;
+the block runs fewer times than the synchronous scheduler's max-N per decode
+call; fixed rows change nothing but the row count; sampling does not depend
+on the schedule."""
+import pytest
+import torch
+
+import act_kernels as ak
+from act_kernels.nn.depthwise import DepthwiseBlock
+from test_language_model import VOCAB, check_against_forward, make, prompts
+
+
+def same(a, b, scores=True):
+    assert len(a.sequences) == len(b.sequences)
+    for x, y in zip(a.sequences, b.sequences):
+        assert torch.equal(x, y)
+    for x, y in zip(a.steps, b.steps):
+        assert torch.equal(x, y)
+    if scores:
+        for x, y in zip(a.scores, b.scores):
+            torch.testing.assert_close(x, y, atol=1e-12, rtol=0)
+
+
+@pytest.fixture
+def row_steps(monkeypatch):
+    """Records the distinct ponder steps of the rows of every block iteration."""
+    seen = []
+    original = DepthwiseBlock.iterate
+
+    def iterate(self, slots, positions, active=None):
+        live = [s for k, s in enumerate(slots) if active is None or active[k]]
+        seen.append(sorted({self.host_step[s] + 1 for s in live}))
+        return original(self, slots, positions, active)
+
+    monkeypatch.setattr(DepthwiseBlock, "iterate", iterate)
+    return seen
+
+
+def by_token(model, seed=0):
+    """Every token halts after its own number of steps (1..max_steps, drawn
+    per vocabulary entry): the prelude and the block never write feature 0
+    of the residual stream, the halting unit reads only it, and a token's
+    embedding sets it to the logit that halts after its steps."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randint(1, model.block.max_steps + 1, (VOCAB,), generator=g)
+    h = 0.99 / steps.double() + 1e-4
+    with torch.no_grad():
+        for stack in (model.prelude, model.block):
+            for layer in stack.layers:
+                for lin in (layer.self_attn.out_proj, layer.linear2):
+                    lin.weight[0].zero_()
+                    lin.bias[0].zero_()
+        model.position.weight[:, 0] = 0.0
+        model.embed.weight[:, 0] = torch.log(h / (1 - h)).to(model.embed.weight.dtype)
+        model.block.halting.weight.zero_()
+        model.block.halting.weight[0, 0] = 1.0
+        model.block.halting.bias.zero_()
+    return steps
+
+
+def test_depthwise_equals_synchronous_and_the_forward(row_steps):
+    model = make(seed=8)
+    given = prompts((5, 3, 8, 1, 6, 2), seed=9)
+    sync = model.generate(given, 9, schedule="synchronous")
+    deep = model.generate(given, 9)
+    same(sync, deep)
+    check_against_forward(model, given, deep)
+    assert any(len(steps) > 1 for steps in row_steps)     # one iteration holds tokens at different steps
+
+
+def test_the_block_runs_about_mean_n_times_per_token_not_max_n():
+    model = make(seed=8)
+    steps = by_token(model, seed=1)
+    given = prompts((5, 3, 8, 1, 6, 2), seed=9)
+
+    def run(schedule):
+        return model.generate(given, 12, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                              schedule=schedule)
+
+    sync, deep = run("synchronous"), run("depthwise")
+    same(sync, deep)
+    check_against_forward(model, given, deep, greedy=False)
+    for seq, got in zip(deep.sequences, deep.steps):       # the halting is the controlled one
+        assert torch.equal(got, steps[seq])
+    # iterations past the prefill: the synchronous scheduler pays the deepest
+    # token of every decode call, the depth-wise one the deepest sequence's sum
+    prefill = max(int(s[:p.numel()].max()) for s, p in zip(deep.steps, given))
+    fed = [s[p.numel():] for s, p in zip(deep.steps, given)]
+    assert sync.iterations - prefill == sum(int(torch.stack(col).max()) for col in zip(*fed))
+    assert deep.iterations - prefill == max(int(f.sum()) for f in fed)
+    assert deep.iterations < 0.8 * sync.iterations
+
+
+@pytest.mark.parametrize("slots", [1, 2, 4])
+def test_continuous_batching_and_eos_under_both_schedules(slots):
+    model = make(seed=10)
+    given = prompts((4, 2, 7, 3, 5, 1, 6), seed=11)
+    free = model.generate(given, 8, schedule="synchronous")
+    eos = int(free.sequences[1][2 + 3])            # the second sequence's fourth new token
+    sync = model.generate(given, 8, eos_token_id=eos, max_batch_size=slots, schedule="synchronous")
+    deep = model.generate(given, 8, eos_token_id=eos, max_batch_size=slots)
+    same(sync, deep)
+    assert any(s.numel() < f.numel() for s, f in zip(deep.sequences, free.sequences))
+    check_against_forward(model, given, deep)
+    if slots == 1:   # one slot: every iteration steps one token, as many as the synchronous calls' steps
+        assert deep.iterations == sync.iterations
+
+
+def test_fixed_rows_give_the_same_output_at_a_fixed_row_count(monkeypatch):
+    model = make(seed=12)
+    given = prompts((6, 2, 5, 3, 1), seed=13)
+    counts = []
+    original = DepthwiseBlock.iterate
+
+    def iterate(self, slots, positions, active=None):
+        counts.append(len(slots))
+        return original(self, slots, positions, active)
+
+    monkeypatch.setattr(DepthwiseBlock, "iterate", iterate)
+    eos = int(model.generate(given, 6).sequences[0][6 + 1])
+    counts.clear()
+    fixed = model.generate(given, 6, eos_token_id=eos, max_batch_size=3, fixed_rows=True)
+    assert set(counts) == {3}
+    counts.clear()
+    free = model.generate(given, 6, eos_token_id=eos, max_batch_size=3)
+    assert len(set(counts)) > 1                  # without it the row count follows the running sequences
+    same(fixed, free)
+    check_against_forward(model, given, fixed)
+
+
+def test_sampling_does_not_depend_on_the_schedule_or_the_batch():
+    model = make(seed=14)
+    given = prompts((3, 5, 2, 4), seed=15)
+
+    def draw(**kw):
+        return model.generate(given, 6, temperature=0.9, top_k=12, generator=torch.Generator().manual_seed(3), **kw)
+
+    base = draw(schedule="synchronous")
+    for kw in (dict(), dict(max_batch_size=1), dict(max_batch_size=3, fixed_rows=True),
+               dict(schedule="synchronous", max_batch_size=2)):
+        same(base, draw(**kw), scores=False)
+    other = model.generate(given, 6, temperature=0.9, top_k=12, generator=torch.Generator().manual_seed(4))
+    assert any(not torch.equal(a, b) for a, b in zip(base.sequences, other.sequences))
+    check_against_forward(model, given, base, greedy=False)
+
+
+def test_all_halting_at_step_one_and_none_before_max_steps():
+    for bias in (40.0, -40.0):       # h = 1: every token halts at step 1; h = 0: every token runs max_steps
+        model = make(seed=16)
+        with torch.no_grad():
+            model.block.halting.weight.zero_()
+            model.block.halting.bias.fill_(bias)
+        given = prompts((4, 1, 3), seed=17)
+        deep = model.generate(given, 4)
+        same(model.generate(given, 4, schedule="synchronous"), deep)
+        want = 1 if bias > 0 else model.block.max_steps
+        assert all(bool((s == want).all()) for s in deep.steps)
+        assert deep.iterations == want + 4 * want      # the prefill, then 4 fed tokens: no waiting to remove
+        check_against_forward(model, given, deep)
+
+
+def test_zero_new_tokens_max_len_and_bad_schedules():
+    model = make(max_len=9, seed=18)
+    given = prompts((4, 8), seed=19)
+    out = model.generate(given, 0)
+    assert all(torch.equal(s, p) for s, p in zip(out.sequences, given))
+    assert out.iterations == max(int(s.max()) for s in out.steps)      # the prefill's only
+    same(model.generate(given, 5, schedule="synchronous"), model.generate(given, 5))
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        model.generate(given, 2, schedule="eager")
+    with pytest.raises(ValueError, match="fixed_rows applies to schedule='depthwise'"):
+        model.generate(given, 2, schedule="synchronous", fixed_rows=True)
+    with pytest.raises(TypeError, match="fixed_rows must be a bool"):
+        model.generate(given, 2, fixed_rows=1)
+
+
+def test_depthwise_on_triton_under_the_interpreter():
+    pytest.importorskip("triton")
+    ref = make(torch.float32, seed=20)
+    model = make(torch.float32, backend="triton", seed=20)
+    given = prompts((4, 2, 5), seed=21)
+    out = model.generate(given, 4)
+    want = ref.generate(given, 4, schedule="synchronous")
+    same(out, want, scores=False)
+    check_against_forward(ref, given, out, atol=1e-4)
+
+
+def test_float32_and_bfloat16_models_generate_under_both_schedules():
+    for dtype in (torch.float32, torch.bfloat16):
+        model = make(dtype, seed=22)
+        given = prompts((3, 6), seed=23)
+        a = model.generate(given, 4)
+        b = model.generate(given, 4, schedule="synchronous")
+        assert [s.numel() for s in a.sequences] == [7, 10] and all(torch.isfinite(x).all() for x in a.scores)
+        if dtype == torch.float32:
+            same(a, b, scores=False)
+
+
+def test_a_language_model_without_prelude_or_coda():
+    model = make(seed=24, prelude_layers=0, coda_layers=0)
+    assert isinstance(model, ak.nn.ACTLanguageModel)
+    given = prompts((5, 2, 4), seed=25)
+    same(model.generate(given, 5, schedule="synchronous"), model.generate(given, 5, max_batch_size=2))
+    check_against_forward(model, given, model.generate(given, 5))
