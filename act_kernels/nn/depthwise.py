@@ -25,7 +25,7 @@ earlier tokens of its own sequence, all in the cache before it enters.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -82,14 +82,17 @@ class DepthwiseBlock:
         self.scratch[k][1].index_copy_(0, rows, values)
 
     @torch.no_grad()
-    def iterate(self, slots: Sequence[int], positions: Tensor, active: Optional[Sequence[bool]] = None):
+    def iterate(self, slots: Sequence[int], positions: Tensor, active: Optional[Sequence[bool]] = None,
+                read_with: Optional[Tensor] = None):
         """One ponder step of the in-flight tokens of `slots` (ascending);
         positions (R,): each token's position in its sequence. `active`
         (fixed rows, design §17): a flag per slot listed, False for a slot
         with no token in flight, whose row runs with the others and is
         ignored (it never halts and its state is reset when a token enters).
-        Returns the halted slots (a host list), their mean-field outputs S
-        (dtype) and their steps (host ints)."""
+        read_with: int64 values the caller needs on the host, read together
+        with the halting flags (one device read per iteration). Returns the
+        halted slots (a host list), their mean-field outputs S (dtype), their
+        steps (host ints) and read_with's values (a host list)."""
         self.iterations += 1
         slots = list(slots)
         count = len(slots)
@@ -156,9 +159,14 @@ class DepthwiseBlock:
         self.running_sum.index_copy_(0, index, torch.where(halt, before, before + h))
         self.mean.index_add_(0, index, p[:, None] * s)
         self.state.index_copy_(0, index, x)
-        halted_local = [i for i, flag in enumerate(halt.tolist()) if flag]   # the iteration's one device read
+        if read_with is None:
+            flags, values = halt.tolist(), []                      # the iteration's one device read
+        else:
+            both = torch.cat([halt.long(), read_with]).tolist()
+            flags, values = both[:count], both[count:]
+        halted_local = [i for i, flag in enumerate(flags) if flag]
         if not halted_local:
-            return [], None, []
+            return [], None, [], values
         halted = [slots[i] for i in halted_local]
         local = torch.tensor(halted_local, dtype=torch.int64).to(self.device)
         h_index = index[local]
@@ -167,7 +175,7 @@ class DepthwiseBlock:
         final_row = h_index * self.width[0] + n[local]
         self._write(0, final_row, layers[0].key_values(x[local], local))
         self._commit(halted, h_index, steps)
-        return halted, self.mean[h_index].to(self.dtype), steps
+        return halted, self.mean[h_index].to(self.dtype), steps, values
 
     def _commit(self, halted: List[int], h_index: Tensor, steps: List[int]) -> None:
         """The halted tokens' rows into the cache, token by token: N + 1 at the
@@ -208,34 +216,43 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
     every block iteration runs one row per slot, idle slots included (the
     block's row count never changes). Returns what
     `generation.generate_batched` returns (sequences, steps per feed,
-    scores) and the block iterations run."""
+    scores) and the block iterations run.
+
+    The sampled tokens stay on the device: a token enters the next iteration
+    from there, and the host learns its value from that iteration's one read
+    (with the halting flags), in time, since a token's sequence can only end
+    after that token has halted."""
     stacks = [m for m in (prelude, block, coda) if m is not None]
     cache_of = dict(zip(map(id, stacks), caches))
+    block_cache = cache_of[id(block)]
     slots = caches[0].batch_size
     device = caches[0].device
-    engine = DepthwiseBlock(block, cache_of[id(block)], attention)
+    engine = DepthwiseBlock(block, block_cache, attention)
+    eos_ids = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
     waiting = list(range(len(prompts)))
-    tokens = [p.clone() for p in prompts]
+    tokens: List[List[int]] = [p.tolist() for p in prompts]
+    made = [0] * len(prompts)                            # tokens generated so far, values read or not
     steps: List[List[Tensor]] = [[] for _ in prompts]
     scores: List[List[Tensor]] = [[] for _ in prompts]
     in_slot: List[Optional[int]] = [None] * slots
-    pending: List[Optional[int]] = [None] * slots        # the slot's next token to enter (a host int)
+    next_token = torch.zeros(slots, dtype=torch.int64, device=device)   # each slot's token to enter next
+    has_next = [False] * slots
     in_flight = [False] * slots
     last = [False] * slots                               # the in-flight token is its sequence's last
+    unread: List[Tuple[List[int], List[int], Tensor]] = []
 
-    def ended(i: int, value: Optional[int]) -> bool:
-        generated = tokens[i].numel() - prompts[i].numel()
-        if generated >= max_new_tokens or (max_len is not None and tokens[i].numel() >= max_len):
-            return True
-        return value is not None and eos is not None and value in ((eos,) if isinstance(eos, int) else eos)
+    def out_of_room(i: int) -> bool:
+        return made[i] >= max_new_tokens or (max_len is not None and prompts[i].numel() + made[i] >= max_len)
 
     def take(rows_logits: Tensor, seqs: List[int], slot_list: List[int]) -> None:
         chosen = choose(rows_logits, seqs)
-        for i, slot, row, value in zip(seqs, slot_list, rows_logits, chosen.tolist()):
+        next_token.index_copy_(0, torch.tensor(slot_list, dtype=torch.int64).to(device), chosen)
+        unread.append((seqs, slot_list, chosen))
+        for i, slot, row in zip(seqs, slot_list, rows_logits):
             scores[i].append(row)
-            tokens[i] = torch.cat([tokens[i], chosen.new_tensor([value])])
-            pending[slot] = value
-            last[slot] = ended(i, value)
+            made[i] += 1
+            has_next[slot] = True
+            last[slot] = out_of_room(i)
 
     while waiting or any(i is not None for i in in_slot):
         fresh = []
@@ -246,7 +263,7 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
                     cache.reset(slot)
                 fresh.append(slot)
         if fresh:   # prompts as chunks through the parallel path
-            chunks = [tokens[in_slot[s]] for s in fresh]
+            chunks = [prompts[in_slot[s]] for s in fresh]
             offsets = [0]
             for c in chunks:
                 offsets.append(offsets[-1] + c.numel())
@@ -255,7 +272,7 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
             for j, slot in enumerate(fresh):
                 i = in_slot[slot]
                 steps[i].append(call_steps[offsets[j]:offsets[j + 1]].clone())
-                if ended(i, None):            # max_new_tokens = 0, or a prompt at max_len
+                if out_of_room(i):            # max_new_tokens = 0, or a prompt at max_len
                     in_slot[slot] = None
                 else:
                     choosing_seqs.append(i)
@@ -263,32 +280,35 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
                     rows.append(offsets[j + 1] - 1)
             if rows:
                 take(logits[torch.tensor(rows, device=logits.device)], choosing_seqs, choosing_slots)
-        entering = [s for s in range(slots) if in_slot[s] is not None and pending[s] is not None and not in_flight[s]]
+        entering = [s for s in range(slots) if in_slot[s] is not None and has_next[s] and not in_flight[s]]
         if entering:
-            new = torch.tensor([pending[s] for s in entering], dtype=torch.int64).to(device)
-            where = [cache_of[id(block)].lengths[s] for s in entering]
-            positions = torch.tensor(where, dtype=torch.int64).to(device)
-            h = embed(new, positions)
+            where = torch.tensor([block_cache.lengths[s] for s in entering], dtype=torch.int64).to(device)
+            h = embed(next_token[torch.tensor(entering, dtype=torch.int64).to(device)], where)
             if prelude is not None:
                 h = prelude.extend(cache_of[id(prelude)], h, list(range(len(entering) + 1)), entering,
-                                   positions=positions)
+                                   positions=where)
             engine.enter(entering, h)
             for s in entering:
-                in_flight[s], pending[s] = True, None
+                in_flight[s], has_next[s] = True, False
         running = [s for s in range(slots) if in_flight[s]]
         if not running:
             continue
+        active = in_flight if fixed_rows else None
         if fixed_rows:
-            running, active = list(range(slots)), in_flight
-        else:
-            active = None
-        positions = torch.tensor([cache_of[id(block)].lengths[s] for s in running], dtype=torch.int64).to(device)
-        halted, out, halted_steps = engine.iterate(running, positions, active)
+            running = list(range(slots))
+        positions = torch.tensor([block_cache.lengths[s] for s in running], dtype=torch.int64).to(device)
+        read_with = torch.cat([c for _, _, c in unread]) if unread else None
+        halted, out, halted_steps, values = engine.iterate(running, positions, active, read_with)
+        sampled = [(i, slot) for seqs, slot_list, _ in unread for i, slot in zip(seqs, slot_list)]
+        unread.clear()
+        for (i, slot), value in zip(sampled, values):   # each is its slot's in-flight token
+            tokens[i].append(value)
+            if value in eos_ids:
+                last[slot] = True
         if not halted:
             continue
         for slot, n in zip(halted, halted_steps):
-            i = in_slot[slot]
-            steps[i].append(torch.tensor([n], dtype=torch.int64))
+            steps[in_slot[slot]].append(torch.tensor([n], dtype=torch.int64))
             in_flight[slot] = False
         going = [j for j, slot in enumerate(halted) if not last[slot]]
         for slot in halted:
@@ -302,7 +322,8 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
             where = torch.tensor([cache_of[id(coda)].lengths[s] for s in go_slots], dtype=torch.int64).to(device)
             h = coda.extend(cache_of[id(coda)], h, list(range(len(go_slots) + 1)), go_slots, positions=where)
         take(head(h), [in_slot[s] for s in go_slots], go_slots)
-    return tokens, steps, scores, engine.iterations
+    sequences = [torch.tensor(t, dtype=torch.int64, device=p.device) for t, p in zip(tokens, prompts)]
+    return sequences, steps, scores, engine.iterations
 
 
 __all__ = ["DepthwiseBlock", "generate_depthwise", "check_schedule", "SCHEDULES"]

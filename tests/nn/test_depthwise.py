@@ -30,10 +30,10 @@ def row_steps(monkeypatch):
     seen = []
     original = DepthwiseBlock.iterate
 
-    def iterate(self, slots, positions, active=None):
+    def iterate(self, slots, positions, active=None, read_with=None):
         live = [s for k, s in enumerate(slots) if active is None or active[k]]
         seen.append(sorted({self.host_step[s] + 1 for s in live}))
-        return original(self, slots, positions, active)
+        return original(self, slots, positions, active, read_with)
 
     monkeypatch.setattr(DepthwiseBlock, "iterate", iterate)
     return seen
@@ -115,9 +115,9 @@ def test_fixed_rows_give_the_same_output_at_a_fixed_row_count(monkeypatch):
     counts = []
     original = DepthwiseBlock.iterate
 
-    def iterate(self, slots, positions, active=None):
+    def iterate(self, slots, positions, active=None, read_with=None):
         counts.append(len(slots))
-        return original(self, slots, positions, active)
+        return original(self, slots, positions, active, read_with)
 
     monkeypatch.setattr(DepthwiseBlock, "iterate", iterate)
     eos = int(model.generate(given, 6).sequences[0][6 + 1])
