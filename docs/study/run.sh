@@ -8,6 +8,7 @@
 #     bash docs/study/run.sh addition logic      # tau sweeps, then ACT against fixed depth
 #     bash docs/study/run.sh parity sort pointer pondernet
 #     bash docs/study/run.sh lm lm_sweep              # the byte LM (two shells: lm lm_sweep, lm_deep)
+#     bash docs/study/run.sh retrofit                 # retrofitted recurrence (two shells: retrofit, retrofit_deep)
 #
 # Then redraw every figure and table: python docs/study/redraw.py
 set -euo pipefail
@@ -98,4 +99,44 @@ group_lm_equal() {   # a fixed-depth run at every ACT run's rounded mean steps
 }
 group_lm_sweep() { for tau in 0.001 0.003 0.03; do train_lm "lm-act-tau$tau" --tau "$tau"; done; }
 
-for group in ${@:-addition logic parity sort pointer pondernet lm lm_sweep lm_deep lm_equal}; do "group_$group"; done
+# Retrofitted recurrence (docs/study/retrofit.py): a plain 4-layer transformers Llama trained 3000 steps,
+# then from it 3000 more steps plain, or with its layers [1, 3) looped (ACT at three taus, fixed 2 steps),
+# and plain 6-layer Llamas from scratch. Each run writes runs/retrofit/<name> (checkpoints and the saved
+# model stay there, ignored by git); its log.jsonl, summary.json and summary.png are copied to
+# docs/study/retrofit-<name>.
+RETROFIT_BASE=runs/retrofit/plain4
+train_hf() {   # train_hf <name> <args...>: the byte LM as a transformers model
+    local out=$STUDY/retrofit-$1 work=runs/retrofit/$1; shift
+    if [[ -f $out/summary.json ]]; then echo "have $out"; return; fi
+    echo "== $out: lm $*"
+    python -m act_kernels.train lm --eval-every 500 --eval-windows 256 --arch llama "$@" --out "$work" > "$work.out" 2>&1
+    mkdir -p "$out"
+    cp "$work"/{log.jsonl,summary.json,summary.png} "$out"/
+}
+retrofit_base() {   # the plain 4-layer model every retrofit starts from (again, if its saved model is gone)
+    if [[ -f $RETROFIT_BASE/model.safetensors ]]; then return; fi
+    rm -rf "$STUDY/retrofit-plain4" "$RETROFIT_BASE"
+    mkdir -p runs/retrofit
+    train_hf plain4 --plain --layers 4 --iterations 3000
+}
+group_retrofit() {
+    mkdir -p runs/retrofit
+    if [[ ! -f $STUDY/retrofit-plain4/summary.json ]]; then retrofit_base; fi
+    local from=(--retrofit "$RETROFIT_BASE" --iterations 3000 --seed 1)   # a new draw of windows, a fresh Adam
+    local need=0 name
+    for name in plain4-continued act-tau0.001 act-tau0.01 act-tau0.03 fixed2; do
+        [[ -f $STUDY/retrofit-$name/summary.json ]] || need=1
+    done
+    if (( need )); then retrofit_base; fi
+    train_hf plain4-continued "${from[@]}" --plain
+    for tau in 0.001 0.01 0.03; do train_hf "act-tau$tau" "${from[@]}" --block 1 3 --max-steps 4 --tau "$tau"; done
+    train_hf fixed2 "${from[@]}" --block 1 3 --fixed-steps 2
+}
+group_retrofit_deep() {   # plain 6-layer Llama from scratch: 6000 steps (the retrofits' 3000 + 3000)
+    mkdir -p runs/retrofit
+    train_hf plain6 --plain --layers 6 --iterations 6000
+}
+
+for group in ${@:-addition logic parity sort pointer pondernet lm lm_sweep lm_deep lm_equal retrofit retrofit_deep}; do
+    "group_$group"
+done
