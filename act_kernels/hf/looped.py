@@ -17,6 +17,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
@@ -27,6 +28,7 @@ from ..nn import ACTTransformerEncoder, CausalStack
 from ..nn.cache import ChunkLayout
 from ..nn.checks import check_layer_options
 from ..nn.depthwise import check_schedule, generate_depthwise
+from ..nn.exits import ExitRule, make_exit_rule
 from ..nn.generation import SequenceDraws, generate_batched
 from ..nn.layers import DecoderLayers
 from .attention import ours
@@ -149,18 +151,34 @@ class LoopedCausalLM(nn.Module):
     # -- training: the parallel forward ---------------------------------------------------
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None) -> LoopedOutput:
+                labels: Optional[Tensor] = None, *, exit: Optional[str] = None, threshold: Optional[float] = None,
+                min_steps: int = 1, every_loop: bool = False) -> LoopedOutput:
         """input_ids (B, L) int64; attention_mask as in transformers (1 at real
         tokens, left or right padding); labels (B, L), -100 ignored, shifted
         inside as transformers does. Positions count from each sequence's
-        first real token; padding is never a row."""
+        first real token; padding is never a row.
+
+        exit (inference only: under no_grad or in eval, design §16): "act"
+        (ACT's mean field, the default), "gate" (the halting unit read as an
+        exit gate, exit once the exit mass reaches threshold), "latent"
+        (exit once ||s_t - s_t-1|| / ||s_t|| < threshold) or "fixed" (every
+        token max_steps: the model with its block unrolled), each a hard
+        exit at or after min_steps whose output is the state at the exit;
+        "kl" reads the coda at every step and runs in `generate` only.
+        `.steps` are then the exit steps, `.ponder_cost` the steps run.
+        every_loop: the reference mode that computes every loop for every
+        token and picks each token's exit afterwards (no token freezes)."""
+        rule = make_exit_rule(exit, threshold, min_steps, self.max_steps,
+                              training=self.training and torch.is_grad_enabled(), every_loop=every_loop)
+        if rule is not None and rule.reads_coda:
+            raise ValueError("exit='kl' reads the coda at every step: it runs in generate only")
         valid = self._check_ids(input_ids, attention_mask)
         batch, length = input_ids.shape
         counts = valid.sum(1)
         cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
         longest = int(counts.max()) if batch else 0
         positions = _positions(valid)[valid]
-        h, cost, steps = self._layers(self.model.model.embed_tokens(input_ids[valid]), cu, longest, positions)
+        h, cost, steps = self._layers(self.model.model.embed_tokens(input_ids[valid]), cu, longest, positions, rule)
         logits = self._head(h)
         out = logits.new_zeros(batch, length, logits.shape[-1]).index_put((valid,), logits)
         ponder_cost = cost.new_zeros(batch, length).index_put((valid,), cost)
@@ -173,14 +191,14 @@ class LoopedCausalLM(nn.Module):
         return LoopedOutput(out, loss, ponder_cost, token_steps)
 
     @torch.compiler.disable   # a data-dependent loop with a host read per step: runs eagerly under torch.compile
-    def _layers(self, h: Tensor, cu: Tensor, longest: int, positions: Tensor):
+    def _layers(self, h: Tensor, cu: Tensor, longest: int, positions: Tensor, rule: Optional[ExitRule] = None):
         """Prelude, pondered block and coda on the packed rows h (T_tok, D)."""
         if not h.shape[0]:
             return h, h.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.int64, device=h.device)
         with ours(self.config):
             if self.prelude is not None:
                 h = self.prelude.forward_packed(h, cu, longest, positions)
-            h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest, positions=positions)
+            h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest, positions=positions, exit=rule)
             cost, steps = self.block.ponder_cost, self.block.steps
             if self.coda is not None:
                 h = self.coda.forward_packed(h, cu, longest, positions)
@@ -193,10 +211,12 @@ class LoopedCausalLM(nn.Module):
         return [m.new_cache(batch_size) for m in self._stacks()]
 
     @torch.no_grad()
-    def extend(self, caches, tokens: Tensor, cu_seqlens: Sequence[int], sequences: Sequence[int]) -> Tensor:
+    def extend(self, caches, tokens: Tensor, cu_seqlens: Sequence[int], sequences: Sequence[int], *,
+               exit: Optional[ExitRule] = None) -> Tensor:
         """Appends chunks of tokens (T_new,) to cache `sequences` and returns
         their logits (T_new, V); `.block.steps` becomes (T_new,). Exactly the
-        causal forward's, for any chunking (design §14)."""
+        causal forward's, for any chunking (design §14). exit: a checked
+        exit rule (nn/exits.py) for the block."""
         offsets, sequences = list(cu_seqlens), list(sequences)
         new_lengths = [b - a for a, b in zip(offsets, offsets[1:])]
         layout = ChunkLayout([caches[0].lengths[s] for s in sequences], new_lengths, tokens.device)
@@ -205,7 +225,8 @@ class LoopedCausalLM(nn.Module):
         h = self.model.model.embed_tokens(tokens)
         with ours(self.config):
             for stack, cache in zip(self._stacks(), caches):
-                h = stack.extend(cache, h, offsets, sequences, layout=layout, positions=positions)
+                rule = dict(exit=exit) if stack is self.block else {}
+                h = stack.extend(cache, h, offsets, sequences, layout=layout, positions=positions, **rule)
         return self._head(h)
 
     @torch.no_grad()
@@ -213,7 +234,9 @@ class LoopedCausalLM(nn.Module):
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, max_batch_size: Optional[int] = None,
-                 schedule: str = "depthwise", fixed_rows: bool = False) -> LoopedGeneration:
+                 schedule: str = "depthwise", fixed_rows: bool = False, exit: Optional[str] = None,
+                 threshold: Optional[float] = None, min_steps: int = 1, prefill_steps: Optional[int] = None,
+                 every_loop: bool = False) -> LoopedGeneration:
         """Batched generation with transformers' conventions: greedy unless
         do_sample (then softmax(logits / temperature) over the top_k logits and
         the top_p nucleus; row i draws its tokens from its own generator,
@@ -234,11 +257,22 @@ class LoopedCausalLM(nn.Module):
         (one decode call per new token of every sequence); the same output.
         fixed_rows (depthwise only): every block iteration runs one row per
         slot, idle slots included, so the block's shapes never change.
-        `.iterations`: how many times the block ran."""
+        `.iterations`: how many times the block ran.
+
+        exit, threshold, min_steps, every_loop: the exit rule, as in
+        `forward`, and "kl" (Huginn's criterion): a token exits at the first
+        step t >= max(2, min_steps) whose next-token distribution (the coda
+        and head run on the in-flight tokens at every step) is within KL
+        threshold of step t - 1's; prompt tokens run prefill_steps (default
+        max_steps). "kl" needs schedule="depthwise"."""
         valid = self._check_ids(input_ids, attention_mask)
         eos, pad = self._generation_ids(eos_token_id, pad_token_id)
         self._check_generate(valid, max_new_tokens, do_sample, temperature, top_k, top_p, generator, max_batch_size)
         check_schedule(schedule, fixed_rows)
+        rule = make_exit_rule(exit, threshold, min_steps, self.max_steps, training=False,
+                              prefill_steps=prefill_steps, every_loop=every_loop)
+        if rule is not None and rule.reads_coda and schedule != "depthwise":
+            raise ValueError("exit='kl' runs under schedule='depthwise' only")
         prompts = [row[keep] for row, keep in zip(input_ids, valid)]
         slots = min(max_batch_size or len(prompts), len(prompts))
         was_training = self.training
@@ -253,16 +287,17 @@ class LoopedCausalLM(nn.Module):
             caches = self.new_cache(slots)
             depthwise_iterations = 0
             if schedule == "synchronous":
-                sequences, steps, _ = generate_batched(self.extend, lambda: self.block.steps, caches, prompts,
-                                                       max_new_tokens, eos, None, choose)
+                sequences, steps, _ = generate_batched(partial(self.extend, exit=rule), lambda: self.block.steps,
+                                                       caches, prompts, max_new_tokens, eos, None, choose)
             else:
                 with ours(self.config):
                     sequences, steps, _, depthwise_iterations = generate_depthwise(
-                        prefill=lambda c, t, o, s: (self.extend(c, t, o, s), self.block.steps),
+                        prefill=lambda c, t, o, s: (self.extend(c, t, o, s, exit=rule), self.block.steps),
                         embed=lambda t, pos: self.model.model.embed_tokens(t), prelude=self.prelude,
                         block=self.block, coda=self.coda, head=self._head, caches=caches,
                         attention=self.block.attention_backend(self.halting.weight), prompts=prompts,
-                        max_new_tokens=max_new_tokens, eos=eos, max_len=None, choose=choose, fixed_rows=fixed_rows)
+                        max_new_tokens=max_new_tokens, eos=eos, max_len=None, choose=choose, fixed_rows=fixed_rows,
+                        exit=rule)
         finally:
             self.train(was_training)
         out = self._lay_out(input_ids, valid, prompts, sequences, steps, pad)

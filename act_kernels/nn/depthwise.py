@@ -33,15 +33,28 @@ from torch import Tensor
 from ..ops.attention import attend as attend_rows
 from ..ops.state import accumulation_dtype
 from .cache import CacheContext, ChunkLayout
+from .exits import ExitRule, ExitState, exits_now, next_token_divergence
 
 
 class DepthwiseBlock:
     """The pondered block's in-flight tokens, one per slot, stepped one ponder
     step per `iterate` call. `block` is an ACTTransformerEncoder (any layer
-    kind), `cache` its ACTCache, `attention` the concrete attention backend."""
+    kind), `cache` its ACTCache, `attention` the concrete attention backend.
+    exit: an inference exit rule (design §16) in place of ACT's halting; a
+    rule that reads the coda needs peek(states (R, D), slots) -> their
+    next-token logits, without touching the coda's cache."""
 
-    def __init__(self, block, cache, attention: str):
+    def __init__(self, block, cache, attention: str, exit: Optional[ExitRule] = None,
+                 peek: Optional[Callable] = None):
         kind = block.kind
+        self.exit, self.peek = exit, peek
+        self.exit_state = ExitState(cache.batch_size, cache.device, cache.dtype) if exit is not None else None
+        if exit is not None and exit.every_loop:
+            self.picked = torch.zeros(cache.batch_size, dtype=torch.bool, device=cache.device)
+            self.picked_state = torch.zeros(cache.batch_size, block.kind.d_model, device=cache.device,
+                                            dtype=cache.dtype)
+            self.picked_step = torch.zeros(cache.batch_size, dtype=torch.int64, device=cache.device)
+        self.previous_logits: Optional[Tensor] = None
         self.block, self.cache, self.kind, self.attention = block, cache, kind, attention
         self.max_steps, self.threshold = block.max_steps, 1.0 - block.eps
         slots, device, dtype = cache.batch_size, cache.device, cache.dtype
@@ -68,6 +81,10 @@ class DepthwiseBlock:
         self.mean.index_fill_(0, index, 0)
         self.running_sum.index_fill_(0, index, 0)
         self.step.index_fill_(0, index, 0)
+        if self.exit_state is not None:
+            self.exit_state.reset(index)
+        if self.exit is not None and self.exit.every_loop:
+            self.picked.index_fill_(0, index, False)
         for s in slots:
             self.host_step[s] = 0
 
@@ -91,8 +108,10 @@ class DepthwiseBlock:
         ignored (it never halts and its state is reset when a token enters).
         read_with: int64 values the caller needs on the host, read together
         with the halting flags (one device read per iteration). Returns the
-        halted slots (a host list), their mean-field outputs S (dtype), their
-        steps (host ints) and read_with's values (a host list)."""
+        halted slots (a host list), their outputs (ACT's mean field S, or
+        the state at the exit), their steps (host ints, or under every_loop
+        the steps the rule picked, on the device) and read_with's values (a
+        host list)."""
         self.iterations += 1
         slots = list(slots)
         count = len(slots)
@@ -147,17 +166,12 @@ class DepthwiseBlock:
         if norm is not None:
             x = norm(x)
         x = x.to(self.dtype)
-        # ACT's halting (design §1), each row at its own step
-        s = x.to(self.acc)
-        with torch.autocast(device_type=s.device.type, enabled=False):
-            h = torch.sigmoid(s @ self.halt_w.to(self.acc) + self.halt_b.to(self.acc))
-        before = self.running_sum[index]
-        halt = (before + h >= self.threshold) | (n >= self.max_steps)
+        if self.exit is None:
+            halt = self._act_halting(index, n, x)
+        else:
+            halt = self._exit_rule(index, n, x, slots)
         if live is not None:
             halt = halt & live
-        p = torch.where(halt, 1 - before, h)
-        self.running_sum.index_copy_(0, index, torch.where(halt, before, before + h))
-        self.mean.index_add_(0, index, p[:, None] * s)
         self.state.index_copy_(0, index, x)
         if read_with is None:
             flags, values = halt.tolist(), []                      # the iteration's one device read
@@ -175,7 +189,44 @@ class DepthwiseBlock:
         final_row = h_index * self.width[0] + n[local]
         self._write(0, final_row, layers[0].key_values(x[local], local))
         self._commit(halted, h_index, steps)
-        return halted, self.mean[h_index].to(self.dtype), steps, values
+        if self.exit is None:
+            return halted, self.mean[h_index].to(self.dtype), steps, values
+        if self.exit.every_loop:   # the state and step the rule picked on the way
+            return halted, self.picked_state[h_index], self.picked_step[h_index], values
+        return halted, x[local], steps, values
+
+    def _act_halting(self, index: Tensor, n: Tensor, x: Tensor) -> Tensor:
+        """ACT's halting (design §1), each row at its own step; accumulates
+        the mean field."""
+        s = x.to(self.acc)
+        with torch.autocast(device_type=s.device.type, enabled=False):
+            h = torch.sigmoid(s @ self.halt_w.to(self.acc) + self.halt_b.to(self.acc))
+        before = self.running_sum[index]
+        halt = (before + h >= self.threshold) | (n >= self.max_steps)
+        p = torch.where(halt, 1 - before, h)
+        self.running_sum.index_copy_(0, index, torch.where(halt, before, before + h))
+        self.mean.index_add_(0, index, p[:, None] * s)
+        return halt
+
+    def _exit_rule(self, index: Tensor, n: Tensor, x: Tensor, slots: List[int]) -> Tensor:
+        """An inference exit rule (design §16) on the rows, each at its own step."""
+        divergence = None
+        if self.exit.reads_coda:
+            logits = self.peek(x, slots)
+            if self.previous_logits is None:
+                self.previous_logits = logits.new_zeros(self.cache.batch_size, logits.shape[-1])
+            divergence = next_token_divergence(logits, self.previous_logits[index])
+            self.previous_logits.index_copy_(0, index, logits)
+        fired = exits_now(self.exit, n, self.max_steps, x, self.state[index], self.halt_w, self.halt_b,
+                          self.exit_state, index, divergence)
+        if not self.exit.every_loop:
+            return fired
+        fresh = fired & ~self.picked[index]
+        where = index[fresh]
+        self.picked.index_fill_(0, where, True)
+        self.picked_state.index_copy_(0, where, x[fresh])
+        self.picked_step.index_copy_(0, where, n[fresh])
+        return n >= self.max_steps                   # every token runs every loop
 
     def _commit(self, halted: List[int], h_index: Tensor, steps: List[int]) -> None:
         """The halted tokens' rows into the cache, token by token: N + 1 at the
@@ -208,13 +259,15 @@ def check_schedule(schedule, fixed_rows=False) -> None:
 
 def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, coda, head: Callable,
                        caches: Sequence, attention: str, prompts: Sequence[Tensor], max_new_tokens: int,
-                       eos, max_len: Optional[int], choose: Callable, fixed_rows: bool = False):
+                       eos, max_len: Optional[int], choose: Callable, fixed_rows: bool = False,
+                       exit: Optional[ExitRule] = None):
     """The depth-wise scheduler. prefill(caches, tokens, offsets, slots) ->
     logits: the parallel path for whole prompts; embed(tokens, positions) ->
     rows; prelude / coda: CausalStacks (or None) with caches; head(h) ->
     logits; choose(logits (S, V), sequences) -> (S,) tokens. fixed_rows:
     every block iteration runs one row per slot, idle slots included (the
-    block's row count never changes). Returns what
+    block's row count never changes). exit: an inference exit rule (design
+    §16) in place of ACT's halting. Returns what
     `generation.generate_batched` returns (sequences, steps per feed,
     scores) and the block iterations run.
 
@@ -227,7 +280,16 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
     block_cache = cache_of[id(block)]
     slots = caches[0].batch_size
     device = caches[0].device
-    engine = DepthwiseBlock(block, block_cache, attention)
+
+    def peek(h: Tensor, slot_list: List[int]) -> Tensor:
+        """The next-token logits of in-flight states, the coda's cache untouched."""
+        if coda is not None:
+            where = torch.tensor([cache_of[id(coda)].lengths[s] for s in slot_list], dtype=torch.int64).to(device)
+            h = coda.extend(cache_of[id(coda)], h, list(range(len(slot_list) + 1)), slot_list, positions=where,
+                            commit=False)
+        return head(h)
+
+    engine = DepthwiseBlock(block, block_cache, attention, exit, peek)
     eos_ids = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
     waiting = list(range(len(prompts)))
     tokens: List[List[int]] = [p.tolist() for p in prompts]
@@ -307,8 +369,9 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
                 last[slot] = True
         if not halted:
             continue
-        for slot, n in zip(halted, halted_steps):
-            steps[in_slot[slot]].append(torch.tensor([n], dtype=torch.int64))
+        reported = torch.as_tensor(halted_steps, dtype=torch.int64, device=device)
+        for j, slot in enumerate(halted):
+            steps[in_slot[slot]].append(reported[j:j + 1])
             in_flight[slot] = False
         going = [j for j, slot in enumerate(halted) if not last[slot]]
         for slot in halted:

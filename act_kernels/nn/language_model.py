@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .checks import check_layer_options
 from .cache import ChunkLayout, check_sequences, chunk_lengths
 from .depthwise import check_schedule, generate_depthwise
+from .exits import ExitRule, make_exit_rule
 from .generation import SequenceDraws, generate_batched
 from .transformer import ACTTransformerEncoder, CausalStack
 
@@ -109,10 +110,23 @@ class ACTLanguageModel(nn.Module):
 
     # -- training: the parallel forward -------------------------------------------------
 
-    def forward(self, tokens: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
+    def forward(self, tokens: Tensor, lengths: Optional[Tensor] = None, *, exit: Optional[str] = None,
+                threshold: Optional[float] = None, min_steps: int = 1, every_loop: bool = False) -> Tensor:
         """tokens (B, L) int64, right padding past `lengths` (B,). Returns logits
         (B, L, vocab_size), 0 at padding; `.ponder_cost` (float32,
-        differentiable) and `.steps` (int64) become (B, L), 0 at padding."""
+        differentiable) and `.steps` (int64) become (B, L), 0 at padding.
+
+        exit (inference only: under no_grad or in eval): "act" (ACT's mean
+        field, the default), "gate", "latent" or "fixed", each a hard exit
+        per token that returns its state at its exit (design §16; "kl" reads
+        the coda at every step and runs in `generate` only); `.steps` are
+        then the exit steps and `.ponder_cost` the steps run. every_loop:
+        the reference mode of computing every loop for every token and
+        picking each token's exit afterwards (no token freezes; every token
+        runs max_steps)."""
+        rule = self._exit_rule(exit, threshold, min_steps, None, every_loop)
+        if rule is not None and rule.reads_coda:
+            raise ValueError("exit='kl' reads the coda at every step: it runs in generate only")
         if not isinstance(tokens, Tensor) or tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, L), got "
                              f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
@@ -135,7 +149,8 @@ class ACTLanguageModel(nn.Module):
         h = self.embed(real) + self.position(positions.expand(batch, length)[valid])
         if self.prelude is not None:
             h = self.prelude.forward_packed(h, cu, max(longest, 1))
-        h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest if real.numel() else None)
+        h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest if real.numel() else None,
+                                      exit=rule)
         cost, steps = self.block.ponder_cost, self.block.steps
         if self.coda is not None:
             h = self.coda.forward_packed(h, cu, max(longest, 1))
@@ -151,11 +166,18 @@ class ACTLanguageModel(nn.Module):
         """One cache per stack (prelude, block, coda) for `batch_size` sequences."""
         return [m.new_cache(batch_size) for m in self._stacks()]
 
+    def _exit_rule(self, exit, threshold, min_steps, prefill_steps, every_loop) -> Optional[ExitRule]:
+        return make_exit_rule(exit, threshold, min_steps, self.block.max_steps,
+                              training=self.training and torch.is_grad_enabled(), prefill_steps=prefill_steps,
+                              every_loop=every_loop)
+
     @torch.no_grad()
-    def extend(self, caches, tokens: Tensor, cu_seqlens: Sequence[int], sequences: Sequence[int]) -> Tensor:
+    def extend(self, caches, tokens: Tensor, cu_seqlens: Sequence[int], sequences: Sequence[int], *,
+               exit: Optional[ExitRule] = None) -> Tensor:
         """Appends chunks of tokens (T_new,) to cache `sequences` and returns
         their logits (T_new, vocab_size); `.steps` / `.ponder_cost` become
-        (T_new,). Exactly the causal forward's, for any chunking."""
+        (T_new,). Exactly the causal forward's, for any chunking. exit: a
+        checked exit rule (nn/exits.py) for the block."""
         self._check_tokens(tokens)
         offsets, sequences = list(cu_seqlens), list(sequences)
         new_lengths = chunk_lengths(offsets)
@@ -169,7 +191,10 @@ class ACTLanguageModel(nn.Module):
         layout = ChunkLayout(cached, new_lengths, tokens.device)
         h = self.embed(tokens) + self.position(self._positions(layout))
         for stack, cache in zip(self._stacks(), caches):
-            h = stack.extend(cache, h, offsets, sequences, layout=layout)
+            if stack is self.block:
+                h = stack.extend(cache, h, offsets, sequences, layout=layout, exit=exit)
+            else:
+                h = stack.extend(cache, h, offsets, sequences, layout=layout)
             if stack is self.block:
                 self.steps, self.ponder_cost = stack.steps, stack.ponder_cost
         return self._logits(h)
@@ -185,7 +210,9 @@ class ACTLanguageModel(nn.Module):
     def generate(self, prompts: Sequence[Tensor], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: Optional[int] = None, eos_token_id: Optional[int] = None,
                  generator: Optional[torch.Generator] = None, max_batch_size: Optional[int] = None,
-                 schedule: str = "depthwise", fixed_rows: bool = False) -> Generation:
+                 schedule: str = "depthwise", fixed_rows: bool = False, exit: Optional[str] = None,
+                 threshold: Optional[float] = None, min_steps: int = 1,
+                 prefill_steps: Optional[int] = None, every_loop: bool = False) -> Generation:
         """Batched generation: prompts of different lengths, each token
         pondering on its own, over one ragged cache. temperature 0 is greedy;
         otherwise softmax(logits / temperature), over the top_k logits when
@@ -206,22 +233,34 @@ class ACTLanguageModel(nn.Module):
         does not depend on the schedule or the batch. fixed_rows (depthwise
         only): every block iteration runs one row per slot, idle slots
         included, so the block's shapes do not change from one iteration to
-        the next (the same results)."""
+        the next (the same results).
+
+        exit, threshold, min_steps: an exit rule at inference (design §16),
+        as in `forward`, and "kl": a token exits at the first step t >=
+        max(2, min_steps) whose next-token distribution (the coda and head
+        run on the in-flight tokens at every step) is within KL threshold
+        of step t - 1's; prompt tokens then run prefill_steps (default
+        max_steps). "kl" needs schedule="depthwise". every_loop: as in
+        `forward`, every token runs every loop."""
         device = self.head.weight.device
         prompts = self._check_generate(prompts, max_new_tokens, temperature, top_k, eos_token_id, generator,
                                        max_batch_size, device)
         check_schedule(schedule, fixed_rows)
+        rule = make_exit_rule(exit, threshold, min_steps, self.block.max_steps, training=False,
+                              prefill_steps=prefill_steps, every_loop=every_loop)
+        if rule is not None and rule.reads_coda and schedule != "depthwise":
+            raise ValueError("exit='kl' runs under schedule='depthwise' only")
         slots = min(max_batch_size or len(prompts), len(prompts))
         was_training = self.training
         self.eval()
         try:
             return self._generate(prompts, max_new_tokens, temperature, top_k, eos_token_id, generator, slots,
-                                  schedule, fixed_rows)
+                                  schedule, fixed_rows, rule)
         finally:
             self.train(was_training)
 
     def _generate(self, prompts, max_new_tokens, temperature, top_k, eos, generator, slots, schedule,
-                  fixed_rows) -> Generation:
+                  fixed_rows, rule) -> Generation:
         draws = SequenceDraws(generator, len(prompts)) if temperature > 0 else None
 
         def choose(logits, sequences):
@@ -230,19 +269,23 @@ class ACTLanguageModel(nn.Module):
         caches = self.new_cache(slots)
         if schedule == "synchronous":
             self.block.iterations = 0
-            sequences, steps, scores = generate_batched(self.extend, lambda: self.steps, caches, prompts,
+            def extend(caches, tokens, offsets, slots):
+                return self.extend(caches, tokens, offsets, slots, exit=rule)
+
+            sequences, steps, scores = generate_batched(extend, lambda: self.steps, caches, prompts,
                                                         max_new_tokens, eos, self.max_len, choose)
             iterations = self.block.iterations
         else:
             def prefill(caches, tokens, offsets, slots):
-                return self.extend(caches, tokens, offsets, slots), self.steps
+                return self.extend(caches, tokens, offsets, slots, exit=rule), self.steps
 
             before = self.block.iterations = 0
             sequences, steps, scores, iterations = generate_depthwise(
                 prefill=prefill, embed=lambda t, pos: self.embed(t) + self.position(pos), prelude=self.prelude,
                 block=self.block, coda=self.coda, head=self._logits, caches=caches,
                 attention=self.block.attention_backend(self.head.weight), prompts=prompts,
-                max_new_tokens=max_new_tokens, eos=eos, max_len=self.max_len, choose=choose, fixed_rows=fixed_rows)
+                max_new_tokens=max_new_tokens, eos=eos, max_len=self.max_len, choose=choose, fixed_rows=fixed_rows,
+                exit=rule)
             iterations += self.block.iterations - before
         vocab = self.vocab_size
         return Generation(

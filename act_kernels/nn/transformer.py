@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..ops.act import get_kernels, ponder
 from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths
 from .checks import check_layer_input, check_layer_options
+from .exits import ExitRule, ponder_with_exit
 from ..backends import resolve_encoder
 from ..ops.attention import attend as attend_rows
 from ..ops.attention import key_table, reference_ragged_attention
@@ -335,11 +336,16 @@ class ACTTransformerEncoder(RaggedBlock):
     # -- entry points -----------------------------------------------------------
 
     def forward_packed(self, x: Tensor, cu_seqlens: Tensor, *, is_causal: bool = False,
-                       max_seqlen: Optional[int] = None, positions: Optional[Tensor] = None) -> Tensor:
+                       max_seqlen: Optional[int] = None, positions: Optional[Tensor] = None,
+                       exit: Optional[ExitRule] = None) -> Tensor:
         """Packed entry point: x (T_tok, D), the sequences' tokens back to back;
         cu_seqlens (B + 1,) int32. Returns (T_tok, D); `.ponder_cost` and
         `.steps` become (T_tok,). positions (T_tok,) int64: every token's
-        position in its sequence, for layers with rotary embeddings."""
+        position in its sequence, for layers with rotary embeddings. exit:
+        an inference exit rule (nn/exits.py, design §16) in place of ACT's
+        halting; each token returns its state at its exit, `.steps` its exit
+        step and `.ponder_cost` the steps it ran (float32; max_steps under
+        the every_loop reference mode)."""
         self._check_input(x, 2)
         if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
             raise TypeError("cu_seqlens must be a 1-D int32 tensor of B + 1 offsets")
@@ -360,6 +366,9 @@ class ACTTransformerEncoder(RaggedBlock):
             # a smaller one would make the kernels skip query blocks and leave rows unwritten
             raise ValueError(f"max_seqlen must be an int >= the longest sequence ({longest}), got {max_seqlen!r}")
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
+        if exit is not None:
+            step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
+            return self._ponder_with_exit(step, x, exit)
         if chosen.pool_path and self.kind.pool_path_supported(self.training):
             heads = self.kind.heads
             keys = key_table(chosen.attention, cu_seqlens, x.shape[0], max_seqlen, heads, self.d_model,
@@ -374,10 +383,19 @@ class ACTTransformerEncoder(RaggedBlock):
         self.ponder_cost, self.steps = out.ponder_cost, out.steps
         return out.state
 
+    def _ponder_with_exit(self, step: "_TokenStep", x: Tensor, exit: ExitRule) -> Tensor:
+        if exit.reads_coda:   # prompt tokens under a rule that reads the coda: a fixed depth (design §16)
+            exit, depth = ExitRule("fixed", None, 1), exit.prefill_steps
+        else:
+            depth = self.max_steps
+        state, steps, ran = ponder_with_exit(step, x, exit, self.halting.weight, self.halting.bias, depth)
+        self.ponder_cost, self.steps, self.steps_run = ran.to(torch.float32), steps, ran
+        return state
+
     @torch.no_grad()
     def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
                is_causal: bool = True, layout: Optional[ChunkLayout] = None,
-               positions: Optional[Tensor] = None) -> Tensor:
+               positions: Optional[Tensor] = None, exit: Optional[ExitRule] = None) -> Tensor:
         """Causal incremental evaluation (design §14): appends a chunk of new
         tokens to each of the cache's `sequences` (any subset, each once) and
         ponders them. x (T_new, D): the chunks back to back; cu_seqlens: their
@@ -390,14 +408,18 @@ class ACTTransformerEncoder(RaggedBlock):
         `ChunkLayout`, when the caller made it once for several caches of the
         same sequences (a language model's stacks)."""
         chosen, context, step = self._cached_step(cache, x, cu_seqlens, sequences, is_causal, layout, positions)
-        out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
-                     backend=chosen.halting)
+        if exit is not None:
+            state = self._ponder_with_exit(step, x, exit)
+        else:
+            out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
+                         backend=chosen.halting)
+            state, self.ponder_cost, self.steps = out.state, out.ponder_cost, out.steps
+            self.steps_run = self.steps
         if self.max_steps > 1:
             # s^N of the tokens that ran the last step: later tokens read it at the first layer
             step.project_changed()
-        context.commit(step.pools, out.steps)
-        self.ponder_cost, self.steps = out.ponder_cost, out.steps
-        return out.state
+        context.commit(step.pools, self.steps_run)
+        return state
 
     def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
@@ -448,9 +470,13 @@ class CausalStack(RaggedBlock):
 
     @torch.no_grad()
     def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
-               layout: Optional[ChunkLayout] = None, positions: Optional[Tensor] = None) -> Tensor:
-        """`ACTTransformerEncoder.extend` for plain layers."""
+               layout: Optional[ChunkLayout] = None, positions: Optional[Tensor] = None,
+               commit: bool = True) -> Tensor:
+        """`ACTTransformerEncoder.extend` for plain layers. commit=False reads
+        the cache and leaves it as it was (what the new tokens would give,
+        for an exit rule that reads the coda at every step, design §16)."""
         _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout, positions)
         out = step(x, 1, torch.arange(x.shape[0], device=x.device))
-        context.commit(step.pools, torch.ones(x.shape[0], dtype=torch.int64, device=x.device))
+        if commit:
+            context.commit(step.pools, torch.ones(x.shape[0], dtype=torch.int64, device=x.device))
         return out

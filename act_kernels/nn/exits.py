@@ -1,0 +1,189 @@
+"""Exit rules at inference (design §16): when a token leaves the block, read
+per token, each a hard exit that returns the token's state at its exit step
+(ACT's mean field stays the training rule and the default).
+
+    gate    λ_t = σ(w·s_t + c), p_t = λ_t Π_{j<t} (1 − λ_j) (p_M the rest);
+            exit at the first t >= min_steps with Σ_{j<=t} p_j >= threshold
+    latent  exit at the first t >= max(2, min_steps) with
+            ||s_t − s_{t−1}|| / ||s_t|| < threshold
+    kl      exit at the first t >= max(2, min_steps) with
+            KL(P_t || P_{t−1}) < threshold, P_t the next-token distribution
+            of s_t through the coda and head (decoding only)
+    fixed   every token max_steps
+
+and at max_steps whatever the rule. An exited token freezes (design §9):
+later tokens read its rows as they were at its exit, which the step
+functions already do for halted tokens. The rule's arithmetic is written once
+here, for a whole step's rows, with n a number or a per-row tensor, and
+serves the parallel forward, the synchronous decode and the depth-wise
+scheduler.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..ops.state import accumulation_dtype
+
+RULES = ("act", "gate", "latent", "kl", "fixed")
+HARD = ("gate", "latent", "kl", "fixed")
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    """A checked exit rule: `rule` in RULES other than "act", its threshold
+    (None for fixed) and min_steps; prefill_steps: the fixed steps of prompt
+    tokens under a rule that reads the coda (kl). every_loop: the reference
+    mode (what computing every loop and picking the exit afterwards gives):
+    every token runs max_steps and nobody freezes; a token's output is its
+    state at the step the rule picks, and that step is its reported steps."""
+    rule: str
+    threshold: Optional[float]
+    min_steps: int
+    prefill_steps: Optional[int] = None
+    every_loop: bool = False
+
+    @property
+    def reads_coda(self) -> bool:
+        return self.rule == "kl"
+
+    @property
+    def first_exit(self) -> int:
+        """The first step a token may exit at (before max_steps)."""
+        return max(2, self.min_steps) if self.rule in ("latent", "kl") else self.min_steps
+
+
+def make_exit_rule(exit, threshold, min_steps, max_steps: int, *, training: bool,
+                   prefill_steps=None, every_loop=False) -> Optional[ExitRule]:
+    """Checks the exit arguments before anything runs; None means ACT."""
+    if not isinstance(every_loop, bool):
+        raise TypeError(f"every_loop must be a bool, got {type(every_loop).__name__}")
+    if every_loop and exit in (None, "act"):
+        raise ValueError("every_loop picks each token's exit by a hard exit rule: give exit='gate', 'latent', "
+                         "'kl' or 'fixed'")
+    if exit is None or exit == "act":
+        if threshold is not None:
+            raise ValueError("threshold applies to the exit rules gate, latent and kl, not to act")
+        if min_steps != 1:
+            raise ValueError("min_steps applies to the exit rules gate, latent and kl, not to act")
+        return None
+    if exit not in RULES:
+        raise ValueError(f"exit must be one of {RULES}, got {exit!r}")
+    if training:
+        raise RuntimeError(f"exit={exit!r} is an inference rule: call it under torch.no_grad() or in eval mode "
+                           "(training uses ACT's mean field)")
+    if isinstance(min_steps, bool) or not isinstance(min_steps, int) or not 1 <= min_steps <= max_steps:
+        raise ValueError(f"min_steps must be an int in [1, max_steps = {max_steps}], got {min_steps!r}")
+    if exit == "fixed":
+        if threshold is not None:
+            raise ValueError("exit='fixed' takes no threshold: every token runs max_steps")
+        return ExitRule("fixed", None, min_steps, every_loop=every_loop)
+    if threshold is None or isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not math.isfinite(threshold):
+        raise ValueError(f"exit={exit!r} needs a finite float threshold, got {threshold!r}")
+    if exit == "gate" and not 0.0 < threshold <= 1.0:
+        raise ValueError(f"the gate's threshold is a probability mass in (0, 1], got {threshold!r}")
+    if exit in ("latent", "kl") and threshold <= 0.0:
+        raise ValueError(f"exit={exit!r} needs a threshold > 0, got {threshold!r}")
+    if exit == "kl":
+        if prefill_steps is None:
+            prefill_steps = max_steps
+        if isinstance(prefill_steps, bool) or not isinstance(prefill_steps, int) \
+                or not 1 <= prefill_steps <= max_steps:
+            raise ValueError(f"prefill_steps must be an int in [1, max_steps = {max_steps}], got {prefill_steps!r}")
+    elif prefill_steps is not None:
+        raise ValueError("prefill_steps applies to exit='kl' only")
+    return ExitRule(exit, float(threshold), min_steps, prefill_steps, every_loop)
+
+
+class ExitState:
+    """What a rule keeps per row between steps: the gate's exit mass so far
+    and the product of (1 − λ) (its survival), in the accumulation dtype."""
+
+    def __init__(self, rows: int, device, dtype):
+        acc = accumulation_dtype(dtype)
+        self.mass = torch.zeros(rows, device=device, dtype=acc)
+        self.survive = torch.ones(rows, device=device, dtype=acc)
+
+    def reset(self, index: Tensor) -> None:
+        self.mass.index_fill_(0, index, 0)
+        self.survive.index_fill_(0, index, 1)
+
+
+def exits_now(rule: ExitRule, n, max_steps: int, new: Tensor, old: Tensor, weight: Tensor, bias: Tensor,
+              state: Optional[ExitState] = None, rows: Optional[Tensor] = None,
+              divergence: Optional[Tensor] = None) -> Tensor:
+    """(R,) bool: which of a step's rows exit after step n. new: their states
+    s_n (R, D); old: s_{n−1}; n: an int or (R,) int64; state / rows: the
+    gate's per-row mass and survival, at those rows (updated in place);
+    divergence: (R,) KL(P_n || P_{n−1}) for the kl rule."""
+    last = n >= max_steps
+    if rule.rule == "fixed":
+        return torch.as_tensor(last, device=new.device).expand(new.shape[0]).clone()
+    allowed = n >= rule.first_exit
+    acc = accumulation_dtype(new.dtype)
+    with torch.autocast(device_type=new.device.type, enabled=False):
+        if rule.rule == "gate":
+            lam = torch.sigmoid(new.to(acc) @ weight.reshape(-1).to(acc) + bias.reshape(()).to(acc))
+            mass, survive = state.mass[rows], state.survive[rows]
+            p = torch.where(torch.as_tensor(last, device=new.device), 1 - mass, lam * survive)
+            mass = mass + p
+            state.mass.index_copy_(0, rows, mass)
+            state.survive.index_copy_(0, rows, survive * (1 - lam))
+            met = mass >= rule.threshold
+        elif rule.rule == "latent":
+            s, s_old = new.to(acc), old.to(acc)
+            met = torch.linalg.vector_norm(s - s_old, dim=-1) < rule.threshold * torch.linalg.vector_norm(s, dim=-1)
+        else:
+            met = divergence < rule.threshold
+    return (allowed & met) | last
+
+
+def ponder_with_exit(step, x: Tensor, rule: ExitRule, weight: Tensor, bias: Tensor, max_steps: int):
+    """The ragged loop of design §2 with an exit rule instead of ACT's
+    halting: step(state of the running rows, n, their indices ascending) ->
+    their new states, as `ak.ponder` calls it. Returns (the state of every
+    row at its exit, steps (T,) int64: the exit steps, and the steps run,
+    which differ only under every_loop). One device read per step: how many
+    rows still run."""
+    rows = x.shape[0]
+    out = torch.empty_like(x)
+    steps = torch.zeros(rows, dtype=torch.int64, device=x.device)
+    state = ExitState(rows, x.device, x.dtype) if rule.rule == "gate" else None
+    active = torch.arange(rows, device=x.device)
+    picked = torch.zeros(rows, dtype=torch.bool, device=x.device)
+    current = x
+    for n in range(1, max_steps + 1):
+        new = step(current, n, active)
+        gone = exits_now(rule, n, max_steps, new, current, weight, bias, state, active)
+        if rule.every_loop:   # every row runs on; the rule only picks its output
+            fresh = gone & ~picked
+            picked.masked_fill_(fresh, True)
+            out.index_copy_(0, torch.nonzero(fresh).squeeze(1), new[fresh])
+            steps.masked_fill_(fresh, n)
+            current = new
+            continue
+        out.index_copy_(0, active, new)
+        steps.index_fill_(0, active, n)
+        stay = torch.nonzero(~gone).squeeze(1)
+        if stay.numel() == 0:
+            break
+        active, current = active[stay], new[stay]
+    ran = torch.full_like(steps, max_steps) if rule.every_loop else steps
+    return out, steps, ran
+
+
+def next_token_divergence(logits: Tensor, previous: Tensor) -> Tensor:
+    """(R,) KL(P || P_prev) between softmax(logits) and softmax(previous)
+    per row, in float64."""
+    log_p = torch.log_softmax(logits.double(), -1)
+    log_q = torch.log_softmax(previous.double(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+__all__ = ["RULES", "ExitRule", "ExitState", "make_exit_rule", "exits_now", "ponder_with_exit",
+           "next_token_divergence"]
