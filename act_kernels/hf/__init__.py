@@ -16,6 +16,6 @@ except ImportError as error:   # pragma: no cover - the message is the point
     raise ImportError("act_kernels.hf needs transformers: pip install \"act_kernels[hf]\" "
                       "(transformers>=5,<6)") from error
 
-from .looped import LoopedCausalLM, LoopedGeneration, LoopedOutput
+from .looped import LoopedCausalLM, LoopedGeneration, LoopedOutput, LoopedPonderNet
 
-__all__ = ["LoopedCausalLM", "LoopedOutput", "LoopedGeneration"]
+__all__ = ["LoopedCausalLM", "LoopedOutput", "LoopedGeneration", "LoopedPonderNet"]

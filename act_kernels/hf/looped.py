@@ -51,6 +51,21 @@ class LoopedOutput:
 
 
 @dataclass
+class LoopedPonderNet:
+    """The per-token PonderNet objective (design §10 per token, §16):
+    loss = expected_loss + beta * kl (or − beta * entropy for Ouro's
+    variant), each a mean over the tokens with a target; steps (B, L)
+    int64, 0 at padding; p: every computed (token, step)'s halting
+    probability, packed step-major."""
+
+    loss: Tensor
+    expected_loss: Tensor
+    regularizer: Tensor
+    steps: Tensor
+    p: Tensor
+
+
+@dataclass
 class LoopedGeneration:
     """sequences (B, L + new) int64 laid out as transformers' generate lays
     them out; steps (same shape): every token's ponder steps, 0 at padding."""
@@ -189,6 +204,75 @@ class LoopedCausalLM(nn.Module):
                 raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}")
             loss = self.model.loss_function(out, labels, vocab_size=self.config.vocab_size)
         return LoopedOutput(out, loss, ponder_cost, token_steps)
+
+    def pondernet(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                  labels: Optional[Tensor] = None, *, beta: float = 0.01, prior: float = 0.2,
+                  entropy: bool = False) -> LoopedPonderNet:
+        """The per-token PonderNet objective, for training the halting unit as
+        an exit gate (design §16; read it at inference with exit="gate"):
+        λ_n = σ(halting(s_n)), p_n = λ_n Π_{j<n}(1 − λ_j), every token stopping
+        at the first step whose unhalted mass drops below eps (or at
+        max_steps, which takes the rest), the stopped tokens frozen for the
+        others. Per token: Σ_n p_n L_n, L_n the cross-entropy of the head on
+        s_n against the token's next-token target (transformers' shift;
+        labels default to input_ids, -100 ignored), plus beta times
+        KL(p ‖ truncated geometric prior(prior)), or, with entropy=True,
+        minus beta times the entropy of p (Ouro's variant, a uniform prior);
+        means over the tokens with a target. The per-step logits are computed
+        on the packed (token, step) rows, never a (max_steps, B, L, V)
+        tensor. Needs the block to be the model's last layers (no coda)."""
+        if self.coda is not None:
+            raise ValueError(f"the PonderNet objective reads the head on every step's state, so the block must be "
+                             f"the model's last layers (no coda, as in Ouro); this block is layers "
+                             f"[{self.block_range[0]}, {self.block_range[1]}) of {len(self.model.model.layers)}")
+        for name, value in (("beta", beta), ("prior", prior)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite float, got {value!r}")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        if not 0.0 < prior < 1.0:
+            raise ValueError(f"prior is the geometric prior's λp in (0, 1), got {prior!r}")
+        valid = self._check_ids(input_ids, attention_mask)
+        if labels is None:
+            labels = input_ids.masked_fill(~valid, -100)
+        elif not isinstance(labels, Tensor) or labels.shape != input_ids.shape:
+            raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        counts = valid.sum(1)
+        if not int(counts.sum()):
+            raise ValueError("the PonderNet objective needs at least one real token")
+        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        positions = _positions(valid)[valid]
+        target = F.pad(labels[:, 1:], (0, 1), value=-100)[valid]        # each real token's next-token target
+        out = self._pondernet_block(self.model.model.embed_tokens(input_ids[valid]), cu, int(counts.max()),
+                                    positions, prior)
+        step_target = target[out.batch_index]
+        logits = self._head(out.states)
+        step_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), step_target,
+                                    ignore_index=-100, reduction="none")
+        tokens = out.steps.shape[0]
+        per_token = out.p.new_zeros(tokens).index_add(0, out.batch_index, out.p * step_loss.to(out.p.dtype))
+        if entropy:
+            plogp = torch.where(out.p > 0, out.p * torch.log(out.p.clamp_min(torch.finfo(out.p.dtype).tiny)),
+                                torch.zeros_like(out.p))
+            regular = -out.p.new_zeros(tokens).index_add(0, out.batch_index, plogp)
+        else:
+            regular = out.kl
+        has_target = target != -100
+        scored = has_target.sum().clamp_min(1)
+        expected = (per_token * has_target).sum() / scored
+        regularizer = (regular * has_target).sum() / scored
+        loss = expected - beta * regularizer if entropy else expected + beta * regularizer
+        steps = out.steps.new_zeros(batch, length).index_put((valid,), out.steps)
+        return LoopedPonderNet(loss, expected, regularizer, steps, out.p)
+
+    @torch.compiler.disable   # a data-dependent loop with a host read per step: runs eagerly under torch.compile
+    def _pondernet_block(self, h: Tensor, cu: Tensor, longest: int, positions: Tensor, prior: float):
+        with ours(self.config):
+            if self.prelude is not None:
+                h = self.prelude.forward_packed(h, cu, longest, positions)
+            return self.block.pondernet_packed(h, cu, is_causal=True, max_seqlen=longest, positions=positions,
+                                               prior=prior)
 
     @torch.compiler.disable   # a data-dependent loop with a host read per step: runs eagerly under torch.compile
     def _layers(self, h: Tensor, cu: Tensor, longest: int, positions: Tensor, rule: Optional[ExitRule] = None):
@@ -406,4 +490,4 @@ class LoopedCausalLM(nn.Module):
         return looped
 
 
-__all__ = ["LoopedCausalLM", "LoopedOutput", "LoopedGeneration"]
+__all__ = ["LoopedCausalLM", "LoopedOutput", "LoopedGeneration", "LoopedPonderNet"]

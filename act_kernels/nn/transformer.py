@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.act import get_kernels, ponder
+from ..ops.pondernet import PonderNetOutput, pondernet
 from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths
 from .checks import check_layer_input, check_layer_options
 from .exits import ExitRule, ponder_with_exit
@@ -382,6 +383,32 @@ class ACTTransformerEncoder(RaggedBlock):
                      backend=chosen.halting)
         self.ponder_cost, self.steps = out.ponder_cost, out.steps
         return out.state
+
+    def pondernet_packed(self, x: Tensor, cu_seqlens: Tensor, *, is_causal: bool = False,
+                         max_seqlen: Optional[int] = None, positions: Optional[Tensor] = None,
+                         prior: float = 0.2) -> PonderNetOutput:
+        """PonderNet per token (design §10 per token, §16) on packed rows:
+        the halting unit read as λ, every token stops stepping at the first
+        step whose unhalted mass drops below eps (or at max_steps), and a
+        token that has stopped freezes for the others (design §9). Returns
+        `ak.pondernet`'s output over the tokens: every computed (token, step)
+        state packed step-major, p, the KL to the truncated geometric prior
+        with parameter `prior`, steps; the caller's per-step loss reads
+        `.states`. Arguments as `forward_packed`."""
+        self._check_input(x, 2)
+        if not x.shape[0]:
+            raise ValueError("the PonderNet objective needs at least one token")
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise TypeError("cu_seqlens must be a 1-D int32 tensor of B + 1 offsets")
+        offsets = cu_seqlens.tolist()
+        longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+        chosen = resolve_encoder(self.backend, x.device, x.dtype)
+        step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen or longest, chosen.attention,
+                          positions=positions)
+        out = pondernet(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
+                        prior=prior, backend=chosen.halting)
+        self.steps = out.steps
+        return out
 
     def _ponder_with_exit(self, step: "_TokenStep", x: Tensor, exit: ExitRule) -> Tensor:
         if exit.reads_coda:   # prompt tokens under a rule that reads the coda: a fixed depth (design §16)
