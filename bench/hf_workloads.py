@@ -17,9 +17,15 @@ in every run and under every schedule.
 """
 from __future__ import annotations
 
+import statistics
+import sys
+import time
+from pathlib import Path
+
 import torch
 
-from workloads import skewed_steps
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import skewed_steps  # noqa: E402
 
 VOCAB, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 256, 256, 688, 4, 2, 64
 LAYERS, BLOCK, MAX_STEPS, MEAN_STEPS = 4, (1, 3), 8, 2.5
@@ -153,3 +159,87 @@ def capture_caches(looped):
 
     looped.new_cache = new_cache
     return looped
+
+
+NEW_TOKENS = 48
+
+
+def generate_ours(looped, ids, mask, schedule, new=NEW_TOKENS):
+    """Sampled (temperature 1, a fixed generator): the controlled halting fixes each token's steps."""
+    return looped.generate(ids, mask, max_new_tokens=new, do_sample=True, temperature=1.0, schedule=schedule,
+                           generator=torch.Generator().manual_seed(0))
+
+
+def generate_hf(plain, ids, mask, new=NEW_TOKENS):
+    """transformers' generate of the unrolled model: DynamicCache, greedy, no eos (new tokens each)."""
+    return plain.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=PAD,
+                          return_dict_in_generate=True)
+
+
+def training_step(module, tokens, looped: bool):
+    """Forward and backward of transformers' causal-LM loss (plus 0.01 x the mean ponder cost for ours)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    out = module(tokens, labels=tokens)
+    loss = out.loss + 0.01 * out.ponder_cost.mean() if looped else out.loss
+    torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def interleaved(cases, rounds: int = 5, warmup: int = 1):
+    """{name: median seconds}: each round runs every case once, in turn."""
+    times = {name: [] for name in cases}
+    for r in range(warmup + rounds):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv):
+    """python bench/hf_workloads.py [train] [BATCH ...]: the benchmark's
+    comparisons timed in alternation (one thread), medians and ratios."""
+    torch.set_num_threads(1)
+    looped, model = controlled_llama()
+    plain = unrolled(model)
+    which = argv or ["train", "1", "4", "16", "64"]
+    if "train" in which:
+        tokens = torch.randint(0, VOCAB, (8, 256), generator=torch.Generator().manual_seed(2))
+        looped.train()
+        plain.train()
+        med = interleaved({"looped": lambda: training_step(looped, tokens, True),
+                           "unrolled_hf": lambda: training_step(plain, tokens, False)})
+        looped.eval()
+        plain.eval()
+        steps = looped.token_steps[tokens]
+        best = UNROLLED_LAYERS * tokens.numel() / layer_work(tokens.numel(), int(steps.sum()))
+        speed = med["unrolled_hf"] / med["looped"]
+        print(f"train 8 x 256: looped {med['looped'] * 1e3:.0f} ms, unrolled HF {med['unrolled_hf'] * 1e3:.0f} ms: "
+              f"{speed:.2f}x, ideal {best:.2f}x, {100 * speed / best:.0f} % of ideal")
+    for batch in (int(b) for b in which if b != "train"):
+        ids, mask = left_padded(batch, 32, 128)
+        new = NEW_TOKENS
+        out = generate_ours(looped, ids, mask, "depthwise", new)
+        sync_out = generate_ours(looped, ids, mask, "synchronous", new)
+        valid = torch.cat([mask.bool(), torch.ones(batch, new, dtype=torch.bool)], 1)
+        best = UNROLLED_LAYERS * int(valid.sum()) / layer_work(int(valid.sum()), int(out.steps[valid].sum()))
+        med = interleaved({"depthwise": lambda: generate_ours(looped, ids, mask, "depthwise", new),
+                           "synchronous": lambda: generate_ours(looped, ids, mask, "synchronous", new),
+                           "unrolled_hf": lambda: generate_hf(plain, ids, mask, new)},
+                          rounds=5 if batch <= 16 else 3)
+        line = [f"generate batch {batch}, {new} new:"]
+        for name in ("depthwise", "synchronous"):
+            speed = med["unrolled_hf"] / med[name]
+            line.append(f"{name} {batch * new / med[name]:.0f} tok/s, {speed:.2f}x HF ({100 * speed / best:.0f} % "
+                        f"of {best:.2f}x)")
+        line.append(f"HF {batch * new / med['unrolled_hf']:.0f} tok/s")
+        dw = med["synchronous"] / med["depthwise"]
+        it = sync_out.iterations / out.iterations
+        line.append(f"depthwise/synchronous {dw:.2f}x (ideal {it:.2f}x, {100 * dw / it:.0f} %)")
+        print("; ".join(line))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -3,9 +3,10 @@
 `<!-- report:tables -->` and `<!-- /report -->` in bench/README.md (every
 table) and the one between `<!-- report:summary -->` and `<!-- /report -->`
 in the project README (one summary table per device), and prints both. Given
-another results folder (a device run's $OUT), it only prints and plots.
+another results folder (a device run's $OUT), it only prints and plots; with
+--bench-only it leaves the project README alone.
 
-    python bench/report.py [results folder]
+    python bench/report.py [--bench-only] [results folder]
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "results")
+BENCH_ONLY = "--bench-only" in sys.argv[1:]
+_folders = [a for a in sys.argv[1:] if a != "--bench-only"]
+RESULTS = Path(_folders[0] if _folders else HERE / "results")
 
 
 def kernel_table(data, group):
@@ -200,6 +203,72 @@ def lm_tables(data) -> str:
     return "\n\n".join(parts)
 
 
+def hf_tables(data) -> str:
+    """LoopedCausalLM against transformers' own model with the block unrolled
+    max_steps times: training, generation at every batch size (against the
+    unrolled model, and depthwise against synchronous), the block iterations
+    per generated token, and the cache after generation."""
+    parts = []
+    if any(r["group"] == "hf_train" for r in data["rows"]):
+        parts.append(ideal_table(data, "hf_train", lambda r: (r["batch"], r["length"], r["d_model"]),
+                                 "LoopedCausalLM training, B x L x D", lambda k: " x ".join(map(str, k)),
+                                 "ideal (layer applications)", "unrolled_hf", ms_digits=1,
+                                 order=("unrolled_hf", "looped")))
+    by_batch = defaultdict(dict)
+    for r in (r for r in data["rows"] if r["group"] == "hf_generate"):
+        by_batch[r["batch"]][r["name"]] = r
+    if by_batch:
+        lines = ["| LoopedCausalLM generation, batch | impl | tokens/s | speedup vs unrolled HF | ideal "
+                 "(layer applications) | % of ideal | mean N (new tokens) |", "|---|---|---|---|---|---|---|"]
+        for batch, rows in sorted(by_batch.items()):
+            base = rows.get("unrolled_hf")
+            for name in ("unrolled_hf", "depthwise", "synchronous"):
+                r = rows.get(name)
+                if r is None:
+                    continue
+                speed = base["median_s"] / r["median_s"] if base else float("nan")
+                if name == "unrolled_hf":
+                    lines.append(f"| {batch} | {name} | {r['tokens_per_s']:.0f} | 1.00 x | - | - | - |")
+                    continue
+                pct = f"{100 * speed / r['ideal_speedup']:.0f} %" if base else "-"
+                lines.append(f"| {batch} | {name} | {r['tokens_per_s']:.0f} | {speed:.2f} x "
+                             f"| {r['ideal_speedup']:.2f} x | {pct} | {r['mean_steps']:.2f} |")
+        parts.append("\n".join(lines))
+        lines = ["| batch | depthwise vs synchronous | ideal (synchronous / depthwise iterations) | % of ideal |",
+                 "|---|---|---|---|"]
+        for batch, rows in sorted(by_batch.items()):
+            dw, sy = rows.get("depthwise"), rows.get("synchronous")
+            if dw and sy:
+                speed, best = sy["median_s"] / dw["median_s"], sy["iterations"] / dw["iterations"]
+                lines.append(f"| {batch} | {speed:.2f} x | {best:.2f} x | {100 * speed / best:.0f} % |")
+        if len(lines) > 2:
+            parts.append("\n".join(lines))
+        lines = ["| batch | schedule | block iterations | per generated token | ideal (mean N) | % of ideal "
+                 "| the schedule's floor per token | of which the prefill |", "|---|---|---|---|---|---|---|---|"]
+        for batch, rows in sorted(by_batch.items()):
+            for name in ("depthwise", "synchronous"):
+                r = rows.get(name)
+                if r is None:
+                    continue
+                per = r["iterations"] / r["new_tokens"]
+                floor = r["depthwise_floor" if name == "depthwise" else "synchronous_floor"] / r["new_tokens"]
+                lines.append(f"| {batch} | {name} | {r['iterations']} | {per:.2f} | {r['mean_steps']:.2f} "
+                             f"| {100 * r['mean_steps'] / per:.0f} % | {floor:.2f} "
+                             f"| {r['prefill_iterations'] / r['new_tokens']:.2f} |")
+        parts.append("\n".join(lines))
+    for r in (r for r in data["rows"] if r["group"] == "hf_cache_bytes"):
+        mib = 2 ** 20
+        parts.append(f"Cache after generating {r['new_tokens']} tokens for {r['batch']} prompts ({r['tokens']} "
+                     f"tokens, mean N {r['mean_steps']:.2f}): ours {r['ragged_rows']} rows, "
+                     f"{r['ragged_bytes'] / mib:.1f} MiB in use, {r['ragged_allocated_bytes'] / mib:.1f} MiB "
+                     f"allocated; the unrolled model's DynamicCache {r['hf_bytes'] / mib:.1f} MiB "
+                     f"({r['hf_unpadded_bytes'] / mib:.1f} MiB without its padding): "
+                     f"{r['hf_bytes'] / r['ragged_bytes']:.2f} x fewer bytes in use, "
+                     f"{r['hf_bytes'] / r['ragged_allocated_bytes']:.2f} x fewer allocated; rows per token, "
+                     f"unrolled over ours: {r['ideal_speedup']:.2f} x.")
+    return "\n\n".join(parts)
+
+
 def heading(data) -> str:
     return (f"{data['device']} (torch {data['torch']}, triton {data['triton']}, "
             f"commit {data['commit']}, {data['date'][:10]})")
@@ -211,7 +280,7 @@ def device_tables(data) -> str:
         parts.append(f"Measured device copy bandwidth: {data['copy_GBps']:.0f} GB/s\n")
     parts.append(ponder_table(data) + "\n")
     for table in (layer_table, encoder_table, equal_work_table, host_floor_table, attention_table,
-                  pondernet_table, lm_tables):
+                  pondernet_table, lm_tables, hf_tables):
         text = table(data)
         if text.strip():
             parts.append(text + "\n")
@@ -284,7 +353,8 @@ def main():
     if RESULTS.resolve() == (HERE / "results").resolve():
         # the READMEs show the repository's own results, never another folder's
         replace_block(HERE / "README.md", "tables", tables)
-        replace_block(HERE.parent / "README.md", "summary", summary)
+        if not BENCH_ONLY:
+            replace_block(HERE.parent / "README.md", "summary", summary)
     for f, data in zip(files, devices):
         plot(data, f.with_suffix(".png"))
     print(summary + "\n\n" + tables)

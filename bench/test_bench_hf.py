@@ -35,7 +35,7 @@ pytest.importorskip("transformers")
 import hf_workloads as hw  # noqa: E402
 
 ROUNDS = 5
-NEW_TOKENS = 48
+NEW_TOKENS = hw.NEW_TOKENS
 BATCHES = (1, 4, 16, 64)
 _models = {}
 _outputs = {}
@@ -55,16 +55,14 @@ def ideal(tokens: int, steps_sum: int) -> float:
     return hw.UNROLLED_LAYERS * tokens / hw.layer_work(tokens, steps_sum)
 
 
-def ours_generate(looped, ids, mask, schedule, new=NEW_TOKENS):
-    out = looped.generate(ids, mask, max_new_tokens=new, do_sample=True, temperature=1.0, schedule=schedule,
-                          generator=torch.Generator().manual_seed(0))
+def ours_generate(looped, ids, mask, schedule):
+    out = hw.generate_ours(looped, ids, mask, schedule, NEW_TOKENS)
     sync()
     return out
 
 
-def hf_generate(plain, ids, mask, new=NEW_TOKENS):
-    out = plain.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=hw.PAD,
-                         return_dict_in_generate=True)
+def hf_generate(plain, ids, mask):
+    out = hw.generate_hf(plain, ids, mask, NEW_TOKENS)
     sync()
     return out
 
@@ -97,15 +95,9 @@ def test_training_forward_backward(benchmark, record, impl):
     tokens = torch.randint(0, hw.VOCAB, (batch, length), generator=torch.Generator().manual_seed(2))
     module = looped if impl == "looped" else plain
     module.train()
-    params = [p for p in module.parameters() if p.requires_grad]
 
     def run():
-        if impl == "looped":
-            out = looped(tokens, labels=tokens)
-            loss = out.loss + 0.01 * out.ponder_cost.mean()
-        else:
-            loss = plain(tokens, labels=tokens).loss
-        torch.autograd.grad(loss, params, allow_unused=True)
+        hw.training_step(module, tokens, impl == "looped")
         sync()
 
     try:
