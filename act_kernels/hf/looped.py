@@ -28,7 +28,7 @@ from ..nn import ACTTransformerEncoder, CausalStack
 from ..nn.cache import ChunkLayout
 from ..nn.checks import check_layer_options
 from ..nn.depthwise import check_schedule, generate_depthwise
-from ..nn.exits import ExitRule, make_exit_rule
+from ..nn.exits import ExitRule, check_pondernet_args, make_exit_rule, token_pondernet_loss
 from ..nn.generation import SequenceDraws, generate_batched
 from ..nn.layers import DecoderLayers
 from .attention import ours
@@ -225,13 +225,7 @@ class LoopedCausalLM(nn.Module):
             raise ValueError(f"the PonderNet objective reads the head on every step's state, so the block must be "
                              f"the model's last layers (no coda, as in Ouro); this block is layers "
                              f"[{self.block_range[0]}, {self.block_range[1]}) of {len(self.model.model.layers)}")
-        for name, value in (("beta", beta), ("prior", prior)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite float, got {value!r}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta!r}")
-        if not 0.0 < prior < 1.0:
-            raise ValueError(f"prior is the geometric prior's λp in (0, 1), got {prior!r}")
+        check_pondernet_args(beta, prior)
         valid = self._check_ids(input_ids, attention_mask)
         if labels is None:
             labels = input_ids.masked_fill(~valid, -100)
@@ -246,23 +240,7 @@ class LoopedCausalLM(nn.Module):
         target = F.pad(labels[:, 1:], (0, 1), value=-100)[valid]        # each real token's next-token target
         out = self._pondernet_block(self.model.model.embed_tokens(input_ids[valid]), cu, int(counts.max()),
                                     positions, prior)
-        step_target = target[out.batch_index]
-        logits = self._head(out.states)
-        step_loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), step_target,
-                                    ignore_index=-100, reduction="none")
-        tokens = out.steps.shape[0]
-        per_token = out.p.new_zeros(tokens).index_add(0, out.batch_index, out.p * step_loss.to(out.p.dtype))
-        if entropy:
-            plogp = torch.where(out.p > 0, out.p * torch.log(out.p.clamp_min(torch.finfo(out.p.dtype).tiny)),
-                                torch.zeros_like(out.p))
-            regular = -out.p.new_zeros(tokens).index_add(0, out.batch_index, plogp)
-        else:
-            regular = out.kl
-        has_target = target != -100
-        scored = has_target.sum().clamp_min(1)
-        expected = (per_token * has_target).sum() / scored
-        regularizer = (regular * has_target).sum() / scored
-        loss = expected - beta * regularizer if entropy else expected + beta * regularizer
+        loss, expected, regularizer = token_pondernet_loss(out, self._head(out.states), target, beta, entropy)
         steps = out.steps.new_zeros(batch, length).index_put((valid,), out.steps)
         return LoopedPonderNet(loss, expected, regularizer, steps, out.p)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.state import accumulation_dtype
@@ -177,6 +178,39 @@ def ponder_with_exit(step, x: Tensor, rule: ExitRule, weight: Tensor, bias: Tens
     return out, steps, ran
 
 
+def token_pondernet_loss(out, step_logits: Tensor, target: Tensor, beta: float, entropy: bool):
+    """The per-token PonderNet objective (design §16) from `ak.pondernet`'s
+    output over token rows: step_logits (Σ N, V) the head on every computed
+    (token, step) state, target (T,) each token's next-token target (-100:
+    none). Per token Σ_n p_n L_n, and KL(p ‖ prior) (or, with entropy, the
+    entropy of p); means over the tokens with a target. Returns (loss,
+    expected loss, regularizer)."""
+    logits = step_logits.to(torch.promote_types(step_logits.dtype, torch.float32))
+    step_loss = F.cross_entropy(logits, target[out.batch_index], ignore_index=-100, reduction="none")
+    tokens = out.steps.shape[0]
+    p = out.p
+    expected = p.new_zeros(tokens).index_add(0, out.batch_index, p * step_loss.to(p.dtype))
+    if entropy:
+        plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)), torch.zeros_like(p))
+        regular = -p.new_zeros(tokens).index_add(0, out.batch_index, plogp)
+    else:
+        regular = out.kl
+    scored = target != -100
+    count = scored.sum().clamp_min(1)
+    expected, regular = (expected * scored).sum() / count, (regular * scored).sum() / count
+    return (expected - beta * regular if entropy else expected + beta * regular), expected, regular
+
+
+def check_pondernet_args(beta, prior) -> None:
+    for name, value in (("beta", beta), ("prior", prior)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite float, got {value!r}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    if not 0.0 < prior < 1.0:
+        raise ValueError(f"prior is the geometric prior's λp in (0, 1), got {prior!r}")
+
+
 def next_token_divergence(logits: Tensor, previous: Tensor) -> Tensor:
     """(R,) KL(P || P_prev) between softmax(logits) and softmax(previous)
     per row, in float64."""
@@ -186,4 +220,4 @@ def next_token_divergence(logits: Tensor, previous: Tensor) -> Tensor:
 
 
 __all__ = ["RULES", "ExitRule", "ExitState", "make_exit_rule", "exits_now", "ponder_with_exit",
-           "next_token_divergence"]
+           "next_token_divergence", "token_pondernet_loss", "check_pondernet_args"]

@@ -16,9 +16,20 @@ from torch import Tensor, nn
 from .checks import check_layer_options
 from .cache import ChunkLayout, check_sequences, chunk_lengths
 from .depthwise import check_schedule, generate_depthwise
-from .exits import ExitRule, make_exit_rule
+from .exits import ExitRule, check_pondernet_args, make_exit_rule, token_pondernet_loss
 from .generation import SequenceDraws, generate_batched
 from .transformer import ACTTransformerEncoder, CausalStack
+
+
+class PonderNetObjective(NamedTuple):
+    """`pondernet`'s result: loss = expected_loss + beta * regularizer (KL),
+    or − beta * regularizer (entropy); steps (B, L), 0 at padding; p: every
+    computed (token, step)'s halting probability, packed step-major."""
+    loss: Tensor
+    expected_loss: Tensor
+    regularizer: Tensor
+    steps: Tensor
+    p: Tensor
 
 
 class Generation(NamedTuple):
@@ -159,6 +170,42 @@ class ACTLanguageModel(nn.Module):
         self.ponder_cost = cost.new_zeros(batch, length).index_put((valid,), cost)
         self.steps = steps.new_zeros(batch, length).index_put((valid,), steps)
         return out
+
+    def pondernet(self, tokens: Tensor, lengths: Optional[Tensor] = None, *, beta: float = 0.01,
+                  prior: float = 0.2, entropy: bool = False) -> PonderNetObjective:
+        """The per-token PonderNet objective (design §16), training the halting
+        unit as an exit gate (read it with exit="gate"): every token steps
+        until its unhalted mass drops below eps, each step's state through
+        the final norm and head against the token's next token; Σ_n p_n L_n
+        + beta KL(p ‖ truncated geometric prior), or − beta times the entropy
+        of p with entropy=True (Ouro's variant); means over the tokens that
+        have a next token. Needs coda_layers=0: the head reads every step."""
+        if self.coda is not None:
+            raise ValueError("the PonderNet objective reads the head on every step's state: it needs a model "
+                             "whose block is its last layers (coda_layers=0)")
+        check_pondernet_args(beta, prior)
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            raise ValueError("tokens must be (B, L)")
+        batch, length = tokens.shape
+        positions = torch.arange(length, device=tokens.device)
+        lengths = torch.full((batch,), length, device=tokens.device) if lengths is None else \
+            torch.as_tensor(lengths, device=tokens.device)
+        if lengths.shape != (batch,) or int(lengths.min()) < 1 or int(lengths.max()) > length:
+            raise ValueError(f"lengths must be (B,) = ({batch},) values in [1, {length}]")
+        valid = positions[None] < lengths[:, None]
+        real = tokens[valid]
+        self._check_tokens(real)
+        counts = valid.sum(1)
+        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(counts.max())
+        target = F.pad(tokens[:, 1:].masked_fill(~valid[:, 1:], -100), (0, 1), value=-100)[valid]
+        h = self.embed(real) + self.position(positions.expand(batch, length)[valid])
+        if self.prelude is not None:
+            h = self.prelude.forward_packed(h, cu, longest)
+        out = self.block.pondernet_packed(h, cu, is_causal=True, max_seqlen=longest, prior=prior)
+        loss, expected, regularizer = token_pondernet_loss(out, self._logits(out.states), target, beta, entropy)
+        steps = out.steps.new_zeros(batch, length).index_put((valid,), out.steps)
+        return PonderNetObjective(loss, expected, regularizer, steps, out.p)
 
     # -- generation over the ragged cache ------------------------------------------------
 
