@@ -107,7 +107,7 @@ class RaggedAttention(torch.autograd.Function):
             # PyTorch's fused attention over the padded sequences, keys and
             # values gathered straight from the pool; only index vectors are
             # kept for the backward's recomputation.
-            lay = reference.layout(cu_seqlens, q_rows, num_tokens, max_seqlen)
+            lay = reference.step_layout(cu_seqlens, q_rows, num_tokens, max_seqlen)
             slots = lay.key_slots if kv_rows is None else kv_rows.to(torch.int64)[lay.key_slots]
             out = reference.padded_sdpa(q, k_pool, v_pool, lay, slots, causal, scale)[0].detach()
             lse, tables = None, (*lay, slots)

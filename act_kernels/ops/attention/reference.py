@@ -210,6 +210,36 @@ def ragged_attention_backward(
 
 # -- the reference backend of RaggedAttention: PyTorch's fused attention over padded sequences --
 
+# The last call's layout and masks: the layers of one ponder step attend with
+# the same packed sequences and running queries, so the padded layout is made
+# once per step, not per layer. (Versions guard against the same tensors
+# changed in place in between.)
+_last_layout: list = [None, None, None, None]
+
+
+def step_layout(cu_seqlens: torch.Tensor, q_rows: torch.Tensor, num_tokens: int, max_len: int) -> Layout:
+    """`layout`, reused while the sequences and the queries stay the same tensors."""
+    key = (num_tokens, max_len, cu_seqlens._version, q_rows._version)
+    last = _last_layout
+    if last[0] is cu_seqlens and last[1] is q_rows and last[2] == key:
+        return last[3]
+    lay = layout(cu_seqlens, q_rows, num_tokens, max_len)
+    last[:] = [cu_seqlens, q_rows, key, lay]
+    return lay
+
+
+_last_mask: list = [None, None, None]
+
+
+def mask_of(lay: Layout, causal: bool) -> Optional[torch.Tensor]:
+    """`lay.allowed(causal)`, reused for the same layout."""
+    if _last_mask[0] is lay and _last_mask[1] == causal:
+        return _last_mask[2]
+    mask = lay.allowed(causal)
+    _last_mask[:] = [lay, causal, mask]
+    return mask
+
+
 def padded_sdpa(q, k_pool, v_pool, lay, slots, causal, scale, grad=False):
     """The reference backend's attention: PyTorch's scaled_dot_product_attention
     over sequences padded to (B, heads, max_q, max_len), keys and values read
@@ -224,7 +254,7 @@ def padded_sdpa(q, k_pool, v_pool, lay, slots, causal, scale, grad=False):
     if grad:
         leaves = [t.detach().requires_grad_() for t in leaves]
     gqa = dict(enable_gqa=True) if k_rows.shape[1] != q.shape[1] else {}
-    out = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=lay.allowed(causal), scale=scale,
+    out = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=mask_of(lay, causal), scale=scale,
                                                            **gqa)
     return unpadded(out, lay.q_flat).to(q.dtype), leaves
 

@@ -402,5 +402,37 @@ class Launch:
         self.cu_seqlens, self.q_rows = dense(cu_seqlens), dense(q_rows)
         self.k_pool, self.v_pool = uniform_pool(k_pool), uniform_pool(v_pool)
         self.k_off = row_offsets(self.k_pool, kv_rows, num_tokens)
-        self.v_off = row_offsets(self.v_pool, kv_rows, num_tokens)
-        self.cu_q = query_offsets(self.cu_seqlens, self.q_rows)
+        # keys and values split from one projection's rows sit at the same
+        # offsets from their first segments: one table serves both
+        self.v_off = self.k_off if same_layout(self.k_pool, self.v_pool) else row_offsets(self.v_pool, kv_rows,
+                                                                                             num_tokens)
+        self.cu_q = _query_offsets_of(self.cu_seqlens, self.q_rows)
+
+
+# The last (cu_seqlens, q_rows, cu_q): the layers of one ponder step attend with
+# the same running queries, so the table is made once per step, not per layer.
+# (Versions guard against the same tensors changed in place in between.)
+_last_queries: list = [None, None, None, None]
+
+
+def _query_offsets_of(cu_seqlens: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
+    last = _last_queries
+    versions = (cu_seqlens._version, q_rows._version)
+    if last[0] is cu_seqlens and last[1] is q_rows and last[3] == versions:
+        return last[2]
+    cu_q = query_offsets(cu_seqlens, q_rows)
+    last[:] = [cu_seqlens, q_rows, cu_q, versions]
+    return cu_q
+
+
+def same_layout(k_pool, v_pool) -> bool:
+    """Whether every value segment lies where its key segment lies, relative
+    to the first segment of each (same rows, strides and offsets): host
+    metadata only, no device work."""
+    if len(k_pool) != len(v_pool):
+        return False
+    k0, v0 = k_pool[0], v_pool[0]
+    if k0.element_size() != v0.element_size():
+        return False
+    return all(k.shape[0] == v.shape[0] and k.stride() == v.stride()
+               and k.data_ptr() - k0.data_ptr() == v.data_ptr() - v0.data_ptr() for k, v in zip(k_pool, v_pool))
