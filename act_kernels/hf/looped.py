@@ -228,9 +228,10 @@ class LoopedCausalLM(nn.Module):
         check_pondernet_args(beta, prior)
         valid = self._check_ids(input_ids, attention_mask)
         if labels is None:
-            labels = input_ids.masked_fill(~valid, -100)
+            labels = input_ids
         elif not isinstance(labels, Tensor) or labels.shape != input_ids.shape:
             raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}")
+        labels = labels.masked_fill(~valid, -100)           # padding is never a target
         batch, length = input_ids.shape
         counts = valid.sum(1)
         if not int(counts.sum()):
