@@ -229,6 +229,9 @@ def step_layout(cu_seqlens: torch.Tensor, q_rows: torch.Tensor, num_tokens: int,
 
 
 _last_mask: list = [None, None, None]
+# Only small masks are kept between calls (a large one costs more to hold than
+# to rebuild: there the attention's own work dwarfs the host's).
+MASK_KEPT = 1 << 22
 
 
 def mask_of(lay: Layout, causal: bool) -> Optional[torch.Tensor]:
@@ -236,7 +239,8 @@ def mask_of(lay: Layout, causal: bool) -> Optional[torch.Tensor]:
     if _last_mask[0] is lay and _last_mask[1] == causal:
         return _last_mask[2]
     mask = lay.allowed(causal)
-    _last_mask[:] = [lay, causal, mask]
+    kept = mask is None or mask.numel() <= MASK_KEPT
+    _last_mask[:] = [lay, causal, mask] if kept else [None, None, None]
     return mask
 
 

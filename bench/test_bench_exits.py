@@ -1,0 +1,78 @@
+"""Exit rules at inference (design §16): generation tokens/s of
+`LoopedCausalLM.generate(exit=...)` with the gate and latent rules against
+exit="fixed" (every token every loop: what a looped model costs without an
+exit rule), on the same model in one process, and the every-loop reference
+mode at the same exits (what Ouro's transformers code and vLLM do: compute
+every loop, pick the exit afterwards). The model is bench/hf_workloads.py's
+(hidden 256, GQA 4 / 2, byte vocabulary, block (1, 3) of 4 layers, M = 8);
+its halting unit reads feature 0, which the embedding sets per byte, so the
+gate's exit step is fixed per byte; the latent rule exits where the model's
+own states converge.
+
+16 left-padded prompts of 32..128 bytes, 32 new tokens each, sampled
+(temperature 1, a fixed generator: every rule generates its own tokens), the
+depth-wise scheduler. The ideal speedup is the layer applications of the
+fixed rule over the rule's, prompts and new tokens together, from the steps
+each run reports (the reference mode's ideal is 1: it runs every loop).
+
+    OMP_NUM_THREADS=1 python -m pytest bench/test_bench_exits.py --benchmark-only \\
+        --benchmark-timer time.process_time && python bench/report.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import sync
+
+pytest.importorskip("transformers")
+
+import hf_workloads as hw  # noqa: E402
+
+ROUNDS, BATCH, NEW = 3, 16, 32
+RULES = {"fixed": dict(exit="fixed"), "gate": dict(exit="gate", threshold=0.7),
+         "latent": dict(exit="latent", threshold=0.3),
+         "gate_every_loop": dict(exit="gate", threshold=0.7, every_loop=True),
+         "latent_every_loop": dict(exit="latent", threshold=0.3, every_loop=True)}
+_fixed = {}
+_model = []
+
+
+def model():
+    if not _model:
+        looped, _ = hw.controlled_llama()
+        _model.append(looped)
+    return _model[0]
+
+
+@pytest.fixture
+def timer(request) -> str:
+    return str(request.config.getoption("benchmark_timer")).replace("time.", "")
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_generation_with_an_exit_rule(benchmark, record, timer, rule):
+    looped = model()
+    ids, mask = hw.left_padded(BATCH, 32, 128)
+
+    def run():
+        out = looped.generate(ids, mask, max_new_tokens=NEW, do_sample=True, temperature=1.0,
+                              generator=torch.Generator().manual_seed(0), **RULES[rule])
+        sync()
+        return out
+
+    out = benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    valid = torch.cat([mask.bool(), torch.ones(BATCH, NEW, dtype=torch.bool)], 1)
+    tokens = int(valid.sum())
+    ran = tokens * hw.MAX_STEPS if rule.endswith("every_loop") else int(out.steps[valid].sum())
+    work = hw.layer_work(tokens, ran)
+    median = benchmark.stats.stats.median
+    if rule == "fixed":
+        _fixed.update(work=work, median=median, tokens=tokens)
+    if not _fixed:
+        pytest.skip("run with the fixed rule first, in the same process: it is the baseline")
+    fixed_work = hw.layer_work(tokens, tokens * hw.MAX_STEPS)
+    record("exit_generate", rule, batch=BATCH, new_tokens=NEW, d_model=hw.HIDDEN, max_steps=hw.MAX_STEPS,
+           threshold=RULES[rule].get("threshold"), mean_steps=float(out.steps[valid].double().mean()),
+           steps_run_per_token=ran / tokens, iterations=out.iterations, ideal_speedup=fixed_work / work,
+           speedup_vs_fixed=_fixed["median"] / median, tokens_per_s=BATCH * NEW / median, timer=timer)
