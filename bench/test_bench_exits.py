@@ -15,6 +15,10 @@ depth-wise scheduler. The ideal speedup is the layer applications of the
 fixed rule over the rule's, prompts and new tokens together, from the steps
 each run reports (the reference mode's ideal is 1: it runs every loop).
 
+`test_decoding_throughput_against_mean_depth`: both schedulers at three gate
+thresholds and at fixed depth: tokens/s and block iterations per generated
+token (the depth-wise ideal: the mean N).
+
     OMP_NUM_THREADS=1 python -m pytest bench/test_bench_exits.py --benchmark-only \\
         --benchmark-timer time.process_time && python bench/report.py
 """
@@ -76,3 +80,34 @@ def test_generation_with_an_exit_rule(benchmark, record, timer, rule):
            threshold=RULES[rule].get("threshold"), mean_steps=float(out.steps[valid].double().mean()),
            steps_run_per_token=ran / tokens, iterations=out.iterations, ideal_speedup=fixed_work / work,
            speedup_vs_fixed=_fixed["median"] / median, tokens_per_s=BATCH * NEW / median, timer=timer)
+
+
+DEPTHS = {"gate0.5": dict(exit="gate", threshold=0.5), "gate0.7": dict(exit="gate", threshold=0.7),
+          "gate0.9": dict(exit="gate", threshold=0.9), "fixed": dict(exit="fixed")}
+
+
+@pytest.mark.parametrize("schedule", ["depthwise", "synchronous"])
+@pytest.mark.parametrize("depth", list(DEPTHS))
+def test_decoding_throughput_against_mean_depth(benchmark, record, timer, depth, schedule):
+    """Tokens/s and block iterations per generated token of both schedulers
+    as the mean depth grows (the gate's threshold sets each byte's depth),
+    16 prompts, 32 new tokens. The depth-wise ideal is mean N iterations per
+    generated token; the synchronous scheduler pays each decode call's
+    deepest token."""
+    looped = model()
+    ids, mask = hw.left_padded(BATCH, 32, 128)
+
+    def run():
+        out = looped.generate(ids, mask, max_new_tokens=NEW, do_sample=True, temperature=1.0, schedule=schedule,
+                              generator=torch.Generator().manual_seed(0), **DEPTHS[depth])
+        sync()
+        return out
+
+    out = benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1)
+    width = ids.shape[1]
+    new_steps = out.steps[:, width:]
+    prefill = int(out.steps[:, :width].max())
+    record("exit_depth", f"{schedule} {depth}", schedule=schedule, batch=BATCH, new_tokens=NEW,
+           mean_steps=float(new_steps.double().mean()), iterations=out.iterations,
+           iterations_per_token=(out.iterations - prefill) / NEW, ideal_iterations_per_token=float(
+               new_steps.double().mean()), tokens_per_s=BATCH * NEW / benchmark.stats.stats.median, timer=timer)
