@@ -184,24 +184,29 @@ def training_step(module, tokens, looped: bool):
     torch.autograd.grad(loss, params, allow_unused=True)
 
 
-def interleaved(cases, rounds: int = 5, warmup: int = 1):
+def interleaved(cases, rounds: int = 5, warmup: int = 1, timer=time.perf_counter):
     """{name: median seconds}: each round runs every case once, in turn."""
     times = {name: [] for name in cases}
     for r in range(warmup + rounds):
         for name, fn in cases.items():
-            start = time.perf_counter()
+            start = timer()
             fn()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             if r >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timer() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv):
-    """python bench/hf_workloads.py [train] [BATCH ...]: the benchmark's
-    comparisons timed in alternation (one thread), medians and ratios."""
+    """python bench/hf_workloads.py [--cpu-time] [train] [BATCH ...]: the
+    benchmark's comparisons timed in alternation (one thread), medians and
+    ratios; --cpu-time times with the process's CPU time (time.process_time)
+    instead of the wall clock, less exposed to other processes on a shared
+    machine."""
     torch.set_num_threads(1)
+    timer = time.process_time if "--cpu-time" in argv else time.perf_counter
+    argv = [a for a in argv if a != "--cpu-time"]
     looped, model = controlled_llama()
     plain = unrolled(model)
     which = argv or ["train", "1", "4", "16", "64"]
@@ -210,7 +215,7 @@ def main(argv):
         looped.train()
         plain.train()
         med = interleaved({"looped": lambda: training_step(looped, tokens, True),
-                           "unrolled_hf": lambda: training_step(plain, tokens, False)})
+                           "unrolled_hf": lambda: training_step(plain, tokens, False)}, timer=timer)
         looped.eval()
         plain.eval()
         steps = looped.token_steps[tokens]
@@ -228,7 +233,7 @@ def main(argv):
         med = interleaved({"depthwise": lambda: generate_ours(looped, ids, mask, "depthwise", new),
                            "synchronous": lambda: generate_ours(looped, ids, mask, "synchronous", new),
                            "unrolled_hf": lambda: generate_hf(plain, ids, mask, new)},
-                          rounds=5 if batch <= 16 else 3)
+                          rounds=5 if batch <= 16 else 3, timer=timer)
         line = [f"generate batch {batch}, {new} new:"]
         for name in ("depthwise", "synchronous"):
             speed = med["unrolled_hf"] / med[name]

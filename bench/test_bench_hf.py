@@ -19,9 +19,13 @@ steps of its byte (skewed, mean about 2.3 over random bytes, some at 8).
 The ideal speedup is the layer applications per token of the unrolled model
 over ours, 18 T / (2 T + 2 sum N) over the T tokens processed (the prompts'
 real tokens and the new ones; the unrolled model also processes the
-padding, ours never does). Ratios come from one process.
+padding, ours never does). Ratios come from one process. Every row records
+the clock it was timed with: on a shared machine, time it with the
+process's CPU time (less exposed to the other processes than the wall
+clock):
 
-    OMP_NUM_THREADS=1 python -m pytest bench/test_bench_hf.py --benchmark-only && python bench/report.py
+    OMP_NUM_THREADS=1 python -m pytest bench/test_bench_hf.py --benchmark-only \
+        --benchmark-timer time.process_time && python bench/report.py
 """
 from __future__ import annotations
 
@@ -49,6 +53,13 @@ def models():
         check_baseline(looped, plain)
         _models.update(looped=hw.capture_caches(looped), model=model, plain=plain)
     return _models["looped"], _models["model"], _models["plain"]
+
+
+@pytest.fixture
+def timer(request) -> str:
+    """The clock pytest-benchmark times with (--benchmark-timer), recorded
+    with every row: time.process_time on a shared machine."""
+    return str(request.config.getoption("benchmark_timer")).replace("time.", "")
 
 
 def ideal(tokens: int, steps_sum: int) -> float:
@@ -87,7 +98,7 @@ def check_baseline(looped, plain):
 
 
 @pytest.mark.parametrize("impl", ["looped", "unrolled_hf"])
-def test_training_forward_backward(benchmark, record, impl):
+def test_training_forward_backward(benchmark, record, timer, impl):
     """8 x 256 random bytes, forward and backward of transformers' causal-LM
     loss (plus 0.01 x the mean ponder cost for ours)."""
     looped, _, plain = models()
@@ -107,12 +118,12 @@ def test_training_forward_backward(benchmark, record, impl):
     steps = looped.token_steps[tokens]
     record("hf_train", impl, batch=batch, length=length, d_model=hw.HIDDEN, max_steps=hw.MAX_STEPS,
            mean_steps=float(steps.double().mean()), ideal_speedup=ideal(tokens.numel(), int(steps.sum())),
-           unrolled_layers=hw.UNROLLED_LAYERS)
+           unrolled_layers=hw.UNROLLED_LAYERS, timer=timer)
 
 
 @pytest.mark.parametrize("impl", ["depthwise", "synchronous", "unrolled_hf"])
 @pytest.mark.parametrize("batch", BATCHES)
-def test_generation_tokens_per_second(benchmark, record, impl, batch):
+def test_generation_tokens_per_second(benchmark, record, timer, impl, batch):
     """`batch` left-padded prompts of 32..128 bytes, 48 new tokens each."""
     looped, _, plain = models()
     ids, mask = hw.left_padded(batch, 32, 128)
@@ -122,7 +133,7 @@ def test_generation_tokens_per_second(benchmark, record, impl, batch):
         assert out.sequences.shape == (batch, ids.shape[1] + NEW_TOKENS)
         record("hf_generate", impl, batch=batch, new_tokens=NEW_TOKENS, prompt_tokens=int(mask.sum()),
                d_model=hw.HIDDEN, max_steps=hw.MAX_STEPS,
-               tokens_per_s=batch * NEW_TOKENS / benchmark.stats.stats.median)
+               tokens_per_s=batch * NEW_TOKENS / benchmark.stats.stats.median, timer=timer)
         return
     out = benchmark.pedantic(lambda: ours_generate(looped, ids, mask, impl), rounds=rounds, warmup_rounds=1)
     width = ids.shape[1]
@@ -141,7 +152,7 @@ def test_generation_tokens_per_second(benchmark, record, impl, batch):
            iterations=out.iterations, prefill_iterations=prefill, depthwise_floor=prefill + slowest,
            synchronous_floor=prefill + rounds_max,
            ideal_speedup=ideal(int(valid.sum()), int(out.steps[valid].sum())),
-           tokens_per_s=batch * NEW_TOKENS / benchmark.stats.stats.median)
+           tokens_per_s=batch * NEW_TOKENS / benchmark.stats.stats.median, timer=timer)
 
 
 def test_cache_bytes_after_generation(benchmark, record):
