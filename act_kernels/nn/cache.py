@@ -23,26 +23,47 @@ from torch import Tensor
 
 class _LayerRows:
     """One layer's key and value rows, token by token, in buffers that grow
-    by doubling."""
+    by doubling. A tail of rows can be reserved at the buffers' end (the
+    depth-wise scheduler's in-flight rows, design §17), so that the cache
+    and those rows are one tensor the attention reads with one index; it
+    moves with the buffers when they grow."""
 
     def __init__(self, heads: int, dim: int, device, dtype):
         self.k = torch.zeros(0, heads, dim, device=device, dtype=dtype)
         self.v = torch.zeros(0, heads, dim, device=device, dtype=dtype)
         self.size = 0
+        self.tail = 0
 
     def view(self) -> Tuple[Tensor, Tensor]:
         return self.k[:self.size], self.v[:self.size]
 
+    @property
+    def tail_start(self) -> int:
+        """The index of the tail's first row in the buffers."""
+        return self.k.shape[0] - self.tail
+
+    def reserve_tail(self, rows: int) -> None:
+        """Keeps `rows` rows at the buffers' end out of the cache's way (0: none)."""
+        self.tail = 0
+        self._grow(self.size + rows)
+        self.tail = rows
+
+    def _grow(self, need: int) -> None:
+        if need + self.tail <= self.k.shape[0]:
+            return
+        capacity = max(need + self.tail, 2 * self.k.shape[0], 16)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            grown = old.new_zeros(capacity, *old.shape[1:])
+            grown[:self.size] = old[:self.size]
+            if self.tail:
+                grown[capacity - self.tail:] = old[old.shape[0] - self.tail:]
+            setattr(self, name, grown)
+
     def append(self, k: Tensor, v: Tensor) -> int:
         """Stores the rows; returns the first one's index."""
         first, need = self.size, self.size + k.shape[0]
-        if need > self.k.shape[0]:
-            capacity = max(need, 2 * self.k.shape[0], 16)
-            for name in ("k", "v"):
-                old = getattr(self, name)
-                grown = old.new_zeros(capacity, *old.shape[1:])
-                grown[:first] = old[:first]
-                setattr(self, name, grown)
+        self._grow(need)
         self.k[first:need] = k
         self.v[first:need] = v
         self.size = need

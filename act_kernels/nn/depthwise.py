@@ -5,14 +5,16 @@ per generated token instead of the batch's max-N.
 
 State per slot (one sequence each): its in-flight token, that token's step n,
 its visible state s^(n-1), ACT's running sum and mean-field accumulator, and
-the token's key/value rows so far in a per-slot scratch buffer (M + 1 rows at
-the block's first layer, M at the others). One iteration:
+the token's key/value rows so far in a fixed place per slot (M + 1 rows at
+the block's first layer, M at the others) in a tail the cache's buffers
+reserve, so that the attention reads the cache and them as one tensor. One
+iteration:
 
 - entering tokens (sampled at the previous iteration) run the prelude: s^0;
 - the block once over every in-flight token, each at its own step n: the
   attention reads its sequence's cached tokens through the index, first layer
   row min(n - 1, N_j), later layers min(n, N_j) (design §14), each row's n
-  taken from a tensor, and the token's own scratch rows;
+  taken from a tensor, and the token's own rows in the tail;
 - ACT's halting (§1) per row; one device read: which rows halted;
 - the tokens that halted get their first-layer row of s^N, move their rows
   into the block's cache (N + 1 and N rows: never M), and go through the
@@ -60,10 +62,11 @@ class DepthwiseBlock:
         slots, device, dtype = cache.batch_size, cache.device, cache.dtype
         self.acc = accumulation_dtype(dtype)
         self.dtype, self.device = dtype, device
-        self.width = [self.max_steps + 1] + [self.max_steps] * (len(kind) - 1)   # scratch rows per slot and layer
-        shape = (kind.kv_heads, kind.head_dim)
-        self.scratch = [(torch.zeros(slots * w, *shape, device=device, dtype=dtype),
-                         torch.zeros(slots * w, *shape, device=device, dtype=dtype)) for w in self.width]
+        self.width = [self.max_steps + 1] + [self.max_steps] * (len(kind) - 1)   # tail rows per slot and layer
+        # the in-flight rows live in a tail the cache's buffers reserve: the
+        # attention reads the cache and them as one tensor, through one index
+        for layer, w in zip(cache.layers, self.width):
+            layer.reserve_tail(slots * w)
         self.kv_width = kind.kv_heads * kind.head_dim
         self.state = torch.zeros(slots, kind.d_model, device=device, dtype=dtype)
         self.mean = torch.zeros(slots, kind.d_model, device=device, dtype=self.acc)
@@ -95,8 +98,9 @@ class DepthwiseBlock:
 
     def _write(self, k: int, rows: Tensor, kv: Tensor) -> None:
         keys, values = self._split(kv)
-        self.scratch[k][0].index_copy_(0, rows, keys)
-        self.scratch[k][1].index_copy_(0, rows, values)
+        layer = self.cache.layers[k]
+        layer.k.index_copy_(0, rows + layer.tail_start, keys)
+        layer.v.index_copy_(0, rows + layer.tail_start, values)
 
     @torch.no_grad()
     def iterate(self, slots: Sequence[int], positions: Tensor, active: Optional[Sequence[bool]] = None,
@@ -135,8 +139,8 @@ class DepthwiseBlock:
         n_cached = torch.repeat_interleave(n, layout.cached_counts, output_size=layout.num_cached)
         tables, own = [], []
         for k, width in enumerate(self.width):
-            base = cache.layers[k].size                            # the scratch follows the cache in the pool
-            row_of = index * width + n - 1                         # this step's scratch row of every slot
+            base = cache.layers[k].tail_start                      # the in-flight rows follow the cache's
+            row_of = index * width + n - 1                         # this step's row of every slot in the tail
             if k == 0:
                 reached = torch.minimum(context.cached_steps, n_cached - 1)
             else:
@@ -156,8 +160,8 @@ class DepthwiseBlock:
             def attend(q, kv, scale, dropout_p):
                 if writes:
                     self._write(k, own[k], kv())
-                cached_k, cached_v = cache.layers[k].view()
-                return attend_rows(q, (cached_k, self.scratch[k][0]), (cached_v, self.scratch[k][1]),
+                rows = cache.layers[k]
+                return attend_rows(q, (rows.k,), (rows.v,),
                                    layout.cu_seqlens, layout.new_positions, tables[k], True, scale,
                                    layout.max_seqlen, self.attention)
 
@@ -240,7 +244,8 @@ class DepthwiseBlock:
             offsets = torch.arange(total, device=self.device) - torch.repeat_interleave(
                 lengths.cumsum(0) - lengths, lengths, output_size=total)
             picked = starts + offsets
-            rows.append((self.scratch[k][0][picked], self.scratch[k][1][picked]))
+            layer = self.cache.layers[k]
+            rows.append((layer.k[layer.tail_start + picked], layer.v[layer.tail_start + picked]))
             counts.append(per_token)
         self.cache.append_tokens(halted, rows, counts, torch.tensor(steps, dtype=torch.int64).to(self.device))
 
@@ -385,6 +390,8 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
             where = torch.tensor([cache_of[id(coda)].lengths[s] for s in go_slots], dtype=torch.int64).to(device)
             h = coda.extend(cache_of[id(coda)], h, list(range(len(go_slots) + 1)), go_slots, positions=where)
         take(head(h), [in_slot[s] for s in go_slots], go_slots)
+    for layer in block_cache.layers:       # the in-flight rows' tail is no longer needed
+        layer.reserve_tail(0)
     sequences = [torch.tensor(t, dtype=torch.int64, device=p.device) for t, p in zip(tokens, prompts)]
     return sequences, steps, scores, engine.iterations
 

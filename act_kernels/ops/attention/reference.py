@@ -15,6 +15,7 @@ fused attention takes the Hkv heads as they are (`enable_gqa`).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -109,6 +110,34 @@ def padded(rows: torch.Tensor, slots: torch.Tensor, dtype) -> torch.Tensor:
     """(B, heads, M, d) from (N, heads, d) rows and (B, M) slot indices."""
     batch, m = slots.shape
     return rows.index_select(0, slots.reshape(-1)).reshape(batch, m, *rows.shape[1:]).transpose(1, 2).to(dtype)
+
+
+def pool_rows(pool: Sequence[Tensor], index: Tensor) -> Tensor:
+    """pool rows `index` (n,) of segments read as their row-wise concatenation.
+    Gathering from each segment costs n rows per segment, concatenating costs
+    the whole pool: a decode step reads a few rows of a long cache, so it
+    gathers (the sizes are host metadata: no device read either way)."""
+    if len(pool) == 1:
+        return pool[0].index_select(0, index)
+    sizes = [t.shape[0] for t in pool]
+    if len(pool) * index.numel() >= sum(sizes):
+        return torch.cat(list(pool)).index_select(0, index)
+    starts = list(itertools.accumulate(sizes, initial=0))
+    segment = torch.bucketize(index, torch.tensor(starts[1:-1], dtype=index.dtype).to(index.device), right=True)
+    out = None
+    for k, (rows, start) in enumerate(zip(pool, starts)):
+        if not rows.shape[0]:
+            continue
+        part = rows.index_select(0, (index - start).clamp(0, rows.shape[0] - 1))
+        out = part if out is None else torch.where((segment == k).view(-1, *[1] * (part.dim() - 1)), part, out)
+    return out
+
+
+def padded_pool(pool: Sequence[Tensor], slots: Tensor, dtype) -> Tensor:
+    """`padded` of the pool rows at `slots`, the pool given as segments."""
+    batch, m = slots.shape
+    rows = pool_rows(pool, slots.reshape(-1))
+    return rows.reshape(batch, m, *rows.shape[1:]).transpose(1, 2).to(dtype)
 
 
 def unpadded(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -251,13 +280,10 @@ def padded_sdpa(q, k_pool, v_pool, lay, slots, causal, scale, grad=False):
     queries through `enable_gqa`, no repeat). Returns the (A, Hq, d) output
     and the padded leaves (q, k, v) when grad is set."""
     acc = accumulation_dtype(q.dtype)
-    k_rows = k_pool[0] if len(k_pool) == 1 else torch.cat(list(k_pool))
-    v_rows = v_pool[0] if len(v_pool) == 1 else torch.cat(list(v_pool))
-    leaves = [padded(q, lay.query_slots, acc), padded(k_rows, slots, acc),
-              padded(v_rows, slots, acc)]
+    leaves = [padded(q, lay.query_slots, acc), padded_pool(k_pool, slots, acc), padded_pool(v_pool, slots, acc)]
     if grad:
         leaves = [t.detach().requires_grad_() for t in leaves]
-    gqa = dict(enable_gqa=True) if k_rows.shape[1] != q.shape[1] else {}
+    gqa = dict(enable_gqa=True) if k_pool[0].shape[1] != q.shape[1] else {}
     out = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=mask_of(lay, causal), scale=scale,
                                                            **gqa)
     return unpadded(out, lay.q_flat).to(q.dtype), leaves
