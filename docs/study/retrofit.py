@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RUNS = ("plain4", "plain4-continued", "act-tau0.001", "act-tau0.01", "act-tau0.03", "fixed2", "plain6")
+RUNS = ("plain4", "plain4-continued", "plain4-continued-seed2", "act-tau0.001", "act-tau0.001-seed2", "act-tau0.01",
+        "act-tau0.03", "fixed2", "plain6")
 
 
 def load(name):
@@ -26,15 +27,22 @@ def load(name):
 
 def label(name, s):
     c = s["config"]
+    seed = f", seed {c['seed']}" if c["retrofit"] and c["seed"] != 1 else ""
     if c["plain"]:
-        return f"plain {c['layers']} layers" + (", continued" if c["retrofit"] else "")
+        return f"plain {c['layers']} layers" + (", continued" if c["retrofit"] else "") + seed
     loop = f"layers [{c['block'][0]}, {c['block'][1]}) looped"
     return f"retrofit, {loop}, " + (f"fixed {c['fixed_steps']} steps" if c["fixed_steps"]
-                                    else f"ACT M = {c['max_steps']}, tau = {c['tau']}")
+                                    else f"ACT M = {c['max_steps']}, tau = {c['tau']}") + seed
 
 
-def total_steps(s):
-    return s["config"]["iterations"] + (s["config"].get("base_iterations") or 0)
+def same_work(runs):
+    pair = [runs[n]["train_seconds"] for n in ("plain4-continued", "plain4-continued-seed2") if n in runs]
+    return f": the same work took {min(pair):.0f} s and {max(pair):.0f} s" if len(pair) == 2 else ""
+
+
+def short(s):
+    c = s["config"]
+    return f"ACT, tau = {c['tau']}" + (f", seed {c['seed']}" if c["seed"] != 1 else "")
 
 
 def at_iteration(s, iteration):
@@ -57,8 +65,9 @@ def main(names=RUNS):
     c0 = next(iter(runs.values()))["config"]
     print(f"Transformers Llama on {c0['corpus']}: bytes as tokens, d_model {c0['d_model']}, {c0['heads']} query / "
           f"{c0['kv_heads']} kv heads, SwiGLU {c0['intermediate']}, context {c0['context']} bytes, batch "
-          f"{c0['batch_size']}, Adam lr {c0['lr']} (fresh at the retrofit), one seed each; held-out bits per byte "
-          f"on {c0['eval_windows']} fixed windows of every tenth file.\n")
+          f"{c0['batch_size']}, Adam lr {c0['lr']} (fresh at the retrofit), one seed per run (a second where marked); "
+          f"held-out bits per byte on {c0['eval_windows']} fixed windows of every tenth file. Train times are wall "
+          "clock on two shared cores with other jobs running" + same_work(runs) + ".\n")
     print("| model | optimizer steps (base + this run) | held-out bits per byte | at the retrofit's start "
           "| mean steps | layer applications per byte | train time (s), this run |")
     print("|---|---|---|---|---|---|---|")
@@ -76,20 +85,25 @@ def main(names=RUNS):
                   f"against {base['bits_per_byte']:.3f} for plain 4 layers at the same step.")
 
     # equal layer applications: each looped run against the plain models interpolated at its applications
-    plain = sorted(((s["layer_applications"], s["bits_per_byte"]) for n, s in runs.items()
-                    if s["config"]["plain"] and total_steps(s) == 6000), key=lambda p: p[0])
     looped = [(n, s) for n, s in runs.items() if not s["config"]["plain"]]
-    if len(plain) >= 2 and looped:
-        (x0, y0), (x1, y1) = plain[0], plain[-1]
-        print(f"\nAt equal layer applications (6000 optimizer steps each): the plain models' bits per byte "
-              f"interpolated linearly between {x0:.0f} layers ({y0:.3f}) and {x1:.0f} layers ({y1:.3f}) at each "
-              "looped run's applications per byte:\n")
+    shallow = [s for n, s in runs.items() if n.startswith("plain4-continued")]
+    if shallow and deep and looped:
+        x0, y0 = 4.0, sum(s["bits_per_byte"] for s in shallow) / len(shallow)
+        x1, y1 = deep["layer_applications"], deep["bits_per_byte"]
+        print(f"\nAt equal layer applications (6000 optimizer steps each): the plain models' bits per byte, "
+              f"interpolated linearly between 4 layers ({y0:.3f}, the continued runs' mean) and {x1:.0f} layers "
+              f"({y1:.3f}, from scratch), at each looped run's applications per byte:\n")
         print("| model | layer applications per byte | held-out bits per byte | plain, interpolated | difference |")
         print("|---|---|---|---|---|")
         for n, s in looped:
             x = s["layer_applications"]
             y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
             print(f"| {label(n, s)} | {x:.2f} | {s['bits_per_byte']:.3f} | {y:.3f} | {s['bits_per_byte'] - y:+.3f} |")
+    for a, b in (("plain4-continued", "plain4-continued-seed2"), ("act-tau0.001", "act-tau0.001-seed2")):
+        if a in runs and b in runs:
+            print(f"\nSeeds 1 and 2 of {label(a, runs[a])}: {runs[a]['bits_per_byte']:.3f} and "
+                  f"{runs[b]['bits_per_byte']:.3f} ({abs(runs[a]['bits_per_byte'] - runs[b]['bits_per_byte']):.3f} "
+                  "apart).")
 
     act = [(n, s) for n, s in looped if not s["config"]["fixed_steps"]]
     if act:
@@ -97,14 +111,14 @@ def main(names=RUNS):
         classes = [k for k in counts if counts[k]]
         print("\nMean ponder steps by byte class (the byte the step reads; held-out bytes of each class in "
               "brackets):\n")
-        print("| byte class | " + " | ".join(f"ACT, tau = {s['config']['tau']}" for _, s in act) + " |")
+        print("| byte class | " + " | ".join(short(s) for _, s in act) + " |")
         print("|---|" + "---|" * len(act))
         for k in classes:
             print(f"| {k} ({counts[k]}) | " + " | ".join(f"{s['steps_by_class'][k]:.2f}" for _, s in act) + " |")
         ref = runs.get("plain4-continued")
         if ref:
             print("\nHeld-out bits per byte by byte class (of the byte read; the byte predicted is the next):\n")
-            cols = [("plain 4, continued", ref), *((f"ACT, tau = {s['config']['tau']}", s) for _, s in act)]
+            cols = [("plain 4, continued", ref), *((short(s), s) for _, s in act)]
             if deep:
                 cols.append(("plain 6", deep))
             print("| byte class | " + " | ".join(c for c, _ in cols) + " |")
@@ -138,7 +152,7 @@ def figure(runs):
     axes[1].set_ylabel("held-out bits per byte")
     axes[1].set_ylim(top=min(2.6, axes[1].get_ylim()[1]))
     axes[1].set_title("during training", fontsize=9)
-    axes[1].legend(fontsize=6)
+    axes[0].legend(fontsize=6, loc="upper right")
     fig.suptitle("retrofitted recurrence: a plain 4-layer Llama, then its layers [1, 3) looped", fontsize=10)
     fig.tight_layout()
     fig.savefig(HERE / "retrofit.png", dpi=110)

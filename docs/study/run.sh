@@ -8,7 +8,8 @@
 #     bash docs/study/run.sh addition logic      # tau sweeps, then ACT against fixed depth
 #     bash docs/study/run.sh parity sort pointer pondernet
 #     bash docs/study/run.sh lm lm_sweep              # the byte LM (two shells: lm lm_sweep, lm_deep)
-#     bash docs/study/run.sh retrofit                 # retrofitted recurrence (two shells: retrofit, retrofit_deep)
+#     bash docs/study/run.sh retrofit                 # retrofitted recurrence (shells: retrofit, retrofit_deep,
+#                                                     retrofit_seeds)
 #
 # Then redraw every figure and table: python docs/study/redraw.py
 set -euo pipefail
@@ -132,11 +133,19 @@ group_retrofit() {
     for tau in 0.001 0.01 0.03; do train_hf "act-tau$tau" "${from[@]}" --block 1 3 --max-steps 4 --tau "$tau"; done
     train_hf fixed2 "${from[@]}" --block 1 3 --fixed-steps 2
 }
+group_retrofit_seeds() {   # a second draw of the continuation's windows and halting unit: how far one seed moves
+    mkdir -p runs/retrofit
+    local from=(--retrofit "$RETROFIT_BASE" --iterations 3000 --seed 2)
+    [[ -f $STUDY/retrofit-plain4-continued-seed2/summary.json && -f $STUDY/retrofit-act-tau0.001-seed2/summary.json ]] \
+        || retrofit_base
+    train_hf plain4-continued-seed2 "${from[@]}" --plain
+    train_hf act-tau0.001-seed2 "${from[@]}" --block 1 3 --max-steps 4 --tau 0.001
+}
 group_retrofit_deep() {   # plain 6-layer Llama from scratch: 6000 steps (the retrofits' 3000 + 3000)
     mkdir -p runs/retrofit
     train_hf plain6 --plain --layers 6 --iterations 6000
 }
 
-for group in ${@:-addition logic parity sort pointer pondernet lm lm_sweep lm_deep lm_equal retrofit retrofit_deep}; do
+for group in ${@:-addition logic parity sort pointer pondernet lm lm_sweep lm_deep lm_equal retrofit retrofit_deep retrofit_seeds}; do
     "group_$group"
 done
