@@ -178,14 +178,31 @@ def parse_args(argv=None):
                         "with ACT (with --plain: keep training it plain)")
     p.add_argument("--halting-bias", type=float, default=None,
                    help="the halting unit's initial bias (default -1 with ACT, -40 with --fixed-steps)")
+    p.add_argument("--halting", default="act", choices=["act", "pondernet"],
+                   help="llama, qwen3: act (ACT's mean field and ponder cost) or pondernet (the per-token PonderNet "
+                        "objective that trains the halting unit as an exit gate, design §16; the block must be the "
+                        "model's last layers, and evaluation reads the gate at --exit-threshold)")
+    p.add_argument("--beta", type=float, default=0.01, help="pondernet: the weight of the KL (or entropy) term")
+    p.add_argument("--prior", type=float, default=0.2, help="pondernet: the geometric prior's lambda_p")
+    p.add_argument("--entropy", action="store_true", help="pondernet: Ouro's entropy bonus instead of the KL")
+    p.add_argument("--exit-threshold", type=float, default=0.5,
+                   help="pondernet: the gate's exit mass at evaluation and sampling (exit='gate')")
+    p.add_argument("--sample-depth", action="store_true",
+                   help="llama, qwen3 with --fixed-steps K: every training batch runs a depth drawn uniformly "
+                        "from 1..K (as Huginn trains); evaluation runs K")
     args = p.parse_args(argv)
     if args.fixed_steps < 0 or args.fixed_steps > 64:
         raise SystemExit(f"--fixed-steps must lie in [0, 64], got {args.fixed_steps}")
+    if args.halting == "pondernet" and (args.fixed_steps or args.plain):
+        raise SystemExit("--halting pondernet trains the halting unit: not with --fixed-steps or --plain")
+    if args.sample_depth and not args.fixed_steps:
+        raise SystemExit("--sample-depth draws each batch's depth up to --fixed-steps K: give --fixed-steps")
     if args.arch is None:
         args.arch = None if args.retrofit else "act"
     if args.arch == "act":
         given = [flag for flag, value in (("--layers", args.layers), ("--block", args.block), ("--plain", args.plain),
-                                          ("--retrofit", args.retrofit)) if value]
+                                          ("--retrofit", args.retrofit), ("--sample-depth", args.sample_depth),
+                                          ("--halting pondernet", args.halting == "pondernet")) if value]
         if given:
             raise SystemExit(f"{', '.join(given)}: only with --arch llama or qwen3 (ACTLanguageModel's block is "
                              "--block-layers)")
@@ -303,11 +320,13 @@ def save_figure(path: Path, result: Dict, title: str, key: str = "steps_by_class
 # What must match for a checkpoint to continue a run (more --iterations may differ).
 _RESUME_KEYS = ("corpus", "corpus_bytes", "d_model", "heads", "block_layers", "max_steps", "fixed_steps", "tau",
                 "eps", "context", "batch_size", "lr", "seed", "arch", "halting_bias")
-_HF_RESUME_KEYS = ("layers", "block", "kv_heads", "intermediate", "plain", "retrofit")
-_HF_ONLY = _HF_RESUME_KEYS
+_HF_RESUME_KEYS = ("layers", "block", "kv_heads", "intermediate", "plain", "retrofit", "halting", "beta", "prior",
+                   "entropy", "sample_depth")
+_HF_ONLY = _HF_RESUME_KEYS + ("exit_threshold",)
 _ACT_ONLY = ("block_layers",)
 # what a checkpoint written before these settings existed ran with
-_OLD_DEFAULTS = dict(arch="act", halting_bias=None)
+_OLD_DEFAULTS = dict(arch="act", halting_bias=None, halting="act", beta=0.01, prior=0.2, entropy=False,
+                     sample_depth=False)
 
 
 def _default_out(args) -> str:

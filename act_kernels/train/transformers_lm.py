@@ -136,6 +136,13 @@ class TransformersRunner:
                 with torch.no_grad():
                     self.looped.halting.weight.zero_()
                 self.looped.halting.requires_grad_(False)
+        self.halting, self.args = args.halting, args
+        if args.halting == "pondernet" and self.looped is not None and self.looped.coda is not None:
+            raise SystemExit(f"--halting pondernet reads the head on every step's state: the block must be the "
+                             f"model's last layers (--block A {self.layers}), got --block {args.block[0]} "
+                             f"{args.block[1]}")
+        # --sample-depth: each training batch's depth, drawn from its own generator
+        self.depths = torch.Generator().manual_seed(args.seed + 1) if args.sample_depth else None
         self.module = (self.looped or model).to(device)
         self.module.train()
         # the settings the model has, whatever the command line said (a retrofit keeps the saved model's)
@@ -152,7 +159,24 @@ class TransformersRunner:
             out = self.model(input_ids=batch, labels=batch, use_cache=False)
             steps = torch.ones(batch.shape[0], batch.shape[1] - 1, dtype=torch.int64, device=batch.device)
             return out.logits[:, :-1], out.loss, None, steps
-        out = self.looped(batch, labels=batch)
+        looped = self.looped
+        if self.halting == "pondernet":
+            if looped.training:
+                objective = looped.pondernet(batch, labels=batch, beta=self.args.beta, prior=self.args.prior,
+                                             entropy=self.args.entropy)
+                return None, objective.loss, None, objective.steps[:, :-1]
+            with torch.no_grad():   # evaluation reads the halting unit as the exit gate it was trained to be
+                out = looped(batch, exit="gate", threshold=self.args.exit_threshold)
+            return out.logits[:, :-1], None, None, out.steps[:, :-1]
+        if self.depths is not None and looped.training:   # this batch's depth, 1..K (the block's max_steps)
+            depth = int(torch.randint(1, looped.max_steps + 1, (1,), generator=self.depths))
+            full, looped.block.max_steps = looped.block.max_steps, depth
+            try:
+                out = looped(batch, labels=batch)
+            finally:
+                looped.block.max_steps = full
+        else:
+            out = looped(batch, labels=batch)
         return out.logits[:, :-1], out.loss, out.ponder_cost[:, :-1], out.steps[:, :-1]
 
     def layer_applications(self, mean_steps: float) -> float:
@@ -173,8 +197,9 @@ class TransformersRunner:
                                           temperature=0.8, top_k=40, top_p=1.0)
             self.model.train(was)
             return out[0]
+        rule = dict(exit="gate", threshold=self.args.exit_threshold) if self.halting == "pondernet" else {}
         out = self.looped.generate(ids, max_new_tokens=new, do_sample=True, temperature=0.8, top_k=40,
-                                   generator=torch.Generator(device=device).manual_seed(seed))
+                                   generator=torch.Generator(device=device).manual_seed(seed), **rule)
         return out.sequences[0]
 
     def save(self, directory: Path) -> Optional[str]:
