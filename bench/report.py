@@ -284,7 +284,7 @@ def _hf_iterations_and_cache(data):
                              f"| {100 * r['mean_steps'] / per:.0f} % | {floor:.2f} "
                              f"| {r['prefill_iterations'] / r['new_tokens']:.2f} |")
         parts.append("\n".join(lines))
-    for r in (r for r in data["rows"] if r["group"] == "hf_cache_bytes"):
+    for r in [r for r in data["rows"] if r["group"] == "hf_cache_bytes"][-1:]:   # the latest run's
         mib = 2 ** 20
         parts.append(f"Cache after generating {r['new_tokens']} tokens for {r['batch']} prompts ({r['tokens']} "
                      f"tokens, mean N {r['mean_steps']:.2f}): ours {r['ragged_rows']} rows, "
