@@ -205,7 +205,8 @@ class CacheContext:
     def commit(self, pools, steps: Tensor) -> None:
         """Moves the new tokens' rows from the ponder's pools into the cache,
         token by token, and records their steps, first rows and places."""
-        cache, num_new, layout = self.cache, steps.shape[0], self.layout
+        cache, num_new = self.cache, steps.shape[0]
+        firsts = []
         for k, pool in enumerate(pools):
             tokens = torch.cat([t for t, _ in pool.assigned])
             rows = torch.cat([r for _, r in pool.assigned]) - pool.first_new
@@ -217,7 +218,15 @@ class CacheContext:
             # per-token row counts without bincount, which reads the device for its size
             counts = torch.zeros(num_new, dtype=torch.int64, device=tokens.device).index_add_(
                 0, tokens, torch.ones_like(tokens))
-            first = cache.layers[k].append(k_new, v_new) + counts.cumsum(0) - counts
+            firsts.append(cache.layers[k].append(k_new, v_new) + counts.cumsum(0) - counts)
+        self.record(firsts, steps)
+
+    def record(self, firsts: Sequence[Tensor], steps: Tensor) -> None:
+        """The new tokens, whose rows are in the cache's buffers already
+        (firsts[k]: each new token's first row at layer k): their steps, first
+        rows and places in their sequences."""
+        cache, num_new, layout = self.cache, steps.shape[0], self.layout
+        for k, first in enumerate(firsts):
             cache.token_first_row[k] = torch.cat([cache.token_first_row[k], first])
         longest = max(c + n for c, n in zip(layout.cached_lengths, layout.new_lengths))
         if longest > cache._token_table.shape[1]:

@@ -502,8 +502,56 @@ class CausalStack(RaggedBlock):
         """`ACTTransformerEncoder.extend` for plain layers. commit=False reads
         the cache and leaves it as it was (what the new tokens would give,
         for an exit rule that reads the coda at every step, design §16)."""
-        _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout, positions)
-        out = step(x, 1, torch.arange(x.shape[0], device=x.device))
         if commit:
-            context.commit(step.pools, torch.ones(x.shape[0], dtype=torch.int64, device=x.device))
-        return out
+            return self._extend_in_place(cache, x, cu_seqlens, sequences, layout, positions)
+        _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout, positions)
+        return step(x, 1, torch.arange(x.shape[0], device=x.device))
+
+    def _extend_in_place(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int],
+                         layout: Optional[ChunkLayout], positions: Optional[Tensor]) -> Tensor:
+        """Plain layers run one step, so a new token's rows are final as soon
+        as its layer computes them: they go straight into the cache, and the
+        attention reads the cache's one buffer per layer through one index,
+        with no pool to gather and none to move afterwards (design §14)."""
+        self._check_input(x, 2)
+        lengths = chunk_lengths(cu_seqlens)
+        sequences = list(sequences)
+        check_extend_args(self, cache, x, lengths, sequences, True)
+        if layout is None:
+            layout = ChunkLayout([cache.lengths[s] for s in sequences], lengths, cache.device)
+        elif layout.new_lengths != lengths:
+            raise ValueError("the layout was made for other chunk lengths than cu_seqlens gives")
+        context = CacheContext(cache, sequences, layout)
+        backend = resolve_encoder(self.backend, x.device, x.dtype).attention
+        kind, count = self.kind, x.shape[0]
+        layers = kind.rows(False, positions)
+        new_rows = torch.arange(count, device=x.device)
+        firsts = []
+
+        def store(k: int, kv: Tensor) -> Tensor:
+            """The new tokens' rows of layer k into the cache; the index the attention reads them through."""
+            width = kind.kv_heads * kind.head_dim
+            shape = (count, kind.kv_heads, kind.head_dim)
+            first = cache.layers[k].append(kv[:, :width].reshape(shape), kv[:, width:].reshape(shape))
+            firsts.append(first + new_rows)
+            kv_rows = torch.empty(layout.num_cached + count, dtype=torch.int64, device=x.device)
+            if layout.num_cached:
+                kv_rows.index_copy_(0, layout.cached_positions, context.cached_first[k])
+            return kv_rows.index_copy_(0, layout.new_positions, first + new_rows)
+
+        h = x
+        for k, layer in enumerate(layers):
+            table = store(0, layer.key_values(h)) if k == 0 and not kind.kv_in_forward else None
+
+            def attend(q, kv, scale, dropout_p, k=k, table=table):
+                kv_rows = table if table is not None else store(k, kv())
+                rows = cache.layers[k]
+                return attend_rows(q, (rows.k,), (rows.v,), layout.cu_seqlens, layout.new_positions, kv_rows, True,
+                                   scale, layout.max_seqlen, backend)
+
+            h = layer.forward(h, None, attend)
+        norm = kind.final_norm()
+        if norm is not None:
+            h = norm(h)
+        context.record(firsts, torch.ones(count, dtype=torch.int64, device=x.device))
+        return h.to(x.dtype)
