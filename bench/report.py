@@ -297,6 +297,32 @@ def _hf_iterations_and_cache(data):
     return parts
 
 
+def exit_tables(data) -> str:
+    """Generation under the exit rules (design §16) against exit="fixed" on
+    the same model, and both schedulers against mean depth."""
+    parts = []
+    rows = [r for r in data["rows"] if r["group"] == "exit_generate"]
+    if rows:
+        lines = ["| exit rule (16 prompts, 32 new tokens) | threshold | mean steps | steps run per token | tokens/s "
+                 "| speedup vs fixed | ideal (layer applications) | % of ideal |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['name'].replace('_', ' ')} | {r['threshold'] if r['threshold'] is not None else '-'} "
+                         f"| {r['mean_steps']:.2f} | {r['steps_run_per_token']:.2f} | {r['tokens_per_s']:.0f} "
+                         f"| {r['speedup_vs_fixed']:.2f} x | {r['ideal_speedup']:.2f} x "
+                         f"| {100 * r['speedup_vs_fixed'] / r['ideal_speedup']:.0f} % |")
+        parts.append("\n".join(lines))
+    rows = [r for r in data["rows"] if r["group"] == "exit_depth"]
+    if rows:
+        lines = ["| decoding against mean depth | schedule | mean N (new tokens) | block iterations per token "
+                 "| ideal (mean N) | tokens/s |", "|---|---|---|---|---|---|"]
+        for r in sorted(rows, key=lambda r: (r["mean_steps"], r["schedule"])):
+            lines.append(f"| {r['name'].split(' ', 1)[1]} | {r['schedule']} | {r['mean_steps']:.2f} "
+                         f"| {r['iterations_per_token']:.2f} | {r['ideal_iterations_per_token']:.2f} "
+                         f"| {r['tokens_per_s']:.0f} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def heading(data) -> str:
     return (f"{data['device']} (torch {data['torch']}, triton {data['triton']}, "
             f"commit {data['commit']}, {data['date'][:10]})")
@@ -308,7 +334,7 @@ def device_tables(data) -> str:
         parts.append(f"Measured device copy bandwidth: {data['copy_GBps']:.0f} GB/s\n")
     parts.append(ponder_table(data) + "\n")
     for table in (layer_table, encoder_table, equal_work_table, host_floor_table, attention_table,
-                  pondernet_table, lm_tables, hf_tables):
+                  pondernet_table, lm_tables, hf_tables, exit_tables):
         text = table(data)
         if text.strip():
             parts.append(text + "\n")
@@ -354,11 +380,38 @@ def summary_table(data) -> str:
         speed = base["median_s"] / r["median_s"]
         lines.append(f"| looped LM generation | dense per-step cache | act_cache | {speed:.2f} x "
                      f"| {r['ideal_speedup']:.2f} x | {100 * speed / r['ideal_speedup']:.0f} % |")
+    lines += _hf_summary(data)
     attention = [r for r in data["rows"] if r["group"] == "ragged_attention" and r["name"] != "sdpa_dense"]
     if attention:
         best = max(attention, key=lambda r: r["TFLOPs"])
         lines.append(f"| ragged attention | - | {best['name']} | {best['TFLOPs']:.3f} useful TFLOP/s | - | - |")
     return "\n".join(lines)
+
+
+def _hf_summary(data):
+    """Summary rows of LoopedCausalLM against transformers' unrolled model
+    (the latest clock's rows) and of the exit rules against fixed depth."""
+    lines = []
+    hf = [r for r in data["rows"] if r["group"] in ("hf_train", "hf_generate")]
+    timers = sorted({r.get("timer", "perf_counter") for r in hf})
+    timed = [r for r in hf if r.get("timer", "perf_counter") == (timers[-1] if timers else None)]
+    train = {r["name"]: r for r in timed if r["group"] == "hf_train"}
+    if "looped" in train and "unrolled_hf" in train:
+        r, speed = train["looped"], train["unrolled_hf"]["median_s"] / train["looped"]["median_s"]
+        lines.append(f"| LoopedCausalLM training (Llama, GQA) | transformers, block unrolled | looped | {speed:.2f} x "
+                     f"| {r['ideal_speedup']:.2f} x | {100 * speed / r['ideal_speedup']:.0f} % |")
+    gen = {r["name"]: r for r in timed if r["group"] == "hf_generate" and r["batch"] == 16}
+    if "depthwise" in gen and "unrolled_hf" in gen:
+        r, speed = gen["depthwise"], gen["unrolled_hf"]["median_s"] / gen["depthwise"]["median_s"]
+        lines.append(f"| LoopedCausalLM generation, batch 16 | transformers generate, block unrolled | depthwise "
+                     f"| {speed:.2f} x | {r['ideal_speedup']:.2f} x | {100 * speed / r['ideal_speedup']:.0f} % |")
+    exits = {r["name"]: r for r in data["rows"] if r["group"] == "exit_generate"}
+    for name in ("gate", "latent"):
+        if name in exits:
+            r = exits[name]
+            lines.append(f"| exit rule {name}, generation | exit fixed | {name} | {r['speedup_vs_fixed']:.2f} x "
+                         f"| {r['ideal_speedup']:.2f} x | {100 * r['speedup_vs_fixed'] / r['ideal_speedup']:.0f} % |")
+    return lines
 
 
 def replace_block(path: Path, name: str, body: str) -> None:
