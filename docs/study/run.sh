@@ -146,6 +146,21 @@ group_retrofit_deep() {   # plain 6-layer Llama from scratch: 6000 steps (the re
     train_hf plain6 --plain --layers 6 --iterations 6000
 }
 
-for group in ${@:-addition logic parity sort pointer pondernet lm lm_sweep lm_deep lm_equal retrofit retrofit_deep retrofit_seeds}; do
+group_exits() {   # exit rules at inference (docs/study/exits.py): two looped Llamas, then every rule on both
+    mkdir -p runs/exits
+    local common=(--arch llama --layers 3 --block 1 3 --max-steps 8 --iterations 2000 --eval-every 500
+                  --eval-windows 128 --seed 1)
+    python -m act_kernels.train lm "${common[@]}" --fixed-steps 8 --sample-depth --out runs/exits/fixed8 \
+        > runs/exits/fixed8.out 2>&1
+    python -m act_kernels.train lm "${common[@]}" --halting pondernet --beta 0.01 --prior 0.2 --exit-threshold 0.5 \
+        --out runs/exits/gate > runs/exits/gate.out 2>&1
+    for run in fixed8 gate; do
+        mkdir -p "$STUDY/exits-$run"
+        cp runs/exits/$run/{log.jsonl,summary.json,summary.png} "$STUDY/exits-$run/"
+    done
+    python "$STUDY/exits.py" evaluate && python "$STUDY/exits.py"
+}
+
+for group in ${@:-addition logic parity sort pointer pondernet lm lm_sweep lm_deep lm_equal retrofit retrofit_deep retrofit_seeds exits}; do
     "group_$group"
 done
