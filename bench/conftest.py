@@ -70,7 +70,7 @@ def meta():
 
 def _row_key(row):
     # what a row measured, without the timings and the figures derived from them
-    derived = ("median_s", "min_s", "rounds", "GBps", "TFLOPs", "tokens_per_s", "per_step_s", "commit")
+    derived = ("median_s", "min_s", "rounds", "GBps", "TFLOPs", "tokens_per_s", "per_step_s", "commit", "speedup_vs_fixed")
     return tuple(sorted((k, v) for k, v in row.items() if k not in derived))
 
 
