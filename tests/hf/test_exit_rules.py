@@ -193,3 +193,46 @@ def test_inference_rules_refuse_training_and_bad_generate_options():
         looped.generate(ids, mask, max_new_tokens=2, exit="kl", threshold=0.1, prefill_steps=0)
     with pytest.raises(ValueError, match="prefill_steps applies to exit='kl' only"):
         looped.generate(ids, mask, max_new_tokens=2, exit="gate", threshold=0.1, prefill_steps=2)
+
+
+def test_pondernet_objective_refusals():
+    looped = looped_model(block=(1, 3))                     # layer 3 is a coda
+    ids, mask = batch(seed=41)
+    with pytest.raises(ValueError, match="the block must be the model's last layers"):
+        looped.pondernet(ids, mask)
+    last = looped_model(block=(2, 4))
+    for kw, match in ((dict(beta=-1.0), "beta must be >= 0"), (dict(prior=1.0), r"in \(0, 1\)"),
+                      (dict(beta=float("inf")), "finite float")):
+        with pytest.raises(ValueError, match=match):
+            last.pondernet(ids, mask, **kw)
+    with pytest.raises(ValueError, match="labels must be shaped like input_ids"):
+        last.pondernet(ids, mask, labels=ids[:, :-1])
+
+
+def test_an_act_language_model_pondernet_objective():
+    import torch.nn.functional as F
+
+    import act_kernels as ak
+    torch.manual_seed(42)
+    model = ak.nn.ACTLanguageModel(40, 32, 4, 64, prelude_layers=1, block_layers=2, coda_layers=0, max_steps=5,
+                                   backend="reference").double()
+    tokens = torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(43))
+    lengths = torch.tensor([7, 4, 2])
+    with torch.no_grad():   # halting at step 1 for every token: the loss is the model's own next-token loss
+        model.block.halting.weight.zero_()
+        model.block.halting.bias.fill_(40.0)
+    one = model.pondernet(tokens, lengths, beta=0.5)
+    logits = model(tokens, lengths)
+    real = torch.arange(7)[None, 1:] < lengths[:, None]
+    want = F.cross_entropy(logits[:, :-1][real], tokens[:, 1:][real])
+    torch.testing.assert_close(one.loss, want, atol=1e-10, rtol=0)
+    assert bool((one.steps[torch.arange(7)[None] < lengths[:, None]] == 1).all())
+    with torch.no_grad():
+        model.block.halting.weight.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(44))
+        model.block.halting.bias.fill_(0.0)
+    out = model.pondernet(tokens, lengths, beta=0.01)
+    assert len(set(out.steps[out.steps > 0].tolist())) > 1
+    out.loss.backward()
+    assert model.block.halting.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="coda_layers=0"):
+        ak.nn.ACTLanguageModel(40, 32, 4, 64, coda_layers=1).pondernet(tokens)
