@@ -33,7 +33,7 @@ GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPE = torch.bfloat16 if GPU else torch.float32
 ROUNDS = 3
-# the CPU setting; the GPU rows are owed until a device runs them
+# the CPU setting (16 prompts, d_model 256); the GPU rows are owed until a device runs them
 SETTING = (dict(prompts=64, d_model=1024, heads=16) if GPU else dict(prompts=16, d_model=256, heads=4))
 PRELUDE, BLOCK, CODA, MAX_STEPS, VOCAB = 1, 2, 1, 8, 256
 
