@@ -107,26 +107,31 @@ class ACTCache:
         return [layer.size for layer in self.layers]
 
     def append_tokens(self, sequences: Sequence[int], rows: Sequence[Tuple[Tensor, Tensor]],
-                      counts: Sequence[Sequence[int]], steps: Tensor) -> None:
+                      counts: Sequence[Sequence[int]], steps: Sequence[int]) -> None:
         """Appends one finished token to each of `sequences` (depth-wise
         decoding, design §17): rows[k] = (k, v) of layer k, the tokens' rows
         back to back in step order, counts[k][i] of them for token i (N + 1
-        at the first layer, N at the others); steps (len(sequences),) int64."""
+        at the first layer, N at the others); steps: the tokens' N (host
+        ints). Every index it records is host arithmetic, made into one
+        tensor."""
         count = len(sequences)
-        device = self.device
+        starts = []
         for k, ((k_rows, v_rows), per_token) in enumerate(zip(rows, counts)):
             first = self.layers[k].append(k_rows, v_rows)
-            starts = torch.tensor(list(itertools.accumulate(per_token, initial=first))[:-1], dtype=torch.int64)
-            self.token_first_row[k] = torch.cat([self.token_first_row[k], starts.to(device)])
+            starts.append(list(itertools.accumulate(per_token, initial=first))[:-1])
         longest = max(self.lengths[s] for s in sequences) + 1
         if longest > self._token_table.shape[1]:
             grown = self._token_table.new_zeros(self.batch_size, max(longest, 2 * self._token_table.shape[1]))
             grown[:, :self._token_table.shape[1]] = self._token_table
             self._token_table = grown
-        places = torch.tensor([[s, self.lengths[s]] for s in sequences], dtype=torch.int64).to(device)
-        self._token_table[places[:, 0], places[:, 1]] = torch.arange(self.num_tokens, self.num_tokens + count,
-                                                                     device=device)
-        self.token_steps = torch.cat([self.token_steps, steps])
+        ids = list(range(self.num_tokens, self.num_tokens + count))
+        table = torch.tensor([*starts, list(sequences), [self.lengths[s] for s in sequences], ids, list(steps)],
+                             dtype=torch.int64).to(self.device)
+        layers = len(self.layers)
+        for k in range(layers):
+            self.token_first_row[k] = torch.cat([self.token_first_row[k], table[k]])
+        self._token_table[table[layers], table[layers + 1]] = table[layers + 2]
+        self.token_steps = torch.cat([self.token_steps, table[layers + 3]])
         self.num_tokens += count
         for s in sequences:
             self.lengths[s] += 1

@@ -97,10 +97,11 @@ class DepthwiseBlock:
         return kv[:, :self.kv_width].reshape(rows, *shape), kv[:, self.kv_width:].reshape(rows, *shape)
 
     def _write(self, k: int, rows: Tensor, kv: Tensor) -> None:
+        """kv (R, 2 Hkv d) into layer k's buffers at `rows` (buffer rows: in the tail)."""
         keys, values = self._split(kv)
         layer = self.cache.layers[k]
-        layer.k.index_copy_(0, rows + layer.tail_start, keys)
-        layer.v.index_copy_(0, rows + layer.tail_start, values)
+        layer.k.index_copy_(0, rows, keys)
+        layer.v.index_copy_(0, rows, values)
 
     @torch.no_grad()
     def iterate(self, slots: Sequence[int], positions: Tensor, active: Optional[Sequence[bool]] = None,
@@ -139,15 +140,15 @@ class DepthwiseBlock:
         n_cached = torch.repeat_interleave(n, layout.cached_counts, output_size=layout.num_cached)
         tables, own = [], []
         for k, width in enumerate(self.width):
-            base = cache.layers[k].tail_start                      # the in-flight rows follow the cache's
-            row_of = index * width + n - 1                         # this step's row of every slot in the tail
+            # this step's buffer row of every slot, in the tail that follows the cache's rows
+            row_of = index * width + (n + (cache.layers[k].tail_start - 1))
             if k == 0:
                 reached = torch.minimum(context.cached_steps, n_cached - 1)
             else:
                 reached = torch.minimum(context.cached_steps, n_cached) - 1
             kv_rows = torch.empty(layout.num_cached + count, dtype=torch.int64, device=self.device)
             kv_rows.index_copy_(0, layout.cached_positions, context.cached_first[k] + reached)
-            kv_rows.index_copy_(0, layout.new_positions, base + row_of)
+            kv_rows.index_copy_(0, layout.new_positions, row_of)
             tables.append(kv_rows)
             own.append(row_of)
         layers = kind.rows(False, positions)
@@ -186,13 +187,17 @@ class DepthwiseBlock:
         if not halted_local:
             return [], None, [], values
         halted = [slots[i] for i in halted_local]
-        local = torch.tensor(halted_local, dtype=torch.int64).to(self.device)
-        h_index = index[local]
         steps = [self.host_step[s] for s in halted]
+        # what the host knows, made into index tensors in one go: the halted
+        # rows, their slots and the tail row of each one's s^N
+        width = self.width[0]
+        base = self.cache.layers[0].tail_start
+        small = torch.tensor([halted_local, halted, [base + s * width + n for s, n in zip(halted, steps)]],
+                             dtype=torch.int64).to(self.device)
+        local, h_index = small[0], small[1]
         # s^N's first-layer row: later tokens read it (design §14)
-        final_row = h_index * self.width[0] + n[local]
-        self._write(0, final_row, layers[0].key_values(x[local], local))
-        self._commit(halted, h_index, steps)
+        self._write(0, small[2], layers[0].key_values(x[local], local))
+        self._commit(halted, steps)
         if self.exit is None:
             return halted, self.mean[h_index].to(self.dtype), steps, values
         if self.exit.every_loop:   # the state and step the rule picked on the way
@@ -232,22 +237,18 @@ class DepthwiseBlock:
         self.picked_step.index_copy_(0, where, n[fresh])
         return n >= self.max_steps                   # every token runs every loop
 
-    def _commit(self, halted: List[int], h_index: Tensor, steps: List[int]) -> None:
+    def _commit(self, halted: List[int], steps: List[int]) -> None:
         """The halted tokens' rows into the cache, token by token: N + 1 at the
-        first layer, N at the others."""
-        rows, counts = [], []
-        for k, width in enumerate(self.width):
-            per_token = [n + 1 for n in steps] if k == 0 else list(steps)
-            total = sum(per_token)
-            lengths = torch.tensor(per_token, dtype=torch.int64).to(self.device)
-            starts = torch.repeat_interleave(h_index * width, lengths, output_size=total)
-            offsets = torch.arange(total, device=self.device) - torch.repeat_interleave(
-                lengths.cumsum(0) - lengths, lengths, output_size=total)
-            picked = starts + offsets
-            layer = self.cache.layers[k]
-            rows.append((layer.k[layer.tail_start + picked], layer.v[layer.tail_start + picked]))
-            counts.append(per_token)
-        self.cache.append_tokens(halted, rows, counts, torch.tensor(steps, dtype=torch.int64).to(self.device))
+        first layer, N at the others. Which tail rows those are is host
+        arithmetic on slots and steps (a few dozen numbers), made into one
+        index tensor per layer."""
+        counts = [[n + 1 for n in steps]] + [list(steps)] * (len(self.width) - 1)
+        picked = [[layer.tail_start + slot * width + j for slot, count in zip(halted, per_token) for j in range(count)]
+                  for layer, width, per_token in zip(self.cache.layers, self.width, counts)]
+        sizes = [len(p) for p in picked]
+        flat = torch.tensor([j for p in picked for j in p], dtype=torch.int64).to(self.device).split(sizes)
+        rows = [(layer.k[at], layer.v[at]) for layer, at in zip(self.cache.layers, flat)]
+        self.cache.append_tokens(halted, rows, counts, steps)
 
 
 SCHEDULES = ("depthwise", "synchronous")
