@@ -32,3 +32,17 @@ class Census(TorchDispatchMode):
             finally:
                 self.muted -= 1
         return launcher
+
+
+def census_of(fn, launchers, monkeypatch):
+    """The events of fn's second call (the first warms it: parameters hold
+    their .grad, as in training), each of `launchers` ((module, name) pairs)
+    counted as one LAUNCH event."""
+    fn()
+    census = Census()
+    for module, name in launchers:
+        monkeypatch.setattr(module, name, census.wrap(name, getattr(module, name)))
+    with census:
+        fn()
+    monkeypatch.undo()
+    return census.events

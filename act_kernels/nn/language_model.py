@@ -138,30 +138,12 @@ class ACTLanguageModel(nn.Module):
         rule = self._exit_rule(exit, threshold, min_steps, None, every_loop)
         if rule is not None and rule.reads_coda:
             raise ValueError("exit='kl' reads the coda at every step: it runs in generate only")
-        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
-            raise ValueError(f"tokens must be (B, L), got "
-                             f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
+        valid, cu, longest, h = self._packed(tokens, lengths, shortest=0)
         batch, length = tokens.shape
-        if length > self.max_len:
-            raise ValueError(f"sequences of {length} tokens exceed max_len = {self.max_len}")
-        positions = torch.arange(length, device=tokens.device)
-        if lengths is None:
-            valid = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
-        else:
-            lengths = torch.as_tensor(lengths, device=tokens.device)
-            if lengths.shape != (batch,) or int(lengths.min()) < 0 or int(lengths.max()) > length:
-                raise ValueError(f"lengths must be (B,) = ({batch},) values in [0, {length}]")
-            valid = positions[None] < lengths[:, None]
-        real = tokens[valid]
-        self._check_tokens(real)
-        counts = valid.sum(1)
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        longest = int(counts.max()) if batch else 0
-        h = self.embed(real) + self.position(positions.expand(batch, length)[valid])
+        any_token = h.shape[0] > 0
         if self.prelude is not None:
             h = self.prelude.forward_packed(h, cu, max(longest, 1))
-        h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest if real.numel() else None,
-                                      exit=rule)
+        h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest if any_token else None, exit=rule)
         cost, steps = self.block.ponder_cost, self.block.steps
         if self.coda is not None:
             h = self.coda.forward_packed(h, cu, max(longest, 1))
@@ -184,22 +166,9 @@ class ACTLanguageModel(nn.Module):
             raise ValueError("the PonderNet objective reads the head on every step's state: it needs a model "
                              "whose block is its last layers (coda_layers=0)")
         check_pondernet_args(beta, prior)
-        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
-            raise ValueError("tokens must be (B, L)")
+        valid, cu, longest, h = self._packed(tokens, lengths, shortest=1)
         batch, length = tokens.shape
-        positions = torch.arange(length, device=tokens.device)
-        lengths = torch.full((batch,), length, device=tokens.device) if lengths is None else \
-            torch.as_tensor(lengths, device=tokens.device)
-        if lengths.shape != (batch,) or int(lengths.min()) < 1 or int(lengths.max()) > length:
-            raise ValueError(f"lengths must be (B,) = ({batch},) values in [1, {length}]")
-        valid = positions[None] < lengths[:, None]
-        real = tokens[valid]
-        self._check_tokens(real)
-        counts = valid.sum(1)
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        longest = int(counts.max())
         target = F.pad(tokens[:, 1:].masked_fill(~valid[:, 1:], -100), (0, 1), value=-100)[valid]
-        h = self.embed(real) + self.position(positions.expand(batch, length)[valid])
         if self.prelude is not None:
             h = self.prelude.forward_packed(h, cu, longest)
         out = self.block.pondernet_packed(h, cu, is_causal=True, max_seqlen=longest, prior=prior)
@@ -212,6 +181,33 @@ class ACTLanguageModel(nn.Module):
     def new_cache(self, batch_size: int):
         """One cache per stack (prelude, block, coda) for `batch_size` sequences."""
         return [m.new_cache(batch_size) for m in self._stacks()]
+
+    def _packed(self, tokens: Tensor, lengths: Optional[Tensor], shortest: int):
+        """Checks tokens (B, L) and lengths (B,) (each in [shortest, L]; None: L)
+        and packs the real tokens: (valid (B, L) bool, cu_seqlens, the longest
+        sequence, their embeddings with positions (T_tok, D))."""
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, L), got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
+        batch, length = tokens.shape
+        if length > self.max_len:
+            raise ValueError(f"sequences of {length} tokens exceed max_len = {self.max_len}")
+        positions = torch.arange(length, device=tokens.device)
+        if lengths is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
+        else:
+            lengths = torch.as_tensor(lengths, device=tokens.device)
+            if lengths.shape != (batch,) or (batch and (int(lengths.min()) < shortest or int(lengths.max()) > length)):
+                raise ValueError(f"lengths must be (B,) = ({batch},) values in [{shortest}, {length}]")
+            valid = positions[None] < lengths[:, None]
+        real = tokens[valid]
+        self._check_tokens(real)
+        counts = valid.sum(1)
+        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(counts.max()) if batch else 0
+        if shortest and not real.numel():
+            raise ValueError("no tokens: every sequence is empty")
+        return valid, cu, longest, self.embed(real) + self.position(positions.expand(batch, length)[valid])
 
     def _exit_rule(self, exit, threshold, min_steps, prefill_steps, every_loop) -> Optional[ExitRule]:
         return make_exit_rule(exit, threshold, min_steps, self.block.max_steps,

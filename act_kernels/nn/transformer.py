@@ -252,12 +252,10 @@ class RaggedBlock(nn.Module):
         weight = self.kind.weight
         return ACTCache(self, batch_size, weight.device, weight.dtype)
 
-    def _cached_step(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], is_causal: bool,
-                     layout: Optional[ChunkLayout], positions: Optional[Tensor] = None):
-        """Checks an incremental call and sets it up: the backends, the call's
-        view of the cache and the step function that reads it. positions:
-        the new tokens' positions in their sequences (layers with rotary
-        embeddings need them)."""
+    def _cache_context(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], is_causal: bool,
+                       layout: Optional[ChunkLayout]):
+        """Checks an incremental call; returns its packed layout (the one given,
+        when it fits) and its view of the cache."""
         self._check_input(x, 2)
         lengths = chunk_lengths(cu_seqlens)
         sequences = list(sequences)
@@ -266,7 +264,15 @@ class RaggedBlock(nn.Module):
             layout = ChunkLayout([cache.lengths[s] for s in sequences], lengths, cache.device)
         elif layout.new_lengths != lengths:
             raise ValueError("the layout was made for other chunk lengths than cu_seqlens gives")
-        context = CacheContext(cache, sequences, layout)
+        return layout, CacheContext(cache, sequences, layout)
+
+    def _cached_step(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], is_causal: bool,
+                     layout: Optional[ChunkLayout], positions: Optional[Tensor] = None):
+        """Checks an incremental call and sets it up: the backends, the call's
+        view of the cache and the step function that reads it. positions:
+        the new tokens' positions in their sequences (layers with rotary
+        embeddings need them)."""
+        layout, context = self._cache_context(cache, x, cu_seqlens, sequences, is_causal, layout)
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
         if positions is not None:   # the step reads rows by packed index: cached tokens first, then the new ones
             positions = positions.new_zeros(layout.num_cached + x.shape[0]).index_copy_(
@@ -513,15 +519,7 @@ class CausalStack(RaggedBlock):
         as its layer computes them: they go straight into the cache, and the
         attention reads the cache's one buffer per layer through one index,
         with no pool to gather and none to move afterwards (design §14)."""
-        self._check_input(x, 2)
-        lengths = chunk_lengths(cu_seqlens)
-        sequences = list(sequences)
-        check_extend_args(self, cache, x, lengths, sequences, True)
-        if layout is None:
-            layout = ChunkLayout([cache.lengths[s] for s in sequences], lengths, cache.device)
-        elif layout.new_lengths != lengths:
-            raise ValueError("the layout was made for other chunk lengths than cu_seqlens gives")
-        context = CacheContext(cache, sequences, layout)
+        layout, context = self._cache_context(cache, x, cu_seqlens, sequences, True, layout)
         backend = resolve_encoder(self.backend, x.device, x.dtype).attention
         kind, count = self.kind, x.shape[0]
         layers = kind.rows(False, positions)

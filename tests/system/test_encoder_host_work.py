@@ -15,21 +15,10 @@ from torch import nn
 
 import act_kernels as ak
 from act_kernels.backends import cuda_extension_error
-from census import SYNCS, Census
+from census import SYNCS, census_of
 
 BUDGET = 1.3
 STEPS = 8
-
-
-def census_of(fn, launchers, monkeypatch):
-    fn()   # warm: parameters hold their .grad, as in training
-    census = Census()
-    for module, name in launchers:
-        monkeypatch.setattr(module, name, census.wrap(name, getattr(module, name)))
-    with census:
-        fn()
-    monkeypatch.undo()
-    return census.events
 
 
 CPU_PATH = pytest.mark.skipif(torch.cuda.is_available() or bool(cuda_extension_error()),

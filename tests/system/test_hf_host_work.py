@@ -22,7 +22,7 @@ import collections
 import pytest
 import torch
 
-from census import SYNCS, Census
+from census import SYNCS, census_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,17 +41,6 @@ def tiny_llama():
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                       max_position_embeddings=128)
     return transformers.LlamaForCausalLM(config).eval()
-
-
-def census_of(fn, launchers, monkeypatch):
-    fn()   # warm: parameters hold their .grad, as in training
-    census = Census()
-    for module, name in launchers:
-        monkeypatch.setattr(module, name, census.wrap(name, getattr(module, name)))
-    with census:
-        fn()
-    monkeypatch.undo()
-    return census.events
 
 
 def over(measured: str):

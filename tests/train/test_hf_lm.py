@@ -19,13 +19,6 @@ TINY = ["--d-model", "16", "--heads", "2", "--kv-heads", "1", "--context", "16",
         "--eval-windows", "4", "--max-steps", "3", "--sample-bytes", "8", "--backend", "reference"]
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.py"
-    path.write_text("def f(x):\n    # add one\n    return x + 1  # 'quoted'\n" * 60)
-    return path
-
-
 def lm(corpus, out, *extra, iterations=4):
     return main(["lm", "--corpus", str(corpus), "--iterations", str(iterations), "--eval-every", "2",
                  "--out", str(out), *TINY, *extra])

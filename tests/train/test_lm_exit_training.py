@@ -11,21 +11,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from act_kernels.train import main  # noqa: E402
-
-TINY = ["--d-model", "16", "--heads", "2", "--kv-heads", "1", "--context", "16", "--batch-size", "4",
-        "--eval-windows", "4", "--sample-bytes", "8", "--backend", "reference", "--arch", "llama"]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.py"
-    path.write_text("def f(x):\n    # add one\n    return x + 1  # 'quoted'\n" * 60)
-    return path
+from test_hf_lm import lm as hf_lm  # noqa: E402
 
 
 def lm(corpus, out, *extra, iterations=4):
-    return main(["lm", "--corpus", str(corpus), "--iterations", str(iterations), "--eval-every", "2",
-                 "--out", str(out), *TINY, *extra])
+    return hf_lm(corpus, out, "--arch", "llama", *extra, iterations=iterations)
 
 
 def test_pondernet_halting_trains_the_gate_and_reloads(corpus, tmp_path):
