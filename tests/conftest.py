@@ -49,3 +49,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(no_gpu)
         if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(not_asked)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small Python-like text file to train the byte LM on (the training command's tests)."""
+    path = tmp_path / "corpus.py"
+    path.write_text("def f(x):\n    # add one\n    return x + 1  # 'quoted'\n" * 60)
+    return path
