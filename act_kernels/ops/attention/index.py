@@ -13,7 +13,7 @@ the ACT kernels' packed states.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -24,6 +24,26 @@ from ..ragged import segment_table
 def query_offsets(cu_seqlens: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
     """(B + 1,) int32: the queries of sequence b are q[cu_q[b] : cu_q[b + 1]]."""
     return torch.searchsorted(q_rows.to(torch.int64), cu_seqlens.to(torch.int64)).to(torch.int32)
+
+
+class PerStep:
+    """`build(cu_seqlens, q_rows, *extra)`, made once and reused while the next
+    call passes the same two tensors, unchanged in place (their versions),
+    and equal extra values: the layers of one ponder step attend with the
+    same running queries, so a table that depends only on them is made once
+    per step, not per layer."""
+
+    def __init__(self, build: Callable):
+        self.build = build
+        self.tensors, self.key, self.value = (None, None), None, None
+
+    def __call__(self, cu_seqlens: Tensor, q_rows: Tensor, *extra):
+        key = (cu_seqlens._version, q_rows._version, *extra)
+        if self.tensors[0] is cu_seqlens and self.tensors[1] is q_rows and self.key == key:
+            return self.value
+        self.value = self.build(cu_seqlens, q_rows, *extra)
+        self.tensors, self.key = (cu_seqlens, q_rows), key
+        return self.value
 
 
 def sequence_of_tokens(cu_seqlens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

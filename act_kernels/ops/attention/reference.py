@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..state import accumulation_dtype
-from .index import query_offsets, sequence_of_tokens, to_pool
+from .index import PerStep, query_offsets, sequence_of_tokens, to_pool
 
 Pool = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -239,22 +239,9 @@ def ragged_attention_backward(
 
 # -- the reference backend of RaggedAttention: PyTorch's fused attention over padded sequences --
 
-# The last call's layout and masks: the layers of one ponder step attend with
-# the same packed sequences and running queries, so the padded layout is made
-# once per step, not per layer. (Versions guard against the same tensors
-# changed in place in between.)
-_last_layout: list = [None, None, None, None]
-
-
-def step_layout(cu_seqlens: torch.Tensor, q_rows: torch.Tensor, num_tokens: int, max_len: int) -> Layout:
-    """`layout`, reused while the sequences and the queries stay the same tensors."""
-    key = (num_tokens, max_len, cu_seqlens._version, q_rows._version)
-    last = _last_layout
-    if last[0] is cu_seqlens and last[1] is q_rows and last[2] == key:
-        return last[3]
-    lay = layout(cu_seqlens, q_rows, num_tokens, max_len)
-    last[:] = [cu_seqlens, q_rows, key, lay]
-    return lay
+# the layers of one ponder step share the padded layout of their packed
+# sequences and running queries
+step_layout = PerStep(layout)
 
 
 _last_mask: list = [None, None, None]

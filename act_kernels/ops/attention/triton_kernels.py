@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ...backends import triton_interpreted
 from ..launch import dense, on_device
-from .index import query_offsets, row_offsets
+from .index import PerStep, query_offsets, row_offsets
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -409,20 +409,8 @@ class Launch:
         self.cu_q = _query_offsets_of(self.cu_seqlens, self.q_rows)
 
 
-# The last (cu_seqlens, q_rows, cu_q): the layers of one ponder step attend with
-# the same running queries, so the table is made once per step, not per layer.
-# (Versions guard against the same tensors changed in place in between.)
-_last_queries: list = [None, None, None, None]
-
-
-def _query_offsets_of(cu_seqlens: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
-    last = _last_queries
-    versions = (cu_seqlens._version, q_rows._version)
-    if last[0] is cu_seqlens and last[1] is q_rows and last[3] == versions:
-        return last[2]
-    cu_q = query_offsets(cu_seqlens, q_rows)
-    last[:] = [cu_seqlens, q_rows, cu_q, versions]
-    return cu_q
+# the layers of one ponder step share their running queries' offsets
+_query_offsets_of = PerStep(query_offsets)
 
 
 def same_layout(k_pool, v_pool) -> bool:
