@@ -21,6 +21,14 @@ import torch
 from torch import Tensor
 
 
+def split_key_values(kv: Tensor, heads: int, dim: int) -> Tuple[Tensor, Tensor]:
+    """(R, 2 heads dim) rows, a row's key then its value (what a layer kind's
+    key_values and its attention's kv() give), as keys and values (R, heads,
+    dim): views, no copy."""
+    rows, width = kv.shape[0], heads * dim
+    return kv[:, :width].view(rows, heads, dim), kv[:, width:].view(rows, heads, dim)
+
+
 class _LayerRows:
     """One layer's key and value rows, token by token, in buffers that grow
     by doubling. A tail of rows can be reserved at the buffers' end (the
@@ -289,4 +297,5 @@ def chunk_lengths(cu_seqlens) -> List[int]:
     return [b - a for a, b in zip(offsets, offsets[1:])]
 
 
-__all__ = ["ACTCache", "CacheContext", "ChunkLayout", "check_extend_args", "check_sequences", "chunk_lengths"]
+__all__ = ["ACTCache", "CacheContext", "ChunkLayout", "check_extend_args", "check_sequences", "chunk_lengths",
+           "split_key_values"]

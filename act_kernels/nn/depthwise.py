@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ..ops.attention import attend as attend_rows
 from ..ops.state import accumulation_dtype
-from .cache import CacheContext, ChunkLayout
+from .cache import CacheContext, ChunkLayout, split_key_values
 from .exits import ExitRule, ExitState, exits_now, next_token_divergence
 
 
@@ -67,7 +67,6 @@ class DepthwiseBlock:
         # attention reads the cache and them as one tensor, through one index
         for layer, w in zip(cache.layers, self.width):
             layer.reserve_tail(slots * w)
-        self.kv_width = kind.kv_heads * kind.head_dim
         self.state = torch.zeros(slots, kind.d_model, device=device, dtype=dtype)
         self.mean = torch.zeros(slots, kind.d_model, device=device, dtype=self.acc)
         self.running_sum = torch.zeros(slots, device=device, dtype=self.acc)
@@ -91,14 +90,9 @@ class DepthwiseBlock:
         for s in slots:
             self.host_step[s] = 0
 
-    def _split(self, kv: Tensor):
-        rows = kv.shape[0]
-        shape = (self.kind.kv_heads, self.kind.head_dim)
-        return kv[:, :self.kv_width].reshape(rows, *shape), kv[:, self.kv_width:].reshape(rows, *shape)
-
     def _write(self, k: int, rows: Tensor, kv: Tensor) -> None:
         """kv (R, 2 Hkv d) into layer k's buffers at `rows` (buffer rows: in the tail)."""
-        keys, values = self._split(kv)
+        keys, values = split_key_values(kv, self.kind.kv_heads, self.kind.head_dim)
         layer = self.cache.layers[k]
         layer.k.index_copy_(0, rows, keys)
         layer.v.index_copy_(0, rows, values)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..ops.act import get_kernels, ponder
 from ..ops.pondernet import PonderNetOutput, pondernet
-from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths
+from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths, split_key_values
 from .checks import check_layer_input, check_layer_options
 from .exits import ExitRule, ponder_with_exit
 from ..backends import resolve_encoder
@@ -125,7 +125,6 @@ class _TokenStep:
         # transformers layer) writes the running tokens' first-layer rows from
         # it; only the tokens that have just halted need key_values
         self.kv_in_forward = kind.kv_in_forward
-        self.kv_width = kind.kv_heads * kind.head_dim
         self.kv_shape = (kind.kv_heads, kind.head_dim)
         num_tokens = x.shape[0] + (context.num_cached if context is not None else 0)
         self.pools = [_Pool(num_tokens, x.device, context.buffers(k) if context is not None else None,
@@ -138,8 +137,7 @@ class _TokenStep:
         return rows if self.positions is None or rows is None else self.positions[rows]
 
     def _split(self, kv: Tensor) -> Tuple[Tensor, Tensor]:
-        rows = kv.shape[0]
-        return kv[:, :self.kv_width].view(rows, *self.kv_shape), kv[:, self.kv_width:].view(rows, *self.kv_shape)
+        return split_key_values(kv, *self.kv_shape)
 
     def project_changed(self) -> None:
         """Keys and values of the tokens that ran the previous step (all tokens
@@ -528,9 +526,7 @@ class CausalStack(RaggedBlock):
 
         def store(k: int, kv: Tensor) -> Tensor:
             """The new tokens' rows of layer k into the cache; the index the attention reads them through."""
-            width = kind.kv_heads * kind.head_dim
-            shape = (count, kind.kv_heads, kind.head_dim)
-            first = cache.layers[k].append(kv[:, :width].reshape(shape), kv[:, width:].reshape(shape))
+            first = cache.layers[k].append(*split_key_values(kv, kind.kv_heads, kind.head_dim))
             firsts.append(first + new_rows)
             kv_rows = torch.empty(layout.num_cached + count, dtype=torch.int64, device=x.device)
             if layout.num_cached:
