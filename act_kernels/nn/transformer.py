@@ -351,25 +351,12 @@ class ACTTransformerEncoder(RaggedBlock):
         halting; each token returns its state at its exit, `.steps` its exit
         step and `.ponder_cost` the steps it ran (float32; max_steps under
         the every_loop reference mode)."""
-        self._check_input(x, 2)
-        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-            raise TypeError("cu_seqlens must be a 1-D int32 tensor of B + 1 offsets")
-        if cu_seqlens.device != x.device:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, expected {x.device} like x")
-        offsets = cu_seqlens.tolist()   # one read of the device per call
-        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
-        if not offsets or offsets[0] != 0 or min(lengths, default=0) < 0 or offsets[-1] != x.shape[0]:
-            raise ValueError(f"cu_seqlens must rise from 0 to T_tok = {x.shape[0]}")
+        lengths = self._check_packed(x, cu_seqlens)
         if x.shape[0] == 0:
             self.ponder_cost = x.new_zeros(0, dtype=torch.float32)
             self.steps = torch.zeros(0, dtype=torch.int64, device=x.device)
             return x.clone()
-        longest = max(lengths)
-        if max_seqlen is None:
-            max_seqlen = longest
-        elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
-            # a smaller one would make the kernels skip query blocks and leave rows unwritten
-            raise ValueError(f"max_seqlen must be an int >= the longest sequence ({longest}), got {max_seqlen!r}")
+        max_seqlen = self._check_max_seqlen(max_seqlen, lengths)
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
         if exit is not None:
             step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
@@ -388,6 +375,30 @@ class ACTTransformerEncoder(RaggedBlock):
         self.ponder_cost, self.steps = out.ponder_cost, out.steps
         return out.state
 
+    def _check_packed(self, x: Tensor, cu_seqlens: Tensor) -> List[int]:
+        """The packed entry points' checks; the sequences' lengths (one read of
+        the device per call)."""
+        self._check_input(x, 2)
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise TypeError("cu_seqlens must be a 1-D int32 tensor of B + 1 offsets")
+        if cu_seqlens.device != x.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, expected {x.device} like x")
+        offsets = cu_seqlens.tolist()   # one read of the device per call
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if not offsets or offsets[0] != 0 or min(lengths, default=0) < 0 or offsets[-1] != x.shape[0]:
+            raise ValueError(f"cu_seqlens must rise from 0 to T_tok = {x.shape[0]}")
+        return lengths
+
+    @staticmethod
+    def _check_max_seqlen(max_seqlen: Optional[int], lengths: List[int]) -> int:
+        longest = max(lengths)
+        if max_seqlen is None:
+            return longest
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < longest:
+            # a smaller one would make the kernels skip query blocks and leave rows unwritten
+            raise ValueError(f"max_seqlen must be an int >= the longest sequence ({longest}), got {max_seqlen!r}")
+        return max_seqlen
+
     def pondernet_packed(self, x: Tensor, cu_seqlens: Tensor, *, is_causal: bool = False,
                          max_seqlen: Optional[int] = None, positions: Optional[Tensor] = None,
                          prior: float = 0.2) -> PonderNetOutput:
@@ -399,16 +410,12 @@ class ACTTransformerEncoder(RaggedBlock):
         state packed step-major, p, the KL to the truncated geometric prior
         with parameter `prior`, steps; the caller's per-step loss reads
         `.states`. Arguments as `forward_packed`."""
-        self._check_input(x, 2)
+        lengths = self._check_packed(x, cu_seqlens)
         if not x.shape[0]:
             raise ValueError("the PonderNet objective needs at least one token")
-        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-            raise TypeError("cu_seqlens must be a 1-D int32 tensor of B + 1 offsets")
-        offsets = cu_seqlens.tolist()
-        longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+        max_seqlen = self._check_max_seqlen(max_seqlen, lengths)
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
-        step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen or longest, chosen.attention,
-                          positions=positions)
+        step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
         out = pondernet(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                         prior=prior, backend=chosen.halting)
         self.steps = out.steps
