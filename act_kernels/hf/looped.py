@@ -75,6 +75,14 @@ class LoopedGeneration:
     iterations: int = 0
 
 
+def _packed(valid: Tensor):
+    """The real tokens of a (B, L) mask packed row after row: cu_seqlens
+    (B + 1,) int32, the longest row, every real token's position."""
+    counts = valid.sum(1)
+    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    return cu, int(counts.max()) if valid.shape[0] else 0, _positions(valid)[valid]
+
+
 def _positions(mask: Tensor) -> Tensor:
     """(B, L): each real token's position, counted from its row's first real token."""
     return (mask.long().cumsum(1) - 1).clamp(min=0)
@@ -189,10 +197,7 @@ class LoopedCausalLM(nn.Module):
             raise ValueError("exit='kl' reads the coda at every step: it runs in generate only")
         valid = self._check_ids(input_ids, attention_mask)
         batch, length = input_ids.shape
-        counts = valid.sum(1)
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        longest = int(counts.max()) if batch else 0
-        positions = _positions(valid)[valid]
+        cu, longest, positions = _packed(valid)
         h, cost, steps = self._layers(self.model.model.embed_tokens(input_ids[valid]), cu, longest, positions, rule)
         logits = self._head(h)
         out = logits.new_zeros(batch, length, logits.shape[-1]).index_put((valid,), logits)
@@ -233,14 +238,11 @@ class LoopedCausalLM(nn.Module):
             raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}")
         labels = labels.masked_fill(~valid, -100)           # padding is never a target
         batch, length = input_ids.shape
-        counts = valid.sum(1)
-        if not int(counts.sum()):
+        cu, longest, positions = _packed(valid)
+        if not positions.numel():
             raise ValueError("the PonderNet objective needs at least one real token")
-        cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-        positions = _positions(valid)[valid]
         target = F.pad(labels[:, 1:], (0, 1), value=-100)[valid]        # each real token's next-token target
-        out = self._pondernet_block(self.model.model.embed_tokens(input_ids[valid]), cu, int(counts.max()),
-                                    positions, prior)
+        out = self._pondernet_block(self.model.model.embed_tokens(input_ids[valid]), cu, longest, positions, prior)
         loss, expected, regularizer = token_pondernet_loss(out, self._head(out.states), target, beta, entropy)
         steps = out.steps.new_zeros(batch, length).index_put((valid,), out.steps)
         return LoopedPonderNet(loss, expected, regularizer, steps, out.p)
