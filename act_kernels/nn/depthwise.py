@@ -50,7 +50,9 @@ class DepthwiseBlock:
                  peek: Optional[Callable] = None):
         kind = block.kind
         self.exit, self.peek = exit, peek
-        self.exit_state = ExitState(cache.batch_size, cache.device, cache.dtype) if exit is not None else None
+        # the gate's per-row exit mass and survival (the other rules keep nothing between steps)
+        self.exit_state = ExitState(cache.batch_size, cache.device, cache.dtype) \
+            if exit is not None and exit.rule == "gate" else None
         if exit is not None and exit.every_loop:
             self.picked = torch.zeros(cache.batch_size, dtype=torch.bool, device=cache.device)
             self.picked_state = torch.zeros(cache.batch_size, block.kind.d_model, device=cache.device,
@@ -281,15 +283,16 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
     slots = caches[0].batch_size
     device = caches[0].device
 
-    def peek(h: Tensor, slot_list: List[int]) -> Tensor:
-        """The next-token logits of in-flight states, the coda's cache untouched."""
+    def next_logits(h: Tensor, slot_list: List[int], commit: bool = True) -> Tensor:
+        """The next-token logits of one state per slot: the coda (appending to
+        its cache, or, with commit=False, leaving it as it was), then the head."""
         if coda is not None:
             where = torch.tensor([cache_of[id(coda)].lengths[s] for s in slot_list], dtype=torch.int64).to(device)
             h = coda.extend(cache_of[id(coda)], h, list(range(len(slot_list) + 1)), slot_list, positions=where,
-                            commit=False)
+                            commit=commit)
         return head(h)
 
-    engine = DepthwiseBlock(block, block_cache, attention, exit, peek)
+    engine = DepthwiseBlock(block, block_cache, attention, exit, lambda h, slot_list: next_logits(h, slot_list, False))
     eos_ids = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
     waiting = list(range(len(prompts)))
     tokens: List[List[int]] = [p.tolist() for p in prompts]
@@ -381,10 +384,7 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
             continue
         go_slots = [halted[j] for j in going]
         h = out[torch.tensor(going, dtype=torch.int64).to(device)] if len(going) < len(halted) else out
-        if coda is not None:
-            where = torch.tensor([cache_of[id(coda)].lengths[s] for s in go_slots], dtype=torch.int64).to(device)
-            h = coda.extend(cache_of[id(coda)], h, list(range(len(go_slots) + 1)), go_slots, positions=where)
-        take(head(h), [in_slot[s] for s in go_slots], go_slots)
+        take(next_logits(h, go_slots), [in_slot[s] for s in go_slots], go_slots)
     for layer in block_cache.layers:       # the in-flight rows' tail is no longer needed
         layer.reserve_tail(0)
     sequences = [torch.tensor(t, dtype=torch.int64, device=p.device) for t, p in zip(tokens, prompts)]
