@@ -18,7 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,10 +77,11 @@ class LoopedGeneration:
 
 def _packed(valid: Tensor):
     """The real tokens of a (B, L) mask packed row after row: cu_seqlens
-    (B + 1,) int32, the longest row, every real token's position."""
+    (B + 1,) int32, the rows' lengths (a list: one read of the device),
+    every real token's position."""
     counts = valid.sum(1)
     cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    return cu, int(counts.max()) if valid.shape[0] else 0, _positions(valid)[valid]
+    return cu, counts.tolist(), _positions(valid)[valid]
 
 
 def _positions(mask: Tensor) -> Tensor:
@@ -197,8 +198,8 @@ class LoopedCausalLM(nn.Module):
             raise ValueError("exit='kl' reads the coda at every step: it runs in generate only")
         valid = self._check_ids(input_ids, attention_mask)
         batch, length = input_ids.shape
-        cu, longest, positions = _packed(valid)
-        h, cost, steps = self._layers(self.model.model.embed_tokens(input_ids[valid]), cu, longest, positions, rule)
+        cu, lengths, positions = _packed(valid)
+        h, cost, steps = self._layers(self.model.model.embed_tokens(input_ids[valid]), cu, lengths, positions, rule)
         logits = self._head(h)
         out = logits.new_zeros(batch, length, logits.shape[-1]).index_put((valid,), logits)
         ponder_cost = cost.new_zeros(batch, length).index_put((valid,), cost)
@@ -238,35 +239,37 @@ class LoopedCausalLM(nn.Module):
             raise ValueError(f"labels must be shaped like input_ids {tuple(input_ids.shape)}")
         labels = labels.masked_fill(~valid, -100)           # padding is never a target
         batch, length = input_ids.shape
-        cu, longest, positions = _packed(valid)
+        cu, lengths, positions = _packed(valid)
         if not positions.numel():
             raise ValueError("the PonderNet objective needs at least one real token")
         target = F.pad(labels[:, 1:], (0, 1), value=-100)[valid]        # each real token's next-token target
-        out = self._pondernet_block(self.model.model.embed_tokens(input_ids[valid]), cu, longest, positions, prior)
+        out = self._pondernet_block(self.model.model.embed_tokens(input_ids[valid]), cu, lengths, positions, prior)
         loss, expected, regularizer = token_pondernet_loss(out, self._head(out.states), target, beta, entropy)
         steps = out.steps.new_zeros(batch, length).index_put((valid,), out.steps)
         return LoopedPonderNet(loss, expected, regularizer, steps, out.p)
 
     @torch.compiler.disable   # a data-dependent loop with a host read per step: runs eagerly under torch.compile
-    def _pondernet_block(self, h: Tensor, cu: Tensor, longest: int, positions: Tensor, prior: float):
+    def _pondernet_block(self, h: Tensor, cu: Tensor, lengths: List[int], positions: Tensor, prior: float):
+        longest = max(lengths)
         with ours(self.config):
             if self.prelude is not None:
-                h = self.prelude.forward_packed(h, cu, longest, positions)
+                h = self.prelude.forward_packed(h, cu, longest, positions, lengths)
             return self.block.pondernet_packed(h, cu, is_causal=True, max_seqlen=longest, positions=positions,
                                                prior=prior)
 
     @torch.compiler.disable   # a data-dependent loop with a host read per step: runs eagerly under torch.compile
-    def _layers(self, h: Tensor, cu: Tensor, longest: int, positions: Tensor, rule: Optional[ExitRule] = None):
+    def _layers(self, h: Tensor, cu: Tensor, lengths: List[int], positions: Tensor, rule: Optional[ExitRule] = None):
         """Prelude, pondered block and coda on the packed rows h (T_tok, D)."""
         if not h.shape[0]:
             return h, h.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.int64, device=h.device)
+        longest = max(lengths)
         with ours(self.config):
             if self.prelude is not None:
-                h = self.prelude.forward_packed(h, cu, longest, positions)
+                h = self.prelude.forward_packed(h, cu, longest, positions, lengths)
             h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest, positions=positions, exit=rule)
             cost, steps = self.block.ponder_cost, self.block.steps
             if self.coda is not None:
-                h = self.coda.forward_packed(h, cu, longest, positions)
+                h = self.coda.forward_packed(h, cu, longest, positions, lengths)
         return h, cost, steps
 
     # -- generation over the ragged cache ------------------------------------------------

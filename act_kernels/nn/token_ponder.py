@@ -27,16 +27,14 @@ active dropout). The encoder takes the step-by-step path of
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..ops.act import Kernels, kernel_ponder_loop
 from ..ops.attention import KeyTable, pool_backward, pool_forward, pool_views, query_table
-from .layers import EncoderLayerRows
 
 
 class _Pool:
@@ -127,16 +125,40 @@ class _PoolAttention(torch.autograd.Function):
 
 class PoolStep:
     """The step function of one ponder on the kernel loop: the block's layers
-    on the running rows, each reading keys and values from its pool."""
+    (any layer kind of nn/layers) on the running rows, each reading keys and
+    values from its pool."""
 
-    def __init__(self, layers: Sequence[nn.TransformerEncoderLayer], final_norm: Optional[nn.LayerNorm],
-                 keys: KeyTable, x: Tensor):
-        self.math = [EncoderLayerRows(layer, training=False) for layer in layers]
-        self.norm = None if final_norm is None else (final_norm.weight, final_norm.bias, final_norm.eps)
+    def __init__(self, kind, keys: KeyTable, x: Tensor, positions: Optional[Tensor] = None):
+        # no dropout acts on this path (the kinds' pool_path_supported), so the rows' training mode is moot
+        self.math = kind.rows(False, positions)
+        self.norm = kind.final_norm()
+        self.kv_in_forward = kind.kv_in_forward
         self.keys, self.dtype = keys, x.dtype
-        self.pools = [_Pool() for _ in layers]
+        self.pools = [_Pool() for _ in self.math]
         # the rows whose visible state changed last step (step 1: every token), and where they sit
         self.changed, self.changed_rows = x, None
+
+    def _first_rows(self, active: Tensor):
+        """What the first layer's pool takes at this step: every token that
+        ran the step before (step 1: every token, in order). A layer kind
+        that computes its rows' keys and values in its forward gives the
+        running ones there; only the tokens that have just halted are
+        projected apart. Returns (written, kv) with kv a function of the
+        running rows' kv() (both index lists ascend, the halted count is
+        known on the host: no device read)."""
+        written = self.changed_rows
+        if not self.kv_in_forward:
+            first = self.math[0].key_values(self.changed)
+            return written, lambda kv: first
+        halted = 0 if written is None else written.numel() - active.numel()
+        if halted == 0:
+            return written, lambda kv: kv()
+        running = torch.isin(written, active)
+        order = torch.argsort(running.to(torch.int8), stable=True)   # the halted ones first, then the running
+        local = order[:halted]
+        halted_kv = self.math[0].key_values(self.changed[local], written[local])
+        back = torch.argsort(order)   # from [halted, running] back to the order of `written`
+        return written, lambda kv: torch.cat([halted_kv, kv()]).index_select(0, back)
 
     def __call__(self, x: Tensor, n: int, active: Tensor) -> Tensor:
         """The first layer's pool takes the keys and values of every token
@@ -144,16 +166,19 @@ class PoolStep:
         tokens (at step 1: every token, in order)."""
         queries = query_table(self.keys, active, x.shape[0])
         rows = None if n == 1 else active
-        first = self.math[0].key_values(self.changed)   # the first layer's rows: every token that ran the step before
+        first_written, first = self._first_rows(active)
         for k, (math, pool) in enumerate(zip(self.math, self.pools)):
-            written = self.changed_rows if k == 0 else rows
+            written = first_written if k == 0 else rows
 
-            def attend(q, kv, scale, dropout_p):
-                return pool_attend(pool, self.keys, queries, written, q, first if k == 0 else kv())
+            def attend(q, kv, scale, dropout_p, pool=pool, written=written, k=k):
+                if dropout_p > 0:   # pool_path_supported rules it out; never drop it silently
+                    raise RuntimeError("the pool path takes no attention dropout")
+                keys = self.keys if scale == self.keys.scale else self.keys._replace(scale=scale)
+                return pool_attend(pool, keys, queries, written, q, first(kv) if k == 0 else kv())
 
             x = math.forward(x, active, attend)
         if self.norm is not None:
-            x = F.layer_norm(x, (x.shape[1],), *self.norm)
+            x = self.norm(x)
         # under autocast the layers return the autocast dtype; the state keeps the input's
         new = x.to(self.dtype)
         self.changed, self.changed_rows = new, active
@@ -161,9 +186,16 @@ class PoolStep:
 
 
 @torch.compiler.disable   # a data-dependent loop with a host read per step: runs eagerly under torch.compile
-def pool_ponder(layers: Sequence[nn.TransformerEncoderLayer], final_norm: Optional[nn.LayerNorm], keys: KeyTable,
-                kernels: Kernels, x: Tensor, weight: Tensor, bias: Tensor, max_steps: int, eps: float):
-    """ACT over x (T_tok, D) on the kernel loop with a `PoolStep`: returns
-    the loop's PonderOutput."""
-    step = PoolStep(layers, final_norm, keys, x)
+def pool_ponder(kind, keys: KeyTable, kernels: Kernels, x: Tensor, weight: Tensor, bias: Tensor, max_steps: int,
+                eps: float, positions: Optional[Tensor] = None):
+    """ACT over x (T_tok, D) on the kernel loop with a `PoolStep` of the
+    layer kind `kind`: returns the loop's PonderOutput. positions: every
+    token's position in its sequence (layers with rotary embeddings)."""
+    step = PoolStep(kind, keys, x, positions)
     return kernel_ponder_loop(kernels, step, (x,), False, weight, bias, max_steps, eps)
+
+
+def pool_stack(kind, keys: KeyTable, x: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    """Plain layers once over every token (a looped model's prelude and coda)
+    on the pool path: one step of a `PoolStep`."""
+    return PoolStep(kind, keys, x, positions)(x, 1, torch.arange(x.shape[0], device=x.device))

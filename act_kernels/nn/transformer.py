@@ -31,7 +31,7 @@ from ..backends import resolve_encoder
 from ..ops.attention import attend as attend_rows
 from ..ops.attention import key_table, reference_ragged_attention
 from .layers import DecoderLayers, EncoderLayers
-from .token_ponder import pool_ponder
+from .token_ponder import pool_ponder, pool_stack
 
 
 def causal_from(mask: Optional[Tensor], is_causal: bool, length: int) -> bool:
@@ -279,6 +279,13 @@ class RaggedBlock(nn.Module):
                           positions)
         return chosen, context, step
 
+    def _key_table(self, chosen, cu_seqlens: Tensor, x: Tensor, max_seqlen: int, causal: bool, lengths: List[int]):
+        """The pool path's key side for one call (ops/attention/fixed_pool.py):
+        a pool row holds a token's Hkv key heads, then its value heads."""
+        kind = self.kind
+        return key_table(chosen.attention, cu_seqlens, x.shape[0], max_seqlen, kind.kv_heads,
+                         kind.kv_heads * kind.head_dim, causal, kind.head_dim ** -0.5, lengths, x.dtype)
+
     def _check_input(self, x: Tensor, dims: int) -> None:
         if not isinstance(x, Tensor) or x.dim() != dims:
             raise ValueError(f"expected a {dims}-D input, got "
@@ -362,11 +369,9 @@ class ACTTransformerEncoder(RaggedBlock):
             step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
             return self._ponder_with_exit(step, x, exit)
         if chosen.pool_path and self.kind.pool_path_supported(self.training):
-            heads = self.kind.heads
-            keys = key_table(chosen.attention, cu_seqlens, x.shape[0], max_seqlen, heads, self.d_model,
-                             bool(is_causal), 1.0 / (self.d_model // heads) ** 0.5, lengths, x.dtype)
-            out = pool_ponder(self.layers, self.final_norm, keys, get_kernels(chosen.kernels), x,
-                              self.halting.weight, self.halting.bias, self.max_steps, self.eps)
+            keys = self._key_table(chosen, cu_seqlens, x, max_seqlen, bool(is_causal), lengths)
+            out = pool_ponder(self.kind, keys, get_kernels(chosen.kernels), x, self.halting.weight,
+                              self.halting.bias, self.max_steps, self.eps, positions)
             self.ponder_cost, self.steps = out.ponder_cost, out.steps
             return out.state
         step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
@@ -499,10 +504,17 @@ class CausalStack(RaggedBlock):
         super().__init__(encoder_layer, backend)
 
     def forward_packed(self, x: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                       positions: Optional[Tensor] = None) -> Tensor:
+                       positions: Optional[Tensor] = None, lengths: Optional[List[int]] = None) -> Tensor:
         """x (T_tok, D) packed sequences, cu_seqlens (B + 1,) int32: the causal
-        stack's output. positions: as `ACTTransformerEncoder.forward_packed`."""
+        stack's output. positions: as `ACTTransformerEncoder.forward_packed`;
+        lengths: the B lengths as ints, when the caller has them (else read
+        from cu_seqlens)."""
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
+        if chosen.pool_path and self.kind.pool_path_supported(self.training) and x.shape[0]:
+            # every token once: the fixed pools of the ponder's pool path, for one step
+            lengths = chunk_lengths(cu_seqlens) if lengths is None else lengths
+            keys = self._key_table(chosen, cu_seqlens, x, max_seqlen, True, lengths)
+            return pool_stack(self.kind, keys, x, positions)
         step = _TokenStep(self, x, cu_seqlens, True, max_seqlen, chosen.attention, positions=positions)
         return step(x, 1, torch.arange(x.shape[0], device=x.device))
 

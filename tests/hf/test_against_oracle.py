@@ -2,9 +2,13 @@
 own layers (tests/hf/oracle.py): values, exact steps, ponder cost and every
 parameter's gradient, float64, Llama with grouped-query attention and Qwen3
 (q/k norms), left and right padding, blocks with and without prelude, coda
-and step norm."""
+and step norm; on the step-by-step path ("reference") and on the pool path
+("auto": fixed key/value pools, nn/token_ponder.py), which must be the path
+that ran."""
 import pytest
 import torch
+
+import act_kernels.nn.transformer as transformer
 
 from hf.oracle import dense_looped_lm
 from tiny import MODELS, batch, vary
@@ -20,15 +24,30 @@ def grads(module):
 CASES = [((1, 3), False), ((0, 2), False), ((2, 4), True), ((1, 4), True), ((0, 4), False)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("block, step_norm", CASES)
-@pytest.mark.parametrize("left", [True, False])
-def test_values_steps_cost_and_gradients_match_the_oracle(arch, block, step_norm, left):
-    model = MODELS[arch](seed=3, initializer_range=0.1)
-    looped = vary(LoopedCausalLM(model, block, max_steps=5, eps=0.05, step_norm=step_norm, backend="reference"),
+@pytest.fixture
+def paths(monkeypatch):
+    """Records which of the two paths each stack call took: "pool" (the
+    ponder and plain stacks on fixed pools) or "steps" (step by step)."""
+    seen = []
+    for name, label in (("pool_ponder", "pool"), ("pool_stack", "pool"), ("_TokenStep", "steps")):
+        original = getattr(transformer, name)
+
+        def record(*args, original=original, label=label, **kwargs):
+            seen.append(label)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(transformer, name, record)
+    return seen
+
+
+def check_against_oracle(model, block, step_norm, backend, ids, mask, bias=None):
+    """Runs the looped model and the oracle on ids, mask (float64); checks
+    steps, logits, cost and every gradient. Returns the steps."""
+    looped = vary(LoopedCausalLM(model, block, max_steps=5, eps=0.05, step_norm=step_norm, backend=backend),
                   seed=4, scale=2.0)
-    ids, mask = batch(seed=5, rows=4, length=10, left=left)
-    real = mask.bool()
+    if bias is not None:
+        with torch.no_grad():
+            looped.halting.bias.fill_(bias)
     weights = torch.randn(ids.shape + (model.config.vocab_size,), dtype=torch.float64,
                           generator=torch.Generator().manual_seed(6))
 
@@ -43,7 +62,6 @@ def test_values_steps_cost_and_gradients_match_the_oracle(arch, block, step_norm
     theirs = grads(looped)
 
     assert torch.equal(out.steps, steps)
-    assert steps[real].min() < steps[real].max()          # real pondering: steps differ between tokens
     torch.testing.assert_close(out.logits, logits, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(out.ponder_cost, cost.to(out.ponder_cost.dtype), atol=1e-10, rtol=1e-8)
     assert ours.keys() == theirs.keys() and len(ours) == len(list(looped.parameters()))
@@ -53,6 +71,49 @@ def test_values_steps_cost_and_gradients_match_the_oracle(arch, block, step_norm
         # the gradient's scale (measured: at most 5e-8; the block's output side agrees to 1e-15)
         scale = float(theirs[name].abs().max())
         torch.testing.assert_close(ours[name], theirs[name], atol=1e-6 * scale, rtol=0, msg=name)
+    return steps
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("block, step_norm", CASES)
+@pytest.mark.parametrize("left", [True, False])
+@pytest.mark.parametrize("backend", ["reference", "auto"], ids=["steps", "pool"])
+def test_values_steps_cost_and_gradients_match_the_oracle(arch, block, step_norm, left, backend, paths):
+    model = MODELS[arch](seed=3, initializer_range=0.1)
+    ids, mask = batch(seed=5, rows=4, length=10, left=left)
+    steps = check_against_oracle(model, block, step_norm, backend, ids, mask)
+    real = mask.bool()
+    assert steps[real].min() < steps[real].max()          # real pondering: steps differ between tokens
+    assert set(paths) == {"pool" if backend == "auto" else "steps"}
+
+
+@pytest.mark.parametrize("bias, expect", [(40.0, 1), (-40.0, 5)], ids=["all_halt_at_1", "none_before_max"])
+@pytest.mark.parametrize("rows, length", [(1, 7), (3, 9)], ids=["one_row", "three_rows"])
+def test_pool_path_at_the_halting_extremes(bias, expect, rows, length, paths):
+    """Every token halting at step 1 (no halted rows to project later), and
+    none before max_steps (every step writes every pool whole)."""
+    model = MODELS["llama"](seed=3, initializer_range=0.1)
+    ids, mask = batch(seed=8, rows=rows, length=length, left=True)
+    steps = check_against_oracle(model, (1, 3), False, "auto", ids, mask, bias=bias)
+    assert bool((steps[mask.bool()] == expect).all())
+    assert set(paths) == {"pool"}
+
+
+def test_attention_dropout_in_training_takes_the_step_by_step_path(paths):
+    """The pool path has no attention dropout: a model whose attention
+    drops probabilities trains step by step (in eval the pool path serves)."""
+    model = MODELS["llama"](seed=3, initializer_range=0.1)
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    looped = LoopedCausalLM(model, (1, 3), max_steps=3)
+    ids, mask = batch(seed=9, rows=2, length=6)
+    looped.train()
+    looped(ids, mask)
+    assert paths and set(paths) == {"steps"}
+    paths.clear()
+    looped.eval()
+    looped(ids, mask)
+    assert set(paths) == {"pool"}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -8,14 +8,14 @@ and forward + backward. Kernel launches count as one event each (what runs
 inside a launcher is muted). The budget: at most 1.3 times the plain
 layers' calls per ponder step.
 
-The kernel path ("triton", under the interpreter on a CPU: slow, outside
-the default suite) meets it: 108.9 calls per ponder step forward against 84
-(1.30x), 317 against 247 forward + backward (1.28x), one device read per
-step. The CPU path ("auto": ragged attention on its reference backend,
-which pads each step's queries and keys for torch's SDPA and unpads its
-output, and the reference ponder loop) is over it: its marks carry the
-measured counts, and the budget stays (a strict xfail turns into a failure
-once the path meets it).
+Both paths take the pool path (nn/token_ponder.py: one fixed key/value
+row per token per layer, written in place) and meet it. The CPU path
+("auto": torch's CPU flash attention over the pool, the C++ halting step):
+96.75 calls per ponder step forward against 84 (1.15x), 288.4 against 247
+forward + backward (1.17x). The kernel path ("triton", under the
+interpreter on a CPU: slow, outside the default suite): 92.0 against 84
+(1.10x) and 270.1 against 247 (1.09x), one attention launch per layer and
+one device read per step.
 """
 import collections
 
@@ -43,13 +43,9 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def over(measured: str):
-    return pytest.mark.xfail(raises=OverBudget, strict=True, reason=f"over the {BUDGET}x budget: {measured}")
-
-
 @pytest.mark.parametrize("backend,grad", [
-    pytest.param("auto", False, marks=over("auto, forward: 142.25 ATen calls per ponder step against 84, 1.69x")),
-    pytest.param("auto", True, marks=over("auto, forward + backward: 428.875 per ponder step against 247, 1.74x")),
+    ("auto", False),
+    ("auto", True),
     pytest.param("triton", False, marks=pytest.mark.slow),
     pytest.param("triton", True, marks=pytest.mark.slow),
 ], ids=["cpu-forward", "cpu-forward_backward", "triton-forward", "triton-forward_backward"])
