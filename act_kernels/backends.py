@@ -13,7 +13,7 @@ translate names themselves.
 
     resolve            ACT's halting kernels (`ponder`, the layers)
     resolve_pondernet  PonderNet's
-    resolve_attention  ragged attention (reference and Triton only)
+    resolve_attention  ragged attention (reference, the CPU forward kernel, Triton)
     resolve_encoder    the per-token encoder: halting and attention
     resolve_gates      the ACT GRU/LSTM cells' fused gates
     resolve_cell       those gates with the combine backward that goes with them
@@ -96,18 +96,20 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def resolve_attention(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend for ragged attention: "reference" or "triton".
+    """The concrete backend for ragged attention: "reference", "cpu" or "triton".
 
-    "auto" takes Triton on CUDA tensors (float16, bfloat16, float32) and the
-    reference otherwise (the CPU, float64). There is no CUDA C++ kernel for
-    this op: backend="cuda" is an error that says so.
+    "auto" takes Triton on CUDA tensors (float16, bfloat16, float32); on CPU
+    float32/float64 tensors with the extension built, "cpu": the reference
+    backend, with the extension's forward kernel for the calls it serves
+    (`cpu_attention_serves`); the reference otherwise. There is no CUDA C++
+    kernel for this op: backend="cuda" is an error that says so.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     if backend == "auto":
         if device.type == "cuda" and dtype != torch.float64 and not why_unavailable("triton", device):
             return "triton"
-        return "reference"
+        return "cpu" if cpu_kernels_serve(device, dtype) else "reference"
     if backend == "cuda":
         raise RuntimeError("ragged_attention has no CUDA C++ kernel; use backend='triton' (or 'auto')")
     reason = why_unavailable(backend, device)
@@ -145,6 +147,22 @@ def cpu_kernels_serve(device: torch.device, dtype: torch.dtype) -> bool:
     step) can serve tensors of this device and dtype: CPU float32/float64,
     the extension built."""
     return device.type == "cpu" and dtype in (torch.float32, torch.float64) and not cuda_extension_error()
+
+
+def cpu_attention_serves(q: torch.Tensor, k_pool: Sequence[torch.Tensor], v_pool: Sequence[torch.Tensor],
+                         num_sequences: int) -> bool:
+    """Whether a call of the "cpu" attention backend runs the extension's
+    forward kernel (ops/attention/cpu_kernels.py) rather than the reference's
+    padded fused attention: nothing needs a gradient, the pools are one
+    tensor each in q's dtype, and there are at most as many queries as
+    sequences (a decode step: there the padded layout and its gathers cost
+    more than the attention; a prompt's many queries are the fused
+    attention's case)."""
+    if q.shape[0] > num_sequences or len(k_pool) != 1 or len(v_pool) != 1:
+        return False
+    if k_pool[0].dtype != q.dtype or v_pool[0].dtype != q.dtype:
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k_pool[0].requires_grad or v_pool[0].requires_grad))
 
 
 def resolve_pondernet(backend: str, device: torch.device) -> str:

@@ -6,6 +6,7 @@
 
 #include "common.h"
 #include "cells/gates.h"
+#include "attention/ragged_cpu.h"
 #include "cells/gates_cpu.h"
 #include "pondernet/pondernet.h"
 
@@ -297,6 +298,35 @@ void cpu_cell_backward_typed(int kind, uintptr_t grad_h, int64_t s_dh, uintptr_t
   }
 }
 
+template <typename T>
+void cpu_ragged_attention_typed(uintptr_t q, int64_t q_row, int64_t q_head, uintptr_t k, int64_t k_row,
+                                int64_t k_head, uintptr_t v, int64_t v_row, int64_t v_head, uintptr_t kv_rows,
+                                uintptr_t cu, int64_t batch, uintptr_t q_rows, int64_t queries, int64_t heads,
+                                int64_t kv_heads, int64_t dim, bool causal, double scale, uintptr_t out) {
+  const act::cpu::RaggedAttention<T> a{ptr<const T>(q), q_row, q_head, ptr<const T>(k), k_row, k_head,
+                                       ptr<const T>(v), v_row, v_head, ptr<const int64_t>(kv_rows),
+                                       ptr<const int32_t>(cu), batch, ptr<const int64_t>(q_rows), queries, heads,
+                                       kv_heads, dim, causal, scale, ptr<T>(out)};
+  act::cpu::ragged_attention_forward<T>(a);
+}
+
+// Ragged attention's forward on the CPU (float32 or float64): the contract
+// of ops/attention/reference.py's ragged_attention, without autograd.
+void cpu_ragged_attention(uintptr_t q, int64_t q_row, int64_t q_head, uintptr_t k, int64_t k_row, int64_t k_head,
+                          uintptr_t v, int64_t v_row, int64_t v_head, uintptr_t kv_rows, uintptr_t cu, int64_t batch,
+                          uintptr_t q_rows, int64_t queries, int64_t heads, int64_t kv_heads, int64_t dim,
+                          bool causal, double scale, uintptr_t out, int dtype) {
+  if (dtype == static_cast<int>(act::DType::kFloat32)) {
+    cpu_ragged_attention_typed<float>(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, kv_rows, cu, batch,
+                                      q_rows, queries, heads, kv_heads, dim, causal, scale, out);
+  } else if (dtype == static_cast<int>(act::DType::kFloat64)) {
+    cpu_ragged_attention_typed<double>(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, kv_rows, cu, batch,
+                                       q_rows, queries, heads, kv_heads, dim, causal, scale, out);
+  } else {
+    throw std::invalid_argument("act_kernels: the CPU ragged attention takes float32 or float64");
+  }
+}
+
 void cpu_cell_backward(int kind, uintptr_t grad_h, int64_t s_dh, uintptr_t grad_c, int64_t s_dc, uintptr_t gi,
                        int64_t s_gi, uintptr_t gh, int64_t s_gh, uintptr_t state, int64_t s_state, uintptr_t d_gi,
                        uintptr_t d_gh, uintptr_t d_state, int64_t rows, int64_t hidden, int dtype) {
@@ -329,6 +359,8 @@ PYBIND11_MODULE(_C, m) {
         "CPU GRU (kind 0) / LSTM (1) gates, with the halting step when step > 0 (float32, float64)");
   m.def("cpu_cell_backward", &cpu_cell_backward, py::call_guard<py::gil_scoped_release>(),
         "CPU GRU / LSTM gates backward, recomputing the gates (float32, float64)");
+  m.def("cpu_ragged_attention", &cpu_ragged_attention, py::call_guard<py::gil_scoped_release>(),
+        "Ragged attention's forward on the CPU (float32, float64), no autograd");
   m.def("cpu_halting_step", &cpu_halting_step, py::call_guard<py::gil_scoped_release>(),
         "ACT's halting step on the CPU over given states (float32/float64)");
   m.def("cell_halting_step", &cell_halting_step,

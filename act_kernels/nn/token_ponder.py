@@ -1,8 +1,10 @@
-"""The per-token encoder's ponder step over fixed key/value pools (design
-§9, §11): the host work of a step is the layer's own math, one attention
-launch per layer and the halting launch of ACT's kernel loop.
+"""The per-token ponder step over fixed key/value pools (design §9, §11),
+for any layer kind of nn/layers: the host work of a step is the layers' own
+math, one attention launch per layer and the halting launch of ACT's kernel
+loop. A looped model's plain prelude and coda run one step of it
+(`pool_stack`).
 
-- Keys and values: one (T_tok, 2 d_model) pool per layer, a token's row at
+- Keys and values: one (T_tok, 2 Hkv d) pool per layer, a token's row at
   its packed index, written in place where a token's visible state changed.
   No segment list, no token -> row table, no concatenation: the key side of
   attention is fixed for the call (`fixed_pool.key_table`), the query side
@@ -15,15 +17,16 @@ launch per layer and the halting launch of ACT's kernel loop.
   output feeds all of step n + 1 (its running rows are the queries of every
   layer, its rows the first layer's new keys), so no node of step n is ready
   before step n + 1's attention backwards have all run and restored their
-  rows. Within a step each pool is written once, before its one read.
-- The in-projection is sliced into its query and key/value rows once per
-  call, not per step.
+  rows. Within a step each pool is written once, before its one read: a
+  layer kind that computes its rows' keys and values in its forward (a
+  transformers decoder layer) writes the first pool once with those of the
+  running tokens and those of the tokens that have just halted.
 
-It runs the layers through their row adapter (`nn/layers/torch_encoder.py`,
-the same math the step-by-step path runs); `EncoderLayers.pool_path_supported`
-says which layers qualify (LayerNorms, a parameter-free activation, no
-active dropout). The encoder takes the step-by-step path of
-`nn/transformer.py` otherwise, and on backend="reference".
+It runs the layers through their row adapters (nn/layers, the same math
+the step-by-step path runs); a kind's `pool_path_supported` says when they
+qualify (no dropout that acts, LayerNorms and a parameter-free activation
+for torch's encoder layers). The step-by-step path of `nn/transformer.py`
+serves the rest, and backend="reference".
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ...backends import resolve_attention
+from ...backends import cpu_attention_serves, resolve_attention
 from . import reference
 from .checks import as_pool, check_attention_args
 from .index import pool_grads
@@ -48,7 +48,9 @@ def ragged_attention(
     causal:     query at position i sees positions <= i of its sequence
                 (positions counted from the sequence start, not bottom-right aligned)
     scale:      default 1 / sqrt(d); max_seqlen: optional longest length (saves a sync)
-    backend:    "auto" | "reference" | "triton"
+    backend:    "auto" | "reference" | "triton" ("auto" on the CPU: the reference,
+                with a C++ forward kernel for calls without gradients and at
+                most one query per sequence, when the extension is built)
 
     Returns (A, Hq, d) in q's dtype. Softmax statistics are float32
     (float64 on the reference for float64 inputs). Every backend saves only
@@ -74,6 +76,10 @@ def attend(q: Tensor, k_pool: Sequence[Tensor], v_pool: Sequence[Tensor], cu_seq
            kv_rows: Optional[Tensor], causal: bool, scale: float, max_seqlen: int, backend: str) -> Tensor:
     """`ragged_attention` without the argument checks, for callers that build
     valid indices themselves (the transformer layer). backend is concrete."""
+    if backend == "cpu" and cpu_attention_serves(q, k_pool, v_pool, cu_seqlens.shape[0] - 1):
+        from .cpu_kernels import attention_forward
+
+        return attention_forward(q, k_pool, v_pool, cu_seqlens, q_rows, kv_rows, causal, scale)
     return RaggedAttention.apply(backend, causal, scale, max_seqlen, len(k_pool), q, cu_seqlens, q_rows, kv_rows,
                                  *k_pool, *v_pool)
 
