@@ -9,6 +9,7 @@ top-down:
     reference.py       the reference twin (pure PyTorch), and the reference
                        backend's fused attention over padded sequences
     triton_kernels.py  flash-style Triton forward and backward, and launchers
+    cpu_kernels.py     the extension's C++ forward on the CPU (decode steps)
     library.py         the torch.library ops
     fixed_pool.py      the same over a pool of one row per token, updated in
                        place, with its index tables built once per call
