@@ -29,6 +29,7 @@ from functools import lru_cache
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
+from torch.autograd import forward_ad
 
 from .ops.extension import load_error
 
@@ -153,14 +154,19 @@ def cpu_attention_serves(q: torch.Tensor, k_pool: Sequence[torch.Tensor], v_pool
                          num_sequences: int) -> bool:
     """Whether a call of the "cpu" attention backend runs the extension's
     forward kernel (ops/attention/cpu_kernels.py) rather than the reference's
-    padded fused attention: nothing needs a gradient, the pools are one
-    tensor each in q's dtype, and there are at most as many queries as
+    padded fused attention: nothing needs a gradient (forward-mode
+    tangents included), q is a CPU float32/float64 tensor (under autocast it
+    may not be, whatever the module's dtype), the pools are one tensor each
+    in q's dtype, and there are at most as many queries as
     sequences (a decode step: there the padded layout and its gathers cost
     more than the attention; a prompt's many queries are the fused
     attention's case)."""
     if q.shape[0] > num_sequences or len(k_pool) != 1 or len(v_pool) != 1:
         return False
-    if k_pool[0].dtype != q.dtype or v_pool[0].dtype != q.dtype:
+    # the dtype the call's tensors have, not the module's: under autocast q may be half precision
+    if not cpu_kernels_serve(q.device, q.dtype) or k_pool[0].dtype != q.dtype or v_pool[0].dtype != q.dtype:
+        return False
+    if forward_ad._current_level >= 0:   # inside a dual level a tangent may ride on any input
         return False
     return not (torch.is_grad_enabled() and (q.requires_grad or k_pool[0].requires_grad or v_pool[0].requires_grad))
 

@@ -300,12 +300,13 @@ void cpu_cell_backward_typed(int kind, uintptr_t grad_h, int64_t s_dh, uintptr_t
 
 template <typename T>
 void cpu_ragged_attention_typed(uintptr_t q, int64_t q_row, int64_t q_head, uintptr_t k, int64_t k_row,
-                                int64_t k_head, uintptr_t v, int64_t v_row, int64_t v_head, uintptr_t kv_rows,
-                                uintptr_t cu, int64_t batch, uintptr_t q_rows, int64_t queries, int64_t heads,
-                                int64_t kv_heads, int64_t dim, bool causal, double scale, uintptr_t out) {
+                                int64_t k_head, uintptr_t v, int64_t v_row, int64_t v_head, int64_t pool_rows,
+                                uintptr_t kv_rows, int64_t tokens, uintptr_t cu, int64_t batch, uintptr_t q_rows,
+                                int64_t queries, int64_t heads, int64_t kv_heads, int64_t dim, bool causal,
+                                double scale, uintptr_t out) {
   const act::cpu::RaggedAttention<T> a{ptr<const T>(q), q_row, q_head, ptr<const T>(k), k_row, k_head,
-                                       ptr<const T>(v), v_row, v_head, ptr<const int64_t>(kv_rows),
-                                       ptr<const int32_t>(cu), batch, ptr<const int64_t>(q_rows), queries, heads,
+                                       ptr<const T>(v), v_row, v_head, pool_rows, ptr<const int64_t>(kv_rows),
+                                       tokens, ptr<const int32_t>(cu), batch, ptr<const int64_t>(q_rows), queries, heads,
                                        kv_heads, dim, causal, scale, ptr<T>(out)};
   act::cpu::ragged_attention_forward<T>(a);
 }
@@ -313,14 +314,16 @@ void cpu_ragged_attention_typed(uintptr_t q, int64_t q_row, int64_t q_head, uint
 // Ragged attention's forward on the CPU (float32 or float64): the contract
 // of ops/attention/reference.py's ragged_attention, without autograd.
 void cpu_ragged_attention(uintptr_t q, int64_t q_row, int64_t q_head, uintptr_t k, int64_t k_row, int64_t k_head,
-                          uintptr_t v, int64_t v_row, int64_t v_head, uintptr_t kv_rows, uintptr_t cu, int64_t batch,
-                          uintptr_t q_rows, int64_t queries, int64_t heads, int64_t kv_heads, int64_t dim,
+                          uintptr_t v, int64_t v_row, int64_t v_head, int64_t pool_rows, uintptr_t kv_rows,
+                          int64_t tokens, uintptr_t cu, int64_t batch, uintptr_t q_rows, int64_t queries, int64_t heads, int64_t kv_heads, int64_t dim,
                           bool causal, double scale, uintptr_t out, int dtype) {
   if (dtype == static_cast<int>(act::DType::kFloat32)) {
-    cpu_ragged_attention_typed<float>(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, kv_rows, cu, batch,
+    cpu_ragged_attention_typed<float>(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, pool_rows, kv_rows,
+                                      tokens, cu, batch,
                                       q_rows, queries, heads, kv_heads, dim, causal, scale, out);
   } else if (dtype == static_cast<int>(act::DType::kFloat64)) {
-    cpu_ragged_attention_typed<double>(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, kv_rows, cu, batch,
+    cpu_ragged_attention_typed<double>(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, pool_rows, kv_rows,
+                                      tokens, cu, batch,
                                        q_rows, queries, heads, kv_heads, dim, causal, scale, out);
   } else {
     throw std::invalid_argument("act_kernels: the CPU ragged attention takes float32 or float64");

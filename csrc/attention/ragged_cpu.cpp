@@ -88,6 +88,33 @@ __attribute__((target_clones("avx2", "default"))) void forward_loop(const Ragged
   }
 }
 
+// The indices a call reads through, checked in full (O(B + A + T_tok), small
+// beside the attention): offsets that start at 0 or more, never decrease and
+// end within the tokens; queries inside the offsets (in int64, before any
+// narrowing); pool rows inside the pools.
+template <typename T>
+void check_indices(const RaggedAttention<T>& a) {
+  if (a.batch < 0 || a.cu[0] < 0) throw std::invalid_argument("act_kernels: cu_seqlens must start at 0 or more");
+  for (int64_t b = 0; b < a.batch; ++b) {
+    if (a.cu[b + 1] < a.cu[b]) throw std::invalid_argument("act_kernels: cu_seqlens must be non-decreasing");
+  }
+  if (a.cu[a.batch] > a.tokens) {
+    throw std::invalid_argument("act_kernels: cu_seqlens reaches past the tokens the pools hold");
+  }
+  for (int64_t i = 0; i < a.queries; ++i) {
+    if (a.q_rows[i] < a.cu[0] || a.q_rows[i] >= a.cu[a.batch]) {
+      throw std::invalid_argument("act_kernels: a query row lies outside cu_seqlens");
+    }
+  }
+  if (a.kv_rows != nullptr) {
+    for (int64_t j = a.cu[0]; j < a.cu[a.batch]; ++j) {
+      if (a.kv_rows[j] < 0 || a.kv_rows[j] >= a.pool_rows) {
+        throw std::invalid_argument("act_kernels: kv_rows points outside the pools");
+      }
+    }
+  }
+}
+
 template <typename T>
 void ragged_attention_forward(const RaggedAttention<T>& a) {
   if (a.kv_heads <= 0 || a.heads % a.kv_heads != 0) {
@@ -95,15 +122,9 @@ void ragged_attention_forward(const RaggedAttention<T>& a) {
   }
   const int64_t group = a.heads / a.kv_heads;
   if (group > 64) throw std::invalid_argument("act_kernels: at most 64 query heads per kv head");
+  check_indices(a);
   int64_t longest = 0;
   for (int64_t b = 0; b < a.batch; ++b) longest = std::max<int64_t>(longest, a.cu[b + 1] - a.cu[b]);
-  for (int64_t i = 0; i < a.queries; ++i) {
-    const int32_t* upper = std::upper_bound(a.cu, a.cu + a.batch + 1, static_cast<int32_t>(a.q_rows[i]));
-    const int64_t b = (upper - a.cu) - 1;
-    if (a.q_rows[i] < 0 || b < 0 || b >= a.batch) {
-      throw std::invalid_argument("act_kernels: a query row lies outside cu_seqlens");
-    }
-  }
   std::vector<T> scores(static_cast<size_t>(group * std::max<int64_t>(longest, 1)));
   forward_loop<T>(a, group, scores.data());
 }

@@ -19,7 +19,9 @@ struct RaggedAttention {
   int64_t k_row, k_head;
   const T* v;              // pool (P, Hkv, d), strides v_row, v_head
   int64_t v_row, v_head;
+  int64_t pool_rows;       // P: rows of both pools
   const int64_t* kv_rows;  // (T_tok,) token j reads pool row kv_rows[j]; nullptr: row j
+  int64_t tokens;          // T_tok: kv_rows' length (P without kv_rows)
   const int32_t* cu;       // (B + 1,) sequence offsets
   int64_t batch;
   const int64_t* q_rows;   // (A,) packed token index of every query
@@ -30,6 +32,8 @@ struct RaggedAttention {
 };
 
 // Softmax statistics and sums in T (float32 for float32, float64 for float64).
+// Every index is checked before anything is read: bad input raises
+// std::invalid_argument, never reads outside the pools.
 template <typename T>
 void ragged_attention_forward(const RaggedAttention<T>& a);
 

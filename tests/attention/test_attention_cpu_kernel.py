@@ -132,3 +132,57 @@ def test_attend_takes_the_kernel_for_a_decode_step_only(kernel_calls, monkeypatc
     assert kernel_calls == [3] and out.requires_grad
     torch.testing.assert_close(out, expect, **TOL[torch.float64])
     assert attention_function.cpu_attention_serves(q[:3], [k], [v], 3)
+
+
+@pytest.mark.parametrize("q_rows,kv_rows,cu,match", [
+    ([2 ** 32 + 1], None, None, "outside cu_seqlens"),        # would pass as 1 once narrowed to int32
+    ([-1], None, None, "outside cu_seqlens"),
+    ([4], [0, 1, 2, 3, 10 ** 9, 5, 6, 7], None, "outside the pools"),
+    ([4], [0, 1, 2, 3, -1, 5, 6, 7], None, "outside the pools"),
+    ([2], None, [0, 5, 3], "non-decreasing"),
+    ([2], None, [0, 4, 40], "past the tokens"),
+    ([2], None, [-1, 4, 8], "start at 0"),
+], ids=["int64 query", "negative query", "row past the pool", "negative row", "decreasing cu", "cu past the pool",
+        "negative cu"])
+def test_bad_indices_raise_before_anything_is_read(q_rows, kv_rows, cu, match):
+    """The kernel checks every index it reads through: bad input is an error,
+    never a read outside the pools."""
+    q, k, v, good_cu, _ = problem([4, 4], 2, 8, torch.float32, seed=7)
+    table = None if kv_rows is None else torch.tensor(kv_rows)
+    offsets = good_cu if cu is None else torch.tensor(cu, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        kernel(q[:1], [k], [v], offsets, torch.tensor(q_rows), table, True, 0.5)
+
+
+def test_autocast_half_precision_takes_the_reference(kernel_calls):
+    """Under CPU autocast the backend is chosen from the module's float32,
+    while q and the pools reach attention in bfloat16: the kernel (float32 /
+    float64 only) must not be handed them."""
+    q, k, v, cu, _ = problem([6, 9, 4], 4, 16, torch.float32, seed=9, kv_heads=2)
+    decode = torch.tensor([5, 14, 18])
+    q16, k16, v16 = (t.to(torch.bfloat16) for t in (q[:3], k, v))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q16, [k16], [v16], cu, decode, None, True, 0.25, 9, "cpu")
+    assert kernel_calls == [] and out.dtype == torch.bfloat16
+    expect = reference.ragged_attention(q16, k16, v16, cu, decode, causal=True, scale=0.25)
+    torch.testing.assert_close(out, expect, atol=2e-2, rtol=2e-2)
+
+
+def test_forward_mode_tangents_are_not_dropped(kernel_calls):
+    """A dual tensor does not require grad, yet carries a tangent: the
+    forward kernel would return a plain tensor and lose it. Inside a dual
+    level the call goes to the reference, which either carries the tangent
+    or says it cannot."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v, cu, _ = problem([6, 9, 4], 4, 16, torch.float64, seed=10, kv_heads=2)
+    decode = torch.tensor([5, 14, 18])
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(q[:3].clone(), torch.ones_like(q[:3]))
+        try:
+            out = attend(dual, [k], [v], cu, decode, None, True, 0.25, 9, "cpu")
+        except (NotImplementedError, RuntimeError) as error:
+            assert "jvp" in str(error) or "forward" in str(error).lower()
+        else:
+            assert fwAD.unpack_dual(out).tangent is not None
+    assert kernel_calls == []

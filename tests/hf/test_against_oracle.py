@@ -131,3 +131,19 @@ def test_generation_matches_the_oracle_forward(arch):
                                            input_ids=gen.sequences, attention_mask=full, attn="sdpa")
     assert torch.equal(gen.steps, steps)
     assert torch.equal(logits[:, ids.shape[1] - 1:-1].argmax(-1), gen.sequences[:, ids.shape[1]:])
+
+
+def test_pool_path_with_torch_attention_keeps_the_kv_heads(monkeypatch, paths):
+    """The pool path where it runs the reference through torch's own
+    scaled_dot_product_attention rather than its CPU flash kernels (what a
+    CUDA float64 call, or one without Triton, takes): the grouped-query
+    pools keep their Hkv heads there too (enable_gqa), forward and backward."""
+    import act_kernels.nn.transformer as engine
+
+    original = engine.key_table
+    monkeypatch.setattr(engine, "key_table", lambda *a, **k: original(*a, **k)._replace(cpu_flash=False))
+    model = MODELS["llama"](seed=3, initializer_range=0.1)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ids, mask = batch(seed=5, rows=3, length=9, left=True)
+    check_against_oracle(model, (1, 3), False, "auto", ids, mask)
+    assert set(paths) == {"pool"}

@@ -38,9 +38,12 @@ def attention_forward(q: Tensor, k_pool: Sequence[Tensor], v_pool: Sequence[Tens
     cu = dense(cu_seqlens.to(torch.int32))
     rows = dense(q_rows.to(torch.int64))
     table = dense(kv_rows.to(torch.int64)) if kv_rows is not None else None
+    pool_rows = min(k.shape[0], v.shape[0])
+    # the kernel checks every index against these bounds before it reads
     extension().cpu_ragged_attention(
         q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
-        v.stride(1), table.data_ptr() if table is not None else 0, cu.data_ptr(), cu.shape[0] - 1, rows.data_ptr(),
+        v.stride(1), pool_rows, table.data_ptr() if table is not None else 0,
+        table.shape[0] if table is not None else pool_rows, cu.data_ptr(), cu.shape[0] - 1, rows.data_ptr(),
         q.shape[0], q.shape[1], k.shape[1], q.shape[2], bool(causal), float(scale), out.data_ptr(),
         DTYPE_CODES[q.dtype])
     return out

@@ -150,9 +150,11 @@ def _unpadded_queries(out: Tensor, queries: QueryTable) -> Tensor:
 
 
 def _sdpa(qp: Tensor, kp: Tensor, vp: Tensor, keys: KeyTable, queries: QueryTable) -> Tensor:
+    # grouped-query pools keep their Hkv heads: torch maps query head h to kv head h // g
+    gqa = dict(enable_gqa=True) if kp.shape[1] != qp.shape[1] else {}
     if not queries.padded:   # every token of equal-length sequences: no mask, torch's causal path
-        return F.scaled_dot_product_attention(qp, kp, vp, is_causal=keys.causal, scale=keys.scale)
-    return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=queries.mask, scale=keys.scale)
+        return F.scaled_dot_product_attention(qp, kp, vp, is_causal=keys.causal, scale=keys.scale, **gqa)
+    return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=queries.mask, scale=keys.scale, **gqa)
 
 
 def pool_forward(q: Tensor, views: PoolViews, keys: KeyTable, queries: QueryTable) -> Tuple[Tensor, Tuple[Tensor, ...]]:
