@@ -20,7 +20,7 @@ void halting_step(uintptr_t state, int64_t state_row_stride, uintptr_t active, u
                   uintptr_t bias, uintptr_t threshold, uintptr_t running_sum, uintptr_t accumulator,
                   int64_t acc_row_stride, uintptr_t steps, uintptr_t remainder, uintptr_t p,
                   uintptr_t h, uintptr_t halted, int64_t num_active, int64_t hidden, int64_t step,
-                  int64_t max_steps, int dtype, uintptr_t stream) {
+                  int64_t max_steps, uintptr_t row_steps, int dtype, uintptr_t stream) {
   act::HaltingStepParams params{};
   params.state = ptr<const void>(state);
   params.state_row_stride = state_row_stride;
@@ -40,6 +40,7 @@ void halting_step(uintptr_t state, int64_t state_row_stride, uintptr_t active, u
   params.hidden = hidden;
   params.step = step;
   params.max_steps = max_steps;
+  params.row_steps = ptr<const int64_t>(row_steps);
   act::halting_step(params, dtype, reinterpret_cast<cudaStream_t>(stream));
 }
 
@@ -258,26 +259,27 @@ template <typename T>
 void cpu_halting_step_typed(uintptr_t state, int64_t s_state, int64_t rows, int64_t hidden, uintptr_t active,
                             uintptr_t weight, uintptr_t bias, uintptr_t threshold, uintptr_t running_sum,
                             uintptr_t acc, int64_t acc_stride, uintptr_t steps, uintptr_t remainder, uintptr_t p,
-                            uintptr_t h, uintptr_t halted, int64_t step, int64_t max_steps) {
+                            uintptr_t h, uintptr_t halted, int64_t step, int64_t max_steps, uintptr_t row_steps) {
   const act::cpu::Halting<T> q{ptr<const int64_t>(active), ptr<const T>(weight), ptr<const T>(bias),
                                ptr<const T>(threshold), ptr<T>(running_sum), ptr<T>(acc), acc_stride,
                                nullptr, 0, ptr<int64_t>(steps), ptr<T>(remainder), ptr<T>(p),
-                               ptr<T>(h), ptr<bool>(halted), step, max_steps};
+                               ptr<T>(h), ptr<bool>(halted), step, max_steps, ptr<const int64_t>(row_steps)};
   act::cpu::halting_forward<T>(ptr<const T>(state), s_state, rows, hidden, &q);
 }
 
 // ACT's halting step on the CPU over given states, in the state's dtype
 // (float32 or float64): the contract of ops/halting.py's halting_step.
+// row_steps: 0, every row at `step`, or an (A,) int64 array of each row's step.
 void cpu_halting_step(uintptr_t state, int64_t s_state, int64_t rows, int64_t hidden, uintptr_t active,
                       uintptr_t weight, uintptr_t bias, uintptr_t threshold, uintptr_t running_sum, uintptr_t acc,
                       int64_t acc_stride, uintptr_t steps, uintptr_t remainder, uintptr_t p, uintptr_t h,
-                      uintptr_t halted, int64_t step, int64_t max_steps, int dtype) {
+                      uintptr_t halted, int64_t step, int64_t max_steps, uintptr_t row_steps, int dtype) {
   if (dtype == static_cast<int>(act::DType::kFloat32)) {
     cpu_halting_step_typed<float>(state, s_state, rows, hidden, active, weight, bias, threshold, running_sum, acc,
-                                  acc_stride, steps, remainder, p, h, halted, step, max_steps);
+                                  acc_stride, steps, remainder, p, h, halted, step, max_steps, row_steps);
   } else if (dtype == static_cast<int>(act::DType::kFloat64)) {
     cpu_halting_step_typed<double>(state, s_state, rows, hidden, active, weight, bias, threshold, running_sum, acc,
-                                   acc_stride, steps, remainder, p, h, halted, step, max_steps);
+                                   acc_stride, steps, remainder, p, h, halted, step, max_steps, row_steps);
   } else {
     throw std::invalid_argument("act_kernels: the CPU halting step takes float32 or float64");
   }
@@ -306,8 +308,8 @@ void cpu_ragged_attention_typed(uintptr_t q, int64_t q_row, int64_t q_head, uint
                                 double scale, uintptr_t out) {
   const act::cpu::RaggedAttention<T> a{ptr<const T>(q), q_row, q_head, ptr<const T>(k), k_row, k_head,
                                        ptr<const T>(v), v_row, v_head, pool_rows, ptr<const int64_t>(kv_rows),
-                                       tokens, ptr<const int32_t>(cu), batch, ptr<const int64_t>(q_rows), queries, heads,
-                                       kv_heads, dim, causal, scale, ptr<T>(out)};
+                                       tokens, ptr<const int32_t>(cu), batch, ptr<const int64_t>(q_rows), queries,
+                                       heads, kv_heads, dim, causal, scale, ptr<T>(out)};
   act::cpu::ragged_attention_forward<T>(a);
 }
 
@@ -315,7 +317,8 @@ void cpu_ragged_attention_typed(uintptr_t q, int64_t q_row, int64_t q_head, uint
 // of ops/attention/reference.py's ragged_attention, without autograd.
 void cpu_ragged_attention(uintptr_t q, int64_t q_row, int64_t q_head, uintptr_t k, int64_t k_row, int64_t k_head,
                           uintptr_t v, int64_t v_row, int64_t v_head, int64_t pool_rows, uintptr_t kv_rows,
-                          int64_t tokens, uintptr_t cu, int64_t batch, uintptr_t q_rows, int64_t queries, int64_t heads, int64_t kv_heads, int64_t dim,
+                          int64_t tokens, uintptr_t cu, int64_t batch, uintptr_t q_rows, int64_t queries,
+                          int64_t heads, int64_t kv_heads, int64_t dim,
                           bool causal, double scale, uintptr_t out, int dtype) {
   if (dtype == static_cast<int>(act::DType::kFloat32)) {
     cpu_ragged_attention_typed<float>(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, pool_rows, kv_rows,

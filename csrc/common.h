@@ -46,6 +46,7 @@ struct HaltingStepParams {
   int64_t hidden;
   int64_t step;
   int64_t max_steps;
+  const int64_t* row_steps;     // (A,) int64 or nullptr: row i at its own step (in place of step)
 };
 
 struct CombineBackwardParams {

@@ -15,7 +15,8 @@ iteration:
   attention reads its sequence's cached tokens through the index, first layer
   row min(n - 1, N_j), later layers min(n, N_j) (design §14), each row's n
   taken from a tensor, and the token's own rows in the tail;
-- ACT's halting (§1) per row; one device read: which rows halted;
+- ACT's halting (§1), one kernel call with each row's own step; one device
+  read: which rows halted;
 - the tokens that halted get their first-layer row of s^N, move their rows
   into the block's cache (N + 1 and N rows: never M), and go through the
   coda, final norm, head and sampling; their sequences feed the sampled token
@@ -32,6 +33,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..backends import resolve_encoder
+from ..ops.act import get_kernels
 from ..ops.attention import attend as attend_rows
 from ..ops.state import accumulation_dtype
 from .cache import CacheContext, ChunkLayout, split_key_values
@@ -76,6 +79,14 @@ class DepthwiseBlock:
         self.host_step = [0] * slots
         weight = block.halting.weight
         self.halt_w, self.halt_b = weight.reshape(-1), block.halting.bias.reshape(())
+        # ACT's halting step, one fused call with a step per row, from the
+        # kernels the block's backend resolves to (Triton, CUDA, the
+        # extension's CPU step, or the twins)
+        self.halting_step = get_kernels(resolve_encoder(block.backend, device, dtype).kernels).halting_step
+        self.halt_threshold = torch.full((1,), self.threshold, dtype=self.acc, device=device)
+        # the kernel's steps and remainder outputs: the host keeps the steps, S needs no R
+        self.halted_at = torch.zeros(slots, dtype=torch.int64, device=device)
+        self.remainder = torch.zeros(slots, device=device, dtype=self.acc)
         self.iterations = 0
 
     def enter(self, slots: Sequence[int], s0: Tensor) -> None:
@@ -201,16 +212,12 @@ class DepthwiseBlock:
         return halted, x[local], steps, values
 
     def _act_halting(self, index: Tensor, n: Tensor, x: Tensor) -> Tensor:
-        """ACT's halting (design §1), each row at its own step; accumulates
-        the mean field."""
-        s = x.to(self.acc)
-        with torch.autocast(device_type=s.device.type, enabled=False):
-            h = torch.sigmoid(s @ self.halt_w.to(self.acc) + self.halt_b.to(self.acc))
-        before = self.running_sum[index]
-        halt = (before + h >= self.threshold) | (n >= self.max_steps)
-        p = torch.where(halt, 1 - before, h)
-        self.running_sum.index_copy_(0, index, torch.where(halt, before, before + h))
-        self.mean.index_add_(0, index, p[:, None] * s)
+        """ACT's halting (design §1) on the rows `index` (ascending slots),
+        each at its own step n: the running sums and the mean field S
+        updated in one kernel call."""
+        _, _, halt = self.halting_step(x, index, self.halt_w, self.block.halting.bias, self.halt_threshold,
+                                       self.running_sum, self.mean, self.halted_at, self.remainder, n,
+                                       self.max_steps)
         return halt
 
     def _exit_rule(self, index: Tensor, n: Tensor, x: Tensor, slots: List[int]) -> Tensor:

@@ -5,19 +5,23 @@ runs it as its "twins" implementation, and the fused cell-and-halting twins
 (ops/cells) run it after the gates."""
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence, Tuple, Union
 
 import torch
 
 
-def halting_decision(sum_before, h, threshold, is_last_step: bool):
+def halting_decision(sum_before, h, threshold, is_last_step):
     """The halting test of eq. (4)-(6): returns (halt, p).
 
     A row halts at the first step whose h brings the running sum to at least
     1 - eps, or at the last allowed step; its last weight is the remainder
     R = 1 - (sum of the earlier h), so the weights of a row always sum to 1.
+    is_last_step: a bool for every row, or a bool tensor, one per row (rows
+    at their own steps: design §17).
     """
-    if is_last_step:
+    if isinstance(is_last_step, torch.Tensor):
+        halt = (sum_before + h >= threshold) | is_last_step
+    elif is_last_step:
         halt = torch.ones_like(h, dtype=torch.bool)
     else:
         halt = sum_before + h >= threshold
@@ -35,13 +39,15 @@ def halting_step(
     accumulator: torch.Tensor,
     steps: torch.Tensor,
     remainder: torch.Tensor,
-    step: int,
+    step: Union[int, torch.Tensor],
     max_steps: int,
     extra: Sequence[Tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One fused halting step over the A active rows.
 
     state (A, H) new states s^n of the active rows; active (A,) their batch rows;
+    step: n, the step every row is at, or an (A,) int64 tensor on the states'
+    device, each row at its own step (the depth-wise scheduler, design §17);
     weight (H,), bias (1,), threshold (1,) = 1 - eps in the accumulation dtype.
     Updated in place for the active rows: running_sum (B,), accumulator (B, H)
     (+= p s), and for the rows that halt: steps (B,) = n, remainder (B,) = R.
@@ -60,6 +66,6 @@ def halting_step(
         accumulator[active] += p[:, None] * s
         for t, m in extra:
             m[active] += p[:, None] * t.to(acc)
-        steps[active[halt]] = step
+        steps[active[halt]] = step[halt] if isinstance(step, torch.Tensor) else step
         remainder[active[halt]] = p[halt]
     return p, h, halt

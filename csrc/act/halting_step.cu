@@ -52,7 +52,7 @@ halting_step_registers_kernel(const HaltingStepParams p) {
   }
   dot = row_sum<THREADS>(dot, scratch[group]);
   if constexpr (THREADS == 32) __syncwarp();  // row_sum's block barrier does this for wider groups
-  const Decision<A> d = decide<A>(p, r, dot);
+  const Decision<A> d = decide<A>(p, i, r, dot);
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int64_t j = (static_cast<int64_t>(c) * THREADS + lane) * VEC;
@@ -87,7 +87,7 @@ halting_step_loop_kernel(const HaltingStepParams p) {
   for (int64_t j = lane; j < H; j += THREADS) dot += load_as<A>(s[j]) * w[j];
   dot = row_sum<THREADS>(dot, scratch[group]);
   if constexpr (THREADS == 32) __syncwarp();
-  const Decision<A> d = decide<A>(p, r, dot);
+  const Decision<A> d = decide<A>(p, i, r, dot);
   A* acc = static_cast<A*>(p.accumulator) + b * p.acc_row_stride;
   for (int64_t j = lane; j < H; j += THREADS) acc[j] += d.p * load_as<A>(s[j]);
   if (lane == 0) write_row_outputs(p, i, b, d);

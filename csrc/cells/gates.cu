@@ -165,7 +165,7 @@ cell_halting_kernel(const CellHaltingParams cp) {
   }
   dot = row_sum<THREADS>(dot, scratch[group]);
   if constexpr (THREADS == 32) __syncwarp();
-  const Decision<A> d = decide<A>(p, r, dot);
+  const Decision<A> d = decide<A>(p, i, r, dot);
   A* acc = static_cast<A*>(p.accumulator) + b * p.acc_row_stride;
   A* acc_c = LSTM ? static_cast<A*>(cp.acc_c) + b * cp.acc_c_stride : nullptr;
   for (int64_t j = lane; j < H; j += THREADS) {

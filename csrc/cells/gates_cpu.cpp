@@ -46,11 +46,12 @@ void halt_row(const Halting<T>& q, int64_t i, const T* out_h, const T* out_c, in
   T dot = 0;
   for (int64_t j = 0; j < hidden; ++j) dot += out_h[j] * q.weight[j];
   const T h = T(1) / (T(1) + std::exp(-(dot + q.bias[0])));
-  const bool halt = (r + h >= q.threshold[0]) || (q.step >= q.max_steps);
+  const int64_t step = q.row_steps != nullptr ? q.row_steps[i] : q.step;
+  const bool halt = (r + h >= q.threshold[0]) || (step >= q.max_steps);
   const T p = halt ? T(1) - r : h;
   q.running_sum[b] = halt ? r : r + h;
   if (halt) {
-    q.steps[b] = q.step;
+    q.steps[b] = step;
     q.remainder[b] = p;
   }
   T* acc_h = q.acc_h + b * q.acc_h_stride;

@@ -27,6 +27,7 @@ struct Halting {
   T* h;                   // (A,) out: the halting unit's output
   bool* halted;           // (A,) out
   int64_t step, max_steps;
+  const int64_t* row_steps;  // (A,) or nullptr: row i at its own step row_steps[i] (in place of step)
 };
 
 // gi, gh (A, G*H) with row strides; state h (GRU) or c (LSTM) (A, H) with a

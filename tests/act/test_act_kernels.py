@@ -89,6 +89,42 @@ def test_halting_step_accumulates_extra_state_tensors(backend, dtype, widths):
 
 
 @pytest.mark.parametrize("backend", HALTING_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [1, 64, 100])
+@pytest.mark.parametrize("active,row_steps,max_steps", [
+    ([0, 2, 3, 6], [1, 4, 2, 6], 6),       # one row at the last allowed step, the others before it
+    ([1, 5], [3, 3], 3),                   # every row at the last step: all halt
+    ([], [], 8),                           # A = 0
+    (list(range(8)), [5, 1, 1, 2, 7, 3, 8, 4], 8),
+])
+def test_halting_step_with_a_step_per_row(backend, dtype, hidden, active, row_steps, max_steps):
+    """step as an (A,) tensor (the depth-wise scheduler, design §17): one
+    call equals the twin run row by row, each at its own int step."""
+    kernel = get_kernels(backend).halting_step
+    args, buffers = halting_inputs(8, hidden, active, dtype, bias=0.5, seed=2)
+    one_by_one = {k: v.clone() for k, v in buffers.items()}
+    n = torch.tensor(row_steps, dtype=torch.int64, device=DEVICE)
+    p, h, halted = kernel(**args, **buffers, step=n, max_steps=max_steps)
+    expect = []
+    for i, step in enumerate(row_steps):
+        row = dict(args, state=args["state"][i:i + 1], active=args["active"][i:i + 1])
+        expect.append(reference.halting_step(**row, **one_by_one, step=step, max_steps=max_steps))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if active:
+        rp, rh, rhalted = (torch.cat(t) for t in zip(*expect))
+        assert torch.equal(halted, rhalted)
+        assert_close(p, rp, torch.float32 if dtype != torch.float64 else dtype, "p")
+        assert_close(h, rh, torch.float32 if dtype != torch.float64 else dtype, "h")
+        at_last = n >= max_steps
+        assert bool(halted[at_last].all())
+    else:
+        assert p.shape == h.shape == halted.shape == (0,)
+    assert torch.equal(buffers["steps"], one_by_one["steps"])
+    for name in ("running_sum", "accumulator", "remainder"):
+        assert_close(buffers[name], one_by_one[name], acc, name)
+
+
+@pytest.mark.parametrize("backend", HALTING_BACKENDS)
 def test_halting_step_mixed_decisions(backend):
     """Rows on both sides of the threshold in one launch."""
     kernel = get_kernels(backend).halting_step

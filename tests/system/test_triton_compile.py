@@ -62,14 +62,16 @@ SCRIPT = textwrap.dedent('''
                    stride_acc="i64", cacc_ptr=acc, stride_cacc="i64", steps_ptr="*i64", rem_ptr=acc, p_ptr=acc,
                    hh_ptr=acc, halted_ptr="*i1", H="i32", step="i32", max_steps="i32", BLOCK="constexpr"),
               {"BLOCK": 256})
-    for has_extra in (False, True):
+    # a second state tensor (an LSTM's c), and a step per row (the depth-wise scheduler)
+    for has_extra, per_row in ((False, False), (True, False), (False, True)):
         build(act_triton._halting_step_kernel,
               dict(s_ptr="*bf16", stride_s="i64", active_ptr="*i64", w_ptr="*fp32", c_ptr="*fp32",
                    thr_ptr="*fp32", running_ptr="*fp32", acc_ptr="*fp32", stride_acc="i64", steps_ptr="*i64",
                    rem_ptr="*fp32", p_ptr="*fp32", h_ptr="*fp32", halted_ptr="*i1", x_ptr="*bf16",
                    stride_x="i64", xacc_ptr="*fp32", stride_xacc="i64", HX="i32", H="i32", step="i32",
-                   max_steps="i32", BLOCK_H="constexpr", BLOCK_X="constexpr", HAS_X="constexpr"),
-              {"BLOCK_H": 256, "BLOCK_X": 128, "HAS_X": has_extra})
+                   max_steps="i32", row_steps_ptr="*i64", BLOCK_H="constexpr", BLOCK_X="constexpr",
+                   HAS_X="constexpr", PER_ROW_STEP="constexpr"),
+              {"BLOCK_H": 256, "BLOCK_X": 128, "HAS_X": has_extra, "PER_ROW_STEP": per_row})
 
     tables = dict(k_off_ptr="*i64", v_off_ptr="*i64", cu_k_ptr="*i32", cu_q_ptr="*i32", q_rows_ptr="*i64")
     strides = dict(stride_qa="i64", stride_qh="i64", stride_kh="i64", stride_vh="i64")
@@ -108,10 +110,10 @@ def _compile(matrix):
 def test_kernels_compile_for_sm90():
     """Every kernel once per dtype path: gates in fp32, bf16 and fp64; attention
     at bf16 d = 128 causal, bf16 d = 64, fp32 d = 64 causal (about a minute)."""
-    assert _compile("quick") == 3 * 6 + 2 + 3 * 3
+    assert _compile("quick") == 3 * 6 + 3 + 3 * 3
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_every_configuration():
     """Every dtype, head dim 64 and 128, causal and not (minutes)."""
-    assert _compile("full") == 4 * 6 + 2 + 12 * 3
+    assert _compile("full") == 4 * 6 + 3 + 12 * 3

@@ -123,13 +123,16 @@ SCRIPT = textwrap.dedent('''
         block, warps = block_and_warps(hidden)
         for state in (("fp32", "bf16") if FULL else ("bf16",)):
             s = "*" + state
-            build("act halting_step", act_triton._halting_step_kernel,
-                  dict(s_ptr=s, stride_s="i64", active_ptr="*i64", w_ptr=acc, c_ptr=acc, thr_ptr=acc,
-                       running_ptr=acc, acc_ptr=acc, stride_acc="i64", steps_ptr="*i64", rem_ptr=acc, p_ptr=acc,
-                       h_ptr=acc, halted_ptr="*i1", x_ptr=s, stride_x="i64", xacc_ptr=acc, stride_xacc="i64",
-                       HX="i32", H="i32", step="i32", max_steps="i32", BLOCK_H="constexpr", BLOCK_X="constexpr",
-                       HAS_X="constexpr"), dict(BLOCK_H=block, BLOCK_X=block, HAS_X=True), warps, 3,
-                  f"{state} BLOCK_H {block} warps {warps}")
+            # PER_ROW_STEP: each row's step read from a tensor (the depth-wise scheduler)
+            for per_row in ((False, True) if FULL else (True,)):
+                build("act halting_step", act_triton._halting_step_kernel,
+                      dict(s_ptr=s, stride_s="i64", active_ptr="*i64", w_ptr=acc, c_ptr=acc, thr_ptr=acc,
+                           running_ptr=acc, acc_ptr=acc, stride_acc="i64", steps_ptr="*i64", rem_ptr=acc, p_ptr=acc,
+                           h_ptr=acc, halted_ptr="*i1", x_ptr=s, stride_x="i64", xacc_ptr=acc, stride_xacc="i64",
+                           HX="i32", H="i32", step="i32", max_steps="i32", row_steps_ptr="*i64",
+                           BLOCK_H="constexpr", BLOCK_X="constexpr", HAS_X="constexpr", PER_ROW_STEP="constexpr"),
+                      dict(BLOCK_H=block, BLOCK_X=block, HAS_X=True, PER_ROW_STEP=per_row), warps, 3,
+                      f"{state} BLOCK_H {block} warps {warps} PER_ROW_STEP {int(per_row)}")
             build("act combine_backward", act_triton._combine_backward_kernel,
                   dict(base_ptr=s, table_ptr="*i64", S="i32", order_ptr="*i64", first_ptr="*i64", steps_ptr="*i64",
                        p_ptr=acc, h_ptr=acc, extra_ptr=acc, gS_ptr=s, stride_gS="i64", grho_ptr=acc, w_ptr=acc,
@@ -187,7 +190,8 @@ def _check(rows):
 def test_largest_launch_configurations_fit_sm90():
     """Every attention kernel at head-dim buckets 128 and 256 in fp32 and
     bf16, at GROUP 1 and 4; ACT's halting and combine kernels, the fused cell
-    kernels and PonderNet's halting step at the largest H (a few minutes)."""
+    kernels and PonderNet's halting step at the largest H, the halting step
+    with a step per row (a few minutes)."""
     rows = _compile("quick")
     assert len(rows) == 3 * 2 * 2 * 2 + 4 + 1
     _check(rows)
@@ -196,5 +200,5 @@ def test_largest_launch_configurations_fit_sm90():
 @pytest.mark.slow
 def test_every_launch_configuration_fits_sm90():
     rows = _compile("full")
-    assert len(rows) == 3 * 3 * 5 * 2 + 3 * 2 * 4 + 3 * 4
+    assert len(rows) == 3 * 3 * 5 * 2 + 3 * 2 * 5 + 3 * 4   # halting: per-call and per-row steps
     _check(rows)

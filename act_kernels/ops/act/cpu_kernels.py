@@ -9,7 +9,7 @@ The per-token encoder's pool path (nn/token_ponder.py) takes these on the CPU
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence, Tuple, Union
 
 import torch
 
@@ -31,13 +31,14 @@ def halting_step(
     accumulator: torch.Tensor,
     steps: torch.Tensor,
     remainder: torch.Tensor,
-    step: int,
+    step: Union[int, torch.Tensor],
     max_steps: int,
     extra: Sequence[Tuple[torch.Tensor, torch.Tensor]] = (),
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`ops.halting.halting_step` in one call of the extension. A state in
-    another dtype than its accumulation, or further mean-fielded tensors
-    (`extra`), run on the twin."""
+    """`ops.halting.halting_step` in one call of the extension (step: one
+    int, or each row's own, an (A,) int64 tensor). A state in another dtype
+    than its accumulation, or further mean-fielded tensors (`extra`), run on
+    the twin."""
     acc = running_sum.dtype
     if state.dtype != acc or acc not in CPU_DTYPES or extra:
         return twin_halting_step(state, active, weight, bias, threshold, running_sum, accumulator, steps,
@@ -56,11 +57,13 @@ def halting_step(
     if not (weight.dtype == bias.dtype == threshold.dtype == acc and weight.is_contiguous()):
         weight, bias, threshold = (dense(as_dtype(t, acc)) for t in (weight, bias, threshold))
     active = dense(active)
+    row_steps = dense(step.to(torch.int64)) if isinstance(step, torch.Tensor) else None
     extension().cpu_halting_step(
         state.data_ptr(), state.stride(0), rows, hidden, active.data_ptr(), weight.data_ptr(), bias.data_ptr(),
         threshold.data_ptr(), running_sum.data_ptr(), accumulator.data_ptr(), accumulator.stride(0),
         steps.data_ptr(), remainder.data_ptr(), p.data_ptr(), h.data_ptr(), halted.data_ptr(),
-        max(int(step), 1), int(max_steps), DTYPE_CODES[acc])
+        1 if row_steps is not None else max(int(step), 1), int(max_steps),
+        row_steps.data_ptr() if row_steps is not None else 0, DTYPE_CODES[acc])
     if out is not None:
         out.finish()
     return p, h, halted

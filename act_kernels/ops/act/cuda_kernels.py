@@ -26,11 +26,12 @@ def halting_step(
     accumulator: torch.Tensor,
     steps: torch.Tensor,
     remainder: torch.Tensor,
-    step: int,
+    step,
     max_steps: int,
     extra: Sequence[Tuple[torch.Tensor, torch.Tensor]] = (),
 ):
-    """CUDA twin of `act_kernels.reference.halting_step` (same contract). The
+    """CUDA twin of `act_kernels.reference.halting_step` (same contract; step:
+    one int, or each row's own, an (A,) int64 tensor on the device). The
     kernel accumulates the first state tensor; the extra ones (an LSTM's c)
     are accumulated here by index_add_, one launch each."""
     ext = extension()
@@ -52,6 +53,10 @@ def halting_step(
     p, h, halted = halting_outputs(num_active, acc, device)
     if num_active == 0:
         return p, h, halted
+    row_steps = None
+    if isinstance(step, torch.Tensor):   # each row at its own step (design §17)
+        check_device("step", step, device)
+        row_steps, step = dense(step.to(torch.int64)), 1
     out = WriteBack(running_sum=running_sum, accumulator=accumulator, steps=steps, remainder=remainder)
     threshold = dense(threshold)
     with on_device(device):
@@ -60,7 +65,8 @@ def halting_step(
             threshold.data_ptr(), out["running_sum"].data_ptr(), out["accumulator"].data_ptr(),
             out["accumulator"].stride(0), out["steps"].data_ptr(), out["remainder"].data_ptr(), p.data_ptr(),
             h.data_ptr(), halted.data_ptr(),
-            num_active, hidden, int(step), int(max_steps), DTYPE_CODES[state.dtype], stream(device),
+            num_active, hidden, int(step), int(max_steps), row_steps.data_ptr() if row_steps is not None else 0,
+            DTYPE_CODES[state.dtype], stream(device),
         )
     out.finish()
     for t, m in extra:

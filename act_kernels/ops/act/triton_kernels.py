@@ -24,17 +24,21 @@ def _halting_step_kernel(
     running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr,
     p_ptr, h_ptr, halted_ptr,
     x_ptr, stride_x, xacc_ptr, stride_xacc, HX,
-    H, step, max_steps,
-    BLOCK_H: tl.constexpr, BLOCK_X: tl.constexpr, HAS_X: tl.constexpr,
+    H, step, max_steps, row_steps_ptr,
+    BLOCK_H: tl.constexpr, BLOCK_X: tl.constexpr, HAS_X: tl.constexpr, PER_ROW_STEP: tl.constexpr,
 ):
     ACC = running_ptr.dtype.element_ty
     i_a = tl.program_id(0).to(tl.int64)
     o_h = tl.arange(0, BLOCK_H)
     m_h = o_h < H
     b_s = tl.load(s_ptr + i_a * stride_s + o_h, mask=m_h, other=0.0).to(ACC)
+    if PER_ROW_STEP:   # rows at their own steps (the depth-wise scheduler, design §17)
+        n = tl.load(row_steps_ptr + i_a)
+    else:
+        n = step.to(tl.int64)
     i_b, b_p = halt_row(b_s, o_h, m_h, i_a, active_ptr, w_ptr, c_ptr, thr_ptr,
                          running_ptr, acc_ptr, stride_acc, steps_ptr, rem_ptr, p_ptr, h_ptr, halted_ptr,
-                         H, step, max_steps)
+                         H, n, max_steps)
     if HAS_X:  # a second mean-fielded state tensor (an LSTM's c), with the same p
         accumulate_row(x_ptr, stride_x, xacc_ptr, stride_xacc, i_a, i_b, b_p, HX, BLOCK_X)
 
@@ -49,11 +53,12 @@ def halting_step(
     accumulator: torch.Tensor,
     steps: torch.Tensor,
     remainder: torch.Tensor,
-    step: int,
+    step,
     max_steps: int,
     extra: Sequence[Tuple[torch.Tensor, torch.Tensor]] = (),
 ):
-    """Triton twin of `act_kernels.reference.halting_step` (same contract).
+    """Triton twin of `act_kernels.reference.halting_step` (same contract;
+    step: one int, or each row's own, an (A,) int64 tensor on the device).
     The first extra (state, accumulator) pair is accumulated in the same
     launch; any further ones (no layer has them) by index_add_."""
     num_active, hidden = state.shape
@@ -73,14 +78,17 @@ def halting_step(
     out = WriteBack(**buffers)
     acc_rows = out["accumulator"]
     x_args = (x, x.stride(0), out["x_acc"], out["x_acc"].stride(0), x.shape[1]) if extra else (state, 0, acc_rows, 0, 0)
+    per_row = isinstance(step, torch.Tensor)
+    row_steps = dense(step.to(torch.int64)) if per_row else p   # p: an unread placeholder
     with on_device(state.device):
         _halting_step_kernel[(num_active,)](
             state, state.stride(0), dense(active), dense(weight), dense(bias), dense(threshold),
             out["running_sum"], acc_rows, acc_rows.stride(0), out["steps"], out["remainder"],
             p, h, halted,
             *x_args,
-            hidden, step, max_steps,
-            BLOCK_H=block, BLOCK_X=block_x if extra else 1, HAS_X=bool(extra), num_warps=warps,
+            hidden, 1 if per_row else step, max_steps, row_steps,
+            BLOCK_H=block, BLOCK_X=block_x if extra else 1, HAS_X=bool(extra), PER_ROW_STEP=per_row,
+            num_warps=warps,
         )
     out.finish()
     for t, m in extra[1:]:
