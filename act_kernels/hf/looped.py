@@ -29,7 +29,7 @@ from ..nn.cache import ChunkLayout
 from ..nn.checks import check_layer_options
 from ..nn.depthwise import check_schedule, generate_depthwise
 from ..nn.exits import ExitRule, check_pondernet_args, make_exit_rule, token_pondernet_loss
-from ..nn.generation import SequenceDraws, generate_batched
+from ..nn.generation import SequenceDraws, eos_ids, generate_batched
 from ..nn.layers import DecoderLayers
 from .attention import ours
 from .checks import check_block, check_model, check_routes_attention
@@ -378,12 +378,12 @@ class LoopedCausalLM(nn.Module):
             eos = config.eos_token_id
         if pad is None and config is not None:
             pad = config.pad_token_id
-        eos_ids = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        if eos_ids is not None and any(isinstance(e, bool) or not isinstance(e, int) for e in eos_ids):
+        ends = eos_ids(eos)
+        if any(isinstance(e, bool) or not isinstance(e, int) for e in ends):
             raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
         if pad is None:
-            pad = eos_ids[0] if eos_ids else 0
-        return (tuple(eos_ids) if eos_ids else None), int(pad)
+            pad = ends[0] if ends else 0
+        return (ends or None), int(pad)
 
     @staticmethod
     def _check_generate(valid, max_new_tokens, do_sample, temperature, top_k, top_p, generator, max_batch_size):

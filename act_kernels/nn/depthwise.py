@@ -39,6 +39,7 @@ from ..ops.attention import attend as attend_rows
 from ..ops.state import accumulation_dtype
 from .cache import CacheContext, ChunkLayout, split_key_values
 from .exits import ExitRule, ExitState, exits_now, next_token_divergence
+from .generation import eos_ids
 
 
 class DepthwiseBlock:
@@ -300,7 +301,7 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
         return head(h)
 
     engine = DepthwiseBlock(block, block_cache, attention, exit, lambda h, slot_list: next_logits(h, slot_list, False))
-    eos_ids = () if eos is None else ((eos,) if isinstance(eos, int) else tuple(eos))
+    ends = eos_ids(eos)
     waiting = list(range(len(prompts)))
     tokens: List[List[int]] = [p.tolist() for p in prompts]
     made = [0] * len(prompts)                            # tokens generated so far, values read or not
@@ -375,7 +376,7 @@ def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, co
         unread.clear()
         for (i, slot), value in zip(sampled, values):   # each is its slot's in-flight token
             tokens[i].append(value)
-            if value in eos_ids:
+            if value in ends:
                 last[slot] = True
         if not halted:
             continue

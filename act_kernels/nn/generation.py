@@ -31,6 +31,13 @@ class SequenceDraws:
         return torch.cat(drawn).to(probs.device)
 
 
+def eos_ids(eos) -> Tuple[int, ...]:
+    """The end-of-sequence ids as a tuple: none, one id, or several."""
+    if eos is None:
+        return ()
+    return (eos,) if isinstance(eos, int) else tuple(eos)
+
+
 def generate_batched(extend: Callable, steps_of_call: Callable[[], Tensor], caches: Sequence, prompts: Sequence[Tensor],
                      max_new_tokens: int, eos: Optional[int], max_len: Optional[int],
                      choose: Callable[[Tensor], Tensor]) -> Tuple[List[Tensor], List[List[Tensor]], List[List[Tensor]]]:
@@ -46,6 +53,7 @@ def generate_batched(extend: Callable, steps_of_call: Callable[[], Tensor], cach
     in_slot = [None] * slots                                  # the prompt a slot serves
     fed = [0] * len(prompts)                                  # tokens of each sequence already in its cache
     finished = [False] * len(prompts)
+    ends = eos_ids(eos)
     while waiting or any(i is not None for i in in_slot):
         for slot in range(slots):
             if in_slot[slot] is None and waiting:
@@ -80,9 +88,9 @@ def generate_batched(extend: Callable, steps_of_call: Callable[[], Tensor], cach
         for (i, _), row, nxt, value in zip(choosing, rows, chosen, chosen.tolist()):
             scores[i].append(row)
             tokens[i] = torch.cat([tokens[i], nxt.view(1)])
-            if eos is not None and value in ((eos,) if isinstance(eos, int) else eos):
+            if value in ends:
                 finished[i] = True    # its last token is fed next round, for its steps
     return tokens, steps, scores
 
 
-__all__ = ["generate_batched", "SequenceDraws"]
+__all__ = ["generate_batched", "SequenceDraws", "eos_ids"]

@@ -66,6 +66,8 @@ def halting_step(
         accumulator[active] += p[:, None] * s
         for t, m in extra:
             m[active] += p[:, None] * t.to(acc)
-        steps[active[halt]] = step[halt] if isinstance(step, torch.Tensor) else step
-        remainder[active[halt]] = p[halt]
+        # written through the active rows with the halting flag as a select,
+        # not through active[halt]: a boolean index would read the device
+        steps[active] = torch.where(halt, step, steps[active])
+        remainder[active] = torch.where(halt, p, remainder[active])
     return p, h, halt

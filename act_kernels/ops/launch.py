@@ -40,6 +40,20 @@ def cell_step_buffers(running_sum, steps, remainder, accumulators) -> "WriteBack
     return WriteBack(running_sum=running_sum, steps=steps, remainder=remainder, **dict(zip(names, accumulators)))
 
 
+def row_steps(step, rows: int, device: torch.device) -> Optional[torch.Tensor]:
+    """A halting step's per-row steps for a kernel: None when `step` is one
+    int for every row; else the (rows,) int64 tensor, dense, checked to be
+    one step per row on the states' device (a kernel reads it by row)."""
+    if not isinstance(step, torch.Tensor):
+        return None
+    if step.shape != (rows,) or step.device != device:
+        raise ValueError(f"step per row must be a ({rows},) tensor on {device}, got {tuple(step.shape)} on "
+                         f"{step.device}")
+    if step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
+        raise TypeError(f"step per row must be an integer tensor, got {step.dtype}")
+    return dense(step.to(torch.int64))
+
+
 def unit_columns(t: torch.Tensor) -> torch.Tensor:
     """A (rows, H) tensor whose rows may be strided but whose columns are not."""
     return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()

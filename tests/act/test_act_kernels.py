@@ -125,6 +125,21 @@ def test_halting_step_with_a_step_per_row(backend, dtype, hidden, active, row_st
 
 
 @pytest.mark.parametrize("backend", HALTING_BACKENDS)
+@pytest.mark.parametrize("step,error", [
+    (torch.tensor([1, 2, 3]), ValueError),                 # one step short
+    (torch.tensor(2), ValueError),                         # 0-d
+    (torch.tensor([1.0, 2.0, 3.0, 4.0]), TypeError),       # not integers
+], ids=["short", "0-d", "float"])
+def test_a_bad_step_per_row_is_refused(backend, step, error):
+    """A kernel reads the per-row step by row: anything but one integer step
+    per row is an error before any launch."""
+    kernel = get_kernels(backend).halting_step
+    args, buffers = halting_inputs(8, 16, [0, 2, 3, 6], torch.float32, bias=0.5)
+    with pytest.raises(error, match="step per row"):
+        kernel(**args, **buffers, step=step.to(DEVICE), max_steps=8)
+
+
+@pytest.mark.parametrize("backend", HALTING_BACKENDS)
 def test_halting_step_mixed_decisions(backend):
     """Rows on both sides of the threshold in one launch."""
     kernel = get_kernels(backend).halting_step

@@ -15,7 +15,7 @@ import torch
 
 from ..extension import DTYPE_CODES, extension
 from ..halting import halting_step as twin_halting_step
-from ..launch import as_dtype, cell_step_buffers, dense, halting_outputs, unit_columns
+from ..launch import as_dtype, cell_step_buffers, dense, halting_outputs, row_steps, unit_columns
 from .reference import combine_backward
 
 CPU_DTYPES = (torch.float32, torch.float64)
@@ -57,13 +57,13 @@ def halting_step(
     if not (weight.dtype == bias.dtype == threshold.dtype == acc and weight.is_contiguous()):
         weight, bias, threshold = (dense(as_dtype(t, acc)) for t in (weight, bias, threshold))
     active = dense(active)
-    row_steps = dense(step.to(torch.int64)) if isinstance(step, torch.Tensor) else None
+    per_row = row_steps(step, rows, state.device)
     extension().cpu_halting_step(
         state.data_ptr(), state.stride(0), rows, hidden, active.data_ptr(), weight.data_ptr(), bias.data_ptr(),
         threshold.data_ptr(), running_sum.data_ptr(), accumulator.data_ptr(), accumulator.stride(0),
         steps.data_ptr(), remainder.data_ptr(), p.data_ptr(), h.data_ptr(), halted.data_ptr(),
-        1 if row_steps is not None else max(int(step), 1), int(max_steps),
-        row_steps.data_ptr() if row_steps is not None else 0, DTYPE_CODES[acc])
+        1 if per_row is not None else max(int(step), 1), int(max_steps),
+        per_row.data_ptr() if per_row is not None else 0, DTYPE_CODES[acc])
     if out is not None:
         out.finish()
     return p, h, halted

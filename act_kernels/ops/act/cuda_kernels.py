@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..extension import DTYPE_CODES, check_device, extension, stream
-from ..launch import WriteBack, dense, halting_outputs, on_device, unit_columns
+from ..launch import WriteBack, dense, halting_outputs, on_device, row_steps, unit_columns
 from ..ragged import rows_by_batch, step_table
 
 def halting_step(
@@ -53,10 +53,7 @@ def halting_step(
     p, h, halted = halting_outputs(num_active, acc, device)
     if num_active == 0:
         return p, h, halted
-    row_steps = None
-    if isinstance(step, torch.Tensor):   # each row at its own step (design §17)
-        check_device("step", step, device)
-        row_steps, step = dense(step.to(torch.int64)), 1
+    per_row = row_steps(step, num_active, device)   # each row at its own step (design §17)
     out = WriteBack(running_sum=running_sum, accumulator=accumulator, steps=steps, remainder=remainder)
     threshold = dense(threshold)
     with on_device(device):
@@ -65,7 +62,8 @@ def halting_step(
             threshold.data_ptr(), out["running_sum"].data_ptr(), out["accumulator"].data_ptr(),
             out["accumulator"].stride(0), out["steps"].data_ptr(), out["remainder"].data_ptr(), p.data_ptr(),
             h.data_ptr(), halted.data_ptr(),
-            num_active, hidden, int(step), int(max_steps), row_steps.data_ptr() if row_steps is not None else 0,
+            num_active, hidden, int(step) if per_row is None else 1, int(max_steps),
+            per_row.data_ptr() if per_row is not None else 0,
             DTYPE_CODES[state.dtype], stream(device),
         )
     out.finish()

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..launch import WriteBack, dense, halting_outputs, on_device, unit_columns
+from ..launch import WriteBack, dense, halting_outputs, on_device, row_steps, unit_columns
 from ..ragged import rows_by_batch, step_table
 from ..triton_helpers import accumulate_row, block_and_warps, halt_row
 
@@ -78,16 +78,17 @@ def halting_step(
     out = WriteBack(**buffers)
     acc_rows = out["accumulator"]
     x_args = (x, x.stride(0), out["x_acc"], out["x_acc"].stride(0), x.shape[1]) if extra else (state, 0, acc_rows, 0, 0)
-    per_row = isinstance(step, torch.Tensor)
-    row_steps = dense(step.to(torch.int64)) if per_row else p   # p: an unread placeholder
+    per_row = row_steps(step, num_active, state.device)
+    active = dense(active)
     with on_device(state.device):
         _halting_step_kernel[(num_active,)](
-            state, state.stride(0), dense(active), dense(weight), dense(bias), dense(threshold),
+            state, state.stride(0), active, dense(weight), dense(bias), dense(threshold),
             out["running_sum"], acc_rows, acc_rows.stride(0), out["steps"], out["remainder"],
             p, h, halted,
             *x_args,
-            hidden, 1 if per_row else step, max_steps, row_steps,
-            BLOCK_H=block, BLOCK_X=block_x if extra else 1, HAS_X=bool(extra), PER_ROW_STEP=per_row,
+            # without a step per row, `active` (int64 too) stands in for the pointer, unread
+            hidden, step if per_row is None else 1, max_steps, active if per_row is None else per_row,
+            BLOCK_H=block, BLOCK_X=block_x if extra else 1, HAS_X=bool(extra), PER_ROW_STEP=per_row is not None,
             num_warps=warps,
         )
     out.finish()
