@@ -64,7 +64,7 @@ class DepthwiseBlock:
             self.picked_step = torch.zeros(cache.batch_size, dtype=torch.int64, device=cache.device)
         self.previous_logits: Optional[Tensor] = None
         self.block, self.cache, self.kind, self.attention = block, cache, kind, attention
-        self.max_steps, self.threshold = block.max_steps, 1.0 - block.eps
+        self.max_steps = block.max_steps
         slots, device, dtype = cache.batch_size, cache.device, cache.dtype
         self.acc = accumulation_dtype(dtype)
         self.dtype, self.device = dtype, device
@@ -84,7 +84,7 @@ class DepthwiseBlock:
         # kernels the block's backend resolves to (Triton, CUDA, the
         # extension's CPU step, or the twins)
         self.halting_step = get_kernels(resolve_encoder(block.backend, device, dtype).kernels).halting_step
-        self.halt_threshold = torch.full((1,), self.threshold, dtype=self.acc, device=device)
+        self.halt_threshold = torch.full((1,), 1.0 - block.eps, dtype=self.acc, device=device)
         # the kernel's steps and remainder outputs: the host keeps the steps, S needs no R
         self.halted_at = torch.zeros(slots, dtype=torch.int64, device=device)
         self.remainder = torch.zeros(slots, device=device, dtype=self.acc)
