@@ -17,7 +17,6 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from functools import partial
 from typing import List, Optional, Sequence
 
 import torch
@@ -27,9 +26,9 @@ from torch import Tensor, nn
 from ..nn import ACTTransformerEncoder, CausalStack
 from ..nn.cache import ChunkLayout
 from ..nn.checks import check_layer_options
-from ..nn.depthwise import check_schedule, generate_depthwise
+from ..nn.depthwise import check_schedule
 from ..nn.exits import ExitRule, check_pondernet_args, make_exit_rule, token_pondernet_loss
-from ..nn.generation import SequenceDraws, eos_ids, generate_batched
+from ..nn.generation import SequenceDraws, eos_ids, generate_slots
 from ..nn.layers import DecoderLayers
 from .attention import ours
 from .checks import check_block, check_model, check_routes_attention
@@ -347,25 +346,19 @@ class LoopedCausalLM(nn.Module):
         self.eval()
         draws = SequenceDraws(generator, len(prompts)) if do_sample else None
 
-        def choose(logits, sequences):
-            return self._choose(logits, do_sample, temperature, top_k, top_p, draws, sequences)
+        def choose(logits, sequences, histories):
+            return self._choose(logits, do_sample, temperature, top_k, top_p, draws, sequences), logits
 
         self.block.iterations = 0
         try:
-            caches = self.new_cache(slots)
-            depthwise_iterations = 0
-            if schedule == "synchronous":
-                sequences, steps, _ = generate_batched(partial(self.extend, exit=rule), lambda: self.block.steps,
-                                                       caches, prompts, max_new_tokens, eos, None, choose)
-            else:
-                with ours(self.config):
-                    sequences, steps, _, depthwise_iterations = generate_depthwise(
-                        prefill=lambda c, t, o, s: (self.extend(c, t, o, s, exit=rule), self.block.steps),
-                        embed=lambda t, pos: self.model.model.embed_tokens(t), prelude=self.prelude,
-                        block=self.block, coda=self.coda, head=self._head, caches=caches,
-                        attention=self.block.attention_backend(self.halting.weight), prompts=prompts,
-                        max_new_tokens=max_new_tokens, eos=eos, max_len=None, choose=choose, fixed_rows=fixed_rows,
-                        exit=rule)
+            with ours(self.config):
+                sequences, steps, _, depthwise_iterations = generate_slots(
+                    schedule, prefill=lambda c, t, o, s: (self.extend(c, t, o, s, exit=rule), self.block.steps),
+                    caches=self.new_cache(slots), prompts=prompts, max_new_tokens=max_new_tokens, choose=choose,
+                    stop=None if eos is None else lambda i, history: history[-1] in eos,
+                    embed=lambda t, pos: self.model.model.embed_tokens(t), prelude=self.prelude,
+                    block=self.block, coda=self.coda, head=self._head,
+                    attention=self.block.attention_backend(self.halting.weight), fixed_rows=fixed_rows, exit=rule)
         finally:
             self.train(was_training)
         out = self._lay_out(input_ids, valid, prompts, sequences, steps, pad)

@@ -21,14 +21,15 @@ iteration:
   into the block's cache (N + 1 and N rows: never M), and go through the
   coda, final norm, head and sampling; their sequences feed the sampled token
   at the next iteration. A finished sequence frees its slot for the next
-  prompt, which is prefilled as one chunk through the parallel path.
+  prompt, which is prefilled as one chunk through the parallel path (the
+  slot scheduler of nn/generation.py drives this block).
 
 Causality makes every interleaving exact: a token's states depend only on the
 earlier tokens of its own sequence, all in the cache before it enters.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,7 +40,6 @@ from ..ops.attention import attend as attend_rows
 from ..ops.state import accumulation_dtype
 from .cache import CacheContext, ChunkLayout, split_key_values
 from .exits import ExitRule, ExitState, exits_now, next_token_divergence
-from .generation import eos_ids
 
 
 class DepthwiseBlock:
@@ -267,136 +267,4 @@ def check_schedule(schedule, fixed_rows=False) -> None:
         raise ValueError("fixed_rows applies to schedule='depthwise' only")
 
 
-def generate_depthwise(*, prefill: Callable, embed: Callable, prelude, block, coda, head: Callable,
-                       caches: Sequence, attention: str, prompts: Sequence[Tensor], max_new_tokens: int,
-                       eos, max_len: Optional[int], choose: Callable, fixed_rows: bool = False,
-                       exit: Optional[ExitRule] = None):
-    """The depth-wise scheduler. prefill(caches, tokens, offsets, slots) ->
-    logits: the parallel path for whole prompts; embed(tokens, positions) ->
-    rows; prelude / coda: CausalStacks (or None) with caches; head(h) ->
-    logits; choose(logits (S, V), sequences) -> (S,) tokens. fixed_rows:
-    every block iteration runs one row per slot, idle slots included (the
-    block's row count never changes). exit: an inference exit rule (design
-    §16) in place of ACT's halting. Returns what
-    `generation.generate_batched` returns (sequences, steps per feed,
-    scores) and the block iterations run.
-
-    The sampled tokens stay on the device: a token enters the next iteration
-    from there, and the host learns its value from that iteration's one read
-    (with the halting flags), in time, since a token's sequence can only end
-    after that token has halted."""
-    stacks = [m for m in (prelude, block, coda) if m is not None]
-    cache_of = dict(zip(map(id, stacks), caches))
-    block_cache = cache_of[id(block)]
-    slots = caches[0].batch_size
-    device = caches[0].device
-
-    def next_logits(h: Tensor, slot_list: List[int], commit: bool = True) -> Tensor:
-        """The next-token logits of one state per slot: the coda (appending to
-        its cache, or, with commit=False, leaving it as it was), then the head."""
-        if coda is not None:
-            where = torch.tensor([cache_of[id(coda)].lengths[s] for s in slot_list], dtype=torch.int64).to(device)
-            h = coda.extend(cache_of[id(coda)], h, list(range(len(slot_list) + 1)), slot_list, positions=where,
-                            commit=commit)
-        return head(h)
-
-    engine = DepthwiseBlock(block, block_cache, attention, exit, lambda h, slot_list: next_logits(h, slot_list, False))
-    ends = eos_ids(eos)
-    waiting = list(range(len(prompts)))
-    tokens: List[List[int]] = [p.tolist() for p in prompts]
-    made = [0] * len(prompts)                            # tokens generated so far, values read or not
-    steps: List[List[Tensor]] = [[] for _ in prompts]
-    scores: List[List[Tensor]] = [[] for _ in prompts]
-    in_slot: List[Optional[int]] = [None] * slots
-    next_token = torch.zeros(slots, dtype=torch.int64, device=device)   # each slot's token to enter next
-    has_next = [False] * slots
-    in_flight = [False] * slots
-    last = [False] * slots                               # the in-flight token is its sequence's last
-    unread: List[Tuple[List[int], List[int], Tensor]] = []
-
-    def out_of_room(i: int) -> bool:
-        return made[i] >= max_new_tokens or (max_len is not None and prompts[i].numel() + made[i] >= max_len)
-
-    def take(rows_logits: Tensor, seqs: List[int], slot_list: List[int]) -> None:
-        chosen = choose(rows_logits, seqs)
-        next_token.index_copy_(0, torch.tensor(slot_list, dtype=torch.int64).to(device), chosen)
-        unread.append((seqs, slot_list, chosen))
-        for i, slot, row in zip(seqs, slot_list, rows_logits):
-            scores[i].append(row)
-            made[i] += 1
-            has_next[slot] = True
-            last[slot] = out_of_room(i)
-
-    while waiting or any(i is not None for i in in_slot):
-        fresh = []
-        for slot in range(slots):
-            if in_slot[slot] is None and waiting:
-                in_slot[slot] = waiting.pop(0)
-                for cache in caches:
-                    cache.reset(slot)
-                fresh.append(slot)
-        if fresh:   # prompts as chunks through the parallel path
-            chunks = [prompts[in_slot[s]] for s in fresh]
-            offsets = [0]
-            for c in chunks:
-                offsets.append(offsets[-1] + c.numel())
-            logits, call_steps = prefill(caches, torch.cat(chunks), offsets, fresh)
-            choosing_seqs, choosing_slots, rows = [], [], []
-            for j, slot in enumerate(fresh):
-                i = in_slot[slot]
-                steps[i].append(call_steps[offsets[j]:offsets[j + 1]].clone())
-                if out_of_room(i):            # max_new_tokens = 0, or a prompt at max_len
-                    in_slot[slot] = None
-                else:
-                    choosing_seqs.append(i)
-                    choosing_slots.append(slot)
-                    rows.append(offsets[j + 1] - 1)
-            if rows:
-                take(logits[torch.tensor(rows, device=logits.device)], choosing_seqs, choosing_slots)
-        entering = [s for s in range(slots) if in_slot[s] is not None and has_next[s] and not in_flight[s]]
-        if entering:
-            where = torch.tensor([block_cache.lengths[s] for s in entering], dtype=torch.int64).to(device)
-            h = embed(next_token[torch.tensor(entering, dtype=torch.int64).to(device)], where)
-            if prelude is not None:
-                h = prelude.extend(cache_of[id(prelude)], h, list(range(len(entering) + 1)), entering,
-                                   positions=where)
-            engine.enter(entering, h)
-            for s in entering:
-                in_flight[s], has_next[s] = True, False
-        running = [s for s in range(slots) if in_flight[s]]
-        if not running:
-            continue
-        active = in_flight if fixed_rows else None
-        if fixed_rows:
-            running = list(range(slots))
-        positions = torch.tensor([block_cache.lengths[s] for s in running], dtype=torch.int64).to(device)
-        read_with = torch.cat([c for _, _, c in unread]) if unread else None
-        halted, out, halted_steps, values = engine.iterate(running, positions, active, read_with)
-        sampled = [(i, slot) for seqs, slot_list, _ in unread for i, slot in zip(seqs, slot_list)]
-        unread.clear()
-        for (i, slot), value in zip(sampled, values):   # each is its slot's in-flight token
-            tokens[i].append(value)
-            if value in ends:
-                last[slot] = True
-        if not halted:
-            continue
-        reported = torch.as_tensor(halted_steps, dtype=torch.int64, device=device)
-        for j, slot in enumerate(halted):
-            steps[in_slot[slot]].append(reported[j:j + 1])
-            in_flight[slot] = False
-        going = [j for j, slot in enumerate(halted) if not last[slot]]
-        for slot in halted:
-            if last[slot]:
-                in_slot[slot] = None
-        if not going:
-            continue
-        go_slots = [halted[j] for j in going]
-        h = out[torch.tensor(going, dtype=torch.int64).to(device)] if len(going) < len(halted) else out
-        take(next_logits(h, go_slots), [in_slot[s] for s in go_slots], go_slots)
-    for layer in block_cache.layers:       # the in-flight rows' tail is no longer needed
-        layer.reserve_tail(0)
-    sequences = [torch.tensor(t, dtype=torch.int64, device=p.device) for t, p in zip(tokens, prompts)]
-    return sequences, steps, scores, engine.iterations
-
-
-__all__ = ["DepthwiseBlock", "generate_depthwise", "check_schedule", "SCHEDULES"]
+__all__ = ["DepthwiseBlock", "check_schedule", "SCHEDULES"]

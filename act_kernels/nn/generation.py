@@ -1,15 +1,23 @@
-"""Batched generation over ragged caches, shared by the looped language
-models (design §14): each prompt is fed as one chunk, then one token per
-running sequence per call; a finished sequence's last token is fed once more
-so that every token has its steps; with fewer slots than prompts, a freed
-slot takes the next prompt in the next call (continuous batching).
+"""Batched generation over ragged caches (design §14, §17): one slot
+scheduler, two policies. Each slot serves one sequence at a time: a prompt
+is fed as one chunk through the parallel path, a sequence's last token is
+fed once more so that every token has its steps, and a finished sequence
+frees its slot for the next prompt (continuous batching). "synchronous"
+feeds one token of every running sequence per parallel call, pondered
+together; "depthwise" steps every sequence on its own (`DepthwiseBlock`).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import accumulate
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .depthwise import DepthwiseBlock, check_schedule
 
 
 class SequenceDraws:
@@ -38,59 +46,208 @@ def eos_ids(eos) -> Tuple[int, ...]:
     return (eos,) if isinstance(eos, int) else tuple(eos)
 
 
-def generate_batched(extend: Callable, steps_of_call: Callable[[], Tensor], caches: Sequence, prompts: Sequence[Tensor],
-                     max_new_tokens: int, eos: Optional[int], max_len: Optional[int],
-                     choose: Callable[[Tensor], Tensor]) -> Tuple[List[Tensor], List[List[Tensor]], List[List[Tensor]]]:
-    """extend(caches, tokens, offsets, slots) -> logits of the call's tokens;
-    steps_of_call() -> their ponder steps; choose(logits (S, V), sequences)
-    -> (S,) the next tokens of those sequences. Returns each sequence (prompt + generated tokens), the steps
-    of every call's chunk, and the logits each generated token was chosen from."""
-    slots = caches[0].batch_size
-    waiting = list(range(len(prompts)))
-    tokens = [p.clone() for p in prompts]                    # each sequence so far
-    steps: List[List[Tensor]] = [[] for _ in prompts]
-    scores: List[List[Tensor]] = [[] for _ in prompts]
-    in_slot = [None] * slots                                  # the prompt a slot serves
-    fed = [0] * len(prompts)                                  # tokens of each sequence already in its cache
-    finished = [False] * len(prompts)
-    ends = eos_ids(eos)
-    while waiting or any(i is not None for i in in_slot):
-        for slot in range(slots):
-            if in_slot[slot] is None and waiting:
-                in_slot[slot] = waiting.pop(0)
-                for cache in caches:
-                    cache.reset(slot)
-        busy = [slot for slot in range(slots) if in_slot[slot] is not None]
-        chunks = [tokens[in_slot[s]][fed[in_slot[s]]:] for s in busy]
-        offsets = [0]
-        for c in chunks:
-            offsets.append(offsets[-1] + c.numel())
-        logits = extend(caches, torch.cat(chunks), offsets, busy)
-        call_steps = steps_of_call()
-        choosing = []
-        for j, slot in enumerate(busy):
-            i = in_slot[slot]
-            steps[i].append(call_steps[offsets[j]:offsets[j + 1]].clone())
-            fed[i] = tokens[i].numel()
-            generated = tokens[i].numel() - prompts[i].numel()
-            if generated >= max_new_tokens or (max_len is not None and tokens[i].numel() >= max_len):
-                finished[i] = True
-            if finished[i]:
-                # every token of the sequence is in the cache and has its steps: the slot is free
-                in_slot[slot] = None
-            else:
-                choosing.append((i, offsets[j + 1] - 1))
-        if not choosing:
+class Generated(NamedTuple):
+    """Per prompt: prompt + generated tokens (int64, on the prompt's device),
+    the steps of every feed, the scores choose returned per generated token;
+    and the depth-wise engine's block iterations (0 under "synchronous")."""
+    sequences: List[Tensor]
+    steps: List[List[Tensor]]
+    scores: List[List[Tensor]]
+    iterations: int
+
+
+@dataclass
+class Run:
+    """One sequence, from its prompt to its last token."""
+    index: int                     # its prompt's position in `prompts`
+    prompt: Tensor
+    tokens: List[int]              # prompt + the generated tokens whose values the host knows
+    feed: Tensor                   # its tokens not yet in its cache, on the device: the prompt, then
+                                   # (synchronous) each chosen token; depthwise keeps those in one row per slot
+    made: int = 0                  # tokens generated, values known on the host or not
+    last: bool = False             # its newest token ends it: fed once more for its steps, then the slot frees
+    steps: List[Tensor] = field(default_factory=list)
+    scores: List[Tensor] = field(default_factory=list)
+
+
+class Slots:
+    """The slot table both policies share: refill, parallel feeds, choosing,
+    the host learning a token's value, finishing."""
+
+    def __init__(self, prefill, caches, prompts, max_new_tokens, choose, stop, on_token, max_len):
+        self.prefill, self.caches, self._choose, self.stop, self.on_token = prefill, caches, choose, stop, on_token
+        self.max_new_tokens, self.max_len = max_new_tokens, max_len
+        # the prompts' tokens are read once, here: choose and stop see every sequence on the host
+        self.runs = [Run(i, p, p.tolist(), p) for i, p in enumerate(prompts)]
+        for run in self.runs:
+            run.last = self.out_of_room(run)       # max_new_tokens = 0, or a prompt at max_len
+        self.waiting = deque(self.runs)
+        self.slots: List[Optional[Run]] = [None] * caches[0].batch_size
+
+    def out_of_room(self, run: Run) -> bool:
+        return run.made >= self.max_new_tokens or (
+            self.max_len is not None and run.prompt.numel() + run.made >= self.max_len)
+
+    def occupied(self) -> List[int]:
+        return [s for s, run in enumerate(self.slots) if run is not None]
+
+    def refill(self) -> List[int]:
+        """Free slots take the next prompts; returns those slots."""
+        fresh = [s for s, run in enumerate(self.slots) if run is None][:len(self.waiting)]
+        for s in fresh:
+            self.slots[s] = self.waiting.popleft()
+            for cache in self.caches:
+                cache.reset(s)
+        return fresh
+
+    def feed(self, slots: List[int]) -> Tuple[List[int], Optional[Tensor]]:
+        """The slots' pending tokens in one parallel call; the sequences that
+        go on choose their next tokens from their last token's logits."""
+        offsets = [0, *accumulate(self.slots[s].feed.numel() for s in slots)]
+        logits, steps = self.prefill(self.caches, torch.cat([self.slots[s].feed for s in slots]), offsets, slots)
+        going = [j for j, s in enumerate(slots) if self.fed(s, steps[offsets[j]:offsets[j + 1]].clone())]
+        if not going:
+            return [], None
+        rows = torch.tensor([offsets[j + 1] - 1 for j in going], device=logits.device)
+        return self.choose(logits[rows], [slots[j] for j in going])
+
+    def fed(self, slot: int, steps: Tensor) -> bool:
+        """The slot's pending tokens are in its cache, with these steps. True
+        when its sequence goes on; else the slot is free."""
+        run = self.slots[slot]
+        run.steps.append(steps)
+        if run.last:
+            self.slots[slot] = None
+        return not run.last
+
+    def choose(self, logits: Tensor, slots: List[int]) -> Tuple[List[int], Tensor]:
+        """The slots and the next tokens of their sequences (on the device),
+        from their logits (S, V); records the scores choose returns."""
+        runs = [self.slots[s] for s in slots]
+        tokens, scores = self._choose(logits, [r.index for r in runs], [r.tokens for r in runs])
+        for run, row in zip(runs, scores):
+            run.scores.append(row)
+            run.made += 1
+            run.last = self.out_of_room(run)
+        return slots, tokens
+
+    def known(self, slot: int, value: int) -> None:
+        """The host has read the value of the slot's newest token."""
+        run = self.slots[slot]
+        run.tokens.append(value)
+        if self.on_token is not None:
+            self.on_token(run.index, value)
+        if self.stop is not None and self.stop(run.index, run.tokens):
+            run.last = True
+
+
+def synchronous(table: Slots) -> int:
+    """One parallel call per round: the new prompts and one token of every
+    running sequence, pondered together."""
+    while table.waiting or table.occupied():
+        table.refill()
+        going, chosen = table.feed(table.occupied())
+        if going:   # the chosen tokens' values, brought to the host in one read per call
+            for s, token, value in zip(going, chosen.split(1), chosen.tolist()):
+                table.slots[s].feed = token
+                table.known(s, value)
+    return 0
+
+
+def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callable, attention: str,
+              fixed_rows: bool, exit) -> int:
+    """Every sequence steps on its own through one DepthwiseBlock (design
+    §17). A chosen token stays on the device, in its slot's row of
+    next_token: it enters the next iteration from there, and the host learns
+    its value from that iteration's one read (with the halting flags), before
+    the token can halt, so that choose and stop see every sequence whole."""
+    caches, device = iter(table.caches), table.caches[0].device     # one per stack present, in order
+    prelude_cache, block_cache, coda_cache = [None if m is None else next(caches) for m in (prelude, block, coda)]
+    tensor = partial(torch.tensor, dtype=torch.int64)
+
+    def next_logits(h: Tensor, slots: List[int], commit: bool = True) -> Tensor:
+        """The next-token logits of one state per slot: the coda (appending to
+        its cache, or, with commit=False, leaving it as it was), then the head."""
+        if coda is not None:
+            where = tensor([coda_cache.lengths[s] for s in slots]).to(device)
+            h = coda.extend(coda_cache, h, list(range(len(slots) + 1)), slots, positions=where, commit=commit)
+        return head(h)
+
+    engine = DepthwiseBlock(block, block_cache, attention, exit, partial(next_logits, commit=False))
+    next_token = torch.zeros(len(table.slots), dtype=torch.int64, device=device)
+    chosen: List[int] = []     # the slots whose next token is chosen and waits to enter
+
+    def take(slots: List[int], tokens: Optional[Tensor]) -> None:
+        if slots:
+            next_token.index_copy_(0, tensor(slots).to(device), tokens)
+            chosen.extend(slots)
+
+    while table.waiting or table.occupied():
+        fresh = table.refill()
+        if fresh:
+            take(*table.feed(fresh))
+        entering, entered = sorted(chosen), None
+        chosen.clear()
+        if entering:
+            where = tensor([block_cache.lengths[s] for s in entering]).to(device)
+            entered = next_token[tensor(entering).to(device)]
+            h = embed(entered, where)
+            if prelude is not None:
+                h = prelude.extend(prelude_cache, h, list(range(len(entering) + 1)), entering, positions=where)
+            engine.enter(entering, h)
+        running = table.occupied()     # every occupied slot has a token in flight now
+        if not running:
             continue
-        rows = logits[torch.tensor([r for _, r in choosing], device=logits.device)]
-        # the next tokens of every running sequence, brought to the host in one read per call
-        chosen = choose(rows, [i for i, _ in choosing])
-        for (i, _), row, nxt, value in zip(choosing, rows, chosen, chosen.tolist()):
-            scores[i].append(row)
-            tokens[i] = torch.cat([tokens[i], nxt.view(1)])
-            if value in ends:
-                finished[i] = True    # its last token is fed next round, for its steps
-    return tokens, steps, scores
+        active = [run is not None for run in table.slots] if fixed_rows else None
+        if fixed_rows:                 # one row per slot, the free ones idle
+            running = list(range(len(table.slots)))
+        positions = tensor([block_cache.lengths[s] for s in running]).to(device)
+        halted, out, halted_steps, values = engine.iterate(running, positions, active, entered)
+        for s, value in zip(entering, values):
+            table.known(s, value)
+        if not halted:
+            continue
+        reported = torch.as_tensor(halted_steps, dtype=torch.int64, device=device)
+        going = [j for j, s in enumerate(halted) if table.fed(s, reported[j:j + 1])]
+        if going:
+            h = out[tensor(going).to(device)] if len(going) < len(halted) else out
+            slots = [halted[j] for j in going]
+            take(*table.choose(next_logits(h, slots), slots))
+    for layer in block_cache.layers:       # the in-flight rows' tail is no longer needed
+        layer.reserve_tail(0)
+    return engine.iterations
 
 
-__all__ = ["generate_batched", "SequenceDraws", "eos_ids"]
+def generate_slots(schedule: str, *, prefill: Callable, caches: Sequence, prompts: Sequence[Tensor],
+                   max_new_tokens: int, choose: Callable, stop: Optional[Callable] = None,
+                   on_token: Optional[Callable] = None, max_len: Optional[int] = None, embed: Optional[Callable] = None,
+                   prelude=None, block=None, coda=None, head: Optional[Callable] = None,
+                   attention: Optional[str] = None, fixed_rows: bool = False, exit=None) -> Generated:
+    """Generates after every prompt, over caches (one per stack; their
+    batch size is the number of slots).
+
+    prefill(caches, tokens, offsets, slots) -> (logits (T, V), steps (T,)):
+    the parallel path, one chunk per slot. choose(logits (S, V), seqs,
+    histories) -> (tokens (S,) int64 on logits' device, scores (S, V)):
+    histories[k], sequence seqs[k]'s tokens so far (a host list, read only).
+    stop(i, history) -> bool and on_token(i, value): called as each
+    generated token's value reaches the host, in order; stop's True ends
+    sequence i after that token. max_len: a sequence ends at that length.
+
+    "depthwise" only: embed(tokens, positions) -> rows; prelude / block /
+    coda: the CausalStacks (or None) and the ACTTransformerEncoder the
+    caches follow; head(h) -> logits; attention: the concrete attention
+    backend; fixed_rows: one row per slot in every block iteration; exit:
+    an inference exit rule (design §16) in place of ACT's halting."""
+    check_schedule(schedule, fixed_rows)
+    table = Slots(prefill, caches, prompts, max_new_tokens, choose, stop, on_token, max_len)
+    if schedule == "synchronous":
+        iterations = synchronous(table)
+    else:
+        iterations = depthwise(table, embed, prelude, block, coda, head, attention, fixed_rows, exit)
+    runs = table.runs
+    return Generated([torch.tensor(r.tokens, dtype=torch.int64, device=r.prompt.device) for r in runs],
+                     [r.steps for r in runs], [r.scores for r in runs], iterations)
+
+
+__all__ = ["generate_slots", "Generated", "SequenceDraws", "eos_ids"]

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from .checks import check_layer_options
 from .cache import ChunkLayout, check_sequences, chunk_lengths
-from .depthwise import check_schedule, generate_depthwise
+from .depthwise import check_schedule
 from .exits import ExitRule, check_pondernet_args, make_exit_rule, token_pondernet_loss
-from .generation import SequenceDraws, generate_batched
+from .generation import SequenceDraws, generate_slots
 from .transformer import ACTTransformerEncoder, CausalStack
 
 
@@ -306,30 +306,20 @@ class ACTLanguageModel(nn.Module):
                   fixed_rows, rule) -> Generation:
         draws = SequenceDraws(generator, len(prompts)) if temperature > 0 else None
 
-        def choose(logits, sequences):
-            return self._choose(logits, temperature, top_k, draws, sequences)
+        def choose(logits, sequences, histories):
+            return self._choose(logits, temperature, top_k, draws, sequences), logits
 
-        caches = self.new_cache(slots)
-        if schedule == "synchronous":
-            self.block.iterations = 0
-            def extend(caches, tokens, offsets, slots):
-                return self.extend(caches, tokens, offsets, slots, exit=rule)
+        def prefill(caches, tokens, offsets, slots):
+            return self.extend(caches, tokens, offsets, slots, exit=rule), self.steps
 
-            sequences, steps, scores = generate_batched(extend, lambda: self.steps, caches, prompts,
-                                                        max_new_tokens, eos, self.max_len, choose)
-            iterations = self.block.iterations
-        else:
-            def prefill(caches, tokens, offsets, slots):
-                return self.extend(caches, tokens, offsets, slots, exit=rule), self.steps
-
-            before = self.block.iterations = 0
-            sequences, steps, scores, iterations = generate_depthwise(
-                prefill=prefill, embed=lambda t, pos: self.embed(t) + self.position(pos), prelude=self.prelude,
-                block=self.block, coda=self.coda, head=self._logits, caches=caches,
-                attention=self.block.attention_backend(self.head.weight), prompts=prompts,
-                max_new_tokens=max_new_tokens, eos=eos, max_len=self.max_len, choose=choose, fixed_rows=fixed_rows,
-                exit=rule)
-            iterations += self.block.iterations - before
+        self.block.iterations = 0
+        sequences, steps, scores, iterations = generate_slots(
+            schedule, prefill=prefill, caches=self.new_cache(slots), prompts=prompts, max_new_tokens=max_new_tokens,
+            choose=choose, stop=None if eos is None else lambda i, history: history[-1] == eos,
+            max_len=self.max_len, embed=lambda t, pos: self.embed(t) + self.position(pos), prelude=self.prelude,
+            block=self.block, coda=self.coda, head=self._logits,
+            attention=self.block.attention_backend(self.head.weight), fixed_rows=fixed_rows, exit=rule)
+        iterations += self.block.iterations    # the parallel calls' (prefills; every call under synchronous)
         vocab = self.vocab_size
         return Generation(
             sequences=sequences,
