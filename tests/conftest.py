@@ -3,11 +3,28 @@ import os
 
 import pytest
 import torch
+from _pytest.mark.structures import ParameterSet
 
 # Triton kernels run on the CPU only under the interpreter; it must be chosen
 # before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# True where the Triton kernels run under the interpreter (CPU-only machines):
+# there the grids marked `representative` run one case by default (see below)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Under pytest-xdist (one worker per core, pyproject's addopts) each worker
+# computes on one thread, so that the workers do not oversubscribe the cores;
+# subprocesses the tests start (distributed ranks, the train commands, the
+# sm_90 compiles) inherit the same setting.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:   # already set, or inter-op work already ran
+        pass
 
 _empty, _empty_like = torch.empty, torch.empty_like
 
@@ -39,15 +56,71 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "slow: minutes long; outside the default suite, run with --run-slow")
+    config.addinivalue_line(
+        "markers", "representative(params, key, values): a parametrized grid that runs Triton; under the "
+                   "interpreter only the case with these parameters runs by default, the rest with --run-slow "
+                   "(helpers.representative)")
 
 
+def _params_of_marks(item):
+    """The test's parametrize marks as (argnames, list of value tuples)."""
+    for mark in item.iter_markers("parametrize"):
+        names = mark.args[0]
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+        rows = []
+        for value in mark.args[1]:
+            if isinstance(value, ParameterSet):
+                rows.append(tuple(value.values))
+            else:
+                rows.append(tuple(value) if len(names) > 1 else (value,))
+        yield names, rows
+
+
+def _check_representative(item, chosen, key, values):
+    """A representative must name a case the grid has: every name a
+    parameter, every value one of its values (jointly, for parameters
+    listed in one parametrize), else the grid would have no default case."""
+    marks = list(_params_of_marks(item))
+    names = {n for argnames, _ in marks for n in argnames}
+    for name in chosen:
+        if name not in names:
+            raise pytest.UsageError(f"{item.nodeid}: representative names {name!r}, which is not a parameter")
+    for argnames, rows in marks:
+        mine = [n for n in argnames if n in chosen]
+        if mine and not any(all(row[argnames.index(n)] == chosen[n] for n in mine) for row in rows):
+            raise pytest.UsageError(f"{item.nodeid}: representative {dict((n, chosen[n]) for n in mine)} "
+                                    f"is not a case of the grid {argnames}")
+
+
+def _interpreter_grid_case_is_slow(item):
+    """True for a case of a `representative` grid that runs Triton under the
+    interpreter and is not the grid's representative case."""
+    mark = item.get_closest_marker("representative")
+    if mark is None or not INTERPRETED or not hasattr(item, "callspec"):
+        return False
+    chosen, key, values = mark.args[0], mark.kwargs["key"], mark.kwargs["values"]
+    _check_representative(item, chosen, key, values)
+    params = item.callspec.params
+    if key in params and params[key] not in values:
+        return False   # a case that runs no Triton (the reference, the twins, the C++ CPU kernels): fast
+    return any(params[name] != value for name, value in chosen.items())
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="no CUDA device")
     not_asked = pytest.mark.skip(reason="slow: run with --run-slow")
+    grid = pytest.mark.skip(reason="a Triton-interpreter grid's further case (its representative runs "
+                                   "by default): run with --run-slow")
+    run_slow = config.getoption("--run-slow")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(no_gpu)
-        if "slow" in item.keywords and not config.getoption("--run-slow"):
+        if _interpreter_grid_case_is_slow(item):
+            item.add_marker(pytest.mark.slow)
+            if not run_slow:
+                item.add_marker(grid)
+        elif "slow" in item.keywords and not run_slow:
             item.add_marker(not_asked)
 
 

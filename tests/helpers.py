@@ -1,11 +1,31 @@
 """Step functions and comparison helpers shared by the tests."""
 import math
 
+import pytest
 import torch
 
 import act_kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def representative(key="backend", values=("triton",), **params):
+    """Mark a parametrized grid that runs Triton: where Triton runs under the
+    interpreter (CPU-only machines, where a case costs seconds), only the
+    case whose parameters equal `params` runs by default; the grid's other
+    cases are marked slow and run with --run-slow (tests/conftest.py). Cases
+    whose `key` parameter is not one of `values` run no Triton (the
+    reference, the twins, the C++ CPU kernels) and are never tiered; a test
+    without a `key` parameter runs Triton in every case. Parameters not named
+    in `params` are kept whole: `kind` left out keeps one case per kernel.
+    On a GPU the whole grid runs, as before.
+
+        @representative(dtype=torch.float32, hidden=64)
+        @pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+        @pytest.mark.parametrize("dtype", DTYPES)
+        @pytest.mark.parametrize("hidden", [1, 64])
+        def test_x(backend, dtype, hidden): ..."""
+    return pytest.mark.representative(params, key=key, values=tuple(values))
+
 
 TOL = {
     torch.float64: dict(atol=1e-10, rtol=1e-8),
