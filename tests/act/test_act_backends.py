@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import act_kernels as ak
 from backends import KERNEL_BACKENDS
-from helpers import DEVICE, PairStep, TanhStep, assert_close, loss_and_grads, make_problem, run
+from helpers import DEVICE, PairStep, TanhStep, assert_close, loss_and_grads, make_problem, representative, run
 
 GRID = [
     # batch, hidden, bias, max_steps        what it covers
@@ -41,6 +41,7 @@ def compare(backend, batch, hidden, dtype, bias, max_steps, seed=0, w_scale=1.0)
     return out
 
 
+@representative(dtype=torch.float32, batch=12, hidden=40, bias=-1.5, max_steps=10)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,hidden,bias,max_steps", GRID)

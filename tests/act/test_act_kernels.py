@@ -5,7 +5,7 @@ import torch
 from act_kernels import reference
 from act_kernels.ops.act import get_kernels
 from backends import CPU_GATES, KERNEL_BACKENDS
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, representative
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # the halting step also has the extension's CPU implementation (half precision runs on the twin)
@@ -32,6 +32,7 @@ def halting_inputs(batch, hidden, active, dtype, bias, seed=0):
     ), buffers
 
 
+@representative(dtype=torch.float32, hidden=100, active=[0, 2, 3, 6], step=3, max_steps=10)
 @pytest.mark.parametrize("backend", HALTING_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", [1, 7, 64, 100])
@@ -59,6 +60,7 @@ def test_halting_step(backend, dtype, hidden, active, step, max_steps):
         assert_close(buffers[name], ref_buffers[name], acc_dtype, name)
 
 
+@representative(dtype=torch.float32, widths=(5, 3))
 @pytest.mark.parametrize("backend", HALTING_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("widths", [(70,), (5, 3)])
@@ -88,6 +90,7 @@ def test_halting_step_accumulates_extra_state_tensors(backend, dtype, widths):
         assert torch.equal(a[untouched], b0[untouched])
 
 
+@representative(dtype=torch.float32, hidden=100, active=[0, 2, 3, 6], row_steps=[1, 4, 2, 6], max_steps=6)
 @pytest.mark.parametrize("backend", HALTING_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", [1, 64, 100])
@@ -183,6 +186,7 @@ def combine_inputs(counts, hidden, dtype, seed=0, strided=False):
     )
 
 
+@representative(dtype=torch.float32, counts=[9, 6, 3, 3, 1], hidden=70, strided=True, extra=True)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("counts,hidden", [

@@ -11,7 +11,7 @@ import torch
 import act_kernels as ak
 from act_kernels.ops.attention import library as attn_fn
 from act_kernels.ops.attention import reference
-from helpers import DEVICE, assert_close
+from helpers import DEVICE, assert_close, representative
 
 ATTN_BACKENDS = [pytest.param("triton", id="triton")]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -86,6 +86,7 @@ def test_reference_gradcheck_float64(causal, pooled):
     assert torch.autograd.gradcheck(f, leaves)
 
 
+@representative(dtype=torch.float32, causal=True, lengths=[20, 3], heads=1, dim=24, running=0.5)
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -104,6 +105,7 @@ def test_matches_reference(backend, dtype, causal, lengths, heads, dim, running)
         assert_close(a, b, dtype, name)
 
 
+@representative(dim=128)
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("dim", [16, 128], ids=lambda d: f"d{d}")
 def test_head_dims_and_single_query(backend, dim):
@@ -136,6 +138,7 @@ def test_empty_sequences_and_scale(backend):
         assert_close(a, b, torch.float32, name)
 
 
+@representative(dtype=torch.bfloat16)
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_error_within_twice_pytorch(backend, dtype):
@@ -216,6 +219,7 @@ def test_deterministic_backward():
 # the torch.library op
 # ---------------------------------------------------------------------------
 
+@representative(key="dtype", values=[torch.float32], causal=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_opcheck(dtype, causal):
@@ -433,6 +437,7 @@ def test_gqa_reference_gradcheck_float64(causal):
     assert torch.autograd.gradcheck(function, leaves)
 
 
+@representative(heads=4, kv_heads=2, dtype=torch.float32, causal=True)
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("heads,kv_heads", GROUPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -486,6 +491,7 @@ def test_gqa_pool_segments_and_row_index(backend):
             assert_close(a, b, torch.float32, "pool grad")
 
 
+@representative(key="dtype", values=[torch.float32], causal=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gqa_opcheck(dtype, causal):

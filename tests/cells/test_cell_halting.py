@@ -11,7 +11,7 @@ from act_kernels.ops.act import reference as act_twins
 from act_kernels.ops.cells import gate_kernels
 from act_kernels.ops.cells import reference as twins
 from backends import CPU_DTYPES, CPU_GATES, KERNEL_BACKENDS
-from helpers import DEVICE, TOL
+from helpers import DEVICE, TOL, representative
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CELLS = {"gru": torch.nn.GRUCell, "lstm": torch.nn.LSTMCell}
@@ -91,6 +91,7 @@ CASES = [
 ]
 
 
+@representative(dtype=torch.float32, rows=5, hidden=37, step=2, max_steps=5, sum_scale=0.9)   # per kind
 @pytest.mark.parametrize("backend", [CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden,step,max_steps,sum_scale", CASES)

@@ -10,7 +10,7 @@ import act_kernels as ak
 from act_kernels.ops.cells import gate_kernels, gru_gates, lstm_gates
 from act_kernels.ops.cells import reference as twins
 from backends import CPU_DTYPES, CPU_GATES, KERNEL_BACKENDS
-from helpers import DEVICE, TOL
+from helpers import DEVICE, TOL, representative
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GATES = {"gru": (torch.nn.GRUCell, 3), "lstm": (torch.nn.LSTMCell, 4)}
@@ -49,6 +49,10 @@ def test_twins_compute_torchs_cells(kind, bias):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 
 
+# Triton: the GRU's Function gradchecked; the LSTM's Triton gates are held to the
+# twins (test_kernels_match_twins) and to the reference's gradients
+# (test_kernels_read_strided_and_stride0_inputs), its twin gradchecked here
+@representative(kind="gru")
 @pytest.mark.parametrize("backend", ["reference", CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_gradcheck_float64(kind, backend):
@@ -58,6 +62,7 @@ def test_gradcheck_float64(kind, backend):
     assert torch.autograd.gradcheck(lambda a, b, s: fn(a, b, s, backend=backend), args)
 
 
+@representative(dtype=torch.float32, rows=3, hidden=300)   # per kind
 @pytest.mark.parametrize("backend", [CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(0, 8), (1, 1), (5, 37), (3, 300)])
@@ -133,6 +138,7 @@ def _layer_pair(cls, backend, **kwargs):
     return ref, fused
 
 
+@representative(packed=True, kwargs=dict(num_layers=2, bidirectional=True))   # per layer class
 @pytest.mark.parametrize("backend", [CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kwargs", [{}, dict(num_layers=2, bidirectional=True)])

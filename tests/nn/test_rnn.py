@@ -8,7 +8,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import act_kernels.nn as acn
 from backends import KERNEL_BACKENDS
-from helpers import DEVICE
+from helpers import DEVICE, representative
 
 # on a GPU machine the layers run on CUDA tensors (the naive twin too)
 BACKENDS = [pytest.param("reference", id="reference"), *KERNEL_BACKENDS]
@@ -61,6 +61,7 @@ def build(kind, seed=0, **kw):
     return layer
 
 
+@representative(batch_first=True, give_hx=True)   # per kind
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["rnn", "gru", "lstm"])
 @pytest.mark.parametrize("batch_first", [False, True])

@@ -8,7 +8,7 @@ from torch import nn
 import act_kernels as ak
 from act_kernels.nn.layers import EncoderLayerRows
 from dense_encoder import dense_act_encoder
-from helpers import DEVICE, assert_close, assert_grads_match
+from helpers import DEVICE, assert_close, assert_grads_match, representative
 
 
 def make(d=16, heads=2, ff=32, *, batch_first=True, norm_first=False, activation="relu", bias=True,
@@ -141,6 +141,7 @@ def test_empty_sequence_in_packed_batch():
     torch.testing.assert_close(y[:4], y0)
 
 
+@representative(norm_first=True, causal=True)
 @pytest.mark.parametrize("norm_first,causal", [(False, False), (True, True)])
 def test_triton_backends_under_interpreter(norm_first, causal):
     """The Triton attention and halting kernels (interpreted on the CPU) in float32."""

@@ -10,7 +10,7 @@ from torch import nn
 
 import act_kernels.nn.transformer as transformer
 from dense_encoder import dense_act_block, dense_act_encoder
-from helpers import DEVICE, assert_close, assert_grads_match
+from helpers import DEVICE, assert_close, assert_grads_match, representative
 from test_transformer import compare, inputs, make
 from test_transformer_block import block_inputs, compare_block, make_block
 
@@ -189,6 +189,7 @@ def test_autocast_bfloat16_on_cpu():
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
 
 
+@representative(norm_first=True, causal=True)
 @pytest.mark.parametrize("norm_first,causal", [(False, False), (True, True)])
 def test_triton_kernels_under_interpreter(norm_first, causal, calls):
     """The Triton attention and halting kernels on the whole-ponder path

@@ -9,7 +9,7 @@ import torch
 import act_kernels as ak
 from act_kernels.ops.pondernet import get_kernels
 from act_kernels.ops.pondernet import ragged_pondernet
-from helpers import DEVICE, TanhStep, assert_close, make_problem
+from helpers import DEVICE, TanhStep, assert_close, make_problem, representative
 from naive_pondernet import padded_pondernet
 
 from backends import KERNEL_BACKENDS  # noqa: E402
@@ -41,6 +41,7 @@ def loss_of(p, kl, states, seed=0):
     return loss + (states.double() * torch.randn(states.shape, generator=g, dtype=torch.float64).to(states.device)).sum()
 
 
+@representative(key="impl", dtype=torch.float32, batch=7, hidden=33, bias=-1.0, max_steps=10, w_scale=2.0)  # per mode
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("halting", ["train", "threshold"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

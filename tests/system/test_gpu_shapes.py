@@ -17,7 +17,7 @@ from torch import nn
 import act_kernels as ak
 from act_kernels.ops.attention import reference
 from backends import KERNEL_BACKENDS
-from helpers import DEVICE, TanhStep, make_problem
+from helpers import DEVICE, TanhStep, make_problem, representative
 
 GPU = DEVICE.type == "cuda"
 
@@ -59,6 +59,7 @@ def test_attention_across_gpu_tiles(dim, dtype, causal):
     attention_check([150, 70, 1, 300], dim, dtype, causal)
 
 
+@representative(dim=40, causal=True)
 @pytest.mark.skipif(GPU, reason="the GPU runs these shapes natively (test_attention_across_gpu_tiles)")
 @pytest.mark.parametrize("dim,causal", [(40, True), (160, False)])
 def test_attention_with_gpu_tiles_under_the_interpreter(dim, causal, monkeypatch):
@@ -132,6 +133,7 @@ def test_wide_cell_rows_repeat_exactly(kind, hidden, backend):
     torch.testing.assert_close(outs[0][0], ref[0], atol=1e-4, rtol=1e-4)
 
 
+@representative(hidden=2048)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("hidden", [512, 2048])
 def test_wide_pondernet_rows_repeat_exactly(hidden, backend):
