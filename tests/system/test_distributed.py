@@ -2,6 +2,7 @@
 after k optimizer steps, DDP and FSDP2 (`fully_shard`) replicas hold the
 parameters of one process trained on the whole batch, for every layer."""
 import datetime
+import functools
 import gc
 import os
 import tempfile
@@ -14,6 +15,7 @@ import torch.multiprocessing as mp
 import act_kernels as ak
 
 WORLD, STEPS = 2, 3
+KINDS = ["ddp", "fsdp2"]
 LAYERS = ["ACTRNN", "ACTGRU", "ACTLSTM", "ACTTransformerEncoder", "LoopedCausalLM"]
 # transformers' RMSNorm computes in float32 inside a float64 model: sums over other row sets round differently
 TOLERANCE = {"LoopedCausalLM": dict(atol=1e-6, rtol=1e-5)}
@@ -65,12 +67,12 @@ def train(model, x, params):
         opt.step()
 
 
-def _worker(rank, init_file, results, kind):
+def _worker(rank, init_file, results, kinds):
     # a bounded wait: a rank that dies makes the other's collectives fail in 2 minutes, not hang the suite
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        for name in LAYERS:
+        for kind, name in ((k, n) for k in kinds for n in LAYERS):
             model = build(name)
             x = data(name).chunk(WORLD)[rank]
             if kind == "ddp":
@@ -85,7 +87,7 @@ def _worker(rank, init_file, results, kind):
                 state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
                          for k, v in model.state_dict().items()}
             if rank == 0:
-                torch.save(state, os.path.join(results, f"{name}.pt"))
+                torch.save(state, os.path.join(results, kind, f"{name}.pt"))
             # the wrappers' C++ state (DDP's reducer, FSDP's hooks) goes while the group is alive:
             # destroyed after it, at the worker's exit, it could hang or abort the process
             del model, state
@@ -97,14 +99,35 @@ def _worker(rank, init_file, results, kind):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
-def test_replicas_match_one_process_on_the_whole_batch(kind, tmp_path):
-    init_file = tempfile.mktemp(dir=tmp_path)
-    mp.spawn(_worker, args=(init_file, str(tmp_path), kind), nprocs=WORLD, join=True)
+# the fixture below trains both kinds in one start of the ranks: the tests share an xdist worker
+pytestmark = pytest.mark.xdist_group("distributed")
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    """Every kind's replicas, trained one kind after the other in one start of
+    the WORLD processes (starting them, torch and transformers imported in
+    each, is most of the time): a folder with <kind>/<layer>.pt."""
+    results = tmp_path_factory.mktemp("replicas")
+    for kind in KINDS:
+        (results / kind).mkdir()
+    init_file = tempfile.mktemp(dir=results)
+    mp.spawn(_worker, args=(init_file, str(results), KINDS), nprocs=WORLD, join=True)
+    return results
+
+
+@functools.lru_cache(maxsize=None)
+def trained_alone(name):
+    """The parameters of one process trained on the whole batch (the same for every kind)."""
+    single = build(name)
+    train(single, data(name), single.parameters())
+    return {k: v.detach().clone() for k, v in single.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_replicas_match_one_process_on_the_whole_batch(kind, replicas):
     for name in LAYERS:
-        single = build(name)
-        train(single, data(name), single.parameters())
-        got = torch.load(tmp_path / f"{name}.pt")
-        for key, value in single.state_dict().items():
+        got = torch.load(replicas / kind / f"{name}.pt")
+        for key, value in trained_alone(name).items():
             tol = TOLERANCE.get(name, dict(atol=1e-10, rtol=1e-8))
             torch.testing.assert_close(got[key], value, **tol, msg=lambda m: f"{kind} {name} {key}: {m}")
