@@ -1,14 +1,17 @@
 """Bring your own model (design §15): per-token ACT over a transformers
 causal LM's own decoder layers (Llama, Qwen2/3, Mistral without a sliding
-window, and the like), trained as any transformers model and generating
-batched over the ragged cache. The only part of the package that imports
-transformers (`pip install "act_kernels[hf]"`).
+window, and the like), as a transformers model: it trains under
+transformers.Trainer, saves and loads (AutoModelForCausalLM too, once this
+package is imported), and generates batched over the ragged cache with
+transformers' generation config, logits processors, stopping criteria and
+streamers. The only part of the package that imports transformers
+(`pip install "act_kernels[hf]"`).
 
     model = transformers.LlamaForCausalLM(config)
-    looped = act_kernels.hf.LoopedCausalLM(model, block=(1, 3), max_steps=8)
-    out = looped(input_ids, attention_mask, labels=input_ids)
-    (out.loss + tau * out.ponder_cost.sum() / attention_mask.sum()).backward()
-    gen = looped.generate(input_ids, attention_mask, max_new_tokens=32)
+    looped = act_kernels.hf.LoopedCausalLM(model, block=(1, 3), max_steps=8, ponder_weight=0.01)
+    out = looped(input_ids, attention_mask, labels=input_ids)     # out.loss = lm loss + τ · mean ponder cost
+    out.loss.backward()
+    sequences = looped.generate(input_ids, attention_mask, max_new_tokens=32)
 """
 try:
     import transformers  # noqa: F401
@@ -16,6 +19,14 @@ except ImportError as error:   # pragma: no cover - the message is the point
     raise ImportError("act_kernels.hf needs transformers: pip install \"act_kernels[hf]\" "
                       "(transformers>=5,<6)") from error
 
-from .looped import LoopedCausalLM, LoopedGeneration, LoopedOutput, LoopedPonderNet
+from transformers import AutoConfig, AutoModelForCausalLM
 
-__all__ = ["LoopedCausalLM", "LoopedOutput", "LoopedGeneration", "LoopedPonderNet"]
+from ..nn.looped import PonderNetTerms
+from .config import MODEL_TYPE, LoopedConfig
+from .generation import LoopedGenerateOutput
+from .model import LoopedCausalLM, LoopedCausalLMOutput
+
+AutoConfig.register(MODEL_TYPE, LoopedConfig, exist_ok=True)
+AutoModelForCausalLM.register(LoopedConfig, LoopedCausalLM, exist_ok=True)
+
+__all__ = ["LoopedCausalLM", "LoopedConfig", "LoopedCausalLMOutput", "LoopedGenerateOutput", "PonderNetTerms"]

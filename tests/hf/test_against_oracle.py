@@ -124,7 +124,7 @@ def test_generation_matches_the_oracle_forward(arch):
     looped = vary(LoopedCausalLM(model, (1, 3), max_steps=5, eps=0.05), seed=8, scale=2.0)
     ids, mask = batch(seed=9, rows=3, length=8, left=True)
     new = 6
-    gen = looped.generate(ids, mask, max_new_tokens=new, max_batch_size=2)
+    gen = looped.generate(ids, mask, max_new_tokens=new, max_batch_size=2, return_dict_in_generate=True)
     full = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], 1)
     with torch.no_grad():
         logits, _, steps = dense_looped_lm(model, (1, 3), looped.halting, max_steps=5, eps=0.05, step_norm=False,

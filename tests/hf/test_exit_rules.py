@@ -36,7 +36,7 @@ def unrolled(model, block, times):
 
 
 def check_generate_against_forward(looped, ids, mask, new, **kw):
-    gen = looped.generate(ids, mask, max_new_tokens=new, **kw)
+    gen = looped.generate(ids, mask, max_new_tokens=new, **kw, return_dict_in_generate=True)
     rule = {k: v for k, v in kw.items() if k in ("exit", "threshold", "min_steps", "every_loop")}
     full = torch.cat([mask, torch.ones(mask.shape[0], gen.sequences.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_fixed_is_transformers_model_with_the_block_unrolled():
         # and generation: transformers' own greedy generate of the unrolled model
         ids1 = ids[2:3]
         theirs = deep.generate(ids1, attention_mask=torch.ones_like(ids1), max_new_tokens=4, do_sample=False)
-        ours = looped.generate(ids1, None, max_new_tokens=4, exit="fixed")
+        ours = looped.generate(ids1, None, max_new_tokens=4, exit="fixed", return_dict_in_generate=True)
         assert torch.equal(ours.sequences, theirs)
 
 
@@ -121,18 +121,20 @@ def test_kl_rule_in_decoding():
     looped = looped_model(max_steps=4)
     ids, mask = batch(seed=36, rows=3, left=True)
     length = ids.shape[1]
-    gen = looped.generate(ids, mask, max_new_tokens=5, exit="kl", threshold=1e-3, prefill_steps=2)
+    gen = looped.generate(ids, mask, max_new_tokens=5, exit="kl", threshold=1e-3, prefill_steps=2, return_dict_in_generate=True)
     keep = mask.bool()
     assert bool((gen.steps[:, :length][keep] == 2).all())     # prompt tokens: prefill_steps
     new = gen.steps[:, length:]
     assert int(new.min()) >= 2 and int(new.max()) <= 4
-    loose = looped.generate(ids, mask, max_new_tokens=5, exit="kl", threshold=1e9, prefill_steps=3, min_steps=3)
+    loose = looped.generate(ids, mask, max_new_tokens=5, exit="kl", threshold=1e9, prefill_steps=3, min_steps=3,
+                            return_dict_in_generate=True)
     assert bool((loose.steps[:, length:] == 3).all())        # any divergence passes: out at max(2, min_steps)
-    tight = looped.generate(ids, mask, max_new_tokens=5, exit="kl", threshold=1e-300)
+    tight = looped.generate(ids, mask, max_new_tokens=5, exit="kl", threshold=1e-300, return_dict_in_generate=True)
     assert bool((tight.steps[:, length:] == 4).all())
     # equal to one sequence at a time, and under fixed rows and one slot
     for kw in (dict(max_batch_size=1), dict(max_batch_size=2, fixed_rows=True)):
-        other = looped.generate(ids, mask, max_new_tokens=5, exit="kl", threshold=1e-3, prefill_steps=2, **kw)
+        other = looped.generate(ids, mask, max_new_tokens=5, exit="kl", threshold=1e-3, prefill_steps=2, **kw,
+                                return_dict_in_generate=True)
         assert torch.equal(other.sequences, gen.sequences) and torch.equal(other.steps, gen.steps)
 
 
@@ -188,11 +190,12 @@ def test_inference_rules_refuse_training_and_bad_generate_options():
         looped(ids, mask, exit="gate", threshold=0.5)              # under no_grad it is inference
     looped.eval()
     with pytest.raises(ValueError, match="runs under schedule='depthwise' only"):
-        looped.generate(ids, mask, max_new_tokens=2, exit="kl", threshold=0.1, schedule="synchronous")
+        looped.generate(ids, mask, max_new_tokens=2, exit="kl", threshold=0.1, schedule="synchronous",
+                        return_dict_in_generate=True)
     with pytest.raises(ValueError, match="prefill_steps must be an int in"):
-        looped.generate(ids, mask, max_new_tokens=2, exit="kl", threshold=0.1, prefill_steps=0)
+        looped.generate(ids, mask, max_new_tokens=2, exit="kl", threshold=0.1, prefill_steps=0, return_dict_in_generate=True)
     with pytest.raises(ValueError, match="prefill_steps applies to exit='kl' only"):
-        looped.generate(ids, mask, max_new_tokens=2, exit="gate", threshold=0.1, prefill_steps=2)
+        looped.generate(ids, mask, max_new_tokens=2, exit="gate", threshold=0.1, prefill_steps=2, return_dict_in_generate=True)
 
 
 def test_pondernet_objective_refusals():

@@ -65,7 +65,7 @@ def test_kl_rule_against_the_token_by_token_oracle(build, block, step_norm):
     spread = set()
     for threshold, min_steps, prefill in ((1e-3, 1, 2), (1e-2, 3, 4), (1e-4, 1, 1)):
         gen = looped.generate(ids, mask, max_new_tokens=5, exit="kl", threshold=threshold, min_steps=min_steps,
-                              prefill_steps=prefill, max_batch_size=2)
+                              prefill_steps=prefill, max_batch_size=2, return_dict_in_generate=True)
         for row in range(ids.shape[0]):
             keep = torch.cat([mask[row].bool(), torch.ones(5, dtype=torch.bool)])
             sequence = gen.sequences[row][keep]

@@ -1,0 +1,120 @@
+"""transformers' generation conventions on the slot scheduler (design §15):
+a GenerationConfig (the model's, or the caller's, updated by keyword
+arguments), transformers' own logits processors and warpers (the model's
+`_get_logits_processor`: repetition penalty, min_new_tokens, temperature,
+top-k, top-p, ... and the caller's), stopping criteria and a streamer.
+
+The scheduler asks for the next tokens of the sequences whose last token has
+just halted, which need not have the same number of tokens (depth-wise
+batching, continuous refill). Each row is shown to the processors exactly as
+transformers' own generate would show it: the input row as given (padding
+kept), then the row's generated tokens; rows of equal length go through the
+processors together. Sampling draws from softmax of the processed scores,
+each sequence from its own generator (`SequenceDraws`), so a draw does not
+depend on the schedule or the batch.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.utils import ModelOutput
+
+from ..nn.generation import SequenceDraws, eos_ids
+
+
+@dataclass
+class LoopedGenerateOutput(ModelOutput):
+    """`generate(..., return_dict_in_generate=True)`: sequences (B, L + new)
+    laid out as transformers lays them out; steps (same shape), every token's
+    ponder steps, 0 at padding; scores (with output_scores=True) one (B, V)
+    tensor of processed scores per new-token column, -inf in the rows of
+    sequences that had already ended; iterations: how many times the block
+    ran."""
+
+    sequences: Optional[Tensor] = None
+    steps: Optional[Tensor] = None
+    scores: Optional[Tuple[Tensor, ...]] = None
+    iterations: Optional[int] = None
+
+
+def call_config(model, given: Optional[GenerationConfig], kwargs: dict) -> GenerationConfig:
+    """The call's GenerationConfig: a copy of the one given (else the
+    model's), updated by the keyword arguments; any keyword it does not know
+    is an error, as an unknown argument is."""
+    config = copy.deepcopy(given if given is not None else model.generation_config)
+    unknown = config.update(**kwargs)
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
+    config.validate()
+    top_p = config.top_p
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        # transformers' top-p warper is skipped, not refused, at top_p >= 1
+        raise ValueError(f"top_p must be None or a float in (0, 1], got {top_p!r}")
+    return config
+
+
+def eos_and_pad(config: GenerationConfig):
+    ends = eos_ids(config.eos_token_id)
+    if any(isinstance(e, bool) or not isinstance(e, int) for e in ends):
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {config.eos_token_id!r}")
+    pad = config.pad_token_id
+    if pad is None:
+        pad = ends[0] if ends else 0
+    return ends, int(pad)
+
+
+class Chooser:
+    """The scheduler's choose / stop / on_token hooks for one generate call."""
+
+    def __init__(self, input_ids: Tensor, valid: Tensor, config: GenerationConfig, processors: LogitsProcessorList,
+                 stopping: Optional[StoppingCriteriaList], streamer, ends, generator: Optional[torch.Generator]):
+        self.input_ids, self.prompt_lengths = input_ids, valid.sum(1).tolist()
+        self.processors, self.stopping, self.streamer, self.ends = processors, stopping, streamer, set(ends)
+        self.sample = bool(config.do_sample)
+        self.draws = SequenceDraws(generator, input_ids.shape[0]) if self.sample else None
+        self.last_scores: dict = {}
+
+    def _rows(self, seqs: List[int], histories: List[List[int]]) -> Tensor:
+        """(S, L + n): each sequence as transformers' generate holds it (all of equal n)."""
+        new = torch.tensor([h[self.prompt_lengths[i]:] for i, h in zip(seqs, histories)], dtype=torch.int64,
+                           device=self.input_ids.device).view(len(seqs), -1)
+        return torch.cat([self.input_ids[seqs], new], 1)
+
+    def choose(self, logits: Tensor, seqs: List[int], histories: List[List[int]]):
+        scores = logits
+        if len(self.processors):
+            scores = logits.clone()
+            made = [len(h) - self.prompt_lengths[i] for i, h in zip(seqs, histories)]
+            for n in sorted(set(made)):            # rows of one length through the processors together
+                at = [r for r, m in enumerate(made) if m == n]
+                rows = self._rows([seqs[r] for r in at], [histories[r] for r in at])
+                where = torch.tensor(at, device=logits.device)
+                scores[where] = self.processors(rows, logits[where])
+        if self.sample:
+            tokens = self.draws(torch.softmax(scores.double(), -1), seqs)
+        else:
+            tokens = scores.argmax(-1)
+        if self.stopping is not None:
+            for i, row in zip(seqs, scores):
+                self.last_scores[i] = row
+        return tokens, scores
+
+    def stop(self, i: int, history: List[int]) -> bool:
+        if history[-1] in self.ends:
+            return True
+        if self.stopping is None:
+            return False
+        row = torch.tensor([history[self.prompt_lengths[i]:]], dtype=torch.int64, device=self.input_ids.device)
+        ids = torch.cat([self.input_ids[i:i + 1], row], 1)
+        return bool(self.stopping(ids, self.last_scores[i][None]).any())
+
+    def on_token(self, i: int, value: int) -> None:
+        self.streamer.put(torch.tensor([value]))
+
+
+__all__ = ["LoopedGenerateOutput", "Chooser", "call_config", "eos_and_pad"]
