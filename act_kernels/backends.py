@@ -219,7 +219,7 @@ def attention_op_implementation(device: torch.device, dtype: torch.dtype) -> str
 class EncoderBackends(NamedTuple):
     """What serves one call of the per-token encoder: ACT's halting kernels
     (a `resolve` name), ragged attention (a `resolve_attention` name),
-    whether it may take the pool path (nn/token_ponder.py: every backend but
+    whether it may take the pool path (layers/token_ponder.py: every backend but
     "reference", whose step-by-step autograd loop is the oracle), and the
     kernels that path's loop runs (an `ops.act.get_kernels` name)."""
 

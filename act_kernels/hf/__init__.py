@@ -21,7 +21,7 @@ except ImportError as error:   # pragma: no cover - the message is the point
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..nn.looped import PonderNetTerms
+from ..models.core import PonderNetTerms
 from .config import MODEL_TYPE, LoopedConfig
 from .generation import LoopedGenerateOutput
 from .model import LoopedCausalLM, LoopedCausalLMOutput

@@ -8,7 +8,7 @@ import contextlib
 
 from transformers import AttentionInterface
 
-from ..nn.layers.transformers_decoder import attention_function
+from ..layers.kinds.transformers_decoder import attention_function
 
 ATTENTION_NAME = "act_kernels_ragged"
 AttentionInterface.register(ATTENTION_NAME, attention_function)

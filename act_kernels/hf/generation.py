@@ -24,7 +24,7 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.utils import ModelOutput
 
-from ..nn.generation import SequenceDraws, eos_ids
+from ..generation.scheduler import SequenceDraws, eos_ids
 
 
 @dataclass

@@ -4,8 +4,8 @@ layers (design §15), as a transformers model. Composition:
     embed -> prelude layers [0, start) once -> the block [start, stop),
     pondered per token with ACT -> coda layers [stop, L) once -> final norm -> head
 
-on the package's looped core (nn/looped.py) over the decoder-layer kind
-(nn/layers/transformers_decoder.py): padding is never a row, each token
+on the package's looped core (models/core.py) over the decoder-layer kind
+(layers/kinds/transformers_decoder.py): padding is never a row, each token
 halts on its own, keys and values stay at the model's kv heads, and
 generation runs batched over the ragged cache (design §14, §17). As a
 PreTrainedModel with its own config (hf/config.py) it saves, loads
@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..nn import ACTTransformerEncoder, CausalStack
-from ..nn.checks import check_layer_options
-from ..nn.layers import DecoderLayers
-from ..nn.looped import LoopedCore, PonderNetTerms, check_generator, lay_out, scores_by_column
+from ..layers import ACTTransformerEncoder, CausalStack
+from ..layers.checks import check_layer_options
+from ..layers.kinds import DecoderLayers
+from ..models.core import LoopedCore, PonderNetTerms, check_generator, lay_out, scores_by_column
 from .attention import ours
 from .checks import check_block, check_model, check_routes_attention
 from .config import LoopedConfig

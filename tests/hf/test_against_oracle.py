@@ -3,12 +3,12 @@ own layers (tests/hf/oracle.py): values, exact steps, ponder cost and every
 parameter's gradient, float64, Llama with grouped-query attention and Qwen3
 (q/k norms), left and right padding, blocks with and without prelude, coda
 and step norm; on the step-by-step path ("reference") and on the pool path
-("auto": fixed key/value pools, nn/token_ponder.py), which must be the path
+("auto": fixed key/value pools, layers/token_ponder.py), which must be the path
 that ran."""
 import pytest
 import torch
 
-import act_kernels.nn.transformer as transformer
+import act_kernels.layers.transformer as transformer
 
 from hf.oracle import dense_looped_lm
 from tiny import MODELS, batch, vary
@@ -138,7 +138,7 @@ def test_pool_path_with_torch_attention_keeps_the_kv_heads(monkeypatch, paths):
     scaled_dot_product_attention rather than its CPU flash kernels (what a
     CUDA float64 call, or one without Triton, takes): the grouped-query
     pools keep their Hkv heads there too (enable_gqa), forward and backward."""
-    import act_kernels.nn.transformer as engine
+    import act_kernels.layers.transformer as engine
 
     original = engine.key_table
     monkeypatch.setattr(engine, "key_table", lambda *a, **k: original(*a, **k)._replace(cpu_flash=False))

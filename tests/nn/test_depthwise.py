@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import act_kernels as ak
-from act_kernels.nn.depthwise import DepthwiseBlock
+from act_kernels.generation.depthwise import DepthwiseBlock
 from test_language_model import VOCAB, check_against_forward, make, prompts
 
 

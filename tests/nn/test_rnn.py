@@ -111,7 +111,7 @@ def test_layer_matches_naive(backend, kind, batch_first, give_hx):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["gru", "lstm"])
 def test_packed_sequence(backend, kind, monkeypatch):
-    import act_kernels.nn.rnn as rnn
+    import act_kernels.layers.rnn as rnn
 
     layer = build(kind, seed=2, backend=backend, batch_first=True)
     lengths = [2, 5, 1, 3]

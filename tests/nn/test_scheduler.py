@@ -1,4 +1,4 @@
-"""The slot scheduler's hooks (nn/generation.py: generate_slots), called
+"""The slot scheduler's hooks (generation/scheduler.py: generate_slots), called
 directly on a tiny ACTLanguageModel under both policies, with fewer slots than
 prompts: stop ends a sequence after the token it fires on; on_token sees every
 generated token in order; choose sees every sequence whole on the host; the
@@ -6,7 +6,7 @@ scores recorded are the ones choose returned."""
 import pytest
 import torch
 
-from act_kernels.nn.generation import generate_slots
+from act_kernels.generation.scheduler import generate_slots
 from test_depthwise import by_token
 from test_language_model import make, prompts
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import act_kernels as ak
-from act_kernels.nn.layers import EncoderLayerRows
+from act_kernels.layers.kinds import EncoderLayerRows
 from dense_encoder import dense_act_encoder
 from helpers import DEVICE, assert_close, assert_grads_match, representative
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import act_kernels as ak
-from act_kernels.nn.layers import EncoderLayerRows
+from act_kernels.layers.kinds import EncoderLayerRows
 from helpers import DEVICE
 
 LENGTHS = [7, 4, 6]

@@ -1,5 +1,5 @@
 """The per-token encoder's ponder over fixed key/value pools
-(nn/token_ponder.py, design §9, §11): the path every backend but "reference"
+(layers/token_ponder.py, design §9, §11): the path every backend but "reference"
 takes. Checked against the independent dense loop (values, exact steps,
 ponder cost, every gradient), against the step-by-step oracle path, and for
 what it must not do: take layers it cannot compute exactly, run a second
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import act_kernels.nn.transformer as transformer
+import act_kernels.layers.transformer as transformer
 from dense_encoder import dense_act_block, dense_act_encoder
 from helpers import DEVICE, assert_close, assert_grads_match, representative
 from test_transformer import compare, inputs, make

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import act_kernels as ak
-from act_kernels.nn.depthwise import DepthwiseBlock
+from act_kernels.generation.depthwise import DepthwiseBlock
 from census import SYNCS, Census
 
 

@@ -8,7 +8,7 @@ and forward + backward. Kernel launches count as one event each (what runs
 inside a launcher is muted). The budget: at most 1.3 times the plain
 layers' calls per ponder step.
 
-Both paths take the pool path (nn/token_ponder.py: one fixed key/value
+Both paths take the pool path (layers/token_ponder.py: one fixed key/value
 row per token per layer, written in place) and meet it. The CPU path
 ("auto": torch's CPU flash attention over the pool, the C++ halting step):
 96.75 calls per ponder step forward against 84 (1.15x), 288.4 against 247

@@ -4,7 +4,7 @@ the twin issues about twenty ATen ops, for states that are their own
 accumulation dtype (float32, float64). The combine backward runs once per
 ponder, so the CPU implementation takes the reference twin's.
 
-The per-token encoder's pool path (nn/token_ponder.py) takes these on the CPU
+The per-token encoder's pool path (layers/token_ponder.py) takes these on the CPU
 (`backends.resolve_encoder`): there, host work per step is the wall time.
 """
 from __future__ import annotations

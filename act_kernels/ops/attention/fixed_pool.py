@@ -2,7 +2,7 @@
 token's own packed index, updated in place between calls (design §9, §11).
 
 A layer that keeps its keys and values this way (the per-token encoder's
-pool path, nn/token_ponder.py) reads them with no token -> row table, so everything
+pool path, layers/token_ponder.py) reads them with no token -> row table, so everything
 about the keys is fixed for a whole ponder: `key_table` builds it once per
 call, `query_table` what depends on the running queries once per step (the
 block's layers share it), and `pool_forward` / `pool_backward` are one

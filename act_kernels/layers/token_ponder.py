@@ -1,5 +1,5 @@
 """The per-token ponder step over fixed key/value pools (design §9, §11),
-for any layer kind of nn/layers: the host work of a step is the layers' own
+for any layer kind of layers/kinds: the host work of a step is the layers' own
 math, one attention launch per layer and the halting launch of ACT's kernel
 loop. A looped model's plain prelude and coda run one step of it
 (`pool_stack`).
@@ -22,10 +22,10 @@ loop. A looped model's plain prelude and coda run one step of it
   transformers decoder layer) writes the first pool once with those of the
   running tokens and those of the tokens that have just halted.
 
-It runs the layers through their row adapters (nn/layers, the same math
+It runs the layers through their row adapters (layers/kinds, the same math
 the step-by-step path runs); a kind's `pool_path_supported` says when they
 qualify (no dropout that acts, LayerNorms and a parameter-free activation
-for torch's encoder layers). The step-by-step path of `nn/transformer.py`
+for torch's encoder layers). The step-by-step path of `layers/transformer.py`
 serves the rest, and backend="reference".
 """
 from __future__ import annotations
@@ -128,7 +128,7 @@ class _PoolAttention(torch.autograd.Function):
 
 class PoolStep:
     """The step function of one ponder on the kernel loop: the block's layers
-    (any layer kind of nn/layers) on the running rows, each reading keys and
+    (any layer kind of layers/kinds) on the running rows, each reading keys and
     values from its pool."""
 
     def __init__(self, kind, keys: KeyTable, x: Tensor, positions: Optional[Tensor] = None):

@@ -19,7 +19,7 @@ and a row adapter (one layer, one call) with
 `rows` are the packed token indices of x's rows (None: every token of the
 call, in order): what a layer with positions (rotary embeddings) needs.
 The ponder loop, the pools, the cache and ragged attention are shared by
-every kind (nn/transformer.py, nn/token_ponder.py, nn/cache.py).
+every kind (layers/transformer.py, layers/token_ponder.py, layers/cache.py).
 """
 from .torch_encoder import EncoderLayerRows, EncoderLayers
 from .transformers_decoder import DecoderLayerRows, DecoderLayers

@@ -1,8 +1,8 @@
 """`torch.nn.TransformerEncoderLayer`'s row math, written once (design §9,
 §15): the key/value rows of given tokens and the layer's output for given
 tokens around their attention. Both of the engine's paths run it: the pool
-path (nn/token_ponder.py) and the step-by-step path with its cache
-(nn/transformer.py).
+path (layers/token_ponder.py) and the step-by-step path with its cache
+(layers/transformer.py).
 
 The in-projection is sliced into its query and key/value rows once per call
 (a slice per step would cost autograd a slice backward per step), and

@@ -1,5 +1,5 @@
 """`ACTLanguageModel`: a looped language model with per-token adaptive depth
-(design §14) over torch encoder layers, on the looped core (nn/looped.py): a
+(design §14) over torch encoder layers, on the looped core (models/core.py): a
 prelude of plain causal layers, one shared block of layers applied again
 and again with ACT halting per token, a coda, a final norm and an output
 head; batched generation over the ragged key/value cache, exact against the
@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checks import check_layer_options
-from .generation import SequenceDraws
-from .looped import LoopedCore, PonderNetTerms, check_generator, lay_out, scores_by_column, stop_at
-from .transformer import ACTTransformerEncoder, CausalStack
+from ..layers.checks import check_layer_options
+from ..generation.scheduler import SequenceDraws
+from .core import LoopedCore, PonderNetTerms, check_generator, lay_out, scores_by_column, stop_at
+from ..layers.transformer import ACTTransformerEncoder, CausalStack
 
 
 class _Fields:

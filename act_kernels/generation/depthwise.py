@@ -22,7 +22,7 @@ iteration:
   coda, final norm, head and sampling; their sequences feed the sampled token
   at the next iteration. A finished sequence frees its slot for the next
   prompt, which is prefilled as one chunk through the parallel path (the
-  slot scheduler of nn/generation.py drives this block).
+  slot scheduler of generation/scheduler.py drives this block).
 
 Causality makes every interleaving exact: a token's states depend only on the
 earlier tokens of its own sequence, all in the cache before it enters.
@@ -38,8 +38,8 @@ from ..backends import resolve_encoder
 from ..ops.act import get_kernels
 from ..ops.attention import attend as attend_rows
 from ..ops.state import accumulation_dtype
-from .cache import CacheContext, ChunkLayout, split_key_values
-from .exits import ExitRule, ExitState, exits_now, next_token_divergence
+from ..layers.cache import CacheContext, ChunkLayout, split_key_values
+from ..layers.exits import ExitRule, ExitState, exits_now, next_token_divergence
 
 
 class DepthwiseBlock:

@@ -144,7 +144,7 @@ class DecoderLayers:
         return [DecoderLayerRows(layer, table) for layer in self._layers]
 
     def pool_path_supported(self, training: bool) -> bool:
-        """Whether the pool path (nn/token_ponder.py) computes these layers
+        """Whether the pool path (layers/token_ponder.py) computes these layers
         exactly: it takes no attention dropout, so none may act."""
         return not training or all(getattr(layer.self_attn, "attention_dropout", 0.0) == 0 for layer in self._layers)
 

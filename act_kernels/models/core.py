@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import ChunkLayout
-from .depthwise import check_schedule
-from .exits import ExitRule, check_pondernet_args, make_exit_rule, token_pondernet_loss
-from .generation import eos_ids, generate_slots
+from ..layers.cache import ChunkLayout
+from ..generation.depthwise import check_schedule
+from ..layers.exits import ExitRule, check_pondernet_args, make_exit_rule, token_pondernet_loss
+from ..generation.scheduler import eos_ids, generate_slots
 
 
 class Packed(NamedTuple):
@@ -203,7 +203,7 @@ class LoopedCore:
         """Appends chunks of tokens (T_new,) to cache `sequences` and returns
         their logits (T_new, V); `.block.steps` becomes (T_new,). Exactly the
         causal forward's, for any chunking (design §14). exit: a checked exit
-        rule (nn/exits.py) for the block."""
+        rule (layers/exits.py) for the block."""
         self._check_tokens(tokens, "tokens")
         offsets, sequences = list(cu_seqlens), list(sequences)
         if not isinstance(caches, (list, tuple)) or len(caches) != len(self._stacks()):
@@ -226,7 +226,7 @@ class LoopedCore:
     def _generate(self, input_ids: Tensor, valid: Tensor, max_new_tokens: int, *, choose, stop, on_token=None,
                   max_batch_size: Optional[int], schedule: str, fixed_rows: bool, rule: Optional[ExitRule]):
         """Every row's real tokens as a prompt, generated over one ragged cache
-        with the slot scheduler (nn/generation.py). Returns its `Generated`."""
+        with the slot scheduler (generation/scheduler.py). Returns its `Generated`."""
         check_max_new_tokens(max_new_tokens)
         check_max_batch_size(max_batch_size)
         check_schedule(schedule, fixed_rows)

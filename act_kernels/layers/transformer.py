@@ -30,7 +30,7 @@ from .exits import ExitRule, ponder_with_exit
 from ..backends import resolve_encoder
 from ..ops.attention import attend as attend_rows
 from ..ops.attention import key_table, reference_ragged_attention
-from .layers import DecoderLayers, EncoderLayers
+from .kinds import DecoderLayers, EncoderLayers
 from .token_ponder import pool_ponder, pool_stack
 
 
@@ -111,7 +111,7 @@ class _TokenStep:
     its last step. With a cache context, the cached tokens of the same
     sequences are read too, through the index, for the step they had
     reached (`extend`). It knows the layers only by their row adapters
-    (nn/layers)."""
+    (layers/kinds)."""
 
     def __init__(self, block: "RaggedBlock", x: Tensor, cu_seqlens: Tensor, causal: bool,
                  max_seqlen: int, attention_backend: str, context=None, positions: Optional[Tensor] = None):
@@ -207,14 +207,14 @@ class _TokenStep:
 
 class RaggedBlock(nn.Module):
     """A block of layers evaluated on packed rows: the layers' math on the
-    running tokens' rows (through a layer kind's row adapters, nn/layers),
+    running tokens' rows (through a layer kind's row adapters, layers/kinds),
     reading keys and values from per-layer pools through ragged attention,
     and a cache for causal incremental evaluation. `ACTTransformerEncoder`
     ponders over it; a language model's plain layers run it for one step
     (`CausalStack`).
 
     encoder_layer: an `nn.TransformerEncoderLayer` or `nn.TransformerEncoder`
-    (registered as `.layer`), or a layer kind from `act_kernels.nn.layers`
+    (registered as `.layer`), or a layer kind from `act_kernels.layers.kinds`
     (a transformers model's decoder layers: not registered here, they stay
     the model's own modules)."""
 
@@ -354,7 +354,7 @@ class ACTTransformerEncoder(RaggedBlock):
         cu_seqlens (B + 1,) int32. Returns (T_tok, D); `.ponder_cost` and
         `.steps` become (T_tok,). positions (T_tok,) int64: every token's
         position in its sequence, for layers with rotary embeddings. exit:
-        an inference exit rule (nn/exits.py, design §16) in place of ACT's
+        an inference exit rule (layers/exits.py, design §16) in place of ACT's
         halting; each token returns its state at its exit, `.steps` its exit
         step and `.ponder_cost` the steps it ran (float32; max_steps under
         the every_loop reference mode)."""
