@@ -106,6 +106,30 @@ def _interpreter_grid_case_is_slow(item):
     return any(params[name] != value for name, value in chosen.items())
 
 
+# The default suite's longest tests (node-id prefixes, longest first): they start
+# first, so that under xdist no worker is left running one of them alone at the
+# end. Ahead-of-time sm_90 compiles (a minute or more with a cold Triton cache),
+# process starts, Triton under the interpreter over a whole model or gradcheck.
+LONGEST_FIRST = (
+    "tests/system/test_triton_resources.py",
+    "tests/system/test_triton_compile.py",
+    "tests/system/test_distributed.py",
+    "tests/system/test_depthwise_host_work.py",
+    "tests/system/test_lm_host_work.py",
+    "tests/system/test_compile.py",
+    "tests/act/test_act_backends.py::test_gradcheck_float64",
+    "tests/system/test_gpu_shapes.py",
+    "tests/system/test_encoder_host_work.py",
+    "tests/nn/test_language_model.py::test_generation_on_triton_under_the_interpreter",
+    "tests/pondernet/test_pondernet.py::test_sample_mode_is_geometric_and_repeatable",
+    "tests/train/test_train_command.py::test_ctrl_c_saves_a_checkpoint_and_exits_cleanly",
+)
+
+
+def _start_rank(item):
+    return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)), len(LONGEST_FIRST))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="no CUDA device")
@@ -122,6 +146,7 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(grid)
         elif "slow" in item.keywords and not run_slow:
             item.add_marker(not_asked)
+    items.sort(key=_start_rank)   # stable: the rest keep their order
 
 
 @pytest.fixture
