@@ -10,6 +10,7 @@ import torch
 
 import act_kernels as ak
 from act_kernels.generation.depthwise import DepthwiseBlock
+from looped_lm import generate
 from test_language_model import VOCAB, check_against_forward, make, prompts
 
 
@@ -64,8 +65,8 @@ def by_token(model, seed=0):
 def test_depthwise_equals_synchronous_and_the_forward(row_steps):
     model = make(seed=8)
     given = prompts((5, 3, 8, 1, 6, 2), seed=9)
-    sync = model.generate(given, 9, schedule="synchronous")
-    deep = model.generate(given, 9)
+    sync = generate(model, given, 9, schedule="synchronous")
+    deep = generate(model, given, 9)
     same(sync, deep)
     check_against_forward(model, given, deep)
     assert any(len(steps) > 1 for steps in row_steps)     # one iteration holds tokens at different steps
@@ -77,7 +78,7 @@ def test_the_block_runs_about_mean_n_times_per_token_not_max_n():
     given = prompts((5, 3, 8, 1, 6, 2), seed=9)
 
     def run(schedule):
-        return model.generate(given, 12, temperature=1.0, generator=torch.Generator().manual_seed(0),
+        return generate(model, given, 12, do_sample=True, temperature=1.0, generator=torch.Generator().manual_seed(0),
                               schedule=schedule)
 
     sync, deep = run("synchronous"), run("depthwise")
@@ -98,10 +99,10 @@ def test_the_block_runs_about_mean_n_times_per_token_not_max_n():
 def test_continuous_batching_and_eos_under_both_schedules(slots):
     model = make(seed=10)
     given = prompts((4, 2, 7, 3, 5, 1, 6), seed=11)
-    free = model.generate(given, 8, schedule="synchronous")
+    free = generate(model, given, 8, schedule="synchronous")
     eos = int(free.sequences[1][2 + 3])            # the second sequence's fourth new token
-    sync = model.generate(given, 8, eos_token_id=eos, max_batch_size=slots, schedule="synchronous")
-    deep = model.generate(given, 8, eos_token_id=eos, max_batch_size=slots)
+    sync = generate(model, given, 8, eos_token_id=eos, max_batch_size=slots, schedule="synchronous")
+    deep = generate(model, given, 8, eos_token_id=eos, max_batch_size=slots)
     same(sync, deep)
     assert any(s.numel() < f.numel() for s, f in zip(deep.sequences, free.sequences))
     check_against_forward(model, given, deep)
@@ -120,12 +121,12 @@ def test_fixed_rows_give_the_same_output_at_a_fixed_row_count(monkeypatch):
         return original(self, slots, positions, active, read_with)
 
     monkeypatch.setattr(DepthwiseBlock, "iterate", iterate)
-    eos = int(model.generate(given, 6).sequences[0][6 + 1])
+    eos = int(generate(model, given, 6).sequences[0][6 + 1])
     counts.clear()
-    fixed = model.generate(given, 6, eos_token_id=eos, max_batch_size=3, fixed_rows=True)
+    fixed = generate(model, given, 6, eos_token_id=eos, max_batch_size=3, fixed_rows=True)
     assert set(counts) == {3}
     counts.clear()
-    free = model.generate(given, 6, eos_token_id=eos, max_batch_size=3)
+    free = generate(model, given, 6, eos_token_id=eos, max_batch_size=3)
     assert len(set(counts)) > 1                  # without it the row count follows the running sequences
     same(fixed, free)
     check_against_forward(model, given, fixed)
@@ -136,13 +137,14 @@ def test_sampling_does_not_depend_on_the_schedule_or_the_batch():
     given = prompts((3, 5, 2, 4), seed=15)
 
     def draw(**kw):
-        return model.generate(given, 6, temperature=0.9, top_k=12, generator=torch.Generator().manual_seed(3), **kw)
+        return generate(model, given, 6, do_sample=True, temperature=0.9, top_k=12,
+                        generator=torch.Generator().manual_seed(3), **kw)
 
     base = draw(schedule="synchronous")
     for kw in (dict(), dict(max_batch_size=1), dict(max_batch_size=3, fixed_rows=True),
                dict(schedule="synchronous", max_batch_size=2)):
         same(base, draw(**kw), scores=False)
-    other = model.generate(given, 6, temperature=0.9, top_k=12, generator=torch.Generator().manual_seed(4))
+    other = generate(model, given, 6, do_sample=True, temperature=0.9, top_k=12, generator=torch.Generator().manual_seed(4))
     assert any(not torch.equal(a, b) for a, b in zip(base.sequences, other.sequences))
     check_against_forward(model, given, base, greedy=False)
 
@@ -154,8 +156,8 @@ def test_all_halting_at_step_one_and_none_before_max_steps():
             model.block.halting.weight.zero_()
             model.block.halting.bias.fill_(bias)
         given = prompts((4, 1, 3), seed=17)
-        deep = model.generate(given, 4)
-        same(model.generate(given, 4, schedule="synchronous"), deep)
+        deep = generate(model, given, 4)
+        same(generate(model, given, 4, schedule="synchronous"), deep)
         want = 1 if bias > 0 else model.block.max_steps
         assert all(bool((s == want).all()) for s in deep.steps)
         assert deep.iterations == want + 4 * want      # the prefill, then 4 fed tokens: no waiting to remove
@@ -165,16 +167,16 @@ def test_all_halting_at_step_one_and_none_before_max_steps():
 def test_zero_new_tokens_max_len_and_bad_schedules():
     model = make(max_len=9, seed=18)
     given = prompts((4, 8), seed=19)
-    out = model.generate(given, 0)
+    out = generate(model, given, 0)
     assert all(torch.equal(s, p) for s, p in zip(out.sequences, given))
     assert out.iterations == max(int(s.max()) for s in out.steps)      # the prefill's only
-    same(model.generate(given, 5, schedule="synchronous"), model.generate(given, 5))
+    same(generate(model, given, 5, schedule="synchronous"), generate(model, given, 5))
     with pytest.raises(ValueError, match="schedule must be one of"):
-        model.generate(given, 2, schedule="eager")
+        generate(model, given, 2, schedule="eager")
     with pytest.raises(ValueError, match="fixed_rows applies to schedule='depthwise'"):
-        model.generate(given, 2, schedule="synchronous", fixed_rows=True)
+        generate(model, given, 2, schedule="synchronous", fixed_rows=True)
     with pytest.raises(TypeError, match="fixed_rows must be a bool"):
-        model.generate(given, 2, fixed_rows=1)
+        generate(model, given, 2, fixed_rows=1)
 
 
 def test_depthwise_on_triton_under_the_interpreter():
@@ -182,8 +184,8 @@ def test_depthwise_on_triton_under_the_interpreter():
     ref = make(torch.float32, seed=20)
     model = make(torch.float32, backend="triton", seed=20)
     given = prompts((4, 2, 5), seed=21)
-    out = model.generate(given, 4)
-    want = ref.generate(given, 4, schedule="synchronous")
+    out = generate(model, given, 4)
+    want = generate(ref, given, 4, schedule="synchronous")
     same(out, want, scores=False)
     check_against_forward(ref, given, out, atol=1e-4)
 
@@ -192,8 +194,8 @@ def test_float32_and_bfloat16_models_generate_under_both_schedules():
     for dtype in (torch.float32, torch.bfloat16):
         model = make(dtype, seed=22)
         given = prompts((3, 6), seed=23)
-        a = model.generate(given, 4)
-        b = model.generate(given, 4, schedule="synchronous")
+        a = generate(model, given, 4)
+        b = generate(model, given, 4, schedule="synchronous")
         assert [s.numel() for s in a.sequences] == [7, 10] and all(torch.isfinite(x).all() for x in a.scores)
         if dtype == torch.float32:
             same(a, b, scores=False)
@@ -203,5 +205,5 @@ def test_a_language_model_without_prelude_or_coda():
     model = make(seed=24, prelude_layers=0, coda_layers=0)
     assert isinstance(model, ak.nn.ACTLanguageModel)
     given = prompts((5, 2, 4), seed=25)
-    same(model.generate(given, 5, schedule="synchronous"), model.generate(given, 5, max_batch_size=2))
-    check_against_forward(model, given, model.generate(given, 5))
+    same(generate(model, given, 5, schedule="synchronous"), generate(model, given, 5, max_batch_size=2))
+    check_against_forward(model, given, generate(model, given, 5))

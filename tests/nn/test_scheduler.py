@@ -22,12 +22,12 @@ def greedy(logits, seqs, histories):
 @torch.no_grad()
 def generate(model, given, schedule, fixed_rows, choose=greedy, slots=2, **hooks):
     def prefill(caches, tokens, offsets, slot_list):
-        return model.extend(caches, tokens, offsets, slot_list), model.steps
+        return model.extend(caches, tokens, offsets, slot_list), model.block.steps
 
     return generate_slots(schedule, prefill=prefill, caches=model.new_cache(slots), prompts=given,
                           max_new_tokens=NEW, choose=choose, max_len=model.max_len,
-                          embed=lambda t, pos: model.embed(t) + model.position(pos), prelude=model.prelude,
-                          block=model.block, coda=model.coda, head=model._logits,
+                          embed=model._embed, prelude=model.prelude,
+                          block=model.block, coda=model.coda, head=model._head,
                           attention=model.block.attention_backend(model.head.weight), fixed_rows=fixed_rows,
                           **hooks)
 
