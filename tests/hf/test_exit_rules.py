@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from looped_lm import generate
 from tiny import batch, llama, positions, qwen3, vary
 
 transformers = pytest.importorskip("transformers")
@@ -149,13 +150,13 @@ def test_an_act_language_model_takes_the_same_rules():
     given = [torch.randint(0, 40, (n,), generator=g) for n in (5, 2, 7)]
     for exit, threshold in RULES:
         for schedule in ("synchronous", "depthwise"):
-            out = model.generate(given, 5, exit=exit, threshold=threshold, schedule=schedule)
+            out = generate(model, given, 5, exit=exit, threshold=threshold, schedule=schedule)
             for prompt, seq, steps in zip(given, out.sequences, out.steps):
                 with torch.no_grad():
-                    logits = model(seq[None], exit=exit, threshold=threshold)[0]
-                assert torch.equal(model.steps[0], steps)
-                assert torch.equal(logits[prompt.numel() - 1:-1].argmax(-1), seq[prompt.numel():])
-    kl = model.generate(given, 4, exit="kl", threshold=1e-2, prefill_steps=2)
+                    forward = model(seq[None], exit=exit, threshold=threshold)
+                assert torch.equal(forward.steps[0], steps)
+                assert torch.equal(forward.logits[0][prompt.numel() - 1:-1].argmax(-1), seq[prompt.numel():])
+    kl = generate(model, given, 4, exit="kl", threshold=1e-2, prefill_steps=2)
     assert all(bool((s[:p.numel()] == 2).all()) for s, p in zip(kl.steps, given))
 
 
@@ -224,8 +225,8 @@ def test_an_act_language_model_pondernet_objective():
     with torch.no_grad():   # halting at step 1 for every token: the loss is the model's own next-token loss
         model.block.halting.weight.zero_()
         model.block.halting.bias.fill_(40.0)
-    one = model.pondernet(tokens, lengths, beta=0.5)
-    logits = model(tokens, lengths)
+    one = model.pondernet(tokens, lengths=lengths, beta=0.5)
+    logits = model(tokens, lengths=lengths).logits
     real = torch.arange(7)[None, 1:] < lengths[:, None]
     want = F.cross_entropy(logits[:, :-1][real], tokens[:, 1:][real])
     torch.testing.assert_close(one.loss, want, atol=1e-10, rtol=0)
@@ -233,9 +234,9 @@ def test_an_act_language_model_pondernet_objective():
     with torch.no_grad():
         model.block.halting.weight.normal_(0.0, 3.0, generator=torch.Generator().manual_seed(44))
         model.block.halting.bias.fill_(0.0)
-    out = model.pondernet(tokens, lengths, beta=0.01)
+    out = model.pondernet(tokens, lengths=lengths, beta=0.01)
     assert len(set(out.steps[out.steps > 0].tolist())) > 1
     out.loss.backward()
     assert model.block.halting.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="coda_layers=0"):
+    with pytest.raises(ValueError, match=r"the block must be the model's last layers \(no coda"):
         ak.nn.ACTLanguageModel(40, 32, 4, 64, coda_layers=1).pondernet(tokens)
