@@ -235,18 +235,17 @@ class ACTRunner:
         self.settings, self.block_layers = {}, args.block_layers
 
     def __call__(self, batch):
-        model = self.module
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, 256), batch[:, 1:].reshape(-1))
-        return logits, loss, model.ponder_cost, model.steps
+        out = self.module(batch[:, :-1])
+        loss = F.cross_entropy(out.logits.reshape(-1, 256), batch[:, 1:].reshape(-1))
+        return out.logits, loss, out.ponder_cost, out.steps
 
     def layer_applications(self, mean_steps: float) -> float:
         return 2 + self.block_layers * mean_steps   # prelude and coda, one layer each
 
     def sample(self, prompt, new: int, seed: int, device):
-        out = self.module.generate([prompt], new, temperature=0.8, top_k=40,
+        out = self.module.generate(prompt[None], max_new_tokens=new, do_sample=True, temperature=0.8, top_k=40,
                                    generator=torch.Generator(device=device).manual_seed(seed))
-        return out.sequences[0]
+        return out[0]
 
     def save(self, directory):
         return None

@@ -200,7 +200,7 @@ class TransformersRunner:
         rule = dict(exit="gate", threshold=self.args.exit_threshold) if self.halting == "pondernet" else {}
         out = self.looped.generate(ids, max_new_tokens=new, do_sample=True, temperature=0.8, top_k=40,
                                    generator=torch.Generator(device=device).manual_seed(seed), **rule)
-        return out.sequences[0]
+        return out[0]
 
     def save(self, directory: Path) -> Optional[str]:
         """The trained model, reloadable: transformers' save_pretrained (--plain;

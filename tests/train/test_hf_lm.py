@@ -44,7 +44,7 @@ def test_a_looped_transformers_model_trains_logs_and_saves(arch, corpus, tmp_pat
     assert (out / "summary.png").exists() and (out / "checkpoint.pt").exists()
     assert saved["sample"].startswith("def ")
     looped = LoopedCausalLM.from_pretrained(str(out))
-    assert looped.block_range == (1, 3) and looped.max_steps == 3 and looped.config.model_type == arch
+    assert looped.block_range == (1, 3) and looped.max_steps == 3 and looped.model.config.model_type == arch
 
 
 def test_fixed_steps_and_block(corpus, tmp_path):
