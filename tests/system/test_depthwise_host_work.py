@@ -14,6 +14,7 @@ from torch import nn
 import act_kernels as ak
 from act_kernels.generation.depthwise import DepthwiseBlock
 from census import SYNCS, Census
+from looped_lm import generate, padded, per_sequence
 
 
 def language_model():
@@ -97,12 +98,15 @@ def test_one_device_read_per_iteration_and_none_between(sampled, monkeypatch):
     model = language_model()
     given = prompts()
     reads = Reads(monkeypatch, model)
-    options = dict(temperature=1.0, generator=torch.Generator().manual_seed(2)) if sampled else {}
-    out = model.generate(given, 4, max_batch_size=2, **options)
+    options = dict(do_sample=True, temperature=1.0, generator=torch.Generator().manual_seed(2)) if sampled else {}
+    ids, mask = padded(given)
+    out = model.generate(ids, mask, max_new_tokens=4, max_batch_size=2, return_dict_in_generate=True, **options)
     assert reads.iterations and reads.counts["iteration sync"] == 0
     assert reads.counts["iteration"] == len(reads.iterations)          # one read each
-    # outside the iterations and the prefills: the prompts' tokens, once, and the seeds of the draws
-    assert reads.counts["outside"] == len(given) + int(sampled), reads.counts
+    # outside the iterations and the prefills: the prompts' tokens, once, the seeds of the draws and, once
+    # generation is over, the prompts' lengths that lay the output out (models/core.py: lay_out)
+    assert reads.counts["outside"] == len(given) + int(sampled) + 1, reads.counts
+    out = per_sequence(out, ids, mask)
     assert all(s.numel() == p.numel() + 4 for s, p in zip(out.sequences, given))
 
 
@@ -136,7 +140,7 @@ def test_an_iteration_issues_at_most_1_3x_the_plain_cached_layers_calls(monkeypa
     pytest.importorskip("triton")
     model = language_model()
     reads = Reads(monkeypatch, model)
-    model.generate(prompts(), 4)
+    generate(model, prompts(), 4)
     plain = {}
     ratios = []
     for rows, _, events in reads.iterations:
