@@ -167,7 +167,7 @@ NEW_TOKENS = 48
 def generate_ours(looped, ids, mask, schedule, new=NEW_TOKENS):
     """Sampled (temperature 1, a fixed generator): the controlled halting fixes each token's steps."""
     return looped.generate(ids, mask, max_new_tokens=new, do_sample=True, temperature=1.0, schedule=schedule,
-                           generator=torch.Generator().manual_seed(0))
+                           generator=torch.Generator().manual_seed(0), return_dict_in_generate=True)
 
 
 def generate_hf(plain, ids, mask, new=NEW_TOKENS):

@@ -61,7 +61,7 @@ def test_generation_with_an_exit_rule(benchmark, record, timer, rule):
 
     def run():
         out = looped.generate(ids, mask, max_new_tokens=NEW, do_sample=True, temperature=1.0,
-                              generator=torch.Generator().manual_seed(0), **RULES[rule])
+                              generator=torch.Generator().manual_seed(0), return_dict_in_generate=True, **RULES[rule])
         sync()
         return out
 
@@ -99,7 +99,7 @@ def test_decoding_throughput_against_mean_depth(benchmark, record, timer, depth,
 
     def run():
         out = looped.generate(ids, mask, max_new_tokens=NEW, do_sample=True, temperature=1.0, schedule=schedule,
-                              generator=torch.Generator().manual_seed(0), **DEPTHS[depth])
+                              generator=torch.Generator().manual_seed(0), return_dict_in_generate=True, **DEPTHS[depth])
         sync()
         return out
 

@@ -81,8 +81,21 @@ def layer_work(tokens: torch.Tensor, steps: torch.Tensor) -> int:
     return int(tokens.numel() * (PRELUDE + CODA) + BLOCK * int(steps.sum()))
 
 
-def generate(model, given, new_tokens):
-    out = model.generate(given, new_tokens, temperature=1.0, generator=torch.Generator(device=DEVICE).manual_seed(0))
+def padded(given):
+    """The prompts as one left-padded batch: (input_ids, attention_mask)."""
+    width = max(p.numel() for p in given)
+    ids = torch.zeros(len(given), width, dtype=torch.int64, device=DEVICE)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(given):
+        ids[i, width - p.numel():], mask[i, width - p.numel():] = p, 1
+    return ids, mask
+
+
+def generate(model, batch, new_tokens):
+    """Sampled generation of the padded prompts (sequences and steps, 0 steps at padding)."""
+    ids, mask = batch
+    out = model.generate(ids, mask, max_new_tokens=new_tokens, do_sample=True, temperature=1.0,
+                         generator=torch.Generator(device=DEVICE).manual_seed(0), return_dict_in_generate=True)
     sync()
     return out
 
@@ -96,7 +109,7 @@ def no_cache_generate(model, given, new_tokens):
         for _ in range(new_tokens):
             lengths = torch.tensor([s.numel() for s in seqs], device=DEVICE)
             tokens = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
-            logits = model(tokens, lengths)
+            logits = model(tokens, lengths=lengths).logits
             last = logits[torch.arange(len(seqs), device=DEVICE), lengths - 1].double()
             nxt = torch.multinomial(torch.softmax(last, -1), 1, generator=g).squeeze(1)
             seqs = [torch.cat([s, n.view(1)]) for s, n in zip(seqs, nxt)]
@@ -109,12 +122,14 @@ def test_generation_tokens_per_second(benchmark, record, impl):
     """16 prompts of 64..256 tokens (64 on a GPU), 128 new tokens each."""
     model = controlled_model(fixed=impl == "dense_cache")
     given = prompts(SETTING["prompts"])
+    batch = padded(given)
     new = 128
-    out = benchmark.pedantic(lambda: generate(model, given, new), rounds=ROUNDS, warmup_rounds=1)
-    processed = torch.cat(out.sequences)
+    out = benchmark.pedantic(lambda: generate(model, batch, new), rounds=ROUNDS, warmup_rounds=1)
+    real = out.steps > 0                              # the prompts' tokens and the new ones
+    processed = out.sequences[real]
     act_steps = byte_steps().to(DEVICE)[processed]
     dense = layer_work(processed, torch.full_like(act_steps, MAX_STEPS))
-    steps = torch.cat(out.steps)
+    steps = out.steps[real]
     assert torch.equal(steps, model.token_steps.to(DEVICE)[processed]), "tokens did not halt where they should"
     record("lm_generate", impl, prompts=len(given), new_tokens=new, d_model=SETTING["d_model"],
            max_steps=MAX_STEPS, mean_steps=float(steps.double().mean()), tokens_per_s=len(given) * new /
@@ -128,7 +143,8 @@ def test_generation_against_no_cache(benchmark, record, impl):
     given = prompts(SETTING["prompts"])
     new = 16
     if impl == "act_cache":
-        benchmark.pedantic(lambda: generate(model, given, new), rounds=ROUNDS, warmup_rounds=0)
+        batch = padded(given)
+        benchmark.pedantic(lambda: generate(model, batch, new), rounds=ROUNDS, warmup_rounds=0)
     else:
         benchmark.pedantic(lambda: no_cache_generate(model, given, new), rounds=1, warmup_rounds=0)
     lengths = [p.numel() for p in given]
@@ -150,9 +166,9 @@ def test_training_forward_backward(benchmark, record, impl):
     params = [p for p in model.parameters() if p.requires_grad]
 
     def run():
-        logits = model(tokens)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(),
-                                                 tokens[:, 1:].reshape(-1)) + 0.01 * model.ponder_cost.mean()
+        out = model(tokens)
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB).float(),
+                                                 tokens[:, 1:].reshape(-1)) + 0.01 * out.ponder_cost.mean()
         torch.autograd.grad(loss, params, allow_unused=True)
         sync()
 
@@ -185,5 +201,5 @@ def test_cache_bytes_against_a_dense_per_step_cache(benchmark, record):
     row_bytes = 2 * SETTING["d_model"] * torch.finfo(DTYPE).bits // 8
     record("lm_cache_bytes", "ragged", tokens=tokens, ragged_rows=ragged, dense_rows=dense,
            ragged_bytes=ragged * row_bytes, dense_bytes=dense * row_bytes, ideal_speedup=dense / ragged,
-           mean_steps=float(model.steps.double().mean()), dtype=str(DTYPE))
-    assert math.isclose(ragged, tokens * (PRELUDE + CODA + 1) + BLOCK * int(model.steps.sum()))
+           mean_steps=float(model.block.steps.double().mean()), dtype=str(DTYPE))
+    assert math.isclose(ragged, tokens * (PRELUDE + CODA + 1) + BLOCK * int(model.block.steps.sum()))

@@ -54,7 +54,7 @@ def evaluate(windows=128, context=64, batch=16):
     results = []
     for name in MODELS:
         folder = RUNS / name
-        if not (folder / "act_kernels_loop.json").exists():
+        if not (folder / "config.json").exists():
             print(f"missing {folder}: run docs/study/run.sh exits first", file=sys.stderr)
             continue
         looped = LoopedCausalLM.from_pretrained(str(folder)).eval()
@@ -79,7 +79,8 @@ def evaluate(windows=128, context=64, batch=16):
                 extra = dict(prefill_steps=looped.max_steps) if rule == "kl" else {}
                 generate = lambda: looped.generate(prompts, max_new_tokens=32, do_sample=True,  # noqa: E731
                                                    temperature=0.8, top_k=40, exit=rule, threshold=threshold,
-                                                   generator=torch.Generator().manual_seed(0), **extra)
+                                                   generator=torch.Generator().manual_seed(0),
+                                                   return_dict_in_generate=True, **extra)
                 generate()
                 start = time.process_time()
                 gen = generate()
