@@ -195,33 +195,15 @@ class ACTLanguageModel(LoopedCore, nn.Module):
                  exit: Optional[str] = None, threshold: Optional[float] = None, min_steps: int = 1,
                  prefill_steps: Optional[int] = None, every_loop: bool = False,
                  return_dict_in_generate: bool = False, output_scores: bool = False):
-        """Batched generation, with the names and return kinds of
-        `act_kernels.hf.LoopedCausalLM.generate`: every row's real tokens
-        (attention_mask) are a prompt; greedy unless do_sample (then
-        softmax(logits / temperature), over the top_k logits when given, row
-        i drawing from its own generator seeded by the i-th of B seeds drawn
-        from `generator`, so a draw does not depend on the schedule or the
-        batch). A sequence ends after eos_token_id (an int or several),
-        after max_new_tokens new tokens, or at max_len tokens. With
-        max_batch_size, at most that many sequences run at once and a slot
-        is refilled with the next prompt as soon as its sequence ends
-        (continuous batching). The model runs in eval mode for the call.
-        Returns the sequences (B, L + new), pad_token_id (default: the first
-        eos, else 0) after a sequence's end; with return_dict_in_generate a
-        GenerateOutput (.sequences, .steps, .scores with output_scores,
-        .iterations).
-
-        schedule: "depthwise" (design §17): every sequence advances on its
-        own, one block iteration holding tokens of different sequences at
-        different steps, so the block runs about mean-N times per token;
-        "synchronous": one decode call per new token of every sequence,
-        pondered together. Both give the same sequences, steps and scores.
-        fixed_rows (depthwise only): every block iteration runs one row per
-        slot, idle slots included (the same results). exit, threshold,
-        min_steps, every_loop: as in `forward`, and "kl": a token exits at
-        the first step t >= max(2, min_steps) whose next-token distribution
-        is within KL threshold of step t - 1's; prompt tokens then run
-        prefill_steps (default max_steps); "kl" needs schedule="depthwise"."""
+        """Batched generation over one ragged cache, with the names, return kinds
+        and options of `act_kernels.hf.LoopedCausalLM.generate` (every row's
+        real tokens a prompt; schedule, fixed_rows, max_batch_size, exit rules;
+        design §14, §16, §17), without transformers: greedy unless do_sample,
+        then softmax(logits / temperature) over the top_k logits when given,
+        row i drawing from its own generator seeded by the i-th of B seeds
+        drawn from `generator`. A sequence ends after eos_token_id (one or
+        several), after max_new_tokens new tokens, or at max_len tokens;
+        pad_token_id (default: the first eos, else 0) follows its end."""
         valid = self._check_ids(input_ids, attention_mask)
         if not isinstance(do_sample, bool):
             raise TypeError(f"do_sample must be a bool, got {type(do_sample).__name__}")
