@@ -76,7 +76,7 @@ def _params_of_marks(item):
         yield names, rows
 
 
-def _check_representative(item, chosen, key, values):
+def _check_representative(item, chosen):
     """A representative must name a case the grid has: every name a
     parameter, every value one of its values (jointly, for parameters
     listed in one parametrize), else the grid would have no default case."""
@@ -99,7 +99,7 @@ def _interpreter_grid_case_is_slow(item):
     if mark is None or not INTERPRETED or not hasattr(item, "callspec"):
         return False
     chosen, key, values = mark.args[0], mark.kwargs["key"], mark.kwargs["values"]
-    _check_representative(item, chosen, key, values)
+    _check_representative(item, chosen)
     params = item.callspec.params
     if key in params and params[key] not in values:
         return False   # a case that runs no Triton (the reference, the twins, the C++ CPU kernels): fast

@@ -437,7 +437,7 @@ def test_gqa_reference_gradcheck_float64(causal):
     assert torch.autograd.gradcheck(function, leaves)
 
 
-@representative(heads=4, kv_heads=2, dtype=torch.float32, causal=True)
+@representative(heads=4, kv_heads=2, dtype=torch.float16, causal=True)   # float32 against the oracle: below
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("heads,kv_heads", GROUPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
