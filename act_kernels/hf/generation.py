@@ -22,9 +22,16 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.logits_process import (EpsilonLogitsWarper, EtaLogitsWarper, MinPLogitsWarper,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+                                                    TypicalLogitsWarper)
 from transformers.utils import ModelOutput
 
 from ..generation.scheduler import SequenceDraws, eos_ids
+
+
+WARPERS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper,
+           EpsilonLogitsWarper, EtaLogitsWarper)
 
 
 @dataclass
@@ -76,6 +83,8 @@ class Chooser:
         self.input_ids, self.prompt_lengths = input_ids, valid.sum(1).tolist()
         self.processors, self.stopping, self.streamer, self.ends = processors, stopping, streamer, set(ends)
         self.sample = bool(config.do_sample)
+        # the warpers (temperature, top-k, top-p, ...) read only the scores; any other processor reads the sequences
+        self.reads_ids = any(not isinstance(p, WARPERS) for p in processors)
         self.draws = SequenceDraws(generator, input_ids.shape[0]) if self.sample else None
         self.last_scores: dict = {}
 
@@ -87,7 +96,7 @@ class Chooser:
 
     def choose(self, logits: Tensor, seqs: List[int], histories: List[List[int]]):
         scores = logits
-        if len(self.processors):
+        if self.reads_ids:
             scores = logits.clone()
             made = [len(h) - self.prompt_lengths[i] for i, h in zip(seqs, histories)]
             for n in sorted(set(made)):            # rows of one length through the processors together
@@ -95,6 +104,8 @@ class Chooser:
                 rows = self._rows([seqs[r] for r in at], [histories[r] for r in at])
                 where = torch.tensor(at, device=logits.device)
                 scores[where] = self.processors(rows, logits[where])
+        elif len(self.processors):                 # warpers only: they never read input_ids, every row at once
+            scores = self.processors(self.input_ids[:0], logits)
         if self.sample:
             tokens = self.draws(torch.softmax(scores.double(), -1), seqs)
         else:

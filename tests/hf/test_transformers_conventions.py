@@ -166,11 +166,12 @@ def test_processors_run_under_both_schedules(schedule):
     assert floor.shape[1] >= 5 + 2 and eos not in floor[0, 5:7].tolist()
 
 
+@pytest.mark.parametrize("penalty", [1.0, 1.3])      # warpers only (every row at once), or a processor reading the rows
 @pytest.mark.parametrize("schedule", ["depthwise", "synchronous"])
-def test_sampling_with_warpers_repeats_per_sequence(schedule):
+def test_sampling_with_warpers_repeats_per_sequence(schedule, penalty):
     looped = looped_llama()
     ids, mask = batch(seed=8)
-    kw = dict(max_new_tokens=6, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    kw = dict(max_new_tokens=6, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=penalty)
     a = looped.generate(ids, mask, generator=torch.Generator().manual_seed(1), schedule=schedule, **kw)
     b = looped.generate(ids, mask, generator=torch.Generator().manual_seed(1), schedule="depthwise",
                         max_batch_size=1, **kw)
