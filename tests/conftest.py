@@ -57,8 +57,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
     config.addinivalue_line("markers", "slow: minutes long; outside the default suite, run with --run-slow")
     config.addinivalue_line(
-        "markers", "representative(params, key, values): a parametrized grid that runs Triton; under the "
-                   "interpreter only the case with these parameters runs by default, the rest with --run-slow "
+        "markers", "representative(*cases, key, values): a parametrized grid that runs Triton; under the "
+                   "interpreter only the cases with these parameters run by default, the rest with --run-slow "
                    "(helpers.representative)")
 
 
@@ -98,12 +98,13 @@ def _interpreter_grid_case_is_slow(item):
     mark = item.get_closest_marker("representative")
     if mark is None or not INTERPRETED or not hasattr(item, "callspec"):
         return False
-    chosen, key, values = mark.args[0], mark.kwargs["key"], mark.kwargs["values"]
-    _check_representative(item, chosen)
+    cases, key, values = mark.args, mark.kwargs["key"], mark.kwargs["values"]
+    for chosen in cases:
+        _check_representative(item, chosen)
     params = item.callspec.params
     if key in params and params[key] not in values:
         return False   # a case that runs no Triton (the reference, the twins, the C++ CPU kernels): fast
-    return any(params[name] != value for name, value in chosen.items())
+    return not any(all(params[name] == value for name, value in chosen.items()) for chosen in cases)
 
 
 # The default suite's longest tests (node-id prefixes, longest first): they start

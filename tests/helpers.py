@@ -8,11 +8,13 @@ import act_kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-def representative(key="backend", values=("triton",), **params):
+def representative(key="backend", values=("triton",), also=(), **params):
     """Mark a parametrized grid that runs Triton: where Triton runs under the
     interpreter (CPU-only machines, where a case costs seconds), only the
-    case whose parameters equal `params` runs by default; the grid's other
-    cases are marked slow and run with --run-slow (tests/conftest.py). Cases
+    case whose parameters equal `params` runs by default, and those equal to
+    a dict in `also` (edge cases that cost next to nothing: no rows, one
+    row); the grid's other cases are marked slow and run with --run-slow
+    (tests/conftest.py). Cases
     whose `key` parameter is not one of `values` run no Triton (the
     reference, the twins, the C++ CPU kernels) and are never tiered; a test
     without a `key` parameter runs Triton in every case. Parameters not named
@@ -24,7 +26,7 @@ def representative(key="backend", values=("triton",), **params):
         @pytest.mark.parametrize("dtype", DTYPES)
         @pytest.mark.parametrize("hidden", [1, 64])
         def test_x(backend, dtype, hidden): ..."""
-    return pytest.mark.representative(params, key=key, values=tuple(values))
+    return pytest.mark.representative(params, *also, key=key, values=tuple(values))
 
 
 TOL = {

@@ -41,7 +41,9 @@ def compare(backend, batch, hidden, dtype, bias, max_steps, seed=0, w_scale=1.0)
     return out
 
 
-@representative(dtype=torch.float32, batch=12, hidden=40, bias=-1.5, max_steps=10)
+@representative(dtype=torch.float32, batch=12, hidden=40, bias=-1.5, max_steps=10,
+                also=[dict(dtype=torch.float32, batch=6, hidden=64, bias=20.0, max_steps=5),     # all halt at 1
+                      dict(dtype=torch.float32, batch=5, hidden=17, bias=-20.0, max_steps=5)])   # none before
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,hidden,bias,max_steps", GRID)

@@ -34,7 +34,9 @@ def halting_inputs(batch, hidden, active, dtype, bias, seed=0):
     ), buffers
 
 
-@representative(dtype=torch.float32, hidden=100, active=[0, 2, 3, 6], step=3, max_steps=10)
+@representative(dtype=torch.float32, hidden=100, active=[0, 2, 3, 6], step=3, max_steps=10,
+                also=[dict(dtype=torch.float32, hidden=7, active=[1], step=1, max_steps=1),
+                      dict(dtype=torch.float32, hidden=64, active=[], step=4, max_steps=10)])
 @pytest.mark.parametrize("backend", HALTING_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", [1, 7, 64, 100])
@@ -92,7 +94,9 @@ def test_halting_step_accumulates_extra_state_tensors(backend, dtype, widths):
         assert torch.equal(a[untouched], b0[untouched])
 
 
-@representative(dtype=torch.float64, hidden=100, active=[0, 2, 3, 6], row_steps=[1, 4, 2, 6], max_steps=6)
+@representative(dtype=torch.float64, hidden=100, active=[0, 2, 3, 6], row_steps=[1, 4, 2, 6], max_steps=6,
+                also=[dict(dtype=torch.float32, hidden=1, active=[1, 5], row_steps=[3, 3], max_steps=3),
+                      dict(dtype=torch.float32, hidden=64, active=[], row_steps=[], max_steps=8)])
 @pytest.mark.parametrize("backend", HALTING_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hidden", [1, 64, 100])
@@ -188,7 +192,8 @@ def combine_inputs(counts, hidden, dtype, seed=0, strided=False):
     )
 
 
-@representative(dtype=torch.float16, counts=[9, 6, 3, 3, 1], hidden=70, strided=True, extra=True)
+@representative(dtype=torch.float16, counts=[9, 6, 3, 3, 1], hidden=70, strided=True, extra=True,
+                also=[dict(dtype=torch.float32, counts=[1], hidden=1, strided=False, extra=False)])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("counts,hidden", [

@@ -91,7 +91,8 @@ CASES = [
 ]
 
 
-@representative(dtype=torch.float32, rows=5, hidden=37, step=2, max_steps=5, sum_scale=0.9)   # per kind
+@representative(dtype=torch.float32, rows=5, hidden=37, step=2, max_steps=5, sum_scale=0.9,   # per kind
+                also=[dict(dtype=torch.float32, rows=0, hidden=8, step=2, max_steps=5, sum_scale=0.5)])
 @pytest.mark.parametrize("backend", [CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden,step,max_steps,sum_scale", CASES)

@@ -62,7 +62,7 @@ def test_gradcheck_float64(kind, backend):
     assert torch.autograd.gradcheck(lambda a, b, s: fn(a, b, s, backend=backend), args)
 
 
-@representative(dtype=torch.bfloat16, rows=3, hidden=300)   # per kind
+@representative(dtype=torch.bfloat16, rows=3, hidden=300, also=[dict(dtype=torch.float32, rows=0, hidden=8)])
 @pytest.mark.parametrize("backend", [CPU_GATES, *KERNEL_BACKENDS])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,hidden", [(0, 8), (1, 1), (5, 37), (3, 300)])

@@ -41,7 +41,9 @@ def loss_of(p, kl, states, seed=0):
     return loss + (states.double() * torch.randn(states.shape, generator=g, dtype=torch.float64).to(states.device)).sum()
 
 
-@representative(key="impl", dtype=torch.float32, batch=7, hidden=33, bias=-1.0, max_steps=10, w_scale=2.0)  # per mode
+@representative(key="impl", dtype=torch.float32, batch=7, hidden=33, bias=-1.0, max_steps=10, w_scale=2.0,  # per mode
+                also=[dict(dtype=torch.float32, batch=5, hidden=16, bias=12.0, max_steps=6, w_scale=0.0),
+                      dict(dtype=torch.float32, batch=4, hidden=8, bias=-12.0, max_steps=5, w_scale=0.0)])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("halting", ["train", "threshold"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
