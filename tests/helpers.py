@@ -8,18 +8,18 @@ import act_kernels
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+
 def representative(key="backend", values=("triton",), also=(), **params):
     """Mark a parametrized grid that runs Triton: where Triton runs under the
-    interpreter (CPU-only machines, where a case costs seconds), only the
-    case whose parameters equal `params` runs by default, and those equal to
-    a dict in `also` (edge cases that cost next to nothing: no rows, one
-    row); the grid's other cases are marked slow and run with --run-slow
-    (tests/conftest.py). Cases
-    whose `key` parameter is not one of `values` run no Triton (the
+    interpreter (CPU-only machines), only the case whose parameters equal
+    `params` runs by default, with those equal to a dict in `also` (edge
+    cases that cost next to nothing: no rows, one row); the grid's other
+    cases are marked slow and run with --run-slow (tests/conftest.py).
+    Cases whose `key` parameter is not one of `values` run no Triton (the
     reference, the twins, the C++ CPU kernels) and are never tiered; a test
-    without a `key` parameter runs Triton in every case. Parameters not named
-    in `params` are kept whole: `kind` left out keeps one case per kernel.
-    On a GPU the whole grid runs, as before.
+    without a `key` parameter runs Triton in every case. A parameter a case
+    leaves out is kept whole: `kind` left out keeps that case for every
+    kernel. On a GPU the whole grid runs, as before.
 
         @representative(dtype=torch.float32, hidden=64)
         @pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
