@@ -205,9 +205,14 @@ class LoopedCore:
         causal forward's, for any chunking (design §14). exit: a checked exit
         rule (layers/exits.py) for the block."""
         self._check_tokens(tokens, "tokens")
-        offsets, sequences = list(cu_seqlens), list(sequences)
         if not isinstance(caches, (list, tuple)) or len(caches) != len(self._stacks()):
             raise TypeError("caches must be the list that model.new_cache(batch_size) returns")
+        return self._extend(caches, tokens, list(cu_seqlens), list(sequences), exit)
+
+    def _extend(self, caches, tokens: Tensor, offsets: List[int], sequences: List[int],
+                exit: Optional[ExitRule]) -> Tensor:
+        """`extend` without the checks of its arguments (the scheduler's calls:
+        tokens the model chose, caches it made; no device read for them)."""
         new_lengths = [b - a for a, b in zip(offsets, offsets[1:])]
         cached = [caches[0].lengths[s] for s in sequences]
         if self.max_len is not None and any(c + n > self.max_len for c, n in zip(cached, new_lengths)):
@@ -238,7 +243,7 @@ class LoopedCore:
         self.eval()
         try:
             def prefill(caches, tokens, offsets, slots):
-                return self.extend(caches, tokens, offsets, slots, exit=rule), self.block.steps
+                return self._extend(caches, tokens, list(offsets), list(slots), rule), self.block.steps
 
             self.block.iterations = 0
             with self._scope():
