@@ -15,13 +15,14 @@ depend on the schedule or the batch.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.configuration_utils import GenerationMode
+from transformers.generation.stopping_criteria import MaxTimeCriteria, StopStringCriteria
 from transformers.generation.logits_process import (EpsilonLogitsWarper, EtaLogitsWarper, MinPLogitsWarper,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
                                                     TypicalLogitsWarper)
@@ -49,20 +50,48 @@ class LoopedGenerateOutput(ModelOutput):
     iterations: Optional[int] = None
 
 
-def call_config(model, given: Optional[GenerationConfig], kwargs: dict) -> GenerationConfig:
-    """The call's GenerationConfig: a copy of the one given (else the
-    model's), updated by the keyword arguments; any keyword it does not know
-    is an error, as an unknown argument is."""
-    config = copy.deepcopy(given if given is not None else model.generation_config)
-    unknown = config.update(**kwargs)
+def call_config(model, given: Optional[GenerationConfig], kwargs: dict):
+    """The call's GenerationConfig as transformers' own generate makes it (the
+    one given, else the model's, with the model's settings and transformers'
+    defaults filled in, updated by the keyword arguments) and the tokenizer a
+    pipeline passes for stop strings. What we do not run is refused: beam,
+    contrastive, assisted and DoLa decoding, num_return_sequences > 1,
+    outputs we do not produce, and unknown keywords."""
+    tokenizer = kwargs.pop("tokenizer", None)
+    kwargs.pop("assistant_tokenizer", None)
+    config, unknown = model._prepare_generation_config(given, **kwargs)
+    unknown = {k for k, v in unknown.items() if not (k in ("output_attentions", "output_hidden_states") and not v)}
     if unknown:
         raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
-    config.validate()
+    mode = config.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise ValueError(f"generate runs greedy decoding and sampling, not {mode.value} (num_beams = "
+                         f"{config.num_beams}, penalty_alpha = {config.penalty_alpha}, ...)")
+    if (config.num_return_sequences or 1) != 1:
+        raise ValueError(f"num_return_sequences must be 1, got {config.num_return_sequences}")
+    for name in ("output_logits", "output_hidden_states", "output_attentions"):
+        if getattr(config, name, False):
+            raise ValueError(f"{name}=True is not produced: return_dict_in_generate gives sequences, steps, scores "
+                             "and iterations")
     top_p = config.top_p
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         # transformers' top-p warper is skipped, not refused, at top_p >= 1
         raise ValueError(f"top_p must be None or a float in (0, 1], got {top_p!r}")
-    return config
+    return config, tokenizer
+
+
+def criteria(config: GenerationConfig, given: Optional[StoppingCriteriaList], tokenizer):
+    """The caller's stopping criteria, plus transformers' own for stop_strings
+    and max_time (eos and the length are the scheduler's): None when there are
+    none, so that a sequence's tokens are never gathered for nothing."""
+    out = StoppingCriteriaList(given or [])
+    if config.stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: generate(..., stop_strings=..., tokenizer=tok)")
+        out.append(StopStringCriteria(stop_strings=config.stop_strings, tokenizer=tokenizer))
+    if config.max_time is not None:
+        out.append(MaxTimeCriteria(max_time=config.max_time))
+    return out if len(out) else None
 
 
 def eos_and_pad(config: GenerationConfig):
@@ -128,4 +157,4 @@ class Chooser:
         self.streamer.put(torch.tensor([value]))
 
 
-__all__ = ["LoopedGenerateOutput", "Chooser", "call_config", "eos_and_pad"]
+__all__ = ["LoopedGenerateOutput", "Chooser", "call_config", "criteria", "eos_and_pad"]

@@ -30,7 +30,7 @@ from ..models.core import LoopedCore, PonderNetTerms, check_generator, lay_out, 
 from .attention import ours
 from .checks import check_block, check_model, check_routes_attention
 from .config import LoopedConfig
-from .generation import Chooser, LoopedGenerateOutput, call_config, eos_and_pad
+from .generation import Chooser, LoopedGenerateOutput, call_config, criteria, eos_and_pad
 
 
 @dataclass
@@ -112,7 +112,6 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
         inner, text = model.model, model.config
         self.block_range, self.step_norm = (start, stop), bool(config.step_norm)
         self.max_steps, self.eps, self.max_len = config.max_steps, float(config.eps), None
-        self.vocab_size = text.vocab_size
         kind = DecoderLayers(layers[start:stop], inner.rotary_emb, text, inner.norm if self.step_norm else None)
         self.block = ACTTransformerEncoder(kind, max_steps=config.max_steps, eps=config.eps,
                                            halting_bias_init=config.halting_bias_init, backend=config.backend)
@@ -149,6 +148,21 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.model.get_output_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def set_output_embeddings(self, value):
+        self.model.set_output_embeddings(value)
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        out = self.model.resize_token_embeddings(*args, **kwargs)
+        self.config.vocab_size = self.model.config.vocab_size
+        return out
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
 
     # -- the core's hooks --------------------------------------------------------------------
 
@@ -193,6 +207,7 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
         logits, cost, steps = self._forward_tokens(input_ids, valid, rule)
         loss = lm_loss = None
         if labels is not None:
+            labels = labels.masked_fill(~valid, -100)        # padding is never a target (its logits are 0)
             lm_loss = loss = self.model.loss_function(logits, labels, vocab_size=self.vocab_size)
             if self.config.ponder_weight:
                 loss = lm_loss + self.config.ponder_weight * (cost.sum() / valid.sum().clamp(min=1))
@@ -259,8 +274,11 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
         (the coda and head run on the in-flight tokens at every step) is
         within KL threshold of step t - 1's; prompt tokens run prefill_steps
         (default max_steps). "kl" needs schedule="depthwise"."""
-        config = call_config(self, generation_config, kwargs)
+        config, tokenizer = call_config(self, generation_config, kwargs)
         valid = self._check_ids(input_ids, attention_mask)
+        if streamer is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"a streamer takes one sequence (batch size 1, as transformers' streamers), got "
+                             f"{input_ids.shape[0]}")
         check_generator(generator)
         ends, pad = eos_and_pad(config)
         length = input_ids.shape[1]
@@ -271,7 +289,8 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
         processors = self._get_logits_processor(generation_config=config, input_ids_seq_length=length,
                                                 encoder_input_ids=input_ids, logits_processor=logits_processor,
                                                 device=input_ids.device, model_kwargs={})
-        chooser = Chooser(input_ids, valid, config, processors, stopping_criteria, streamer, ends, generator)
+        chooser = Chooser(input_ids, valid, config, processors, criteria(config, stopping_criteria, tokenizer),
+                          streamer, ends, generator)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         out = self._generate(input_ids, valid, max_new, choose=chooser.choose, stop=chooser.stop,

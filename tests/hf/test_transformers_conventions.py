@@ -208,3 +208,25 @@ def test_text_streamer_and_pipeline(tokenizer, capsys):
     text = pipe(prompt, max_new_tokens=5, do_sample=False)[0]["generated_text"]
     # the pipeline joins the prompt's text and the new tokens' text without a separator
     assert text.replace(" ", "") == tokenizer.decode(out[0]).replace(" ", "")
+
+
+def test_transformers_defaults_and_what_generate_refuses():
+    looped = looped_llama()
+    ids, mask = batch(seed=10)
+    # no max_new_tokens: transformers' default max_length (20 columns in all)
+    assert looped.generate(ids, mask).shape == (ids.shape[0], 20)
+    assert looped.generate(ids, mask, max_length=12).shape == (ids.shape[0], 12)
+    for kw, match in ((dict(num_beams=2), "beam_search"), (dict(penalty_alpha=0.5, top_k=4), "contrastive"),
+                      (dict(num_return_sequences=2, do_sample=True), "num_return_sequences"),
+                      (dict(output_logits=True, return_dict_in_generate=True), "output_logits"),
+                      (dict(streamer=transformers.TextStreamer(None)), "batch size 1"),
+                      (dict(stop_strings=["w5"]), "tokenizer")):
+        with pytest.raises(ValueError, match=match):
+            looped.generate(ids, mask, max_new_tokens=2, **kw)
+
+
+def test_resized_embeddings():
+    looped = looped_llama()
+    looped.resize_token_embeddings(VOCAB + 5)
+    assert looped.vocab_size == looped.config.vocab_size == VOCAB + 5
+    assert looped(torch.tensor([[VOCAB + 4]])).logits.shape[-1] == VOCAB + 5
