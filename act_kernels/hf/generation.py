@@ -149,9 +149,7 @@ class Chooser:
             return True
         if self.stopping is None:
             return False
-        row = torch.tensor([history[self.prompt_lengths[i]:]], dtype=torch.int64, device=self.input_ids.device)
-        ids = torch.cat([self.input_ids[i:i + 1], row], 1)
-        return bool(self.stopping(ids, self.last_scores[i][None]).any())
+        return bool(self.stopping(self._rows([i], [history]), self.last_scores[i][None]).any())
 
     def on_token(self, i: int, value: int) -> None:
         self.streamer.put(torch.tensor([value]))

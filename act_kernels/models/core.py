@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layers.cache import ChunkLayout
+from ..layers.cache import ChunkLayout, check_sequences, chunk_lengths
 from ..generation.depthwise import check_schedule
 from ..layers.exits import ExitRule, check_pondernet_args, make_exit_rule, token_pondernet_loss
 from ..generation.scheduler import eos_ids, generate_slots
@@ -31,7 +31,6 @@ from ..generation.scheduler import eos_ids, generate_slots
 
 class Packed(NamedTuple):
     """The real tokens of a (B, L) batch, packed row after row."""
-    valid: Tensor           # (B, L) bool
     cu_seqlens: Tensor      # (B + 1,) int32
     lengths: List[int]      # the rows' lengths (one read of the device)
     positions: Tensor       # (T_tok,) int64: each token's position from its row's first real token
@@ -81,7 +80,7 @@ def pack(valid: Tensor) -> Packed:
     counts = valid.sum(1)
     cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)[valid]
-    return Packed(valid, cu, counts.tolist(), positions)
+    return Packed(cu, counts.tolist(), positions)
 
 
 def unpack(valid: Tensor, rows: Tensor) -> Tensor:
@@ -207,7 +206,11 @@ class LoopedCore:
         self._check_tokens(tokens, "tokens")
         if not isinstance(caches, (list, tuple)) or len(caches) != len(self._stacks()):
             raise TypeError("caches must be the list that model.new_cache(batch_size) returns")
-        return self._extend(caches, tokens, list(cu_seqlens), list(sequences), exit)
+        offsets = cu_seqlens.tolist() if isinstance(cu_seqlens, Tensor) else list(cu_seqlens)
+        chunk_lengths(offsets)                     # offsets rising from 0
+        sequences = list(sequences)
+        check_sequences(caches[0], sequences)
+        return self._extend(caches, tokens, offsets, sequences, exit)
 
     def _extend(self, caches, tokens: Tensor, offsets: List[int], sequences: List[int],
                 exit: Optional[ExitRule]) -> Tensor:

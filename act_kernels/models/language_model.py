@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers.checks import check_layer_options
-from ..generation.scheduler import SequenceDraws
+from ..generation.scheduler import SequenceDraws, eos_ids
 from .core import LoopedCore, PonderNetTerms, check_generator, lay_out, scores_by_column, stop_at
 from ..layers.transformer import ACTTransformerEncoder, CausalStack
 
@@ -211,7 +211,7 @@ class ACTLanguageModel(LoopedCore, nn.Module):
             raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        ends = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
+        ends = eos_ids(eos_token_id)
         if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < self.vocab_size for e in ends):
             raise ValueError(f"eos_token_id must be None, a token or tokens in [0, {self.vocab_size}), "
                              f"got {eos_token_id!r}")
