@@ -39,7 +39,7 @@ from ..ops.act import get_kernels
 from ..ops.attention import attend as attend_rows
 from ..ops.state import accumulation_dtype
 from ..layers.cache import CacheContext, ChunkLayout, split_key_values
-from ..layers.exits import ExitRule, ExitState, exits_now, next_token_divergence
+from ..layers.exits import ExitRule, exits_now
 
 
 class DepthwiseBlock:
@@ -55,8 +55,7 @@ class DepthwiseBlock:
         kind = block.kind
         self.exit, self.peek = exit, peek
         # the gate's per-row exit mass and survival (the other rules keep nothing between steps)
-        self.exit_state = ExitState(cache.batch_size, cache.device, cache.dtype) \
-            if exit is not None and exit.rule == "gate" else None
+        self.exit_state = exit.new_state(cache.batch_size, cache.device, cache.dtype) if exit is not None else None
         if exit is not None and exit.every_loop:
             self.picked = torch.zeros(cache.batch_size, dtype=torch.bool, device=cache.device)
             self.picked_state = torch.zeros(cache.batch_size, block.kind.d_model, device=cache.device,
@@ -223,15 +222,15 @@ class DepthwiseBlock:
 
     def _exit_rule(self, index: Tensor, n: Tensor, x: Tensor, slots: List[int]) -> Tensor:
         """An inference exit rule (design §16) on the rows, each at its own step."""
-        divergence = None
+        logits = previous = None
         if self.exit.reads_coda:
             logits = self.peek(x, slots)
             if self.previous_logits is None:
                 self.previous_logits = logits.new_zeros(self.cache.batch_size, logits.shape[-1])
-            divergence = next_token_divergence(logits, self.previous_logits[index])
+            previous = self.previous_logits[index]
             self.previous_logits.index_copy_(0, index, logits)
         fired = exits_now(self.exit, n, self.max_steps, x, self.state[index], self.halt_w, self.halt_b,
-                          self.exit_state, index, divergence)
+                          self.exit_state, index, logits, previous)
         if not self.exit.every_loop:
             return fired
         fresh = fired & ~self.picked[index]

@@ -21,7 +21,6 @@ scheduler.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -31,31 +30,97 @@ from torch import Tensor
 from ..ops.state import accumulation_dtype
 
 RULES = ("act", "gate", "latent", "kl", "fixed")
-HARD = ("gate", "latent", "kl", "fixed")
 
 
-@dataclass(frozen=True)
 class ExitRule:
-    """A checked exit rule: `rule` in RULES other than "act", its threshold
-    (None for fixed) and min_steps; prefill_steps: the fixed steps of prompt
-    tokens under a rule that reads the coda (kl). every_loop: the reference
-    mode (what computing every loop and picking the exit afterwards gives):
-    every token runs max_steps and nobody freezes; a token's output is its
-    state at the step the rule picks, and that step is its reported steps."""
-    rule: str
-    threshold: Optional[float]
-    min_steps: int
-    prefill_steps: Optional[int] = None
-    every_loop: bool = False
+    """A checked hard exit rule (a strategy: one subclass per rule). Its
+    threshold (None for fixed) and min_steps; prefill_steps: the fixed steps
+    of prompt tokens under a rule that reads the coda (kl). every_loop: the
+    reference mode (what computing every loop and picking the exit
+    afterwards gives): every token runs max_steps and nobody freezes; a
+    token's output is its state at the step the rule picks, and that step is
+    its reported steps. A subclass says when its measure is met (`met`) and
+    what it keeps per row between steps (`new_state`)."""
+    name = ""
+    reads_coda = False     # the rule reads each step's next-token logits (through the coda and head)
+    settles = False        # the rule compares a step with the one before: no exit before step 2
+
+    def __init__(self, threshold: Optional[float], min_steps: int, prefill_steps: Optional[int] = None,
+                 every_loop: bool = False):
+        self.threshold, self.min_steps = threshold, min_steps
+        self.prefill_steps, self.every_loop = prefill_steps, every_loop
 
     @property
-    def reads_coda(self) -> bool:
-        return self.rule == "kl"
+    def rule(self) -> str:
+        return self.name
 
     @property
     def first_exit(self) -> int:
         """The first step a token may exit at (before max_steps)."""
-        return max(2, self.min_steps) if self.rule in ("latent", "kl") else self.min_steps
+        return max(2, self.min_steps) if self.settles else self.min_steps
+
+    def new_state(self, rows: int, device, dtype) -> Optional["ExitState"]:
+        return None
+
+    def met(self, n, new: Tensor, old: Tensor, *, weight: Tensor, bias: Tensor, state, rows,
+            logits: Optional[Tensor], previous: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(threshold={self.threshold}, min_steps={self.min_steps})"
+
+
+class FixedExit(ExitRule):
+    """Every token runs max_steps."""
+    name = "fixed"
+
+    def met(self, n, new, old, **_):
+        return torch.zeros(new.shape[0], dtype=torch.bool, device=new.device)
+
+
+class GateExit(ExitRule):
+    """λ_t = σ(w·s_t + c), p_t = λ_t Π_{j<t} (1 − λ_j) (p_M the rest); exit
+    once Σ_{j<=t} p_j >= threshold. Keeps each row's mass and survival."""
+    name = "gate"
+
+    def new_state(self, rows, device, dtype):
+        return ExitState(rows, device, dtype)
+
+    def met(self, n, new, old, *, weight, bias, state, rows, last, **_):
+        acc = accumulation_dtype(new.dtype)
+        lam = torch.sigmoid(new.to(acc) @ weight.reshape(-1).to(acc) + bias.reshape(()).to(acc))
+        mass, survive = state.mass[rows], state.survive[rows]
+        p = torch.where(last, 1 - mass, lam * survive)
+        mass = mass + p
+        state.mass.index_copy_(0, rows, mass)
+        state.survive.index_copy_(0, rows, survive * (1 - lam))
+        return mass >= self.threshold
+
+
+class LatentExit(ExitRule):
+    """||s_t − s_{t−1}|| / ||s_t|| < threshold."""
+    name = "latent"
+    settles = True
+
+    def met(self, n, new, old, **_):
+        acc = accumulation_dtype(new.dtype)
+        s, s_old = new.to(acc), old.to(acc)
+        return torch.linalg.vector_norm(s - s_old, dim=-1) < self.threshold * torch.linalg.vector_norm(s, dim=-1)
+
+
+class KLExit(ExitRule):
+    """KL(P_t || P_{t−1}) < threshold, P_t the next-token distribution of s_t
+    through the coda and head (decoding only)."""
+    name = "kl"
+    settles = True
+    reads_coda = True
+
+    def met(self, n, new, old, *, logits, previous, **_):
+        return next_token_divergence(logits, previous) < self.threshold
+
+
+HARD_RULES = {cls.name: cls for cls in (GateExit, LatentExit, KLExit, FixedExit)}
+HARD = tuple(HARD_RULES)
 
 
 def make_exit_rule(exit, threshold, min_steps, max_steps: int, *, training: bool,
@@ -82,7 +147,7 @@ def make_exit_rule(exit, threshold, min_steps, max_steps: int, *, training: bool
     if exit == "fixed":
         if threshold is not None:
             raise ValueError("exit='fixed' takes no threshold: every token runs max_steps")
-        return ExitRule("fixed", None, min_steps, every_loop=every_loop)
+        return FixedExit(None, min_steps, every_loop=every_loop)
     if threshold is None or isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
             or not math.isfinite(threshold):
         raise ValueError(f"exit={exit!r} needs a finite float threshold, got {threshold!r}")
@@ -90,7 +155,8 @@ def make_exit_rule(exit, threshold, min_steps, max_steps: int, *, training: bool
         raise ValueError(f"the gate's threshold is a probability mass in (0, 1], got {threshold!r}")
     if exit in ("latent", "kl") and threshold <= 0.0:
         raise ValueError(f"exit={exit!r} needs a threshold > 0, got {threshold!r}")
-    if exit == "kl":
+    rule = HARD_RULES[exit]
+    if rule.reads_coda:
         if prefill_steps is None:
             prefill_steps = max_steps
         if isinstance(prefill_steps, bool) or not isinstance(prefill_steps, int) \
@@ -98,12 +164,12 @@ def make_exit_rule(exit, threshold, min_steps, max_steps: int, *, training: bool
             raise ValueError(f"prefill_steps must be an int in [1, max_steps = {max_steps}], got {prefill_steps!r}")
     elif prefill_steps is not None:
         raise ValueError("prefill_steps applies to exit='kl' only")
-    return ExitRule(exit, float(threshold), min_steps, prefill_steps, every_loop)
+    return rule(float(threshold), min_steps, prefill_steps, every_loop)
 
 
 class ExitState:
-    """What a rule keeps per row between steps: the gate's exit mass so far
-    and the product of (1 − λ) (its survival), in the accumulation dtype."""
+    """What the gate keeps per row between steps: its exit mass so far and
+    the product of (1 − λ) (its survival), in the accumulation dtype."""
 
     def __init__(self, rows: int, device, dtype):
         acc = accumulation_dtype(dtype)
@@ -117,31 +183,19 @@ class ExitState:
 
 def exits_now(rule: ExitRule, n, max_steps: int, new: Tensor, old: Tensor, weight: Tensor, bias: Tensor,
               state: Optional[ExitState] = None, rows: Optional[Tensor] = None,
-              divergence: Optional[Tensor] = None) -> Tensor:
+              logits: Optional[Tensor] = None, previous: Optional[Tensor] = None) -> Tensor:
     """(R,) bool: which of a step's rows exit after step n. new: their states
     s_n (R, D); old: s_{n−1}; n: an int or (R,) int64; state / rows: the
-    gate's per-row mass and survival, at those rows (updated in place);
-    divergence: (R,) KL(P_n || P_{n−1}) for the kl rule."""
-    last = n >= max_steps
-    if rule.rule == "fixed":
-        return torch.as_tensor(last, device=new.device).expand(new.shape[0]).clone()
-    allowed = n >= rule.first_exit
-    acc = accumulation_dtype(new.dtype)
+    rule's per-row state (`rule.new_state`), at those rows (updated in
+    place); logits / previous: the rows' next-token logits at steps n and
+    n − 1, for a rule that reads the coda."""
+    last = torch.as_tensor(n >= max_steps, device=new.device)
+    if isinstance(rule, FixedExit):
+        return last.expand(new.shape[0]).clone()
     with torch.autocast(device_type=new.device.type, enabled=False):
-        if rule.rule == "gate":
-            lam = torch.sigmoid(new.to(acc) @ weight.reshape(-1).to(acc) + bias.reshape(()).to(acc))
-            mass, survive = state.mass[rows], state.survive[rows]
-            p = torch.where(torch.as_tensor(last, device=new.device), 1 - mass, lam * survive)
-            mass = mass + p
-            state.mass.index_copy_(0, rows, mass)
-            state.survive.index_copy_(0, rows, survive * (1 - lam))
-            met = mass >= rule.threshold
-        elif rule.rule == "latent":
-            s, s_old = new.to(acc), old.to(acc)
-            met = torch.linalg.vector_norm(s - s_old, dim=-1) < rule.threshold * torch.linalg.vector_norm(s, dim=-1)
-        else:
-            met = divergence < rule.threshold
-    return (allowed & met) | last
+        met = rule.met(n, new, old, weight=weight, bias=bias, state=state, rows=rows, logits=logits,
+                       previous=previous, last=last)
+    return (torch.as_tensor(n >= rule.first_exit, device=new.device) & met) | last
 
 
 def ponder_with_exit(step, x: Tensor, rule: ExitRule, weight: Tensor, bias: Tensor, max_steps: int):
@@ -154,7 +208,7 @@ def ponder_with_exit(step, x: Tensor, rule: ExitRule, weight: Tensor, bias: Tens
     rows = x.shape[0]
     out = torch.empty_like(x)
     steps = torch.zeros(rows, dtype=torch.int64, device=x.device)
-    state = ExitState(rows, x.device, x.dtype) if rule.rule == "gate" else None
+    state = rule.new_state(rows, x.device, x.dtype)
     active = torch.arange(rows, device=x.device)
     picked = torch.zeros(rows, dtype=torch.bool, device=x.device)
     current = x
@@ -219,5 +273,6 @@ def next_token_divergence(logits: Tensor, previous: Tensor) -> Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
-__all__ = ["RULES", "ExitRule", "ExitState", "make_exit_rule", "exits_now", "ponder_with_exit",
-           "next_token_divergence", "token_pondernet_loss", "check_pondernet_args"]
+__all__ = ["RULES", "HARD", "ExitRule", "FixedExit", "GateExit", "LatentExit", "KLExit", "ExitState",
+           "make_exit_rule", "exits_now", "ponder_with_exit", "next_token_divergence", "token_pondernet_loss",
+           "check_pondernet_args"]

@@ -26,7 +26,7 @@ from ..ops.act import get_kernels, ponder
 from ..ops.pondernet import PonderNetOutput, pondernet
 from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths, split_key_values
 from .checks import check_layer_input, check_layer_options
-from .exits import ExitRule, ponder_with_exit
+from .exits import ExitRule, FixedExit, ponder_with_exit
 from ..backends import resolve_encoder
 from ..ops.attention import attend as attend_rows
 from ..ops.attention import key_table, reference_ragged_attention
@@ -428,7 +428,7 @@ class ACTTransformerEncoder(RaggedBlock):
 
     def _ponder_with_exit(self, step: "_TokenStep", x: Tensor, exit: ExitRule) -> Tensor:
         if exit.reads_coda:   # prompt tokens under a rule that reads the coda: a fixed depth (design §16)
-            exit, depth = ExitRule("fixed", None, 1), exit.prefill_steps
+            exit, depth = FixedExit(None, 1), exit.prefill_steps
         else:
             depth = self.max_steps
         state, steps, ran = ponder_with_exit(step, x, exit, self.halting.weight, self.halting.bias, depth)
