@@ -36,9 +36,9 @@ from torch import Tensor
 
 from ..backends import resolve_encoder
 from ..ops.act import get_kernels
-from ..ops.attention import attend as attend_rows
 from ..ops.state import accumulation_dtype
-from ..layers.cache import CacheContext, ChunkLayout, split_key_values
+from ..layers.cache import CacheContext, ChunkLayout
+from ..layers.rows import BufferStep
 from ..layers.exits import ExitRule, exits_now
 
 
@@ -103,13 +103,6 @@ class DepthwiseBlock:
         for s in slots:
             self.host_step[s] = 0
 
-    def _write(self, k: int, rows: Tensor, kv: Tensor) -> None:
-        """kv (R, 2 Hkv d) into layer k's buffers at `rows` (buffer rows: in the tail)."""
-        keys, values = split_key_values(kv, self.kind.kv_heads, self.kind.head_dim)
-        layer = self.cache.layers[k]
-        layer.k.index_copy_(0, rows, keys)
-        layer.v.index_copy_(0, rows, values)
-
     @torch.no_grad()
     def iterate(self, slots: Sequence[int], positions: Tensor, active: Optional[Sequence[bool]] = None,
                 read_with: Optional[Tensor] = None):
@@ -127,7 +120,7 @@ class DepthwiseBlock:
         self.iterations += 1
         slots = list(slots)
         count = len(slots)
-        cache, kind = self.cache, self.kind
+        cache = self.cache
         index = torch.tensor(slots, dtype=torch.int64).to(self.device)
         if active is None:
             live = None
@@ -145,39 +138,11 @@ class DepthwiseBlock:
         layout = ChunkLayout([cache.lengths[s] for s in slots], [1] * count, self.device)
         context = CacheContext(cache, slots, layout)
         n_cached = torch.repeat_interleave(n, layout.cached_counts, output_size=layout.num_cached)
-        tables, own = [], []
-        for k, width in enumerate(self.width):
-            # this step's buffer row of every slot, in the tail that follows the cache's rows
-            row_of = index * width + (n + (cache.layers[k].tail_start - 1))
-            if k == 0:
-                reached = torch.minimum(context.cached_steps, n_cached - 1)
-            else:
-                reached = torch.minimum(context.cached_steps, n_cached) - 1
-            kv_rows = torch.empty(layout.num_cached + count, dtype=torch.int64, device=self.device)
-            kv_rows.index_copy_(0, layout.cached_positions, context.cached_first[k] + reached)
-            kv_rows.index_copy_(0, layout.new_positions, row_of)
-            tables.append(kv_rows)
-            own.append(row_of)
-        layers = kind.rows(False, positions)
-        x = self.state[index]
-        if not kind.kv_in_forward:
-            self._write(0, own[0], layers[0].key_values(x))
-        for k, layer in enumerate(layers):
-            writes = k > 0 or kind.kv_in_forward
-
-            def attend(q, kv, scale, dropout_p):
-                if writes:
-                    self._write(k, own[k], kv())
-                rows = cache.layers[k]
-                return attend_rows(q, (rows.k,), (rows.v,),
-                                   layout.cu_seqlens, layout.new_positions, tables[k], True, scale,
-                                   layout.max_seqlen, self.attention)
-
-            x = layer.forward(x, None, attend)
-        norm = kind.final_norm()
-        if norm is not None:
-            x = norm(x)
-        x = x.to(self.dtype)
+        # this step's buffer row of every slot, in the tail that follows the cache's rows
+        own = [index * width + (n + (layer.tail_start - 1)) for layer, width in zip(cache.layers, self.width)]
+        tables = [context.table(k, n_cached, rows) for k, rows in enumerate(own)]
+        step = BufferStep(self.kind, self.state[index], positions, cache.layers, own, tables, layout, self.attention)
+        x = step(step.changed, n, index)
         if self.exit is None:
             halt = self._act_halting(index, n, x)
         else:
@@ -203,7 +168,7 @@ class DepthwiseBlock:
                              dtype=torch.int64).to(self.device)
         local, h_index = small[0], small[1]
         # s^N's first-layer row: later tokens read it (design §14)
-        self._write(0, small[2], layers[0].key_values(x[local], local))
+        step.write(0, step.math[0].key_values(x[local], local), small[2])
         self._commit(halted, steps)
         if self.exit is None:
             return halted, self.mean[h_index].to(self.dtype), steps, values

@@ -68,13 +68,18 @@ class _LayerRows:
                 grown[capacity - self.tail:] = old[old.shape[0] - self.tail:]
             setattr(self, name, grown)
 
+    def claim(self, rows: int) -> int:
+        """Makes room for `rows` rows the caller writes; returns the first one's index."""
+        first = self.size
+        self._grow(first + rows)
+        self.size = first + rows
+        return first
+
     def append(self, k: Tensor, v: Tensor) -> int:
         """Stores the rows; returns the first one's index."""
-        first, need = self.size, self.size + k.shape[0]
-        self._grow(need)
-        self.k[first:need] = k
-        self.v[first:need] = v
-        self.size = need
+        first = self.claim(k.shape[0])
+        self.k[first:self.size] = k
+        self.v[first:self.size] = v
         return first
 
 
@@ -206,14 +211,30 @@ class CacheContext:
     def buffers(self, layer: int) -> Tuple[Tensor, Tensor]:
         return self.cache.layers[layer].view()
 
+    def reached(self, k: int, n) -> Tensor:
+        """Every cached token's row at layer k for a query at step n (an int,
+        or a tensor per cached token): see the module's docstring."""
+        if isinstance(n, int):
+            return self.cached_first[k] + (self.cached_steps.clamp(max=n - 1) if k == 0
+                                           else self.cached_steps.clamp(max=n) - 1)
+        return self.cached_first[k] + (torch.minimum(self.cached_steps, n - 1) if k == 0
+                                       else torch.minimum(self.cached_steps, n) - 1)
+
+    def table(self, k: int, n, own: Tensor) -> Tensor:
+        """Layer k's read index of a call whose new tokens' rows sit at `own`:
+        the cached tokens' rows for step n (`reached`), then those."""
+        kv_rows = torch.empty(self.num_cached + own.shape[0], dtype=torch.int64, device=own.device)
+        if self.num_cached:
+            kv_rows.index_copy_(0, self.cached_positions, self.reached(k, n))
+        return kv_rows.index_copy_(0, self.new_positions, own)
+
     def read_cached(self, pools, n: int) -> None:
         """Points the cached tokens' entries of every layer's index at the row
-        they had reached by step n (see the module's docstring)."""
+        they had reached by step n."""
         if not self.num_cached:
             return
         for k, pool in enumerate(pools):
-            reached = self.cached_steps.clamp(max=n - 1) if k == 0 else self.cached_steps.clamp(max=n) - 1
-            pool.kv_rows = pool.kv_rows.index_copy(0, self.cached_positions, self.cached_first[k] + reached)
+            pool.kv_rows = pool.kv_rows.index_copy(0, self.cached_positions, self.reached(k, n))
 
     def commit(self, pools, steps: Tensor) -> None:
         """Moves the new tokens' rows from the ponder's pools into the cache,

@@ -38,6 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from ..ops.act import Kernels, kernel_ponder_loop
 from ..ops.attention import KeyTable, pool_backward, pool_forward, pool_views, query_table
+from .rows import RowStep
 
 
 class _Pool:
@@ -126,51 +127,43 @@ class _PoolAttention(torch.autograd.Function):
         return None, None, None, None, dq, d_kv
 
 
-class PoolStep:
-    """The step function of one ponder on the kernel loop: the block's layers
-    (any layer kind of layers/kinds) on the running rows, each reading keys and
-    values from its pool."""
+class PoolStep(RowStep):
+    """The step function of one ponder on the kernel loop (the row runner of
+    layers/rows.py over fixed pools): the block's layers on the running rows,
+    each reading keys and values from its pool. The first layer's pool
+    takes the keys and values of every token that ran the step before, every
+    later layer's those of the running tokens (at step 1: every token, in
+    order)."""
 
     def __init__(self, kind, keys: KeyTable, x: Tensor, positions: Optional[Tensor] = None):
         # no dropout acts on this path (the kinds' pool_path_supported), so the rows' training mode is moot
-        self.math = kind.rows(False, positions)
-        self.norm = kind.final_norm()
-        self.kv_in_forward = kind.kv_in_forward
-        self.keys, self.dtype = keys, x.dtype
+        super().__init__(kind, x, False, positions)
+        self.keys = keys
         self.pools = [_Pool() for _ in self.math]
-        # the rows whose visible state changed last step (step 1: every token), and where they sit
-        self.changed, self.changed_rows = x, None
 
     def _first_rows(self, active: Tensor):
-        """What the first layer's pool takes at this step: every token that
-        ran the step before (step 1: every token, in order). A layer kind
-        that computes its rows' keys and values in its forward gives the
-        running ones there; only the tokens that have just halted are
-        projected apart. Returns (written, kv) with kv a function of the
-        running rows' kv() (both index lists ascend, the halted count is
-        known on the host: no device read)."""
+        """What the first layer's pool takes at this step: (written, kv) with
+        kv a function of the running rows' kv(). A layer kind that computes
+        its rows' keys and values in its forward gives the running ones
+        there; only the tokens that have just halted are projected apart."""
         written = self.changed_rows
         if not self.kv_in_forward:
             first = self.math[0].key_values(self.changed)
             return written, lambda kv: first
-        halted = 0 if written is None else written.numel() - active.numel()
-        if halted == 0:
+        order, halted = self.halted_order(active)
+        if not halted:
             return written, lambda kv: kv()
-        running = torch.isin(written, active)
-        order = torch.argsort(running.to(torch.int8), stable=True)   # the halted ones first, then the running
-        local = order[:halted]
+        local = order[:halted]   # the halted ones first, then the running
         halted_kv = self.math[0].key_values(self.changed[local], written[local])
         back = torch.argsort(order)   # from [halted, running] back to the order of `written`
         return written, lambda kv: torch.cat([halted_kv, kv()]).index_select(0, back)
 
-    def __call__(self, x: Tensor, n: int, active: Tensor) -> Tensor:
-        """The first layer's pool takes the keys and values of every token
-        that ran the step before, every later layer's those of the running
-        tokens (at step 1: every token, in order)."""
-        queries = query_table(self.keys, active, x.shape[0])
+    def prepare(self, n: int, active: Tensor):
+        queries = query_table(self.keys, active, active.numel())
         rows = None if n == 1 else active
         first_written, first = self._first_rows(active)
-        for k, (math, pool) in enumerate(zip(self.math, self.pools)):
+        attends = []
+        for k, pool in enumerate(self.pools):
             written = first_written if k == 0 else rows
 
             def attend(q, kv, scale, dropout_p, pool=pool, written=written, k=k):
@@ -179,13 +172,8 @@ class PoolStep:
                 keys = self.keys if scale == self.keys.scale else self.keys._replace(scale=scale)
                 return pool_attend(pool, keys, queries, written, q, first(kv) if k == 0 else kv())
 
-            x = math.forward(x, active, attend)
-        if self.norm is not None:
-            x = self.norm(x)
-        # under autocast the layers return the autocast dtype; the state keeps the input's
-        new = x.to(self.dtype)
-        self.changed, self.changed_rows = new, active
-        return new
+            attends.append(attend)
+        return active, attends
 
 
 @torch.compiler.disable   # a data-dependent loop with a host read per step: runs eagerly under torch.compile

@@ -24,12 +24,12 @@ from torch import Tensor, nn
 
 from ..ops.act import get_kernels, ponder
 from ..ops.pondernet import PonderNetOutput, pondernet
-from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths, split_key_values
+from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths
+from .rows import BufferStep, SegmentStep
 from .checks import check_layer_input, check_layer_options
 from .exits import ExitRule, FixedExit, ponder_with_exit
 from ..backends import resolve_encoder
-from ..ops.attention import attend as attend_rows
-from ..ops.attention import key_table, reference_ragged_attention
+from ..ops.attention import key_table
 from .kinds import DecoderLayers, EncoderLayers
 from .token_ponder import pool_ponder, pool_stack
 
@@ -70,139 +70,6 @@ def _padding_to_valid(mask: Optional[Tensor], shape: Tuple[int, int], device) ->
             raise ValueError("a float src_key_padding_mask must hold only 0 and -inf")
         return ~is_pad
     raise TypeError(f"src_key_padding_mask must be bool or float, got {mask.dtype}")
-
-
-class _Pool:
-    """One layer's key/value rows during a ponder: segments appended step by
-    step (after the cache's own rows, read in place, when there is a cache)
-    and `kv_rows` (T_tok,), the pool row every packed token is read through.
-    With `record`, it keeps which new token each appended row belongs to, so
-    that the cache can take the rows in token order after the ponder."""
-
-    def __init__(self, num_tokens: int, device, cached: Optional[Tuple[Tensor, Tensor]] = None,
-                 record: bool = False):
-        self.k, self.v, self.size = [], [], 0
-        if cached is not None and cached[0].shape[0]:
-            self.k, self.v, self.size = [cached[0]], [cached[1]], cached[0].shape[0]
-        self.first_new = self.size
-        self.kv_rows = torch.zeros(num_tokens, dtype=torch.int64, device=device) if cached is not None else None
-        self.assigned = [] if record else None
-
-    def append(self, k: Tensor, v: Tensor, tokens: Optional[Tensor], positions: Optional[Tensor]) -> None:
-        """k, v: the rows of `tokens` (new-token indices; None: all of them in
-        order), which sit at packed `positions` (None: the same)."""
-        rows = torch.arange(self.size, self.size + k.shape[0], device=k.device)
-        if positions is None:   # every token in order: the first rows of a call without a cache
-            self.kv_rows = rows
-        else:
-            self.kv_rows = self.kv_rows.index_copy(0, positions, rows)
-        self.k.append(k)
-        self.v.append(v)
-        self.size += k.shape[0]
-        if self.assigned is not None:
-            self.assigned.append((tokens if tokens is not None else rows - self.first_new, rows))
-
-
-class _TokenStep:
-    """The step function of one ponder: applies the shared block's layers to
-    the running tokens, each layer reading keys and values from its pool
-    (design §9). A halted token is seen as it last was: at the first layer
-    through its final state s^N, at every other layer through the rows of
-    its last step. With a cache context, the cached tokens of the same
-    sequences are read too, through the index, for the step they had
-    reached (`extend`). It knows the layers only by their row adapters
-    (layers/kinds)."""
-
-    def __init__(self, block: "RaggedBlock", x: Tensor, cu_seqlens: Tensor, causal: bool,
-                 max_seqlen: int, attention_backend: str, context=None, positions: Optional[Tensor] = None):
-        self.block, self.cu_seqlens, self.causal = block, cu_seqlens, causal
-        self.max_seqlen, self.backend = max_seqlen, attention_backend
-        self.context = context
-        kind = block.kind
-        # read once per call, not per step
-        self.layers, self.final_norm = kind.rows(block.training, positions), kind.final_norm()
-        # a layer whose forward computes its rows' keys and values anyway (a
-        # transformers layer) writes the running tokens' first-layer rows from
-        # it; only the tokens that have just halted need key_values
-        self.kv_in_forward = kind.kv_in_forward
-        self.kv_shape = (kind.kv_heads, kind.head_dim)
-        num_tokens = x.shape[0] + (context.num_cached if context is not None else 0)
-        self.pools = [_Pool(num_tokens, x.device, context.buffers(k) if context is not None else None,
-                            record=context is not None) for k in range(len(self.layers))]
-        # the packed position of every new token (None: the new tokens are all the tokens, in order)
-        self.positions = context.new_positions if context is not None else None
-        self.changed, self.changed_rows = x, None  # tokens whose visible state changed last step
-
-    def _at(self, rows: Optional[Tensor]) -> Optional[Tensor]:
-        return rows if self.positions is None or rows is None else self.positions[rows]
-
-    def _split(self, kv: Tensor) -> Tuple[Tensor, Tensor]:
-        return split_key_values(kv, *self.kv_shape)
-
-    def project_changed(self) -> None:
-        """Keys and values of the tokens that ran the previous step (all tokens
-        at step 1) join the first layer's pool; every other token keeps its
-        rows there."""
-        changed = self.changed_rows
-        at = self._at(changed) if changed is not None else self.positions
-        k_new, v_new = self._split(self.layers[0].key_values(self.changed, at))
-        self.pools[0].append(k_new, v_new, changed, at)
-
-    def project_halted(self, active: Tensor) -> None:
-        """The first layer's rows of the tokens that ran the previous step but
-        not this one (they have just halted: their final state s^N). Both
-        index lists ascend and the count is known on the host, so the halted
-        ones are picked without a device read."""
-        changed = self.changed_rows
-        halted = changed.numel() - active.numel()
-        if halted == 0:
-            return
-        running = torch.isin(changed, active)
-        local = torch.argsort(running.to(torch.int8), stable=True)[:halted]   # the False entries, in order
-        rows = changed[local]
-        at = self._at(rows)
-        k_new, v_new = self._split(self.layers[0].key_values(self.changed[local], at))
-        self.pools[0].append(k_new, v_new, rows, at)
-
-    def _attend(self, k: int, pool: "_Pool", q_rows: Tensor, active: Optional[Tensor], everyone: bool):
-        """The attention one layer's rows call: a later layer (and the first,
-        for a layer that computes keys and values in its forward) first writes
-        the running tokens' rows of this step (every other token keeps the
-        rows of its last step), then the queries read the pool."""
-        writes = k > 0 or self.kv_in_forward
-
-        def attend(q: Tensor, kv, scale: float, dropout_p: float) -> Tensor:
-            if writes:
-                k_new, v_new = self._split(kv())
-                pool.append(k_new, v_new, None if everyone else active, None if everyone else q_rows)
-            if dropout_p > 0:
-                return reference_ragged_attention(q, pool.k, pool.v, self.cu_seqlens, q_rows, pool.kv_rows,
-                                                  self.causal, scale, dropout_p=dropout_p)
-            return attend_rows(q, pool.k, pool.v, self.cu_seqlens, q_rows, pool.kv_rows, self.causal, scale,
-                               self.max_seqlen, self.backend)
-
-        return attend
-
-    def __call__(self, state: Tensor, n: int, active: Tensor) -> Tensor:
-        self.block.iterations += 1
-        if not self.kv_in_forward:
-            self.project_changed()
-        elif self.changed_rows is not None:
-            self.project_halted(active)
-        if self.context is not None:
-            self.context.read_cached(self.pools, n)
-        at = self._at(active)
-        everyone = n == 1 and self.positions is None   # step 1 of a plain call: all tokens, in order
-        x = state
-        for k, (layer, pool) in enumerate(zip(self.layers, self.pools)):
-            x = layer.forward(x, at, self._attend(k, pool, at, active, everyone))
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        # Under autocast the layer returns the autocast dtype; the ponder keeps
-        # the input's dtype (its halting math is float32 either way).
-        new = x.to(state.dtype)
-        self.changed, self.changed_rows = new, active
-        return new
 
 
 class RaggedBlock(nn.Module):
@@ -275,7 +142,7 @@ class RaggedBlock(nn.Module):
         if positions is not None:   # the step reads rows by packed index: cached tokens first, then the new ones
             positions = positions.new_zeros(layout.num_cached + x.shape[0]).index_copy_(
                 0, layout.new_positions, positions)
-        step = _TokenStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context,
+        step = SegmentStep(self, x, context.cu_seqlens, True, context.max_seqlen, chosen.attention, context,
                           positions)
         return chosen, context, step
 
@@ -366,7 +233,7 @@ class ACTTransformerEncoder(RaggedBlock):
         max_seqlen = self._check_max_seqlen(max_seqlen, lengths)
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
         if exit is not None:
-            step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
+            step = SegmentStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
             return self._ponder_with_exit(step, x, exit)
         if chosen.pool_path and self.kind.pool_path_supported(self.training):
             keys = self._key_table(chosen, cu_seqlens, x, max_seqlen, bool(is_causal), lengths)
@@ -374,7 +241,7 @@ class ACTTransformerEncoder(RaggedBlock):
                               self.halting.bias, self.max_steps, self.eps, positions)
             self.ponder_cost, self.steps = out.ponder_cost, out.steps
             return out.state
-        step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
+        step = SegmentStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
         out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                      backend=chosen.halting)
         self.ponder_cost, self.steps = out.ponder_cost, out.steps
@@ -420,13 +287,13 @@ class ACTTransformerEncoder(RaggedBlock):
             raise ValueError("the PonderNet objective needs at least one token")
         max_seqlen = self._check_max_seqlen(max_seqlen, lengths)
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
-        step = _TokenStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
+        step = SegmentStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
         out = pondernet(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                         prior=prior, backend=chosen.halting)
         self.steps = out.steps
         return out
 
-    def _ponder_with_exit(self, step: "_TokenStep", x: Tensor, exit: ExitRule) -> Tensor:
+    def _ponder_with_exit(self, step: SegmentStep, x: Tensor, exit: ExitRule) -> Tensor:
         if exit.reads_coda:   # prompt tokens under a rule that reads the coda: a fixed depth (design §16)
             exit, depth = FixedExit(None, 1), exit.prefill_steps
         else:
@@ -515,56 +382,28 @@ class CausalStack(RaggedBlock):
             lengths = chunk_lengths(cu_seqlens) if lengths is None else lengths
             keys = self._key_table(chosen, cu_seqlens, x, max_seqlen, True, lengths)
             return pool_stack(self.kind, keys, x, positions)
-        step = _TokenStep(self, x, cu_seqlens, True, max_seqlen, chosen.attention, positions=positions)
+        step = SegmentStep(self, x, cu_seqlens, True, max_seqlen, chosen.attention, positions=positions)
         return step(x, 1, torch.arange(x.shape[0], device=x.device))
 
     @torch.no_grad()
     def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
                layout: Optional[ChunkLayout] = None, positions: Optional[Tensor] = None,
                commit: bool = True) -> Tensor:
-        """`ACTTransformerEncoder.extend` for plain layers. commit=False reads
-        the cache and leaves it as it was (what the new tokens would give,
-        for an exit rule that reads the coda at every step, design §16)."""
-        if commit:
-            return self._extend_in_place(cache, x, cu_seqlens, sequences, layout, positions)
-        _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout, positions)
-        return step(x, 1, torch.arange(x.shape[0], device=x.device))
-
-    def _extend_in_place(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int],
-                         layout: Optional[ChunkLayout], positions: Optional[Tensor]) -> Tensor:
-        """Plain layers run one step, so a new token's rows are final as soon
-        as its layer computes them: they go straight into the cache, and the
-        attention reads the cache's one buffer per layer through one index,
-        with no pool to gather and none to move afterwards (design §14)."""
+        """`ACTTransformerEncoder.extend` for plain layers. Every token runs
+        one step, so its rows are final as soon as its layer computes them:
+        they go straight into the cache's buffers (a `BufferStep`), with no
+        pool to gather and none to move afterwards (design §14).
+        commit=False reads the cache and leaves it as it was (what the new
+        tokens would give, for an exit rule that reads the coda at every
+        step, design §16)."""
+        if not commit:
+            _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout, positions)
+            return step(x, 1, torch.arange(x.shape[0], device=x.device))
         layout, context = self._cache_context(cache, x, cu_seqlens, sequences, True, layout)
         backend = resolve_encoder(self.backend, x.device, x.dtype).attention
-        kind, count = self.kind, x.shape[0]
-        layers = kind.rows(False, positions)
-        new_rows = torch.arange(count, device=x.device)
-        firsts = []
-
-        def store(k: int, kv: Tensor) -> Tensor:
-            """The new tokens' rows of layer k into the cache; the index the attention reads them through."""
-            first = cache.layers[k].append(*split_key_values(kv, kind.kv_heads, kind.head_dim))
-            firsts.append(first + new_rows)
-            kv_rows = torch.empty(layout.num_cached + count, dtype=torch.int64, device=x.device)
-            if layout.num_cached:
-                kv_rows.index_copy_(0, layout.cached_positions, context.cached_first[k])
-            return kv_rows.index_copy_(0, layout.new_positions, first + new_rows)
-
-        h = x
-        for k, layer in enumerate(layers):
-            table = store(0, layer.key_values(h)) if k == 0 and not kind.kv_in_forward else None
-
-            def attend(q, kv, scale, dropout_p, k=k, table=table):
-                kv_rows = table if table is not None else store(k, kv())
-                rows = cache.layers[k]
-                return attend_rows(q, (rows.k,), (rows.v,), layout.cu_seqlens, layout.new_positions, kv_rows, True,
-                                   scale, layout.max_seqlen, backend)
-
-            h = layer.forward(h, None, attend)
-        norm = kind.final_norm()
-        if norm is not None:
-            h = norm(h)
-        context.record(firsts, torch.ones(count, dtype=torch.int64, device=x.device))
-        return h.to(x.dtype)
+        new_rows = torch.arange(x.shape[0], device=x.device)
+        own = [layer.claim(x.shape[0]) + new_rows for layer in cache.layers]
+        tables = [context.table(k, 1, rows) for k, rows in enumerate(own)]
+        h = BufferStep(self.kind, x, positions, cache.layers, own, tables, layout, backend)(x, 1, new_rows)
+        context.record(own, torch.ones_like(new_rows))
+        return h

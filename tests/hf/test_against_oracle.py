@@ -29,7 +29,7 @@ def paths(monkeypatch):
     """Records which of the two paths each stack call took: "pool" (the
     ponder and plain stacks on fixed pools) or "steps" (step by step)."""
     seen = []
-    for name, label in (("pool_ponder", "pool"), ("pool_stack", "pool"), ("_TokenStep", "steps")):
+    for name, label in (("pool_ponder", "pool"), ("pool_stack", "pool"), ("SegmentStep", "steps")):
         original = getattr(transformer, name)
 
         def record(*args, original=original, label=label, **kwargs):
