@@ -44,6 +44,14 @@ def sync():
         torch.cuda.synchronize()
 
 
+def median_of(benchmark) -> float:
+    """The median time of the benchmark just run; skips the row under
+    --benchmark-disable (the code ran once, untimed)."""
+    if benchmark.stats is None:
+        pytest.skip("benchmarks disabled: no timing to record")
+    return benchmark.stats.stats.median
+
+
 @pytest.fixture
 def record(benchmark):
     """record(group, name, **figures): keeps the median time of the benchmark

@@ -37,6 +37,7 @@ from conftest import sync
 pytest.importorskip("transformers")
 
 import hf_workloads as hw  # noqa: E402
+from conftest import median_of
 
 ROUNDS = 5
 NEW_TOKENS = hw.NEW_TOKENS
@@ -133,7 +134,7 @@ def test_generation_tokens_per_second(benchmark, record, timer, impl, batch):
         assert out.sequences.shape == (batch, ids.shape[1] + NEW_TOKENS)
         record("hf_generate", impl, batch=batch, new_tokens=NEW_TOKENS, prompt_tokens=int(mask.sum()),
                d_model=hw.HIDDEN, max_steps=hw.MAX_STEPS,
-               tokens_per_s=batch * NEW_TOKENS / benchmark.stats.stats.median, timer=timer)
+               tokens_per_s=batch * NEW_TOKENS / median_of(benchmark), timer=timer)
         return
     out = benchmark.pedantic(lambda: ours_generate(looped, ids, mask, impl), rounds=rounds, warmup_rounds=1)
     width = ids.shape[1]
@@ -152,7 +153,7 @@ def test_generation_tokens_per_second(benchmark, record, timer, impl, batch):
            iterations=out.iterations, prefill_iterations=prefill, depthwise_floor=prefill + slowest,
            synchronous_floor=prefill + rounds_max,
            ideal_speedup=ideal(int(valid.sum()), int(out.steps[valid].sum())),
-           tokens_per_s=batch * NEW_TOKENS / benchmark.stats.stats.median, timer=timer)
+           tokens_per_s=batch * NEW_TOKENS / median_of(benchmark), timer=timer)
 
 
 def test_cache_bytes_after_generation(benchmark, record):
