@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 
 from ..layers import ACTTransformerEncoder, CausalStack
 from ..layers.checks import check_layer_options
-from ..layers.kinds import DecoderLayers
+from ..layers.kinds import decoder_kind
 from ..models.core import LoopedCore, PonderNetTerms, check_generator, lay_out, scores_by_column
 from .attention import ours
 from .checks import check_block, check_model, check_routes_attention
@@ -112,12 +112,12 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
         inner, text = model.model, model.config
         self.block_range, self.step_norm = (start, stop), bool(config.step_norm)
         self.max_steps, self.eps, self.max_len = config.max_steps, float(config.eps), None
-        kind = DecoderLayers(layers[start:stop], inner.rotary_emb, text, inner.norm if self.step_norm else None)
+        kind = decoder_kind(layers[start:stop], inner.rotary_emb, text, inner.norm if self.step_norm else None)
         self.block = ACTTransformerEncoder(kind, max_steps=config.max_steps, eps=config.eps,
                                            halting_bias_init=config.halting_bias_init, backend=config.backend)
-        self.prelude = CausalStack(DecoderLayers(layers[:start], inner.rotary_emb, text), config.backend) \
+        self.prelude = CausalStack(decoder_kind(layers[:start], inner.rotary_emb, text), config.backend) \
             if start else None
-        self.coda = CausalStack(DecoderLayers(layers[stop:], inner.rotary_emb, text), config.backend) \
+        self.coda = CausalStack(decoder_kind(layers[stop:], inner.rotary_emb, text), config.backend) \
             if stop < len(layers) else None
         self.post_init()
 
@@ -180,6 +180,9 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
             h = self.model.model.norm(h)
         return self.model.lm_head(h)
 
+    def _lm_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return self.model.loss_function(logits, labels, vocab_size=self.vocab_size)
+
     # -- training ---------------------------------------------------------------------------
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None, *,
@@ -208,7 +211,7 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
         loss = lm_loss = None
         if labels is not None:
             labels = labels.masked_fill(~valid, -100)        # padding is never a target (its logits are 0)
-            lm_loss = loss = self.model.loss_function(logits, labels, vocab_size=self.vocab_size)
+            lm_loss = loss = self._lm_loss(logits, labels)
             if self.config.ponder_weight:
                 loss = lm_loss + self.config.ponder_weight * (cost.sum() / valid.sum().clamp(min=1))
         return LoopedCausalLMOutput(loss=loss, logits=logits, lm_loss=lm_loss, ponder_cost=cost, steps=steps)
@@ -301,7 +304,7 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
         sequences, steps = lay_out(input_ids, valid, out, pad)
         if not config.return_dict_in_generate:
             return sequences
-        scores = scores_by_column(out.scores, input_ids.shape[0], self.vocab_size, self.model.lm_head.weight) \
+        scores = scores_by_column(out.scores, input_ids.shape[0], self.vocab_size, self.get_output_embeddings().weight) \
             if config.output_scores else None
         return LoopedGenerateOutput(sequences=sequences, steps=steps, scores=scores, iterations=out.iterations)
 

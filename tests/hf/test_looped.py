@@ -72,22 +72,34 @@ def test_the_model_keeps_working_as_itself():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_work_is_sum_n_rows_and_pools_keep_kv_heads(arch):
-    """Every block layer's MLP runs Σ N rows; attention modules run Σ N rows
-    plus, at the block's first layer, the keys and values of each token that
-    has just halted (once)."""
+def test_work_is_sum_n_rows_and_pools_keep_kv_heads(arch, monkeypatch):
+    """Every block layer's MLP runs Σ N rows; attention runs Σ N query rows
+    and, at the block's first layer, projects the keys and values of each
+    token that has just halted (once). The layers run the lean math
+    (layers/kinds/lean_decoder.py): rows are counted at the projections it
+    calls and at its key_values."""
+    from act_kernels.layers.kinds import LeanDecoderRows
     model = MODELS[arch]()
     ids, mask = batch(seed=4)
     looped = vary(LoopedCausalLM(model, (1, 3), max_steps=6))
-    mlp_rows = {i: 0 for i in range(4)}
-    attn_rows = {i: 0 for i in range(4)}
+    index = {id(layer.self_attn): i for i, layer in enumerate(model.model.layers)}
+    mlp_rows, query_rows, kv_only_rows = ({i: 0 for i in range(4)} for _ in range(3))
     hooks = []
+
+    def counter(table, i):
+        return lambda m, a: table.__setitem__(i, table[i] + a[0].reshape(-1, a[0].shape[-1]).shape[0])
+
     for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.mlp.register_forward_pre_hook(
-            lambda m, a, i=i: mlp_rows.__setitem__(i, mlp_rows[i] + a[0].shape[1])))
-        hooks.append(layer.self_attn.register_forward_pre_hook(
-            lambda m, a, k, i=i: attn_rows.__setitem__(i, attn_rows[i] + k["hidden_states"].shape[1]),
-            with_kwargs=True))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(counter(mlp_rows, i)))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(counter(query_rows, i)))
+    key_values = LeanDecoderRows.key_values
+
+    def counted(rows, x, at=None):
+        i = index[id(rows.p.attn)]
+        kv_only_rows[i] += x.shape[0]
+        return key_values(rows, x, at)
+
+    monkeypatch.setattr(LeanDecoderRows, "key_values", counted)
     with torch.no_grad():
         out = looped(ids, mask)
     for h in hooks:
@@ -96,8 +108,9 @@ def test_work_is_sum_n_rows_and_pools_keep_kv_heads(arch):
     tokens, sum_n = int(real.sum()), int(out.steps.sum())
     assert out.steps[real].min() < out.steps[real].max()     # the test needs pondering that varies
     assert mlp_rows == {0: tokens, 1: sum_n, 2: sum_n, 3: tokens}
+    assert query_rows == {0: tokens, 1: sum_n, 2: sum_n, 3: tokens}
     halted_before_last = int((out.steps[real] < int(out.steps.max())).sum())
-    assert attn_rows[1] == sum_n + halted_before_last and attn_rows[2] == sum_n
+    assert kv_only_rows == {0: 0, 1: halted_before_last, 2: 0, 3: 0}
     cache = looped.new_cache(2)
     assert cache[1].layers[0].k.shape[1:] == (2, 8)          # Hkv = 2 heads of 8, not 4
 
