@@ -25,8 +25,12 @@ from ..models.core import PonderNetTerms
 from .config import MODEL_TYPE, LoopedConfig
 from .generation import LoopedGenerateOutput
 from .model import LoopedCausalLM, LoopedCausalLMOutput
+from .ouro import OuroConfig, OuroForCausalLM
 
 AutoConfig.register(MODEL_TYPE, LoopedConfig, exist_ok=True)
 AutoModelForCausalLM.register(LoopedConfig, LoopedCausalLM, exist_ok=True)
+AutoConfig.register(OuroConfig.model_type, OuroConfig, exist_ok=True)
+AutoModelForCausalLM.register(OuroConfig, OuroForCausalLM, exist_ok=True)
 
-__all__ = ["LoopedCausalLM", "LoopedConfig", "LoopedCausalLMOutput", "LoopedGenerateOutput", "PonderNetTerms"]
+__all__ = ["LoopedCausalLM", "LoopedConfig", "LoopedCausalLMOutput", "LoopedGenerateOutput", "PonderNetTerms",
+           "OuroConfig", "OuroForCausalLM"]
