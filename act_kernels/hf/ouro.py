@@ -54,7 +54,8 @@ class OuroConfig(PreTrainedConfig):
     """Ouro's published config. Every key of the published config.json is
     read; settings our engine does not compute (sliding windows, RoPE
     scaling, another activation than SiLU) and unknown keys are refused by
-    name."""
+    name. Ours besides: backend (as LoopedCausalLM's) and ponder_weight (τ
+    in loss = lm_loss + τ · mean ponder cost, when training by ACT)."""
 
     model_type = MODEL_TYPE
 
@@ -65,7 +66,7 @@ class OuroConfig(PreTrainedConfig):
                  early_exit_threshold: float = 1.0, attention_dropout: float = 0.0, initializer_range: float = 0.02,
                  use_sliding_window: bool = False, sliding_window=None, max_window_layers: Optional[int] = None,
                  layer_types=None, use_cache: bool = True, tie_word_embeddings: bool = False, backend: str = "auto",
-                 **kwargs):
+                 ponder_weight: float = 0.0, **kwargs):
         unknown = sorted(set(kwargs) - _COMMON_KEYS)
         if unknown:
             raise ValueError(f"OuroConfig: unknown config keys {unknown} (not in Ouro's published config): refused "
@@ -94,6 +95,8 @@ class OuroConfig(PreTrainedConfig):
         self.max_window_layers = max_window_layers if max_window_layers is not None else num_hidden_layers
         self.layer_types = list(layer_types) if layer_types is not None else ["full_attention"] * num_hidden_layers
         self.use_cache, self.backend = use_cache, backend
+        # ours, not the release's (its loaders ignore them): the kernels' backend, τ of ACT's training loss
+        self.ponder_weight = ponder_weight
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
 

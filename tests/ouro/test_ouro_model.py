@@ -155,3 +155,18 @@ def test_settings_we_do_not_compute_are_refused():
         OuroConfig(use_sliding_window=True, sliding_window=128)
     with pytest.raises(ValueError, match="silu"):
         OuroConfig(hidden_act="gelu")
+
+
+def test_the_gate_trains(tmp_path):
+    """Ouro's objective (pondernet, entropy=True) and ACT's loss with ponder_weight both reach the gate."""
+    write_ouro_checkpoint(tmp_path, seed=2, dtype=torch.float32)
+    model = OuroForCausalLM.from_pretrained(tmp_path, ponder_weight=0.01).train()
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    gate = model.model.early_exit_gate.weight
+    model.pondernet(ids, beta=0.01, entropy=True).loss.backward()
+    assert gate.grad is not None and bool(gate.grad.abs().sum() > 0)
+    gate.grad = None
+    out = model(ids, labels=ids)
+    assert out.loss > out.lm_loss                               # the ponder cost is in the loss
+    out.loss.backward()
+    assert bool(gate.grad.abs().sum() > 0)
