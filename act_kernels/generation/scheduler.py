@@ -155,7 +155,7 @@ def synchronous(table: Slots) -> int:
 
 
 def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callable, attention: str,
-              fixed_rows: bool, exit) -> int:
+              fixed_rows: bool, exit, enter: Optional[Callable] = None) -> int:
     """Every sequence steps on its own through one DepthwiseBlock (design
     §17). A chosen token stays on the device, in its slot's row of
     next_token: it enters the next iteration from there, and the host learns
@@ -194,7 +194,7 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
             h = embed(entered, where)
             if prelude is not None:
                 h = prelude.extend(prelude_cache, h, list(range(len(entering) + 1)), entering, positions=where)
-            engine.enter(entering, h)
+            engine.enter(entering, h if enter is None else enter(h))
         running = table.occupied()     # every occupied slot has a token in flight now
         if not running:
             continue
@@ -222,7 +222,8 @@ def generate_slots(schedule: str, *, prefill: Callable, caches: Sequence, prompt
                    max_new_tokens: int, choose: Callable, stop: Optional[Callable] = None,
                    on_token: Optional[Callable] = None, max_len: Optional[int] = None, embed: Optional[Callable] = None,
                    prelude=None, block=None, coda=None, head: Optional[Callable] = None,
-                   attention: Optional[str] = None, fixed_rows: bool = False, exit=None) -> Generated:
+                   attention: Optional[str] = None, fixed_rows: bool = False, exit=None,
+                   enter: Optional[Callable] = None) -> Generated:
     """Generates after every prompt, over caches (one per stack; their
     batch size is the number of slots).
 
@@ -238,13 +239,14 @@ def generate_slots(schedule: str, *, prefill: Callable, caches: Sequence, prompt
     coda: the CausalStacks (or None) and the ACTTransformerEncoder the
     caches follow; head(h) -> logits; attention: the concrete attention
     backend; fixed_rows: one row per slot in every block iteration; exit:
-    an inference exit rule (design §16) in place of ACT's halting."""
+    an inference exit rule (design §16) in place of ACT's halting; enter(h)
+    -> the block's input rows from the prelude's (None: h itself)."""
     check_schedule(schedule, fixed_rows)
     table = Slots(prefill, caches, prompts, max_new_tokens, choose, stop, on_token, max_len)
     if schedule == "synchronous":
         iterations = synchronous(table)
     else:
-        iterations = depthwise(table, embed, prelude, block, coda, head, attention, fixed_rows, exit)
+        iterations = depthwise(table, embed, prelude, block, coda, head, attention, fixed_rows, exit, enter)
     runs = table.runs
     return Generated([torch.tensor(r.tokens, dtype=torch.int64, device=r.prompt.device) for r in runs],
                      [r.steps for r in runs], [r.scores for r in runs], iterations)

@@ -26,11 +26,14 @@ from .config import MODEL_TYPE, LoopedConfig
 from .generation import LoopedGenerateOutput
 from .model import LoopedCausalLM, LoopedCausalLMOutput
 from .ouro import OuroConfig, OuroForCausalLM
+from .huginn import HuginnConfig, HuginnForCausalLM
 
 AutoConfig.register(MODEL_TYPE, LoopedConfig, exist_ok=True)
 AutoModelForCausalLM.register(LoopedConfig, LoopedCausalLM, exist_ok=True)
 AutoConfig.register(OuroConfig.model_type, OuroConfig, exist_ok=True)
 AutoModelForCausalLM.register(OuroConfig, OuroForCausalLM, exist_ok=True)
+AutoConfig.register(HuginnConfig.model_type, HuginnConfig, exist_ok=True)
+AutoModelForCausalLM.register(HuginnConfig, HuginnForCausalLM, exist_ok=True)
 
 __all__ = ["LoopedCausalLM", "LoopedConfig", "LoopedCausalLMOutput", "LoopedGenerateOutput", "PonderNetTerms",
-           "OuroConfig", "OuroForCausalLM"]
+           "OuroConfig", "OuroForCausalLM", "HuginnConfig", "HuginnForCausalLM"]

@@ -44,6 +44,7 @@ class ExitRule:
     name = ""
     reads_coda = False     # the rule reads each step's next-token logits (through the coda and head)
     settles = False        # the rule compares a step with the one before: no exit before step 2
+    fixed_prefill = False  # prompt tokens run prefill_steps, every one (generate, depth-wise only)
 
     def __init__(self, threshold: Optional[float], min_steps: int, prefill_steps: Optional[int] = None,
                  every_loop: bool = False):
@@ -114,6 +115,7 @@ class KLExit(ExitRule):
     name = "kl"
     settles = True
     reads_coda = True
+    fixed_prefill = True
 
     def met(self, n, new, old, *, logits, previous, **_):
         return next_token_divergence(logits, previous) < self.threshold
@@ -156,7 +158,7 @@ def make_exit_rule(exit, threshold, min_steps, max_steps: int, *, training: bool
     if exit in ("latent", "kl") and threshold <= 0.0:
         raise ValueError(f"exit={exit!r} needs a threshold > 0, got {threshold!r}")
     rule = HARD_RULES[exit]
-    if rule.reads_coda:
+    if rule.fixed_prefill:
         if prefill_steps is None:
             prefill_steps = max_steps
         if isinstance(prefill_steps, bool) or not isinstance(prefill_steps, int) \
@@ -232,6 +234,110 @@ def ponder_with_exit(step, x: Tensor, rule: ExitRule, weight: Tensor, bias: Tens
     return out, steps, ran
 
 
+
+class RecurrentExit(ExitRule):
+    """Huginn's inference criteria (recurrent-depth LMs): from step
+    min_steps + 1 on (min_steps >= 0, Huginn's count), a step's measure is
+    compared with the last checked step's, kept per row in the rule's
+    memory (a skipped step leaves it alone); exit when the measure is met.
+    Prompt tokens run prefill_steps. `width`: the state's first features
+    that are the latent (the rest is the injected input). A subclass's
+    `measure` returns (met, {memory name: this step's value})."""
+    fixed_prefill = True
+
+    def __init__(self, threshold, min_steps: int, prefill_steps: int, width: int):
+        super().__init__(threshold, min_steps, prefill_steps)
+        self.width = width
+
+    @property
+    def first_exit(self) -> int:
+        return self.min_steps + 1
+
+    def new_state(self, rows: int, device, dtype) -> "Memory":
+        return Memory(rows)
+
+    def met(self, n, new, old, *, state, rows, logits, **_):
+        count = new.shape[0]
+        checked = torch.as_tensor(n >= self.first_exit, device=new.device).expand(count)
+        first = torch.as_tensor(n == 1, device=new.device).expand(count)
+        met, memory = self.measure(new[:, :self.width], old[:, :self.width], logits, state, rows, first)
+        for name, value in memory.items():
+            state.keep(name, rows, value, checked)
+        return checked & met
+
+
+class Memory:
+    """A recurrent criterion's per-row memory: named tensors made at first
+    use, each filled with its start value."""
+
+    def __init__(self, rows: int):
+        self.rows, self.values, self.starts = rows, {}, {}
+
+    def get(self, name: str, rows: Tensor, like: Tensor, start: float) -> Tensor:
+        if name not in self.values:
+            self.values[name] = like.new_full((self.rows, *like.shape[1:]), start)
+            self.starts[name] = start
+        return self.values[name][rows]
+
+    def keep(self, name: str, rows: Tensor, value: Tensor, where: Tensor) -> None:
+        shape = (-1,) + (1,) * (value.dim() - 1)
+        self.values[name].index_copy_(0, rows, torch.where(where.view(shape), value, self.values[name][rows]))
+
+    def reset(self, index: Tensor) -> None:
+        for name, value in self.values.items():
+            value.index_fill_(0, index, self.starts[name])
+
+
+class RecurrentKL(RecurrentExit):
+    """KL(P_prev || P_n) < threshold; P_prev starts uniform."""
+    name = "kl"
+    reads_coda = True
+
+    def measure(self, s, s_old, logits, state, rows, first):
+        log_p = torch.log_softmax(logits.double(), -1)
+        prev = state.get(self.name, rows, log_p, -math.log(log_p.shape[-1]))
+        return (prev.exp() * (prev - log_p)).sum(-1) < self.threshold, {self.name: log_p}
+
+
+class RecurrentEntropy(RecurrentExit):
+    """|H(P_n) − H(P_prev)| < threshold, H = −Σ p log(p + 1e-10); H_prev starts at 100."""
+    name = "entropy-diff"
+    reads_coda = True
+
+    def measure(self, s, s_old, logits, state, rows, first):
+        p = torch.softmax(logits.double(), -1)
+        entropy = -(p * torch.log(p + 1e-10)).sum(-1)
+        return (entropy - state.get(self.name, rows, entropy, 100.0)).abs() < self.threshold, {self.name: entropy}
+
+
+class RecurrentLatent(RecurrentExit):
+    """||s_n − s_prev|| / ||s_n|| < threshold; s_prev starts at the initial state s_0."""
+    name = "latent-diff"
+
+    def measure(self, s, s_old, logits, state, rows, first):
+        s = s.to(torch.promote_types(s.dtype, torch.float32))
+        prev = state.get(self.name, rows, s, 0.0)
+        prev = torch.where(first[:, None], s_old.to(s.dtype), prev)        # the memory starts at s_0
+        state.keep(self.name, rows, prev, first)
+        diff = torch.linalg.vector_norm(s - prev, dim=-1) / torch.linalg.vector_norm(s, dim=-1)
+        return diff < self.threshold, {self.name: s}
+
+
+class RecurrentArgmax(RecurrentExit):
+    """The argmax token unchanged over `threshold` checks in a row."""
+    name = "argmax-stability"
+    reads_coda = True
+
+    def measure(self, s, s_old, logits, state, rows, first):
+        top = logits.argmax(-1).to(torch.float64)
+        same = top == state.get(self.name, rows, top, -1.0)
+        count = torch.where(same, state.get("count", rows, top, 0.0) + 1, torch.zeros_like(top))
+        return count >= self.threshold, {self.name: top, "count": count}
+
+
+RECURRENT_RULES = {cls.name: cls for cls in (RecurrentKL, RecurrentEntropy, RecurrentLatent, RecurrentArgmax)}
+
+
 def token_pondernet_loss(out, step_logits: Tensor, target: Tensor, beta: float, entropy: bool):
     """The per-token PonderNet objective (design §16) from `ak.pondernet`'s
     output over token rows: step_logits (Σ N, V) the head on every computed
@@ -274,5 +380,5 @@ def next_token_divergence(logits: Tensor, previous: Tensor) -> Tensor:
 
 
 __all__ = ["RULES", "HARD", "ExitRule", "FixedExit", "GateExit", "LatentExit", "KLExit", "ExitState",
-           "make_exit_rule", "exits_now", "ponder_with_exit", "next_token_divergence", "token_pondernet_loss",
-           "check_pondernet_args"]
+           "RecurrentExit", "RECURRENT_RULES", "Memory", "make_exit_rule", "exits_now", "ponder_with_exit",
+           "next_token_divergence", "token_pondernet_loss", "check_pondernet_args"]

@@ -87,8 +87,9 @@ class RaggedBlock(nn.Module):
 
     def __init__(self, encoder_layer, backend: str):
         super().__init__()
-        if isinstance(encoder_layer, (EncoderLayers, DecoderLayers)):
-            self.kind = encoder_layer
+        if isinstance(encoder_layer, (EncoderLayers, DecoderLayers)) or (
+                not isinstance(encoder_layer, nn.Module) and callable(getattr(encoder_layer, "rows", None))):
+            self.kind = encoder_layer        # a layer kind (layers/kinds)
         else:
             self.kind = EncoderLayers(encoder_layer)
         if isinstance(self.kind, EncoderLayers):
@@ -293,8 +294,8 @@ class ACTTransformerEncoder(RaggedBlock):
         self.steps = out.steps
         return out
 
-    def _ponder_with_exit(self, step: SegmentStep, x: Tensor, exit: ExitRule) -> Tensor:
-        if exit.reads_coda:   # prompt tokens under a rule that reads the coda: a fixed depth (design §16)
+    def _ponder_with_exit(self, step: SegmentStep, x: Tensor, exit: ExitRule, prompt: bool = False) -> Tensor:
+        if prompt and exit.fixed_prefill:   # prompt tokens under such a rule: a fixed depth (design §16)
             exit, depth = FixedExit(None, 1), exit.prefill_steps
         else:
             depth = self.max_steps
@@ -319,7 +320,7 @@ class ACTTransformerEncoder(RaggedBlock):
         same sequences (a language model's stacks)."""
         chosen, context, step = self._cached_step(cache, x, cu_seqlens, sequences, is_causal, layout, positions)
         if exit is not None:
-            state = self._ponder_with_exit(step, x, exit)
+            state = self._ponder_with_exit(step, x, exit, prompt=True)
         else:
             out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                          backend=chosen.halting)

@@ -98,6 +98,11 @@ class LoopedCore:
     def _scope(self):
         return contextlib.nullcontext()
 
+    def _enter_block(self, h: Tensor) -> Tensor:
+        """The block's input rows from the prelude's output (Huginn: the row
+        [initial state, prelude output]); the identity by default."""
+        return h
+
     def _stacks(self):
         return [m for m in (self.prelude, self.block, self.coda) if m is not None]
 
@@ -149,7 +154,8 @@ class LoopedCore:
         with self._scope():
             if self.prelude is not None:
                 h = self.prelude.forward_packed(h, cu, longest, positions, lengths)
-            h = self.block.forward_packed(h, cu, is_causal=True, max_seqlen=longest, positions=positions, exit=rule)
+            h = self.block.forward_packed(self._enter_block(h), cu, is_causal=True, max_seqlen=longest,
+                                          positions=positions, exit=rule)
             cost, steps = self.block.ponder_cost, self.block.steps
             if self.coda is not None:
                 h = self.coda.forward_packed(h, cu, longest, positions, lengths)
@@ -187,8 +193,8 @@ class LoopedCore:
         with self._scope():
             if self.prelude is not None:
                 h = self.prelude.forward_packed(h, cu, longest, positions, packed.lengths)
-            return self.block.pondernet_packed(h, cu, is_causal=True, max_seqlen=longest, positions=positions,
-                                               prior=prior)
+            return self.block.pondernet_packed(self._enter_block(h), cu, is_causal=True, max_seqlen=longest,
+                                               positions=positions, prior=prior)
 
     # -- generation over the ragged cache ------------------------------------------------
 
@@ -227,7 +233,9 @@ class LoopedCore:
         h = self._embed(tokens, positions)
         with self._scope():
             for stack, cache in zip(self._stacks(), caches):
-                rule = dict(exit=exit) if stack is self.block else {}
+                rule = {}
+                if stack is self.block:
+                    h, rule = self._enter_block(h), dict(exit=exit)
                 h = stack.extend(cache, h, offsets, sequences, layout=layout, positions=positions, **rule)
         return self._head(h)
 
@@ -238,8 +246,9 @@ class LoopedCore:
         check_max_new_tokens(max_new_tokens)
         check_max_batch_size(max_batch_size)
         check_schedule(schedule, fixed_rows)
-        if rule is not None and rule.reads_coda and schedule != "depthwise":
-            raise ValueError("exit='kl' runs under schedule='depthwise' only")
+        if rule is not None and rule.fixed_prefill and schedule != "depthwise":
+            raise ValueError(f"exit={rule.name!r} runs under schedule='depthwise' only (its prompt tokens run a "
+                             "fixed depth, its new tokens exit on their own)")
         prompts = [row[keep] for row, keep in zip(input_ids, valid)]
         slots = min(max_batch_size or len(prompts), len(prompts))
         was_training = self.training
@@ -253,7 +262,7 @@ class LoopedCore:
                 out = generate_slots(schedule, prefill=prefill, caches=self.new_cache(slots), prompts=prompts,
                                      max_new_tokens=max_new_tokens, choose=choose, stop=stop, on_token=on_token,
                                      max_len=self.max_len, embed=self._embed, prelude=self.prelude, block=self.block,
-                                     coda=self.coda, head=self._head,
+                                     coda=self.coda, head=self._head, enter=self._enter_block,
                                      attention=self.block.attention_backend(self.block.halting.weight),
                                      fixed_rows=fixed_rows, exit=rule)
         finally:
