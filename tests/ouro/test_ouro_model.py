@@ -170,3 +170,27 @@ def test_the_gate_trains(tmp_path):
     assert out.loss > out.lm_loss                               # the ponder cost is in the loss
     out.loss.backward()
     assert bool(gate.grad.abs().sum() > 0)
+
+
+def test_trainer_fine_tunes_the_gate(tmp_path):
+    """transformers.Trainer trains a loaded Ouro by ACT with ponder_weight
+    (the gate is the halting unit): the loss falls, the gate changes, and
+    the checkpoint Trainer writes reloads in the published format."""
+    write_ouro_checkpoint(tmp_path / "ouro", seed=3, dtype=torch.float32)
+    model = OuroForCausalLM.from_pretrained(tmp_path / "ouro", ponder_weight=0.01).train()
+    g = torch.Generator().manual_seed(0)
+    ids = (torch.randint(0, 61, (48, 1), generator=g) + torch.arange(10)) % 61     # rows count up by one
+    data = [dict(input_ids=row, attention_mask=torch.ones_like(row), labels=row) for row in ids]
+    gate = model.model.early_exit_gate.weight.detach().clone()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=30, per_device_train_batch_size=8,
+                                          learning_rate=3e-3, logging_steps=5, save_steps=30, report_to=[],
+                                          use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert not torch.equal(model.model.early_exit_gate.weight.detach(), gate)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-30")
+    assert type(again) is OuroForCausalLM
+    torch.testing.assert_close(again.model.early_exit_gate.weight, model.model.early_exit_gate.weight.detach(),
+                               atol=0, rtol=0)

@@ -16,7 +16,7 @@ import act_kernels as ak
 
 WORLD, STEPS = 2, 3
 KINDS = ["ddp", "fsdp2"]
-LAYERS = ["ACTRNN", "ACTGRU", "ACTLSTM", "ACTTransformerEncoder", "LoopedCausalLM"]
+LAYERS = ["ACTRNN", "ACTGRU", "ACTLSTM", "ACTTransformerEncoder", "LoopedCausalLM", "OuroForCausalLM"]
 # transformers' RMSNorm computes in float32 inside a float64 model: sums over other row sets round differently
 TOLERANCE = {"LoopedCausalLM": dict(atol=1e-6, rtol=1e-5)}
 
@@ -33,6 +33,13 @@ def build(name):
                                           initializer_range=0.2)
         return LoopedCausalLM(transformers.LlamaForCausalLM(config).double(), (1, 2), max_steps=4,
                               halting_bias_init=0.0)
+    if name == "OuroForCausalLM":   # the gate halts by ACT in training (fine-tuning Ouro's exit)
+        from act_kernels.hf import OuroConfig, OuroForCausalLM
+
+        config = OuroConfig(vocab_size=29, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=4, total_ut_steps=4,
+                            initializer_range=0.2, max_position_embeddings=64)
+        return OuroForCausalLM(config).double()
     if name == "ACTTransformerEncoder":
         layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
         model = ak.nn.ACTTransformerEncoder(layer, max_steps=4, halting_bias_init=0.0)
@@ -43,7 +50,7 @@ def build(name):
 
 def data(name, batch=4):
     g = torch.Generator().manual_seed(1)
-    if name == "LoopedCausalLM":
+    if name in ("LoopedCausalLM", "OuroForCausalLM"):
         return torch.randint(0, 29, (batch, 6), generator=g)
     width = 8 if name == "ACTTransformerEncoder" else 4
     return torch.randn(batch, 5, width, generator=g, dtype=torch.float64)
