@@ -88,7 +88,9 @@ class OuroConfig(PreTrainedConfig):
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.head_dim = head_dim or hidden_size // num_attention_heads
         self.hidden_act, self.max_position_embeddings = hidden_act, max_position_embeddings
-        self.rms_norm_eps, self.rope_theta, self.rope_scaling = rms_norm_eps, rope_theta, rope_scaling
+        # rope_scaling is null in the published configs and refused otherwise; transformers 5 folds the key into
+        # rope_parameters (and warns when it is set), so it is not kept as an attribute
+        self.rms_norm_eps, self.rope_theta = rms_norm_eps, rope_theta
         self.total_ut_steps, self.early_exit_threshold = total_ut_steps, float(early_exit_threshold)
         self.attention_dropout, self.initializer_range = attention_dropout, initializer_range
         self.use_sliding_window, self.sliding_window = use_sliding_window, sliding_window
@@ -170,7 +172,8 @@ class OuroForCausalLM(LoopedCausalLM):
     `pondernet` (entropy=True is Ouro's objective) as `LoopedCausalLM`'s,
     with the exit gate as the block's halting unit. At inference the default
     exit is the gate at config.early_exit_threshold (threshold 1.0: every
-    token runs every loop); `every_loop=True` computes every loop and picks
+    loop, unless a token's exit mass rounds to 1 earlier in float32, as in
+    the release); `every_loop=True` computes every loop and picks
     the exit afterwards (the release's behaviour). In training mode without
     an exit rule the gate halts tokens by ACT (ponder_weight) or trains with
     `pondernet`."""
