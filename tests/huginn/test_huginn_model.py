@@ -135,7 +135,8 @@ def test_the_initial_state_follows_the_published_rule(tmp_path):
     model = HuginnForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
     draws = model._enter_block(torch.zeros(4000, 64, dtype=torch.float64))[:, :64]
     scaled = draws / 64 ** 0.5
-    assert float(scaled.abs().max()) <= 1.5 + 1e-6 and abs(float(scaled.std()) - 0.5 * 0.9866) < 0.01   # ±3σ truncation keeps 98.7 % of σ
+    # truncation at ±3σ keeps 98.7 % of σ
+    assert float(scaled.abs().max()) <= 1.5 + 1e-6 and abs(float(scaled.std()) - 0.5 * 0.9866) < 0.01
     ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = model(ids, generator=torch.Generator().manual_seed(5)).logits
