@@ -30,21 +30,22 @@ TOPK = 3
 EAGER = os.environ.get("ACT_KERNELS_VLLM_COMPILE") != "1"
 
 
-def build_looped(folder) -> torch.nn.Module:
-    """The tiny LoopedCausalLM over a Llama (hidden 64, 4 heads of 32, 2 kv
-    heads, 4 layers, block (1, 3), max_steps 3, vocabulary 61) in float32,
-    saved to folder. Its halting unit is scaled so that ACT's steps differ
-    between tokens (most halt at 1 or 2 loops, some run 3): the frozen-token
-    rows matter."""
+def build_looped(folder, family: str = "llama", block=(1, 3), step_norm: bool = False) -> torch.nn.Module:
+    """The tiny LoopedCausalLM over a Llama (or Qwen3: family="qwen3"; hidden
+    64, 4 heads of 32, 2 kv heads, 4 layers, vocabulary 61) with block (1, 3)
+    and max_steps 3 by default, in float32, saved to folder. Its halting unit
+    is scaled so that ACT's steps differ between tokens (most halt at 1 or 2
+    loops, some run 3): the frozen-token rows matter."""
     import transformers
 
     from act_kernels.hf import LoopedCausalLM
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                      max_position_embeddings=256)
-    looped = LoopedCausalLM(transformers.LlamaForCausalLM(config), block=(1, 3), max_steps=3).float().eval()
+    kind = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[family]
+    config = kind(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
+    looped = LoopedCausalLM(transformers.AutoModelForCausalLM.from_config(config), block=block, max_steps=3,
+                            step_norm=step_norm).float().eval()
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
         looped.halting.weight.copy_(torch.randn(1, 64, generator=g) * 30.0)
