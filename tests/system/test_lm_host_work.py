@@ -39,7 +39,7 @@ def decode_census(module, monkeypatch, batch=4):
 
 
 # A decode call that halts at step 1 pays the call's whole bookkeeping (pools, commit) in one step. Since the
-# plain layers write their rows straight into the cache (CausalStack._extend_in_place), their call issues 92
+# plain layers write their rows straight into the cache (a BufferStep, layers/rows.py), their call issues 92
 # events, not the 121+ it did, and this case is over the budget: 182 against 92 (1.98x). Strict: it fails
 # once the ACT block's decode call is lean enough.
 class OverBudget(AssertionError):
