@@ -41,16 +41,13 @@ from ..layers.exits import RECURRENT_RULES, FixedExit
 from ..layers.kinds import RMSNorm
 from ..layers.kinds.sandwich import PairRotary, SandwichLayers
 from ..models.core import check_generator
-from .model import LoopedCausalLM
+from .published import COMMON_KEYS, PublishedLoopedLM
 
 MODEL_TYPE = "huginn_raven"
 # published keys the forward does not read (training and bookkeeping), kept as given
 _KEPT = ("activation_checkpoint_impl", "architecture_class_name", "effective_expected_depth", "init_orthogonal",
          "init_strategy", "mean_backprop_depth", "n_layers", "padding_multiple", "sampling_scheme", "head_dim")
-_COMMON_KEYS = {"architectures", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
-                "transformers_version", "model_type", "_name_or_path", "name_or_path", "id2label", "label2id",
-                "problem_type", "return_dict", "output_attentions", "output_hidden_states", "is_encoder_decoder",
-                "chunk_size_feed_forward", "tie_word_embeddings", "_attn_implementation", "attn_implementation"}
+_COMMON_KEYS = COMMON_KEYS | {"tie_word_embeddings"}
 # the published values of the keys that name hard-wired parts
 _NAMED = {"block_class_name": "SandwichBlock", "mlp_class_name": "GatedMLP", "nonlin_name": "SiLU",
           "norm_class_name": "RMSNorm_llama", "injection_type": "linear"}
@@ -148,14 +145,13 @@ class SandwichBlock(nn.Module):
         self.attn, self.mlp = _Attention(config), _MLP(config)
 
 
-class HuginnForCausalLM(LoopedCausalLM):
+class HuginnForCausalLM(PublishedLoopedLM):
     """Huginn on the looped core: `forward` and `generate` as
     `LoopedCausalLM`'s, plus `num_steps` (the recurrence's depth; default
     config.mean_recurrence) and `generator` (the initial state's draws);
     the exit rules are Huginn's criteria."""
 
     config_class = HuginnConfig
-    base_model_prefix = ""
     _no_split_modules = ["SandwichBlock"]
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
@@ -178,7 +174,7 @@ class HuginnForCausalLM(LoopedCausalLM):
         rotary, t = PairRotary(hd, config.rope_base), self.transformer
         kind = SandwichLayers(list(t.core_block), rotary, d_model=d, heads=config.n_heads, adapter=t.adapter)
         block = ACTTransformerEncoder(kind, max_steps=config.mean_recurrence, backend=config.backend)
-        object.__setattr__(self, "block", block)      # not a submodule: its halting unit is unused
+        self._keep_block(block)      # not a submodule: its halting unit is unused
         self.prelude = CausalStack(SandwichLayers(list(t.prelude), rotary, d_model=d, heads=config.n_heads),
                                    config.backend) if len(t.prelude) else None
         self.coda = CausalStack(SandwichLayers(list(t.coda), rotary, d_model=d, heads=config.n_heads,
@@ -191,18 +187,8 @@ class HuginnForCausalLM(LoopedCausalLM):
         self._state_generator: Optional[torch.Generator] = None
         self.post_init()
 
-    def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.init_values.get("std", 0.02) or 0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.block.train(mode)
-        return self
+    def _init_std(self) -> float:
+        return self.config.init_values.get("std", 0.02) or 0.02
 
     def extra_repr(self) -> str:
         return f"mean_recurrence={self.config.mean_recurrence}"
@@ -211,29 +197,13 @@ class HuginnForCausalLM(LoopedCausalLM):
     def vocab_size(self) -> int:
         return self.config.padded_vocab_size
 
-    @property
-    def backend(self) -> str:
-        return self.config.backend
-
     def get_input_embeddings(self):
         return self.transformer.wte
 
     def set_input_embeddings(self, value):
         self.transformer.wte = value
 
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
-    def resize_token_embeddings(self, *args, **kwargs):
-        return PreTrainedModel.resize_token_embeddings(self, *args, **kwargs)
-
     # -- the core's hooks --------------------------------------------------------------------
-
-    def _scope(self):
-        return contextlib.nullcontext()
 
     def _embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         return self.transformer.wte(tokens) * math.sqrt(self.config.n_embd)
@@ -243,9 +213,6 @@ class HuginnForCausalLM(LoopedCausalLM):
 
     def _head(self, h: Tensor) -> Tensor:
         return self.lm_head(self.transformer.ln_f(h))
-
-    def _lm_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return self.loss_function(logits, labels, vocab_size=self.vocab_size)
 
     def initial_state(self, rows: int, like: Tensor) -> Tensor:
         """(rows, D) initial states: zeros for state_init "zero" or std 0;

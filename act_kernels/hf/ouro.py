@@ -25,7 +25,6 @@ in float64 (the release rounds to float32 inside).
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -34,7 +33,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from ..layers import ACTTransformerEncoder
 from ..layers.kinds import RMSNorm, decoder_kind
-from .model import LoopedCausalLM
+from .published import COMMON_KEYS, PublishedLoopedLM
 
 MODEL_TYPE = "ouro"
 # the published config's keys (Ouro-1.4B / 2.6B config.json) that shape the model
@@ -43,11 +42,7 @@ _SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
                "rope_theta", "rope_scaling", "total_ut_steps", "early_exit_threshold", "attention_dropout",
                "initializer_range", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
                "use_cache", "tie_word_embeddings")
-# read as transformers reads them in every config (ids, dtype, the folder's provenance)
-_COMMON_KEYS = {"architectures", "auto_map", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
-                "transformers_version", "model_type", "_name_or_path", "name_or_path", "id2label", "label2id",
-                "problem_type", "return_dict", "output_attentions", "output_hidden_states", "is_encoder_decoder",
-                "chunk_size_feed_forward", "rope_parameters", "_attn_implementation", "attn_implementation"}
+_COMMON_KEYS = COMMON_KEYS | {"rope_parameters"}
 
 
 class OuroConfig(PreTrainedConfig):
@@ -166,7 +161,7 @@ class OuroModel(nn.Module):
         self.rotary_emb = Rotary(config.head_dim, config.rope_theta)
 
 
-class OuroForCausalLM(LoopedCausalLM):
+class OuroForCausalLM(PublishedLoopedLM):
     """Ouro on the looped core: `forward`, `generate` (both schedules,
     continuous batching, transformers' generation config and processors),
     `pondernet` (entropy=True is Ouro's objective) as `LoopedCausalLM`'s,
@@ -179,7 +174,6 @@ class OuroForCausalLM(LoopedCausalLM):
     `pondernet`."""
 
     config_class = OuroConfig
-    base_model_prefix = ""
     _no_split_modules = ["OuroDecoderLayer"]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -190,25 +184,14 @@ class OuroForCausalLM(LoopedCausalLM):
         kind = decoder_kind(list(self.model.layers), self.model.rotary_emb, config, self.model.norm)
         block = ACTTransformerEncoder(kind, max_steps=config.total_ut_steps, backend=config.backend)
         block.halting = self.model.early_exit_gate     # the exit gate is the halting unit
-        object.__setattr__(self, "block", block)        # not a submodule: its one parameter is the gate's
+        self._keep_block(block)        # not a submodule: its one parameter is the gate's
         self.prelude = self.coda = None
         self.block_range, self.step_norm = (0, config.num_hidden_layers), True
         self.max_steps, self.eps, self.max_len = config.total_ut_steps, block.eps, None
         self.post_init()
 
-    def _init_weights(self, module):
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.block.train(mode)
-        return self
+    def _init_std(self) -> float:
+        return self.config.initializer_range
 
     def extra_repr(self) -> str:
         return f"total_ut_steps={self.max_steps}, early_exit_threshold={self.config.early_exit_threshold}"
@@ -217,36 +200,17 @@ class OuroForCausalLM(LoopedCausalLM):
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
-    @property
-    def backend(self) -> str:
-        return self.config.backend
-
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
-    def resize_token_embeddings(self, *args, **kwargs):
-        return PreTrainedModel.resize_token_embeddings(self, *args, **kwargs)
-
-    def _scope(self):
-        return contextlib.nullcontext()     # the lean rows call no attention interface
-
     def _embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         return self.model.embed_tokens(tokens)
 
     def _head(self, h: Tensor) -> Tensor:
         return self.lm_head(h)          # the block's every loop ends in the model norm
-
-    def _lm_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return self.loss_function(logits, labels, vocab_size=self.vocab_size)
 
     def _exit_rule(self, exit, threshold, min_steps, every_loop, prefill_steps=None):
         inference = not (self.training and torch.is_grad_enabled())
