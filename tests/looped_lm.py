@@ -30,6 +30,20 @@ def padded(prompts: Sequence[Tensor], left: bool = True, pad: int = 0):
     return ids, mask
 
 
+def padded_batch(left: bool, vocab: int = 61, seed: int = 3):
+    """(input_ids (3, 10), attention_mask (3, 10)): rows 0 and 2 padded by 3
+    and 5 tokens (left or right), random ids under the padding too (what a
+    model reads there must not matter)."""
+    ids = torch.randint(0, vocab, (3, 10), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for row, pad in ((0, 3), (2, 5)):
+        if left:
+            mask[row, :pad] = 0
+        else:
+            mask[row, -pad:] = 0
+    return ids, mask
+
+
 def per_sequence(out, input_ids: Tensor, attention_mask: Tensor) -> PerSequence:
     """Each sequence's real tokens, steps and scores from generate's
     return_dict_in_generate output: the input's real tokens, then the new

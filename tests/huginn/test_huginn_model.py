@@ -12,6 +12,7 @@ from act_kernels.hf import HuginnConfig, HuginnForCausalLM  # noqa: E402
 
 from .checkpoints import write_huginn_checkpoint  # noqa: E402
 from .oracle import _Run, exit_steps, greedy_decode, huginn_logits, huginn_step_logits  # noqa: E402
+from looped_lm import padded_batch  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("huginn")
 STEPS = 6
@@ -25,16 +26,6 @@ def checkpoint(tmp_path_factory):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
     return folder, config, params, model
 
-
-def padded_batch(left: bool):
-    ids = torch.randint(0, 61, (3, 10), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    for row, pad in ((0, 3), (2, 5)):
-        if left:
-            mask[row, :pad] = 0
-        else:
-            mask[row, -pad:] = 0
-    return ids, mask
 
 
 def test_loads_from_the_published_format_without_remote_code(checkpoint, tmp_path):

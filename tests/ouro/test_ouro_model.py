@@ -15,6 +15,7 @@ from act_kernels.hf import OuroConfig, OuroForCausalLM  # noqa: E402
 
 from .checkpoints import PUBLISHED_KEYS, write_ouro_checkpoint  # noqa: E402
 from .oracle import greedy_decode, ouro_logits  # noqa: E402
+from looped_lm import padded_batch  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("ouro")
 
@@ -26,17 +27,6 @@ def checkpoint(tmp_path_factory):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
     return folder, config, params, model
 
-
-def padded_batch(left: bool):
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 61, (3, 10), generator=g)
-    mask = torch.ones_like(ids)
-    for row, pad in ((0, 3), (2, 5)):
-        if left:
-            mask[row, :pad] = 0
-        else:
-            mask[row, -pad:] = 0
-    return ids, mask
 
 
 def test_loads_from_the_published_format_without_remote_code(checkpoint, tmp_path):
