@@ -53,6 +53,20 @@ def median_of(benchmark) -> float:
 
 
 @pytest.fixture
+def timer(request) -> str:
+    """The clock pytest-benchmark times with (--benchmark-timer), recorded
+    with every row: time.process_time on a shared machine."""
+    return str(request.config.getoption("benchmark_timer")).replace("time.", "")
+
+
+def synced(fn):
+    """fn(), the device synchronised after it (what a timed round includes)."""
+    out = fn()
+    sync()
+    return out
+
+
+@pytest.fixture
 def record(benchmark):
     """record(group, name, **figures): keeps the median time of the benchmark
     just run, with the figures that describe it."""

@@ -48,7 +48,8 @@ def llama_config(layers: int = LAYERS):
                                     pad_token_id=PAD, bos_token_id=None, eos_token_id=None)
 
 
-def _no_eos(model):
+def no_eos(model):
+    """Every sequence gets its new tokens (no eos; byte 0 is the padding)."""
     model.generation_config.eos_token_id = None
     model.generation_config.bos_token_id = None
     model.generation_config.pad_token_id = PAD
@@ -63,7 +64,7 @@ def controlled_llama(seed: int = 0, dtype=torch.float32):
     from act_kernels.hf import LoopedCausalLM
 
     torch.manual_seed(seed)
-    model = _no_eos(transformers.LlamaForCausalLM(llama_config()).to(dtype).eval())
+    model = no_eos(transformers.LlamaForCausalLM(llama_config()).to(dtype).eval())
     steps = byte_steps(seed)
     h = 0.99 / steps.double() + 1e-4
     with torch.no_grad():
@@ -89,7 +90,7 @@ def unrolled(model):
 
     config = llama_config(UNROLLED_LAYERS)
     config._attn_implementation = model.config._attn_implementation
-    plain = _no_eos(transformers.LlamaForCausalLM(config).to(model.dtype).eval())
+    plain = no_eos(transformers.LlamaForCausalLM(config).to(model.dtype).eval())
     source = model.model.layers
     order = list(range(PRELUDE)) + list(range(BLOCK[0], BLOCK[1])) * MAX_STEPS + list(range(BLOCK[1], LAYERS))
     with torch.no_grad():

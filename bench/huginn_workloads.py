@@ -71,7 +71,8 @@ from torch import Tensor
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from hf_workloads import capture_caches, dynamic_cache_bytes, interleaved, left_padded, ragged_cache_bytes  # noqa: E402
+from hf_workloads import (capture_caches, dynamic_cache_bytes, interleaved, left_padded, no_eos,  # noqa: E402
+                          ragged_cache_bytes)
 
 VOCAB, HIDDEN, HEADS, INTERMEDIATE, BLOCK_SIZE = 256, 256, 4, 688, 512
 HEAD_DIM = HIDDEN // HEADS
@@ -86,14 +87,6 @@ THRESHOLDS = {8: {0.4: 0.422, 0.5: 0.368, 0.6: 0.331}, 16: {0.4: 0.267, 0.5: 0.2
 RESULTS = HERE / "results" / "huginn_cpu.json"
 
 
-def _no_eos(model):
-    """Every sequence gets its new tokens (no eos; byte 0 is the padding)."""
-    model.generation_config.eos_token_id = None
-    model.generation_config.bos_token_id = None
-    model.generation_config.pad_token_id = PAD
-    return model
-
-
 def huginn_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
     """HuginnForCausalLM loaded from a checkpoint in the published format
     (write_huginn_checkpoint into a temporary folder), eval mode, no eos."""
@@ -105,7 +98,7 @@ def huginn_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides)
         write_huginn_checkpoint(folder, seed=seed, dtype=dtype, **{**CONFIG, **overrides})
         model = HuginnForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     assert not model.initial_state(1, model.lm_head.weight).any(), "the benchmark's initial state is zeros (std 0)"
-    return _no_eos(model)
+    return no_eos(model)
 
 
 # -- the release's behaviour, dense ---------------------------------------------------------

@@ -58,7 +58,8 @@ from torch import Tensor
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from hf_workloads import capture_caches, dynamic_cache_bytes, interleaved, left_padded, ragged_cache_bytes  # noqa: E402
+from hf_workloads import (capture_caches, dynamic_cache_bytes, interleaved, left_padded, no_eos,  # noqa: E402
+                          ragged_cache_bytes)
 
 VOCAB, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 256, 256, 688, 4, 2, 64
 LAYERS, LOOPS, PAD, NEW_TOKENS = 4, 4, 0, 48
@@ -67,14 +68,6 @@ THRESHOLDS = {1.5: 0.23, 2.5: 0.68, 3.5: 0.95}
 CONFIG = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
               num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, total_ut_steps=LOOPS,
               max_position_embeddings=512)
-
-
-def _no_eos(model):
-    """Every sequence gets its new tokens (no eos; byte 0 is the padding)."""
-    model.generation_config.eos_token_id = None
-    model.generation_config.bos_token_id = None
-    model.generation_config.pad_token_id = PAD
-    return model
 
 
 def ouro_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
@@ -90,7 +83,7 @@ def ouro_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
         model = OuroForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     with torch.no_grad():
         model.model.early_exit_gate.bias.zero_()
-    return _no_eos(model)
+    return no_eos(model)
 
 
 # -- the release's behaviour, dense ---------------------------------------------------------

@@ -128,7 +128,7 @@ def random_halting(bias: float, seed: int = MODEL_SEED):
     from act_kernels.hf import LoopedCausalLM
 
     torch.manual_seed(seed)
-    model = hw._no_eos(transformers.LlamaForCausalLM(hw.llama_config()).eval())
+    model = hw.no_eos(transformers.LlamaForCausalLM(hw.llama_config()).eval())
     looped = LoopedCausalLM(model, block=hw.BLOCK, max_steps=hw.MAX_STEPS)
     set_halting(looped, bias)
     return looped.eval(), model

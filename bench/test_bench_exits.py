@@ -50,11 +50,6 @@ def model():
     return _model[0]
 
 
-@pytest.fixture
-def timer(request) -> str:
-    return str(request.config.getoption("benchmark_timer")).replace("time.", "")
-
-
 @pytest.mark.parametrize("rule", list(RULES))
 def test_generation_with_an_exit_rule(benchmark, record, timer, rule):
     looped = model()

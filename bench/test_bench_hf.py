@@ -56,13 +56,6 @@ def models():
     return _models["looped"], _models["model"], _models["plain"]
 
 
-@pytest.fixture
-def timer(request) -> str:
-    """The clock pytest-benchmark times with (--benchmark-timer), recorded
-    with every row: time.process_time on a shared machine."""
-    return str(request.config.getoption("benchmark_timer")).replace("time.", "")
-
-
 def ideal(tokens: int, steps_sum: int) -> float:
     return hw.UNROLLED_LAYERS * tokens / hw.layer_work(tokens, steps_sum)
 

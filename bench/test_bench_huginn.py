@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import median_of, sync
+from conftest import median_of, synced
 
 pytest.importorskip("transformers")
 
@@ -48,18 +48,6 @@ def models():
     return _models["model"], _models["dense"]
 
 
-@pytest.fixture
-def timer(request) -> str:
-    """The clock pytest-benchmark times with (--benchmark-timer), recorded with every row."""
-    return str(request.config.getoption("benchmark_timer")).replace("time.", "")
-
-
-def run(fn):
-    out = fn()
-    sync()
-    return out
-
-
 @pytest.mark.parametrize("impl", ["kl", "fixed", "release"])
 @pytest.mark.parametrize("batch", BATCHES)
 def test_huginn_generation_tokens_per_second(benchmark, record, timer, impl, batch):
@@ -70,13 +58,13 @@ def test_huginn_generation_tokens_per_second(benchmark, record, timer, impl, bat
     common = dict(batch=batch, new_tokens=NEW_TOKENS, prompt_tokens=int(mask.sum()), d_model=hw.HIDDEN,
                   num_steps=NUM_STEPS, threshold=THRESHOLD, timer=timer)
     if impl == "release":
-        out = benchmark.pedantic(lambda: run(lambda: hw.generate_release(dense, ids, mask, NUM_STEPS)),
+        out = benchmark.pedantic(lambda: synced(lambda: hw.generate_release(dense, ids, mask, NUM_STEPS)),
                                  rounds=rounds, warmup_rounds=1)
         assert out.sequences.shape == (batch, ids.shape[1] + NEW_TOKENS)
         record("huginn_generate", impl, tokens_per_s=batch * NEW_TOKENS / median_of(benchmark), **common)
         return
     threshold = THRESHOLD if impl == "kl" else None
-    out = benchmark.pedantic(lambda: run(lambda: hw.generate_ours(model, ids, mask, NUM_STEPS, threshold)),
+    out = benchmark.pedantic(lambda: synced(lambda: hw.generate_ours(model, ids, mask, NUM_STEPS, threshold)),
                              rounds=rounds, warmup_rounds=1)
     assert out.sequences.shape == (batch, ids.shape[1] + NEW_TOKENS)
     mean = hw.new_mean_steps(out, mask)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import median_of, sync
+from conftest import median_of, synced
 
 pytest.importorskip("transformers")
 
@@ -48,18 +48,6 @@ def models():
     return _models["model"], _models["dense"]
 
 
-@pytest.fixture
-def timer(request) -> str:
-    """The clock pytest-benchmark times with (--benchmark-timer), recorded with every row."""
-    return str(request.config.getoption("benchmark_timer")).replace("time.", "")
-
-
-def run(fn):
-    out = fn()
-    sync()
-    return out
-
-
 @pytest.mark.parametrize("impl", ["gate", "every_loop", "fixed", "release"])
 @pytest.mark.parametrize("batch", BATCHES)
 def test_ouro_generation_tokens_per_second(benchmark, record, timer, impl, batch):
@@ -70,13 +58,13 @@ def test_ouro_generation_tokens_per_second(benchmark, record, timer, impl, batch
     common = dict(batch=batch, new_tokens=NEW_TOKENS, prompt_tokens=int(mask.sum()), d_model=ow.HIDDEN,
                   layers=ow.LAYERS, loops=ow.LOOPS, threshold=THRESHOLD, timer=timer)
     if impl == "release":
-        out = benchmark.pedantic(lambda: run(lambda: ow.generate_release(dense, ids, mask, THRESHOLD)),
+        out = benchmark.pedantic(lambda: synced(lambda: ow.generate_release(dense, ids, mask, THRESHOLD)),
                                  rounds=rounds, warmup_rounds=1)
         assert out.sequences.shape == (batch, ids.shape[1] + NEW_TOKENS)
         record("ouro_generate", impl, tokens_per_s=batch * NEW_TOKENS / median_of(benchmark), **common)
         return
     threshold = None if impl == "fixed" else THRESHOLD
-    out = benchmark.pedantic(lambda: run(lambda: ow.generate_ours(model, ids, mask, impl, threshold)),
+    out = benchmark.pedantic(lambda: synced(lambda: ow.generate_ours(model, ids, mask, impl, threshold)),
                              rounds=rounds, warmup_rounds=1)
     assert out.sequences.shape == (batch, ids.shape[1] + NEW_TOKENS)
     tokens, exits, new_mean = ow.processed(out, mask)      # every_loop: the exits picked after every loop

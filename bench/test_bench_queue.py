@@ -36,11 +36,6 @@ def models(mix):
     return _models[mix]
 
 
-@pytest.fixture
-def timer(request) -> str:
-    return str(request.config.getoption("benchmark_timer")).replace("time.", "")
-
-
 @pytest.mark.parametrize("impl", ["depthwise", "synchronous", "transformers"])
 @pytest.mark.parametrize("mix", MIXES)
 def test_queue_tokens_per_second(benchmark, record, timer, mix, impl):
