@@ -1,7 +1,9 @@
-"""What the vLLM plugin refuses, on the model's config alone (no vllm or
-torch import here): each refusal names the setting. Run when vLLM builds the
+"""What the vLLM plugin refuses, on the model's config alone (no vllm
+import here): each refusal names the setting. Run when vLLM builds the
 engine's config (config.py) and again when the worker builds the model."""
 from __future__ import annotations
+
+from ..layers.checks import check_layer_options
 
 ARCHITECTURE = "LoopedCausalLM"   # what LoopedCausalLM.save_pretrained writes in config.json
 EXIT_KEY = "act_exit"             # the config attribute (or hf_overrides key) naming the exit rule
@@ -37,12 +39,7 @@ def check_config(config) -> tuple[int, int]:
     if family not in FAMILIES:
         raise ValueError(f"text_config.model_type = {family!r}: the vLLM plugin builds the decoder layers of "
                          f"{', '.join(FAMILIES)}")
-    max_steps = config.max_steps
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
-    eps = config.eps
-    if not isinstance(eps, (int, float)) or not 0 <= eps < 1:
-        raise ValueError(f"eps must be a float in [0, 1), got {eps!r}")
+    check_layer_options(config.max_steps, config.eps, config.backend)   # LoopedCausalLM's own checks
     block = config.block
     layers = text.num_hidden_layers
     if not isinstance(block, (tuple, list)) or len(block) != 2 or \
