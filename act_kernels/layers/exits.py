@@ -52,10 +52,6 @@ class ExitRule:
         self.prefill_steps, self.every_loop = prefill_steps, every_loop
 
     @property
-    def rule(self) -> str:
-        return self.name
-
-    @property
     def first_exit(self) -> int:
         """The first step a token may exit at (before max_steps)."""
         return max(2, self.min_steps) if self.settles else self.min_steps

@@ -140,10 +140,9 @@ class LeanDecoderRows:
         v = qkv[:, q_width + hk * d:]
         q = qkv[:, :q_width].view(rows_n, h, d) if with_q else None
         if self.p.q_norm is not None:   # per-head norms before the rotation (Qwen3)
-            k = rms_norm(self.p.k_norm, k)
-            q = rms_norm(self.p.q_norm, q) if with_q else None
-            q = _rotate(q, cos, sin) if with_q else None
-            k = _rotate(k, cos, sin)
+            k = _rotate(rms_norm(self.p.k_norm, k), cos, sin)
+            if with_q:
+                q = _rotate(rms_norm(self.p.q_norm, q), cos, sin)
         elif with_q:   # queries and keys rotated in one pass
             qk = _rotate(qkv[:, :(h + hk) * d].view(rows_n, h + hk, d), cos, sin)
             q, k = qk[:, :h], qk[:, h:]
