@@ -37,7 +37,7 @@ from torch import Tensor
 from ..backends import resolve_encoder
 from ..ops.act import get_kernels
 from ..ops.state import accumulation_dtype
-from ..layers.cache import CacheContext, ChunkLayout
+from ..layers.cache import SlotLayout
 from ..layers.rows import BufferStep
 from ..layers.exits import ExitRule, exits_now
 
@@ -107,7 +107,8 @@ class DepthwiseBlock:
     def iterate(self, slots: Sequence[int], positions: Tensor, active: Optional[Sequence[bool]] = None,
                 read_with: Optional[Tensor] = None):
         """One ponder step of the in-flight tokens of `slots` (ascending);
-        positions (R,): each token's position in its sequence. `active`
+        positions (R,): each token's position in its sequence, which is
+        its place in the cache (its sequence's cached length). `active`
         (fixed rows, design §17): a flag per slot listed, False for a slot
         with no token in flight, whose row runs with the others and is
         ignored (it never halts and its state is reset when a token enters).
@@ -132,15 +133,17 @@ class DepthwiseBlock:
             for s, flag in zip(slots, active):
                 self.host_step[s] += int(flag)
             self.step.index_add_(0, index, live.long())
+        cache.widen(max(cache.lengths[s] for s in slots) + 1)     # room for every in-flight token's place
         n = self.step[index]                                       # (R,) every row's own step
         if live is not None:
             n = n.clamp(min=1)                                     # an idle row reads like a first step
-        layout = ChunkLayout([cache.lengths[s] for s in slots], [1] * count, self.device)
-        context = CacheContext(cache, slots, layout)
-        n_cached = torch.repeat_interleave(n, layout.cached_counts, output_size=layout.num_cached)
+        # every slot's cached tokens through the cache's own tables, each slot
+        # at its in-flight token's step (a free slot's rows are never read)
+        layout = SlotLayout(cache, index, positions)
+        reached = layout.reached(cache, self.step.clamp(min=1))
         # this step's buffer row of every slot, in the tail that follows the cache's rows
         own = [index * width + (n + (layer.tail_start - 1)) for layer, width in zip(cache.layers, self.width)]
-        tables = [context.table(k, n_cached, rows) for k, rows in enumerate(own)]
+        tables = [layout.table(rows, mine) for rows, mine in zip(reached, own)]
         step = BufferStep(self.kind, self.state[index], positions, cache.layers, own, tables, layout, self.attention)
         x = step(step.changed, n, index)
         if self.exit is None:

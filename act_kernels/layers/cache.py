@@ -100,12 +100,41 @@ class ACTCache:
         self.layers = [_LayerRows(kind.kv_heads, kind.head_dim, device, dtype) for _ in range(len(kind))]
         self.batch_size = batch_size
         self.lengths: List[int] = [0] * batch_size
-        # the cache's token ids, sequence by sequence: row s holds sequence s's
-        # tokens in order (its first lengths[s] entries), grown by doubling
-        self._token_table = torch.zeros(batch_size, 16, dtype=torch.int64, device=device)
-        self.token_steps = torch.zeros(0, dtype=torch.int64, device=device)
-        self.token_first_row = [torch.zeros(0, dtype=torch.int64, device=device) for _ in self.layers]
-        self.num_tokens = 0
+        # per sequence and place in it: each token's first row at every layer
+        # and its steps N (row s holds sequence s's tokens in order, its first
+        # lengths[s] entries), grown by doubling. Places no token holds read
+        # row 0 at every step (steps 1, first row 0), so that a table built
+        # from them over every place (`SlotLayout`) points inside the buffers.
+        self.first_rows = [torch.zeros(batch_size, 16, dtype=torch.int64, device=device) for _ in self.layers]
+        self.steps = torch.ones(batch_size, 16, dtype=torch.int64, device=device)
+        self._offsets, self._offsets_width = None, 0
+
+    @property
+    def width(self) -> int:
+        """Places per sequence the tables hold now."""
+        return self.steps.shape[1]
+
+    def widen(self, longest: int) -> None:
+        """Makes room for `longest` tokens in every sequence's row of the tables."""
+        if longest <= self.width:
+            return
+        width = max(longest, 2 * self.width)
+        for k, first in enumerate(self.first_rows):
+            self.first_rows[k] = torch.cat([first, first.new_zeros(self.batch_size, width - first.shape[1])], 1)
+        self.steps = torch.cat([self.steps, self.steps.new_ones(self.batch_size, width - self.steps.shape[1])], 1)
+
+    def place(self, sequences: Tensor, places: Tensor, firsts: Sequence[Tensor], steps) -> None:
+        """Records tokens at (sequence, place): their first row at each layer and their steps."""
+        for first_rows, first in zip(self.first_rows, firsts):
+            first_rows[sequences, places] = first
+        self.steps[sequences, places] = steps
+
+    def offsets(self) -> Tensor:
+        """(batch_size + 1,) int32: where each sequence's row of the tables starts, flattened."""
+        if self._offsets_width != self.width:
+            self._offsets_width = self.width
+            self._offsets = (torch.arange(self.batch_size + 1, dtype=torch.int32) * self.width).to(self.device)
+        return self._offsets
 
     def reset(self, sequence: int) -> None:
         """Empties one sequence, for a new one in its place. (Its rows stay in
@@ -127,31 +156,21 @@ class ACTCache:
         at the first layer, N at the others); steps: the tokens' N (host
         ints). Every index it records is host arithmetic, made into one
         tensor."""
-        count = len(sequences)
         starts = []
         for k, ((k_rows, v_rows), per_token) in enumerate(zip(rows, counts)):
             first = self.layers[k].append(k_rows, v_rows)
             starts.append(list(itertools.accumulate(per_token, initial=first))[:-1])
-        longest = max(self.lengths[s] for s in sequences) + 1
-        if longest > self._token_table.shape[1]:
-            grown = self._token_table.new_zeros(self.batch_size, max(longest, 2 * self._token_table.shape[1]))
-            grown[:, :self._token_table.shape[1]] = self._token_table
-            self._token_table = grown
-        ids = list(range(self.num_tokens, self.num_tokens + count))
-        table = torch.tensor([*starts, list(sequences), [self.lengths[s] for s in sequences], ids, list(steps)],
+        self.widen(max(self.lengths[s] for s in sequences) + 1)
+        table = torch.tensor([*starts, list(sequences), [self.lengths[s] for s in sequences], list(steps)],
                              dtype=torch.int64).to(self.device)
         layers = len(self.layers)
-        for k in range(layers):
-            self.token_first_row[k] = torch.cat([self.token_first_row[k], table[k]])
-        self._token_table[table[layers], table[layers + 1]] = table[layers + 2]
-        self.token_steps = torch.cat([self.token_steps, table[layers + 3]])
-        self.num_tokens += count
+        self.place(table[layers], table[layers + 1], table[:layers], table[layers + 2])
         for s in sequences:
             self.lengths[s] += 1
 
     def sequence_steps(self, sequence: int) -> Tensor:
         """(length,) int64: the ponder steps of the sequence's tokens so far."""
-        return self.token_steps[self._token_table[sequence, :self.lengths[sequence]]]
+        return self.steps[sequence, :self.lengths[sequence]].clone()
 
 
 class ChunkLayout:
@@ -183,6 +202,38 @@ class ChunkLayout:
         self.cached_counts, self.new_counts = small[0], small[1]
 
 
+class SlotLayout:
+    """The layout of a decode call, one new token for each listed sequence,
+    read through the cache's own tables: every sequence's row of them is one
+    segment of the packed order (its places, `width` of them; the places past
+    its tokens are never read, as the causal query comes first), and the new
+    token sits at its sequence's next place. So the read index of a layer is
+    a table the cache keeps (a plain stack's first rows, read in place) or
+    one elementwise expression of it (the ponder block's reached rows), with
+    no gather per cached token and no packed layout to build per call.
+
+    sequences, places: (R,) int64 on the cache's device, the listed
+    sequences and each one's new token's place (its cached length)."""
+
+    def __init__(self, cache: ACTCache, sequences: Tensor, places: Tensor):
+        self.width = cache.width
+        self.cu_seqlens, self.max_seqlen = cache.offsets(), self.width
+        self.sequences, self.places = sequences, places
+        self.new_positions = sequences * self.width + places
+
+    def reached(self, cache: ACTCache, n: Tensor) -> List[Tensor]:
+        """Every layer's (B, width) rows for queries at step n (B,) per
+        sequence (>= 1): `CacheContext.reached` on the whole tables."""
+        first, later = torch.minimum(cache.steps, (n - 1)[:, None]), torch.minimum(cache.steps, n[:, None]) - 1
+        return [rows + (first if k == 0 else later) for k, rows in enumerate(cache.first_rows)]
+
+    def table(self, rows: Tensor, own: Tensor) -> Tensor:
+        """A layer's read index (B * width,): `rows` (B, width) with the new
+        tokens' rows `own` at their places. Writes into `rows`."""
+        rows[self.sequences, self.places] = own
+        return rows.view(-1)
+
+
 class CacheContext:
     """One `extend` call's view of a cache: the call's packed layout, and the
     cached tokens' steps and first rows at every layer."""
@@ -196,11 +247,11 @@ class CacheContext:
         self.num_cached = layout.num_cached
         self.sequences = torch.tensor(list(sequences), dtype=torch.int64).to(cache.device)
         self.sequence_list = list(sequences)
-        # every cached token's row of the token table and its place in it
+        # every cached token's sequence and place in it
         cached_seq = torch.repeat_interleave(self.sequences, layout.cached_counts, output_size=layout.num_cached)
-        cached_ids = cache._token_table[cached_seq, self._place(layout.cached_counts, layout.num_cached)]
-        self.cached_steps = cache.token_steps[cached_ids]
-        self.cached_first = [first[cached_ids] for first in cache.token_first_row]
+        cached_place = self._place(layout.cached_counts, layout.num_cached)
+        self.cached_steps = cache.steps[cached_seq, cached_place]
+        self.cached_first = [first[cached_seq, cached_place] for first in cache.first_rows]
 
     @staticmethod
     def _place(counts: Tensor, total: int) -> Tensor:
@@ -260,20 +311,11 @@ class CacheContext:
         (firsts[k]: each new token's first row at layer k): their steps, first
         rows and places in their sequences."""
         cache, num_new, layout = self.cache, steps.shape[0], self.layout
-        for k, first in enumerate(firsts):
-            cache.token_first_row[k] = torch.cat([cache.token_first_row[k], first])
-        longest = max(c + n for c, n in zip(layout.cached_lengths, layout.new_lengths))
-        if longest > cache._token_table.shape[1]:
-            grown = cache._token_table.new_zeros(cache.batch_size, max(longest, 2 * cache._token_table.shape[1]))
-            grown[:, :cache._token_table.shape[1]] = cache._token_table
-            cache._token_table = grown
+        cache.widen(max(c + n for c, n in zip(layout.cached_lengths, layout.new_lengths)))
         new_seq = torch.repeat_interleave(self.sequences, layout.new_counts, output_size=num_new)
         new_place = self._place(layout.new_counts, num_new) + torch.repeat_interleave(
             layout.cached_counts, layout.new_counts, output_size=num_new)
-        cache._token_table[new_seq, new_place] = torch.arange(cache.num_tokens, cache.num_tokens + num_new,
-                                                              device=cache.device)
-        cache.token_steps = torch.cat([cache.token_steps, steps])
-        cache.num_tokens += num_new
+        cache.place(new_seq, new_place, firsts, steps)
         for s, n in zip(self.sequence_list, layout.new_lengths):
             cache.lengths[s] += n
 
@@ -318,5 +360,5 @@ def chunk_lengths(cu_seqlens) -> List[int]:
     return [b - a for a, b in zip(offsets, offsets[1:])]
 
 
-__all__ = ["ACTCache", "CacheContext", "ChunkLayout", "check_extend_args", "check_sequences", "chunk_lengths",
+__all__ = ["ACTCache", "CacheContext", "ChunkLayout", "SlotLayout", "check_extend_args", "check_sequences", "chunk_lengths",
            "split_key_values"]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..ops.act import get_kernels, ponder
 from ..ops.pondernet import PonderNetOutput, pondernet
-from .cache import ACTCache, CacheContext, ChunkLayout, check_extend_args, chunk_lengths
+from .cache import ACTCache, CacheContext, ChunkLayout, SlotLayout, check_extend_args, chunk_lengths
 from .rows import BufferStep, SegmentStep
 from .checks import check_layer_input, check_layer_options
 from .exits import ExitRule, FixedExit, ponder_with_exit
@@ -400,6 +400,8 @@ class CausalStack(RaggedBlock):
         if not commit:
             _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout, positions)
             return step(x, 1, torch.arange(x.shape[0], device=x.device))
+        if layout is None and x.dim() == 2 and x.shape[0] == len(sequences):   # one new token each: a decode step
+            return self._decode(cache, x, chunk_lengths(cu_seqlens), list(sequences), positions)
         layout, context = self._cache_context(cache, x, cu_seqlens, sequences, True, layout)
         backend = resolve_encoder(self.backend, x.device, x.dtype).attention
         new_rows = torch.arange(x.shape[0], device=x.device)
@@ -407,4 +409,25 @@ class CausalStack(RaggedBlock):
         tables = [context.table(k, 1, rows) for k, rows in enumerate(own)]
         h = BufferStep(self.kind, x, positions, cache.layers, own, tables, layout, backend)(x, 1, new_rows)
         context.record(own, torch.ones_like(new_rows))
+        return h
+
+    def _decode(self, cache: ACTCache, x: Tensor, lengths: List[int], sequences: List[int],
+                positions: Optional[Tensor]) -> Tensor:
+        """`extend` with one new token per sequence, read through the cache's
+        own tables (a `SlotLayout`): a plain stack's tokens have one row per
+        layer, final once computed, so they are recorded before the step and
+        the cache's first rows are every layer's read index as they stand."""
+        self._check_input(x, 2)
+        check_extend_args(self, cache, x, lengths, sequences, True)
+        cache.widen(max(cache.lengths[s] for s in sequences) + 1)
+        small = torch.tensor([sequences, [cache.lengths[s] for s in sequences]], dtype=torch.int64).to(cache.device)
+        layout = SlotLayout(cache, small[0], small[1])
+        new_rows = torch.arange(x.shape[0], device=x.device)
+        own = [layer.claim(x.shape[0]) + new_rows for layer in cache.layers]
+        cache.place(layout.sequences, layout.places, own, 1)
+        tables = [rows.view(-1) for rows in cache.first_rows]
+        backend = resolve_encoder(self.backend, x.device, x.dtype).attention
+        h = BufferStep(self.kind, x, positions, cache.layers, own, tables, layout, backend)(x, 1, new_rows)
+        for s in sequences:
+            cache.lengths[s] += 1
         return h

@@ -131,12 +131,14 @@ def plain_decode_events(rows):
     return census.events
 
 
-def test_an_iteration_issues_at_most_1_3x_the_plain_cached_layers_calls(monkeypatch):
-    """On average over a generation (measured 1.05x: 84 calls against 91 in an
-    iteration where nothing halts, 104 in one that commits halted tokens); the
-    heaviest iteration, one that commits and grows the cache's buffers,
-    within 1.5x (measured 116 against 91, 1.27x). ACT's halting is one
-    launch per iteration, every row at its own step."""
+def test_an_iteration_issues_at_most_1_5x_the_plain_cached_layers_calls(monkeypatch):
+    """On average over a generation (measured 1.38x: 58-60 calls against 52
+    in an iteration where nothing halts, 78-90 in one that commits halted
+    tokens); the heaviest iteration, one that commits and grows the cache's
+    buffers, within 1.8x (measured 90 against 52, 1.73x). Both read the
+    cache's own tables (`SlotLayout`); before they did, the plain call issued
+    91 and the iteration 84 / 104 / 116, 1.05x on average. ACT's halting is
+    one launch per iteration, every row at its own step."""
     pytest.importorskip("triton")
     model = language_model()
     reads = Reads(monkeypatch, model)
@@ -150,5 +152,5 @@ def test_an_iteration_issues_at_most_1_3x_the_plain_cached_layers_calls(monkeypa
         assert events.count("LAUNCH attention") == 2                      # one per layer
         assert events.count("LAUNCH halting") == 1                        # every row at its own step, one launch
     assert any(halted for _, halted, _ in reads.iterations)                # the commit is counted too
-    assert sum(ratios) / len(ratios) <= 1.3, ratios
-    assert max(ratios) <= 1.5, ratios
+    assert sum(ratios) / len(ratios) <= 1.5, ratios
+    assert max(ratios) <= 1.8, ratios

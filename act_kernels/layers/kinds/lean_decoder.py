@@ -56,6 +56,10 @@ def rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
     """The norm module's math without its module call."""
     # transformers' norms compute in float32 whatever the input (float64 included); ours in float32 or wider
     inner = torch.float32 if type(norm).__name__ in TRANSFORMERS_NORMS else torch.promote_types(x.dtype, torch.float32)
+    if x.dtype == inner and norm.weight.dtype == inner and not torch.is_autocast_enabled(x.device.type):
+        # torch's fused norm: the same expression in the same dtype, one call instead of seven (autocast
+        # may cast a fused op's inputs: there the elementwise form keeps float32)
+        return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
     xi = x.to(inner)
     return norm.weight * (xi * torch.rsqrt(xi.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
 

@@ -20,6 +20,7 @@ whole layer otherwise.
 """
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional, Sequence
 
 import torch
@@ -34,9 +35,14 @@ class RotaryTable:
     rows of a step once and shared by the block's layers."""
 
     def __init__(self, rotary: nn.Module, positions: Tensor, dtype: torch.dtype):
-        probe = torch.empty(0, device=positions.device, dtype=dtype)
-        cos, sin = rotary(probe, positions.view(1, -1))
-        self.cos, self.sin = cos[0], sin[0]
+        by_position = _by_position(rotary, positions, dtype)
+        if by_position is not None:
+            flat = positions.view(-1)
+            self.cos, self.sin = by_position[0][flat], by_position[1][flat]
+        else:
+            probe = torch.empty(0, device=positions.device, dtype=dtype)
+            cos, sin = rotary(probe, positions.view(1, -1))
+            self.cos, self.sin = cos[0], sin[0]
         self._rows, self._at = None, (self.cos, self.sin)
 
     def at(self, rows: Optional[Tensor]):
@@ -46,6 +52,37 @@ class RotaryTable:
         if rows is not self._rows:
             self._rows, self._at = rows, (self.cos[rows][None], self.sin[rows][None])
         return self._at
+
+
+# rope types whose frequencies never change after the module is built: their (cos, sin) at a
+# position is the same in every call (the dynamic types rescale with the sequence length)
+STATIC_ROPE = {"default", "linear", "llama3"}
+_TABLES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _by_position(rotary: nn.Module, positions: Tensor, dtype: torch.dtype):
+    """(cos, sin) (P, d) of the rotary module at positions 0 .. P - 1, P
+    past the largest of `positions`, kept per module (rebuilt when its
+    frequencies change): gathering the rows of a call from it is two index
+    reads, where the module's call is a dozen operations. Each row is what
+    the module gives at that position (elementwise math of the position
+    alone), so the result is the same. None where it does not apply: a rope
+    type that rescales, or a device whose largest position would be a read
+    of it (there the compiled step is the lever)."""
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if positions.device.type != "cpu" or getattr(rotary, "rope_type", None) not in STATIC_ROPE \
+            or not isinstance(inv_freq, Tensor) or positions.numel() == 0:
+        return None
+    need = int(positions.max()) + 1
+    key = (inv_freq.data_ptr(), inv_freq._version, dtype)
+    held = _TABLES.get(rotary)
+    if held is None or held[0] != key or held[1].shape[0] < need:
+        size = max(need, 2 * held[1].shape[0] if held is not None and held[0] == key else 64)
+        probe = torch.empty(0, device=positions.device, dtype=dtype)
+        cos, sin = rotary(probe, torch.arange(size, device=positions.device).view(1, -1))
+        held = (key, cos[0], sin[0])
+        _TABLES[rotary] = held
+    return held[1], held[2]
 
 
 def _kv_rows(k: Tensor, v: Tensor) -> Tensor:
