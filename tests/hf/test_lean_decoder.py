@@ -97,3 +97,22 @@ def test_unknown_layers_keep_their_own_forward():
     layer.__class__ = Custom
     kind = decoder_kind([layer], model.model.rotary_emb, model.config)
     assert type(kind) is DecoderLayers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rotary_rows_from_the_kept_table_equal_the_modules_call(dtype):
+    """The (cos, sin) a call gathers from the table kept per rotary module are
+    the module's own at those positions, bit for bit, past the table's first
+    size and after the module's frequencies change in place."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from act_kernels.layers.kinds.transformers_decoder import RotaryTable
+
+    rotary = LlamaRotaryEmbedding(transformers.LlamaConfig(hidden_size=128, num_attention_heads=2, head_dim=64,
+                                                           max_position_embeddings=4096))
+    for top in (10, 3000, 3000):
+        positions = torch.randint(0, top, (37,), generator=torch.Generator().manual_seed(top))
+        table = RotaryTable(rotary, positions, dtype)
+        cos, sin = rotary(torch.empty(0, dtype=dtype), positions.view(1, -1))
+        assert torch.equal(table.cos, cos[0]) and torch.equal(table.sin, sin[0])
+        rotary.inv_freq.mul_(1.5)      # the next round must not read the table built before this

@@ -149,3 +149,39 @@ def test_bad_extend_calls_are_refused_before_anything_runs(monkeypatch):
     assert not ran and cache.rows() == [0] and cache.lengths == [0, 0]
     with pytest.raises(ValueError, match="batch_size"):
         enc.new_cache(0)
+
+
+def test_plain_stack_decode_over_the_tables_equals_the_causal_forward():
+    """A plain stack's decode call (one new token per listed sequence) reads the
+    cache's per-sequence tables (`SlotLayout`): token by token past the tables'
+    first widths (16, 32), on changing subsets of the sequences, and after a
+    slot is reset for a new sequence, it gives the causal forward's outputs."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    stack = ak.nn.CausalStack(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                              backend="reference").to(DEVICE, torch.float64).eval()
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randn(n, 16, generator=g, dtype=torch.float64).to(DEVICE) for n in (40, 23, 35)]
+    fresh = torch.randn(9, 16, generator=g, dtype=torch.float64).to(DEVICE)
+
+    def forward(s):
+        with torch.no_grad():
+            return stack.forward_packed(s, torch.tensor([0, len(s)], dtype=torch.int32, device=DEVICE), len(s))
+
+    cache = stack.new_cache(3)
+    outs, done = [[] for _ in seqs], [0, 0, 0]
+    for t in range(40):
+        ids = [s for s in range(3) if done[s] < len(seqs[s]) and (t % 3 != s or t < 4)]
+        x = torch.cat([seqs[s][done[s]:done[s] + 1] for s in ids])
+        y = stack.extend(cache, x, list(range(len(ids) + 1)), ids)
+        for i, s in enumerate(ids):
+            outs[s].append(y[i:i + 1])
+            done[s] += 1
+    for s in range(3):
+        while done[s] < len(seqs[s]):
+            outs[s].append(stack.extend(cache, seqs[s][done[s]:done[s] + 1], [0, 1], [s]))
+            done[s] += 1
+        torch.testing.assert_close(torch.cat(outs[s]), forward(seqs[s]), atol=1e-10, rtol=0)
+    cache.reset(1)
+    again = torch.cat([stack.extend(cache, fresh[i:i + 1], [0, 1], [1]) for i in range(len(fresh))])
+    torch.testing.assert_close(again, forward(fresh), atol=1e-10, rtol=0)
