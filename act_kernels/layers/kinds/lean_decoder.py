@@ -102,6 +102,21 @@ class LeanLayer:
         self.gate_up = _Packed([self.gate, self.up], "weight"), _Packed([self.gate, self.up], "bias")
 
 
+# On the CPU, a product of 2 to 8 rows by a weight matrix goes through a path that repacks the whole
+# weight on every call: as (weight @ rows^T)^T it runs as the weight times a few columns, 1.4-2x faster
+# (measured for this model family's shapes with weights out of the L2 cache). One row and more than 8 take
+# the plain product, which is faster there.
+FEW_ROWS = range(2, 9)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """F.linear for inference calls, rounded as a matrix product is (its sums in another order)."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] in FEW_ROWS:
+        out = torch.mm(weight, x.t()).t().contiguous()
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
 def _fused(x: Tensor, p: LeanLayer) -> bool:
     """The packed products serve calls autograd does not record."""
     return not torch.is_grad_enabled() or not (x.requires_grad or p.q.weight.requires_grad)
@@ -129,7 +144,7 @@ class LeanDecoderRows:
         p = self.p
         if fused:
             w, b = p.kv if kv_only else p.qkv
-            return F.linear(y, w.get(), b.get())
+            return _linear(y, w.get(), b.get())
         parts = [p.k(y), p.v(y)] if kv_only else [p.q(y), p.k(y), p.v(y)]
         return torch.cat(parts, -1)
 
@@ -158,15 +173,15 @@ class LeanDecoderRows:
         p = self.p
         fused = _fused(x, p)
         q, kv = self._keys_values(self._project(rms_norm(p.in_norm, x), fused), rows, True)
-        o = attend(q, lambda: kv, p.scale, self.dropout)
-        o = p.o(o.reshape(x.shape[0], -1))
+        o = attend(q, lambda: kv, p.scale, self.dropout).reshape(x.shape[0], -1)
+        o = _linear(o, p.o.weight, p.o.bias) if fused else p.o(o)
         x = x + (rms_norm(p.post_attn, o) if p.post_attn is not None else o)
         y = rms_norm(p.mlp_norm, x)
         if fused:
-            gate, up = F.linear(y, p.gate_up[0].get(), p.gate_up[1].get()).chunk(2, -1)
+            gate, up = _linear(y, p.gate_up[0].get(), p.gate_up[1].get()).chunk(2, -1)
+            m = _linear(p.act(gate) * up, p.down.weight, p.down.bias)
         else:
-            gate, up = p.gate(y), p.up(y)
-        m = p.down(p.act(gate) * up)
+            m = p.down(p.act(p.gate(y)) * p.up(y))
         return x + (rms_norm(p.post_mlp, m) if p.post_mlp is not None else m)
 
     __call__ = forward
