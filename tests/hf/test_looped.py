@@ -76,22 +76,28 @@ def test_work_is_sum_n_rows_and_pools_keep_kv_heads(arch, monkeypatch):
     """Every block layer's MLP runs Σ N rows; attention runs Σ N query rows
     and, at the block's first layer, projects the keys and values of each
     token that has just halted (once). The layers run the lean math
-    (layers/kinds/lean_decoder.py): rows are counted at the projections it
-    calls and at its key_values."""
-    from act_kernels.layers.kinds import LeanDecoderRows
+    (layers/kinds/lean_decoder.py): rows are counted at the output and down
+    products it calls and at its key_values."""
+    from act_kernels.layers.kinds import LeanDecoderRows, lean_decoder
     model = MODELS[arch]()
     ids, mask = batch(seed=4)
     looped = vary(LoopedCausalLM(model, (1, 3), max_steps=6))
     index = {id(layer.self_attn): i for i, layer in enumerate(model.model.layers)}
     mlp_rows, query_rows, kv_only_rows = ({i: 0 for i in range(4)} for _ in range(3))
-    hooks = []
-
-    def counter(table, i):
-        return lambda m, a: table.__setitem__(i, table[i] + a[0].reshape(-1, a[0].shape[-1]).shape[0])
-
+    # in inference the lean math calls its products with the layers' weights, not their modules
+    tables = {}
     for i, layer in enumerate(model.model.layers):
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(counter(mlp_rows, i)))
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(counter(query_rows, i)))
+        tables[id(layer.mlp.down_proj.weight)] = (mlp_rows, i)
+        tables[id(layer.self_attn.o_proj.weight)] = (query_rows, i)
+    linear = lean_decoder._linear
+
+    def product(x, weight, bias):
+        if id(weight) in tables:
+            table, i = tables[id(weight)]
+            table[i] += x.shape[0]
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(lean_decoder, "_linear", product)
     key_values = LeanDecoderRows.key_values
 
     def counted(rows, x, at=None):
@@ -102,8 +108,6 @@ def test_work_is_sum_n_rows_and_pools_keep_kv_heads(arch, monkeypatch):
     monkeypatch.setattr(LeanDecoderRows, "key_values", counted)
     with torch.no_grad():
         out = looped(ids, mask)
-    for h in hooks:
-        h.remove()
     real = mask.bool()
     tokens, sum_n = int(real.sum()), int(out.steps.sum())
     assert out.steps[real].min() < out.steps[real].max()     # the test needs pondering that varies
