@@ -75,6 +75,12 @@ class _LayerRows:
         self.size = first + rows
         return first
 
+    def scratch(self, rows: int) -> int:
+        """Makes room for `rows` rows past the cache's own without taking them
+        (the next claim reuses them); returns the first one's index."""
+        self._grow(self.size + rows)
+        return self.size
+
     def append(self, k: Tensor, v: Tensor) -> int:
         """Stores the rows; returns the first one's index."""
         first = self.claim(k.shape[0])

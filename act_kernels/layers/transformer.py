@@ -397,11 +397,11 @@ class CausalStack(RaggedBlock):
         commit=False reads the cache and leaves it as it was (what the new
         tokens would give, for an exit rule that reads the coda at every
         step, design §16)."""
+        if layout is None and x.dim() == 2 and x.shape[0] == len(sequences):   # one new token each: a decode step
+            return self._decode(cache, x, chunk_lengths(cu_seqlens), list(sequences), positions, commit)
         if not commit:
             _, context, step = self._cached_step(cache, x, cu_seqlens, sequences, True, layout, positions)
             return step(x, 1, torch.arange(x.shape[0], device=x.device))
-        if layout is None and x.dim() == 2 and x.shape[0] == len(sequences):   # one new token each: a decode step
-            return self._decode(cache, x, chunk_lengths(cu_seqlens), list(sequences), positions)
         layout, context = self._cache_context(cache, x, cu_seqlens, sequences, True, layout)
         backend = resolve_encoder(self.backend, x.device, x.dtype).attention
         new_rows = torch.arange(x.shape[0], device=x.device)
@@ -412,22 +412,30 @@ class CausalStack(RaggedBlock):
         return h
 
     def _decode(self, cache: ACTCache, x: Tensor, lengths: List[int], sequences: List[int],
-                positions: Optional[Tensor]) -> Tensor:
+                positions: Optional[Tensor], commit: bool = True) -> Tensor:
         """`extend` with one new token per sequence, read through the cache's
         own tables (a `SlotLayout`): a plain stack's tokens have one row per
         layer, final once computed, so they are recorded before the step and
-        the cache's first rows are every layer's read index as they stand."""
+        the cache's first rows are every layer's read index as they stand.
+        Without commit, the rows go to scratch rows past the cache's (the
+        next call that commits overwrites them) and a copy of each table
+        points at them."""
         self._check_input(x, 2)
         check_extend_args(self, cache, x, lengths, sequences, True)
         cache.widen(max(cache.lengths[s] for s in sequences) + 1)
         small = torch.tensor([sequences, [cache.lengths[s] for s in sequences]], dtype=torch.int64).to(cache.device)
         layout = SlotLayout(cache, small[0], small[1])
         new_rows = torch.arange(x.shape[0], device=x.device)
-        own = [layer.claim(x.shape[0]) + new_rows for layer in cache.layers]
-        cache.place(layout.sequences, layout.places, own, 1)
-        tables = [rows.view(-1) for rows in cache.first_rows]
+        if commit:
+            own = [layer.claim(x.shape[0]) + new_rows for layer in cache.layers]
+            cache.place(layout.sequences, layout.places, own, 1)
+            tables = [rows.view(-1) for rows in cache.first_rows]
+        else:
+            own = [layer.scratch(x.shape[0]) + new_rows for layer in cache.layers]
+            tables = [layout.table(rows.clone(), mine) for rows, mine in zip(cache.first_rows, own)]
         backend = resolve_encoder(self.backend, x.device, x.dtype).attention
         h = BufferStep(self.kind, x, positions, cache.layers, own, tables, layout, backend)(x, 1, new_rows)
-        for s in sequences:
-            cache.lengths[s] += 1
+        if commit:
+            for s in sequences:
+                cache.lengths[s] += 1
         return h

@@ -116,3 +116,30 @@ def test_rotary_rows_from_the_kept_table_equal_the_modules_call(dtype):
         cos, sin = rotary(torch.empty(0, dtype=dtype), positions.view(1, -1))
         assert torch.equal(table.cos, cos[0]) and torch.equal(table.sin, sin[0])
         rotary.inv_freq.mul_(1.5)      # the next round must not read the table built before this
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 8, 16, 80])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_products_equal_f_linear_and_follow_the_weight(rows, dtype):
+    """The lean math's inference products (oneDNN on a packed copy of the
+    weight in float32, the few-row form otherwise) equal F.linear to a matrix
+    product's rounding, with and without a bias, and follow the weight when
+    it is changed in place or replaced."""
+    import torch.nn.functional as F
+
+    from act_kernels.layers.kinds.lean_decoder import _linear
+
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(48, 40, generator=g, dtype=dtype)
+    bias = torch.randn(48, generator=g, dtype=dtype)
+    x = torch.randn(rows, 40, generator=g, dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=1e-12)
+    for b in (None, bias):
+        out = torch.full((rows, 48), float("nan"), dtype=dtype)
+        out.copy_(_linear(x, weight, b))
+        torch.testing.assert_close(out, F.linear(x, weight, b), **tol)
+    with torch.no_grad():
+        weight.mul_(-2.0)                       # in place: the packed copy must be rebuilt
+    torch.testing.assert_close(_linear(x, weight, bias), F.linear(x, weight, bias), **tol)
+    weight = torch.randn(48, 40, generator=g, dtype=dtype)    # a new tensor
+    torch.testing.assert_close(_linear(x, weight, None), F.linear(x, weight), **tol)

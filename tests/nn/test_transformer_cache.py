@@ -185,3 +185,30 @@ def test_plain_stack_decode_over_the_tables_equals_the_causal_forward():
     cache.reset(1)
     again = torch.cat([stack.extend(cache, fresh[i:i + 1], [0, 1], [1]) for i in range(len(fresh))])
     torch.testing.assert_close(again, forward(fresh), atol=1e-10, rtol=0)
+
+
+def test_plain_stack_decode_without_commit_reads_the_cache_and_leaves_it():
+    """extend(..., commit=False) (what an exit rule that reads the coda peeks
+    at): the outputs a committing call gives, from scratch rows past the
+    cache's; the cache's lengths, rows and later outputs are as if it never ran."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    stack = ak.nn.CausalStack(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                              backend="reference").to(DEVICE, torch.float64).eval()
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randn(n, 16, generator=g, dtype=torch.float64).to(DEVICE) for n in (21, 18)]
+    cache = stack.new_cache(2)
+    stack.extend(cache, torch.cat([seqs[0][:17], seqs[1][:14]]), [0, 17, 31], [0, 1])
+    for t in range(4):
+        x = torch.stack([seqs[0][17 + t], seqs[1][14 + t]])
+        lengths, rows = list(cache.lengths), cache.rows()
+        peeked = stack.extend(cache, torch.randn(2, 16, generator=g, dtype=torch.float64).to(DEVICE), [0, 1, 2],
+                              [0, 1], commit=False)
+        assert peeked.shape == (2, 16) and cache.lengths == lengths and cache.rows() == rows
+        again = stack.extend(cache, x, [0, 1, 2], [0, 1], commit=False)
+        y = stack.extend(cache, x, [0, 1, 2], [0, 1])
+        torch.testing.assert_close(again, y, atol=1e-12, rtol=0)
+    for s, n in ((0, 21), (1, 18)):
+        with torch.no_grad():
+            want = stack.forward_packed(seqs[s][:n], torch.tensor([0, n], dtype=torch.int32, device=DEVICE), n)
+        torch.testing.assert_close(y[s], want[-1], atol=1e-10, rtol=0)
