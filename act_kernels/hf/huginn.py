@@ -38,7 +38,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from ..layers import ACTTransformerEncoder, CausalStack
 from ..layers.exits import RECURRENT_RULES, FixedExit
-from ..layers.kinds import RMSNorm
+from ..layers.kinds import RMSNorm, linear_rows
 from ..layers.kinds.sandwich import PairRotary, SandwichLayers
 from ..models.core import check_generator
 from .published import COMMON_KEYS, PublishedLoopedLM
@@ -212,7 +212,7 @@ class HuginnForCausalLM(PublishedLoopedLM):
         return torch.cat([self.initial_state(e.shape[0], e), e], -1)
 
     def _head(self, h: Tensor) -> Tensor:
-        return self.lm_head(self.transformer.ln_f(h))
+        return linear_rows(self.lm_head, self.transformer.ln_f(h))
 
     def initial_state(self, rows: int, like: Tensor) -> Tensor:
         """(rows, D) initial states: zeros for state_init "zero" or std 0;

@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 
 from ..layers import ACTTransformerEncoder, CausalStack
 from ..layers.checks import check_layer_options
-from ..layers.kinds import decoder_kind
+from ..layers.kinds import decoder_kind, linear_rows
 from ..models.core import LoopedCore, PonderNetTerms, check_generator, lay_out, scores_by_column
 from .attention import ours
 from .checks import check_block, check_model, check_routes_attention
@@ -178,7 +178,7 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
     def _head(self, h: Tensor) -> Tensor:
         if not (self.step_norm and self.coda is None):
             h = self.model.model.norm(h)
-        return self.model.lm_head(h)
+        return linear_rows(self.model.lm_head, h)
 
     def _lm_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         return self.model.loss_function(logits, labels, vocab_size=self.vocab_size)

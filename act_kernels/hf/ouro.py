@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from ..layers import ACTTransformerEncoder
-from ..layers.kinds import RMSNorm, decoder_kind
+from ..layers.kinds import RMSNorm, decoder_kind, linear_rows
 from .published import COMMON_KEYS, PublishedLoopedLM
 
 MODEL_TYPE = "ouro"
@@ -210,7 +210,7 @@ class OuroForCausalLM(PublishedLoopedLM):
         return self.model.embed_tokens(tokens)
 
     def _head(self, h: Tensor) -> Tensor:
-        return self.lm_head(h)          # the block's every loop ends in the model norm
+        return linear_rows(self.lm_head, h)     # the block's every loop ends in the model norm
 
     def _exit_rule(self, exit, threshold, min_steps, every_loop, prefill_steps=None):
         inference = not (self.training and torch.is_grad_enabled())

@@ -127,7 +127,7 @@ def test_inference_products_equal_f_linear_and_follow_the_weight(rows, dtype):
     it is changed in place or replaced."""
     import torch.nn.functional as F
 
-    from act_kernels.layers.kinds.lean_decoder import _linear
+    from act_kernels.layers.kinds.lean_decoder import inference_linear as _linear
 
     g = torch.Generator().manual_seed(rows)
     weight = torch.randn(48, 40, generator=g, dtype=dtype)

@@ -89,7 +89,7 @@ def test_work_is_sum_n_rows_and_pools_keep_kv_heads(arch, monkeypatch):
     for i, layer in enumerate(model.model.layers):
         tables[id(layer.mlp.down_proj.weight)] = (mlp_rows, i)
         tables[id(layer.self_attn.o_proj.weight)] = (query_rows, i)
-    linear = lean_decoder._linear
+    linear = lean_decoder.inference_linear
 
     def product(x, weight, bias):
         if id(weight) in tables:
@@ -97,7 +97,7 @@ def test_work_is_sum_n_rows_and_pools_keep_kv_heads(arch, monkeypatch):
             table[i] += x.shape[0]
         return linear(x, weight, bias)
 
-    monkeypatch.setattr(lean_decoder, "_linear", product)
+    monkeypatch.setattr(lean_decoder, "inference_linear", product)
     key_values = LeanDecoderRows.key_values
 
     def counted(rows, x, at=None):

@@ -23,7 +23,7 @@ every kind (layers/transformer.py, layers/token_ponder.py, layers/cache.py).
 """
 from .torch_encoder import EncoderLayerRows, EncoderLayers
 from .transformers_decoder import DecoderLayerRows, DecoderLayers
-from .lean_decoder import LeanDecoderLayers, LeanDecoderRows, RMSNorm, decoder_kind
+from .lean_decoder import LeanDecoderLayers, LeanDecoderRows, RMSNorm, decoder_kind, linear_rows
 
 __all__ = ["EncoderLayers", "EncoderLayerRows", "DecoderLayers", "DecoderLayerRows", "LeanDecoderLayers",
-           "LeanDecoderRows", "RMSNorm", "decoder_kind"]
+           "LeanDecoderRows", "RMSNorm", "decoder_kind", "linear_rows"]

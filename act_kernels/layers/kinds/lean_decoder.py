@@ -132,7 +132,7 @@ def _forget(ident: int, _ref) -> None:
     _PACKED.pop(ident, None)
 
 
-def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def inference_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """F.linear for inference calls, rounded as a matrix product is (its sums in another order)."""
     if x.device.type == "cpu" and x.dim() == 2:
         if _ONEDNN["works"] and x.dtype == weight.dtype == torch.float32 and x.shape[0]:
@@ -145,6 +145,14 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
             out = torch.mm(weight, x.t()).t().contiguous()
             return out if bias is None else out + bias
     return F.linear(x, weight, bias)
+
+
+def linear_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """A linear module (a head) on rows: its own call where autograd records
+    it, `inference_linear` on its parameters otherwise."""
+    if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
+        return module(x)
+    return inference_linear(x, module.weight, module.bias)
 
 
 def _fused(x: Tensor, p: LeanLayer) -> bool:
@@ -174,7 +182,7 @@ class LeanDecoderRows:
         p = self.p
         if fused:
             w, b = p.kv if kv_only else p.qkv
-            return _linear(y, w.get(), b.get())
+            return inference_linear(y, w.get(), b.get())
         parts = [p.k(y), p.v(y)] if kv_only else [p.q(y), p.k(y), p.v(y)]
         return torch.cat(parts, -1)
 
@@ -204,12 +212,12 @@ class LeanDecoderRows:
         fused = _fused(x, p)
         q, kv = self._keys_values(self._project(rms_norm(p.in_norm, x), fused), rows, True)
         o = attend(q, lambda: kv, p.scale, self.dropout).reshape(x.shape[0], -1)
-        o = _linear(o, p.o.weight, p.o.bias) if fused else p.o(o)
+        o = inference_linear(o, p.o.weight, p.o.bias) if fused else p.o(o)
         x = x + (rms_norm(p.post_attn, o) if p.post_attn is not None else o)
         y = rms_norm(p.mlp_norm, x)
         if fused:
-            gate, up = _linear(y, p.gate_up[0].get(), p.gate_up[1].get()).chunk(2, -1)
-            m = _linear(p.act(gate) * up, p.down.weight, p.down.bias)
+            gate, up = inference_linear(y, p.gate_up[0].get(), p.gate_up[1].get()).chunk(2, -1)
+            m = inference_linear(p.act(gate) * up, p.down.weight, p.down.bias)
         else:
             m = p.down(p.act(p.gate(y)) * p.up(y))
         return x + (rms_norm(p.post_mlp, m) if p.post_mlp is not None else m)
@@ -253,4 +261,5 @@ def decoder_kind(layers: Sequence[nn.Module], rotary: nn.Module, config, norm: O
     return DecoderLayers(layers, rotary, config, norm)
 
 
-__all__ = ["LeanDecoderLayers", "LeanDecoderRows", "RMSNorm", "decoder_kind", "lean_supported", "rms_norm"]
+__all__ = ["LeanDecoderLayers", "LeanDecoderRows", "RMSNorm", "decoder_kind", "inference_linear", "lean_supported",
+           "linear_rows", "rms_norm"]
