@@ -159,6 +159,7 @@ class DepthwiseBlock:
             both = torch.cat([halt.long(), read_with]).tolist()
             flags, values = both[:count], both[count:]
         halted_local = [i for i, flag in enumerate(flags) if flag]
+        self.halted_local = halted_local
         if not halted_local:
             return [], None, [], values
         halted = [slots[i] for i in halted_local]
@@ -207,6 +208,14 @@ class DepthwiseBlock:
         self.picked_state.index_copy_(0, where, x[fresh])
         self.picked_step.index_copy_(0, where, n[fresh])
         return n >= self.max_steps                   # every token runs every loop
+
+    @property
+    def peeked_exit(self) -> bool:
+        """Whether a halted token's output is the state the rule peeked at
+        through the coda at its exit step (so its next-token logits and coda
+        rows are those of the peek): a rule that reads the coda, without
+        every_loop (which runs on past the exit)."""
+        return self.exit is not None and self.exit.reads_coda and not self.exit.every_loop
 
     def _commit(self, halted: List[int], steps: List[int]) -> None:
         """The halted tokens' rows into the cache, token by token: N + 1 at the

@@ -210,9 +210,15 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
         reported = torch.as_tensor(halted_steps, dtype=torch.int64, device=device)
         going = [j for j, s in enumerate(halted) if table.fed(s, reported[j:j + 1])]
         if going:
-            h = out[tensor(going).to(device)] if len(going) < len(halted) else out
             slots = [halted[j] for j in going]
-            take(*table.choose(next_logits(h, slots), slots))
+            if engine.peeked_exit:   # the rule ran the coda and head on these states at their exit step
+                at = tensor(slots).to(device)
+                if coda is not None:
+                    coda.commit_peeked(coda_cache, slots, tensor([engine.halted_local[j] for j in going]).to(device))
+                take(*table.choose(engine.previous_logits[at], slots))
+            else:
+                h = out[tensor(going).to(device)] if len(going) < len(halted) else out
+                take(*table.choose(next_logits(h, slots), slots))
     for layer in block_cache.layers:       # the in-flight rows' tail is no longer needed
         layer.reserve_tail(0)
     return engine.iterations

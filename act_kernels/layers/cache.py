@@ -114,6 +114,9 @@ class ACTCache:
         self.first_rows = [torch.zeros(batch_size, 16, dtype=torch.int64, device=device) for _ in self.layers]
         self.steps = torch.ones(batch_size, 16, dtype=torch.int64, device=device)
         self._offsets, self._offsets_width = None, 0
+        # a plain stack's last decode call without commit: its rows' scratch places per layer and the
+        # cache's row counts then (CausalStack.commit_peeked takes rows from it while those still hold)
+        self.peeked = None
 
     @property
     def width(self) -> int:

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from ..ops.act import get_kernels, ponder
 from ..ops.pondernet import PonderNetOutput, pondernet
-from .cache import ACTCache, CacheContext, ChunkLayout, SlotLayout, check_extend_args, chunk_lengths
+from .cache import (ACTCache, CacheContext, ChunkLayout, SlotLayout, check_extend_args, check_sequences,
+                    chunk_lengths)
 from .rows import BufferStep, SegmentStep
 from .checks import check_layer_input, check_layer_options
 from .exits import ExitRule, FixedExit, ponder_with_exit
@@ -433,9 +434,33 @@ class CausalStack(RaggedBlock):
         else:
             own = [layer.scratch(x.shape[0]) + new_rows for layer in cache.layers]
             tables = [layout.table(rows.clone(), mine) for rows, mine in zip(cache.first_rows, own)]
+            cache.peeked = (own, cache.rows())
         backend = resolve_encoder(self.backend, x.device, x.dtype).attention
         h = BufferStep(self.kind, x, positions, cache.layers, own, tables, layout, backend)(x, 1, new_rows)
         if commit:
             for s in sequences:
                 cache.lengths[s] += 1
         return h
+
+    @torch.no_grad()
+    def commit_peeked(self, cache: ACTCache, sequences: List[int], rows: Tensor) -> None:
+        """Commits, for `sequences`, the tokens the last decode call without
+        commit on this cache computed (rows: each one's index in that call's
+        rows): what a committing call on the same inputs writes, without
+        running the layers again. Refused once anything was committed since."""
+        own, sizes = getattr(cache, "peeked", None) or (None, None)
+        if own is None or sizes != cache.rows():
+            raise RuntimeError("commit_peeked needs the rows of the last decode call without commit, and the cache "
+                               "has changed since (or there was none)")
+        check_sequences(cache, sequences)
+        if rows.shape != (len(sequences),):
+            raise ValueError(f"one row per sequence: {len(sequences)} sequences, rows of shape {tuple(rows.shape)}")
+        # gathered before the buffers may grow (growth keeps the cache's rows, not the scratch ones)
+        kept = [(layer.k[mine[rows]], layer.v[mine[rows]]) for layer, mine in zip(cache.layers, own)]
+        cache.widen(max(cache.lengths[s] for s in sequences) + 1)
+        small = torch.tensor([sequences, [cache.lengths[s] for s in sequences]], dtype=torch.int64).to(cache.device)
+        new_rows = torch.arange(len(sequences), device=cache.device)
+        cache.place(small[0], small[1], [layer.append(k, v) + new_rows for layer, (k, v) in zip(cache.layers, kept)], 1)
+        for s in sequences:
+            cache.lengths[s] += 1
+        cache.peeked = None

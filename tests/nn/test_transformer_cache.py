@@ -212,3 +212,38 @@ def test_plain_stack_decode_without_commit_reads_the_cache_and_leaves_it():
         with torch.no_grad():
             want = stack.forward_packed(seqs[s][:n], torch.tensor([0, n], dtype=torch.int32, device=DEVICE), n)
         torch.testing.assert_close(y[s], want[-1], atol=1e-10, rtol=0)
+
+
+def test_commit_peeked_equals_a_committing_call_and_is_refused_after_a_change():
+    """CausalStack.commit_peeked takes a subset of the last uncommitted decode
+    call's rows into the cache: later calls then give the causal forward's
+    outputs, as after a committing call; once anything was committed since
+    the peek, or with no peek, it is refused."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    stack = ak.nn.CausalStack(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                              backend="reference").to(DEVICE, torch.float64).eval()
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randn(20, 16, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(3)]
+    cache = stack.new_cache(3)
+    stack.extend(cache, torch.cat([s[:15] for s in seqs]), [0, 15, 30, 45], [0, 1, 2])
+    with pytest.raises(RuntimeError, match="commit_peeked"):
+        stack.commit_peeked(cache, [0], torch.tensor([0], device=DEVICE))
+    done = [15, 15, 15]
+    while min(done) < 18:
+        x = torch.stack([seqs[s][done[s]] for s in range(3)])
+        stack.extend(cache, x, [0, 1, 2, 3], [0, 1, 2], commit=False)
+        stack.commit_peeked(cache, [0, 2], torch.tensor([0, 2], device=DEVICE))    # sequence 1 waits
+        done[0] += 1
+        done[2] += 1
+        stack.extend(cache, seqs[1][done[1]:done[1] + 1], [0, 1], [1])
+        done[1] += 1
+    stack.extend(cache, torch.stack([seqs[0][18], seqs[1][18]]), [0, 1, 2], [0, 1], commit=False)
+    stack.extend(cache, seqs[2][18:19], [0, 1], [2])                                # a commit since the peek
+    with pytest.raises(RuntimeError, match="has changed"):
+        stack.commit_peeked(cache, [0], torch.tensor([0], device=DEVICE))
+    last = stack.extend(cache, torch.stack([seqs[0][18], seqs[1][18]]), [0, 1, 2], [0, 1])
+    for s in (0, 1):
+        with torch.no_grad():
+            want = stack.forward_packed(seqs[s][:19], torch.tensor([0, 19], dtype=torch.int32, device=DEVICE), 19)
+        torch.testing.assert_close(last[s], want[-1], atol=1e-10, rtol=0)
