@@ -176,6 +176,8 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
     engine = DepthwiseBlock(block, block_cache, attention, exit, partial(next_logits, commit=False))
     next_token = torch.zeros(len(table.slots), dtype=torch.int64, device=device)
     chosen: List[int] = []     # the slots whose next token is chosen and waits to enter
+    held: List[int] = []       # halted slots whose coda waits: their sequences are ahead (`hold`)
+    held_out: List[Tensor] = []
 
     def take(slots: List[int], tokens: Optional[Tensor]) -> None:
         if slots:
@@ -195,10 +197,13 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
             if prelude is not None:
                 h = prelude.extend(prelude_cache, h, list(range(len(entering) + 1)), entering, positions=where)
             engine.enter(entering, h if enter is None else enter(h))
-        running = table.occupied()     # every occupied slot has a token in flight now
+        running = [s for s in table.occupied() if s not in held]     # every other occupied slot has a token in flight
         if not running:
+            if held:                   # nothing left to wait for
+                slots, h = release(held, held_out)
+                take(*table.choose(next_logits(h, slots), slots))
             continue
-        active = [run is not None for run in table.slots] if fixed_rows else None
+        active = [run is not None and s not in held for s, run in enumerate(table.slots)] if fixed_rows else None
         if fixed_rows:                 # one row per slot, the free ones idle
             running = list(range(len(table.slots)))
         positions = tensor([block_cache.lengths[s] for s in running]).to(device)
@@ -211,17 +216,58 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
         going = [j for j, s in enumerate(halted) if table.fed(s, reported[j:j + 1])]
         if going:
             slots = [halted[j] for j in going]
+            h = out[tensor(going).to(device)] if len(going) < len(halted) else out
+            if not engine.peeked_exit and hold(table, slots, held):
+                held.extend(slots)
+                held_out.append(h)
+                continue
+            if held:                 # the coda runs now: the held tokens go through it with these
+                slots, h = release(held, held_out, slots, h)
             if engine.peeked_exit:   # the rule ran the coda and head on these states at their exit step
                 at = tensor(slots).to(device)
                 if coda is not None:
                     coda.commit_peeked(coda_cache, slots, tensor([engine.halted_local[j] for j in going]).to(device))
                 take(*table.choose(engine.previous_logits[at], slots))
             else:
-                h = out[tensor(going).to(device)] if len(going) < len(halted) else out
                 take(*table.choose(next_logits(h, slots), slots))
     for layer in block_cache.layers:       # the in-flight rows' tail is no longer needed
         layer.reserve_tail(0)
     return engine.iterations
+
+
+# a sequence at least this many tokens ahead of the slowest running one may wait for its coda (`hold`)
+HOLD_AHEAD = 2
+
+
+def hold(table: Slots, halted: List[int], held: List[int]) -> bool:
+    """Whether the coda of these halted tokens (their sequences' next
+    tokens, the prelude of those) waits for a later iteration. Each coda
+    or prelude call reads its layers' weights whatever its rows, so an
+    iteration costs about two layer calls more when tokens halt in it; a
+    batch whose run is bound by its slowest sequences gains by running them
+    only when one of those halts (with everything held till then). So: no
+    prompt waits for a slot (a free slot would be work lost), each of
+    these sequences is HOLD_AHEAD tokens or more ahead of the slowest
+    running one, and some other token is still in flight to wait for."""
+    if table.waiting:
+        return False
+    runs = [(s, run) for s, run in enumerate(table.slots) if run is not None]
+    slowest = min(run.made for _, run in runs)
+    if any(table.slots[s].made < slowest + HOLD_AHEAD for s in halted):
+        return False
+    waiting_for_coda = set(held) | set(halted)
+    return any(s not in waiting_for_coda for s, _ in runs)
+
+
+def release(held: List[int], held_out: List[Tensor], slots: Sequence[int] = (), h: Optional[Tensor] = None):
+    """The held slots with `slots`, ascending (the order every stack's call
+    takes), and their outputs in that order; empties the held lists."""
+    everyone = list(held) + list(slots)
+    rows = torch.cat([*held_out] + ([h] if h is not None else []))
+    order = sorted(range(len(everyone)), key=everyone.__getitem__)
+    held.clear()
+    held_out.clear()
+    return [everyone[i] for i in order], rows[torch.tensor(order, device=rows.device)]
 
 
 def generate_slots(schedule: str, *, prefill: Callable, caches: Sequence, prompts: Sequence[Tensor],

@@ -207,3 +207,35 @@ def test_a_language_model_without_prelude_or_coda():
     given = prompts((5, 2, 4), seed=25)
     same(generate(model, given, 5, schedule="synchronous"), generate(model, given, 5, max_batch_size=2))
     check_against_forward(model, given, generate(model, given, 5))
+
+
+def test_sequences_ahead_wait_for_the_coda_without_changing_anything(monkeypatch):
+    """With no prompt waiting for a slot, the tokens of sequences HOLD_AHEAD or
+    more tokens ahead of the slowest one wait for their coda until one of the
+    slowest halts (scheduler.hold): the same tokens, steps and iterations,
+    with fewer coda calls, under both row modes."""
+    import act_kernels.generation.scheduler as scheduler
+    from act_kernels.layers.transformer import CausalStack
+
+    model = make(seed=8)
+    given = prompts((5, 3, 8, 1, 6, 2), seed=9)
+    coda_calls = []
+    extend = CausalStack.extend
+
+    def counted(self, *args, **kwargs):
+        if self is model.coda:
+            coda_calls.append(1)
+        return extend(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalStack, "extend", counted)
+    for fixed_rows in (False, True):
+        runs = {}
+        for ahead in (10 ** 9, 2):
+            monkeypatch.setattr(scheduler, "HOLD_AHEAD", ahead)
+            coda_calls.clear()
+            runs[ahead] = generate(model, given, 12, fixed_rows=fixed_rows), len(coda_calls)
+        (plain, plain_calls), (held, held_calls) = runs[10 ** 9], runs[2]
+        same(plain, held)
+        check_against_forward(model, given, held)
+        assert held.iterations == plain.iterations
+        assert 0 < held_calls < plain_calls, (held_calls, plain_calls)
