@@ -263,7 +263,8 @@ class LoopedCore:
                                      max_new_tokens=max_new_tokens, choose=choose, stop=stop, on_token=on_token,
                                      max_len=self.max_len, embed=self._embed, prelude=self.prelude, block=self.block,
                                      coda=self.coda, head=self._head, enter=self._enter_block,
-                                     attention=self.block.attention_backend(self.block.halting.weight),
+                                     # the layers' weight: a model without a halting unit keeps it on the meta device
+                                     attention=self.block.attention_backend(self.block.kind.weight),
                                      fixed_rows=fixed_rows, exit=rule)
         finally:
             self.train(was_training)

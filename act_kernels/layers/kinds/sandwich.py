@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lean_decoder import rms_norm
+from .lean_decoder import linear_rows, rms_norm
 from .transformers_decoder import RotaryTable
 
 
@@ -71,14 +71,14 @@ class SandwichRows:
         if self.adapter is not None:                   # the core's first layer: adapter([s, e])
             if keep:
                 self.carry.e = x[:, self.width:]
-            return self.adapter(x)
+            return linear_rows(self.adapter, x) if isinstance(self.adapter, nn.Linear) else self.adapter(x)
         if self.enter_norm is not None:                # the coda's first layer: ln_f(s)
             return rms_norm(self.enter_norm, x[:, :self.width])
         return x
 
     def _qkv(self, x: Tensor, rows: Optional[Tensor]):
         attn, rows_n, h, d = self.layer.attn, x.shape[0], self.heads, self.head_dim
-        q, k, v = F.linear(rms_norm(self.layer.norm_1, x), attn.Wqkv.weight).view(rows_n, 3, h, d).unbind(1)
+        q, k, v = linear_rows(attn.Wqkv, rms_norm(self.layer.norm_1, x)).view(rows_n, 3, h, d).unbind(1)
         if getattr(attn, "qk_bias", None) is not None:
             q, k = q + attn.qk_bias[0, 0], k + attn.qk_bias[1, 0]
         cos, sin = self.rotary.at(rows)
@@ -91,9 +91,9 @@ class SandwichRows:
         x = self._enter(x, keep=True)
         q, kv = self._qkv(x, rows)
         o = attend(q, lambda: kv, self.head_dim ** -0.5, self.dropout)
-        x = rms_norm(layer.norm_2, x + layer.attn.proj(o.reshape(x.shape[0], -1)))
-        a, b = layer.mlp.fc(rms_norm(layer.norm_3, x)).chunk(2, -1)
-        x = rms_norm(layer.norm_4, x + layer.mlp.proj(F.silu(a) * b))
+        x = rms_norm(layer.norm_2, x + linear_rows(layer.attn.proj, o.reshape(x.shape[0], -1)))
+        a, b = linear_rows(layer.mlp.fc, rms_norm(layer.norm_3, x)).chunk(2, -1)
+        x = rms_norm(layer.norm_4, x + linear_rows(layer.mlp.proj, F.silu(a) * b))
         if self.last and self.carry is not None:       # the core's last layer: the row [s, e] again
             x = torch.cat([x, self.carry.e], -1)
         return x
