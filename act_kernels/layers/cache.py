@@ -132,6 +132,15 @@ class ACTCache:
             self.first_rows[k] = torch.cat([first, first.new_zeros(self.batch_size, width - first.shape[1])], 1)
         self.steps = torch.cat([self.steps, self.steps.new_ones(self.batch_size, width - self.steps.shape[1])], 1)
 
+    def next_places(self, sequences: Sequence[int]) -> Tuple[Tensor, Tensor]:
+        """The listed sequences and each one's next place (its length), as
+        int64 tensors on the cache's device, with the tables widened to hold
+        a token there: what a call with one new token per sequence needs."""
+        self.widen(max(self.lengths[s] for s in sequences) + 1)
+        small = torch.tensor([list(sequences), [self.lengths[s] for s in sequences]], dtype=torch.int64)
+        small = small.to(self.device)
+        return small[0], small[1]
+
     def place(self, sequences: Tensor, places: Tensor, firsts: Sequence[Tensor], steps) -> None:
         """Records tokens at (sequence, place): their first row at each layer and their steps."""
         for first_rows, first in zip(self.first_rows, firsts):

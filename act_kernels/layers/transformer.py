@@ -423,9 +423,7 @@ class CausalStack(RaggedBlock):
         points at them."""
         self._check_input(x, 2)
         check_extend_args(self, cache, x, lengths, sequences, True)
-        cache.widen(max(cache.lengths[s] for s in sequences) + 1)
-        small = torch.tensor([sequences, [cache.lengths[s] for s in sequences]], dtype=torch.int64).to(cache.device)
-        layout = SlotLayout(cache, small[0], small[1])
+        layout = SlotLayout(cache, *cache.next_places(sequences))
         new_rows = torch.arange(x.shape[0], device=x.device)
         if commit:
             own = [layer.claim(x.shape[0]) + new_rows for layer in cache.layers]
@@ -448,7 +446,7 @@ class CausalStack(RaggedBlock):
         commit on this cache computed (rows: each one's index in that call's
         rows): what a committing call on the same inputs writes, without
         running the layers again. Refused once anything was committed since."""
-        own, sizes = getattr(cache, "peeked", None) or (None, None)
+        own, sizes = cache.peeked or (None, None)
         if own is None or sizes != cache.rows():
             raise RuntimeError("commit_peeked needs the rows of the last decode call without commit, and the cache "
                                "has changed since (or there was none)")
@@ -457,10 +455,9 @@ class CausalStack(RaggedBlock):
             raise ValueError(f"one row per sequence: {len(sequences)} sequences, rows of shape {tuple(rows.shape)}")
         # gathered before the buffers may grow (growth keeps the cache's rows, not the scratch ones)
         kept = [(layer.k[mine[rows]], layer.v[mine[rows]]) for layer, mine in zip(cache.layers, own)]
-        cache.widen(max(cache.lengths[s] for s in sequences) + 1)
-        small = torch.tensor([sequences, [cache.lengths[s] for s in sequences]], dtype=torch.int64).to(cache.device)
         new_rows = torch.arange(len(sequences), device=cache.device)
-        cache.place(small[0], small[1], [layer.append(k, v) + new_rows for layer, (k, v) in zip(cache.layers, kept)], 1)
+        cache.place(*cache.next_places(sequences),
+                    [layer.append(k, v) + new_rows for layer, (k, v) in zip(cache.layers, kept)], 1)
         for s in sequences:
             cache.lengths[s] += 1
         cache.peeked = None

@@ -147,17 +147,22 @@ def inference_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tenso
     return F.linear(x, weight, bias)
 
 
+def _records(x: Tensor, weight: Tensor) -> bool:
+    """Whether autograd records a product of x by weight."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 def linear_rows(module: nn.Module, x: Tensor) -> Tensor:
     """A linear module (a head) on rows: its own call where autograd records
     it, `inference_linear` on its parameters otherwise."""
-    if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
+    if _records(x, module.weight):
         return module(x)
     return inference_linear(x, module.weight, module.bias)
 
 
 def _fused(x: Tensor, p: LeanLayer) -> bool:
     """The packed products serve calls autograd does not record."""
-    return not torch.is_grad_enabled() or not (x.requires_grad or p.q.weight.requires_grad)
+    return not _records(x, p.q.weight)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
