@@ -118,6 +118,24 @@ def left_padded(count: int, low: int = 32, high: int = 128, seed: int = 1):
     return ids, mask
 
 
+def padded_positions_and_mask(attention_mask, position_ids, batch: int, length: int, past: int):
+    """What the dense release baselines (bench/ouro_workloads.py,
+    bench/huginn_workloads.py) build from transformers' left-padded
+    attention_mask (B, past + L) for L new tokens after `past` cached ones:
+    position ids counting each row's real tokens from 0 (unless given), and
+    the boolean mask (B, 1, L, S): a query sees the real keys up to itself;
+    a padding query sees itself (its output is never read)."""
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, past + length, dtype=torch.int64)
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+    keys = attention_mask.bool()                                   # (B, S)
+    query = torch.arange(past, past + length)[:, None]
+    column = torch.arange(keys.shape[1])[None, :]
+    mask = (keys[:, None, :] & (column <= query)[None]) | (column == query)[None]
+    return position_ids, mask[:, None]
+
+
 def layer_work(tokens: int, steps_sum: int) -> int:
     """Layer applications of the looped model over `tokens` tokens whose
     ponder steps add up to `steps_sum` (prelude and coda once each)."""

@@ -72,6 +72,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from hf_workloads import (capture_caches, dynamic_cache_bytes, interleaved, left_padded, no_eos,  # noqa: E402
+                          padded_positions_and_mask,
                           ragged_cache_bytes)
 
 VOCAB, HIDDEN, HEADS, INTERMEDIATE, BLOCK_SIZE = 256, 256, 4, 688, 512
@@ -171,15 +172,7 @@ def _release_class():
             steps = c.mean_recurrence if num_steps is None else int(num_steps)
             B, L = input_ids.shape
             past = cache.get_seq_length() if cache is not None else 0
-            if attention_mask is None:
-                attention_mask = torch.ones(B, past + L, dtype=torch.int64)
-            if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -L:]
-            keys = attention_mask.bool()
-            query = torch.arange(past, past + L)[:, None]
-            column = torch.arange(keys.shape[1])[None, :]
-            # a query sees the real keys up to itself; padding queries see themselves (their output is never read)
-            mask = ((keys[:, None, :] & (column <= query)[None]) | (column == query)[None])[:, None]
+            position_ids, mask = padded_positions_and_mask(attention_mask, position_ids, B, L, past)
             x = t.wte(input_ids) * math.sqrt(c.n_embd)
             cos, sin = self._rope(position_ids, x.dtype)
             for i, block in enumerate(t.prelude):

@@ -59,6 +59,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from hf_workloads import (capture_caches, dynamic_cache_bytes, interleaved, left_padded, no_eos,  # noqa: E402
+                          padded_positions_and_mask,
                           ragged_cache_bytes)
 
 VOCAB, HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 256, 256, 688, 4, 2, 64
@@ -168,17 +169,7 @@ def _release_class():
                     logits_to_keep: int = 0, exit_threshold=None, **kwargs):
             B, L = input_ids.shape
             past = cache.get_seq_length() if cache is not None else 0
-            if attention_mask is None:
-                attention_mask = torch.ones(B, past + L, dtype=torch.int64)
-            if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -L:]
-            keys = attention_mask.bool()                                   # (B, S)
-            S = keys.shape[1]
-            query = torch.arange(past, past + L)[:, None]
-            column = torch.arange(S)[None, :]
-            # a query sees the real keys up to itself; padding queries see themselves (their output is never read)
-            mask = (keys[:, None, :] & (column <= query)[None]) | (column == query)[None]
-            mask = mask[:, None]                                           # (B, 1, L, S)
+            position_ids, mask = padded_positions_and_mask(attention_mask, position_ids, B, L, past)
             x = self.model.embed_tokens(input_ids)
             cos, sin = self._rope(position_ids, x.dtype)
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
