@@ -88,6 +88,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import hf_workloads as hw  # noqa: E402
+from report import queue_table  # noqa: E402
 
 MIXES = ("shallow", "middle", "deep")
 SOURCES = ("controlled", "random")
@@ -439,28 +440,6 @@ def search_biases(args, low=-2.0, high=2.0, iterations=8, tolerance=0.05):
     return found
 
 
-# -- the table ------------------------------------------------------------------------------------------------
-
-def table(data) -> str:
-    runs = data.get("vllm_runs") or []
-    lines = ["| setting | source | mix | mean N (new) | at max_steps | schedule | tokens/s | transformers tokens/s "
-             "| vs transformers | ideal | % of ideal | vLLM tokens/s | vs vLLM |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in data["rows"]:
-        size = f"{r['prompts']} prompts, {r['slots']} slots" if r["setting"] == "queue" else f"batch {r['prompts']}"
-        vllm = vs = "-"
-        if runs and r["setting"] == "queue" and r["source"] == "controlled" and r["mix"] == "shallow":
-            rates = [x["vllm_tokens_per_s"] for x in runs]
-            ratios = [x["vs_vllm"][r["schedule"]] for x in runs]
-            vllm = f"{min(rates):.0f}-{max(rates):.0f}" if len(runs) > 1 else f"{rates[0]:.0f}"
-            vs = f"{min(ratios):.2f}-{max(ratios):.2f} x" if len(runs) > 1 else f"{ratios[0]:.2f} x"
-        lines.append(f"| {size}, {r['new_tokens']} new | {r['source']} | {r['mix']} | {r['mean_n']:.2f} | "
-                     f"{100 * r['at_max']:.0f} % | {r['schedule']} | {r['tokens_per_s']:.0f} | "
-                     f"{r['hf_tokens_per_s']:.0f} | {r['vs_hf']:.2f} x | {r['ideal']:.2f} x | "
-                     f"{r['pct_of_ideal']:.0f} % | {vllm} | {vs} |")
-    return "\n".join(lines)
-
-
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu-time", action="store_true", help="time with time.process_time (vLLM: its tree's CPU time)")
@@ -503,7 +482,7 @@ def main(argv):
             del looped, model, plain
     report.write()
     print()
-    print(table(report.data))
+    print(queue_table(report.data))
     runs = report.data["vllm_runs"]
     if runs:
         print()

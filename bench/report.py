@@ -1,5 +1,8 @@
 """Turns bench/results/*.json into markdown tables and a plot per device
-(bench/results/<device>.png). It rewrites the block between
+(bench/results/<device>.png). Each file is read by its kind: a device's
+pytest-benchmark rows (rows with a "group"), bench/queue_workloads.py's queue
+(rows with a "setting") or bench/huginn_workloads.py's alternation (rows with
+a "num_steps" and no group). It rewrites the block between
 `<!-- report:tables -->` and `<!-- /report -->` in bench/README.md (every
 table) and the one between `<!-- report:summary -->` and `<!-- /report -->`
 in the project README (one summary table per device), and prints both. Given
@@ -16,9 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCH_ONLY = "--bench-only" in sys.argv[1:]
-_folders = [a for a in sys.argv[1:] if a != "--bench-only"]
-RESULTS = Path(_folders[0] if _folders else HERE / "results")
+MIB = 2 ** 20
 
 
 def kernel_table(data, group):
@@ -323,9 +324,83 @@ def exit_tables(data) -> str:
     return "\n\n".join(parts)
 
 
+def exits_table(rows, columns, key, cells, exit_name, every_name, every_label, mean_header, mean, ideals):
+    """A model generating with its exits (rows named `exit_name`) against our
+    own path without them (`every_name`) and the release, per case
+    `key(row)` (`cells(key)` gives the leading columns): tokens/s, the mean
+    depth (`mean(row)`, a cell), the ratio to each baseline, and for each
+    (field, header) of `ideals` the exit rows' ideal and the share of it each
+    ratio reaches. The release and our path without exits do the same work
+    (every loop for every token), so one ideal serves both ratios."""
+    cases = defaultdict(list)
+    for r in rows:
+        cases[key(r)].append(r)
+    if not cases:
+        return ""
+    header = f"| {columns} | impl | tokens/s | {mean_header} | vs {every_label} | vs release |"
+    for _, label in ideals:
+        header += f" {label} | % of it, vs {every_label} / vs release |"
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    for k, case in sorted(cases.items()):
+        named = {r["name"]: r for r in case}
+        bases = (named.get(every_name), named.get("release"))
+        for r in sorted(case, key=lambda r: (r["name"] != exit_name, r["name"] != every_name,
+                                             r["name"] == "release", r["name"])):
+            speeds = [base["median_s"] / r["median_s"] if base else float("nan") for base in bases]
+            impl = f"{r['name']} {r['threshold']}" if r["name"] == exit_name and "threshold" in r else r["name"]
+            rate = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] < 100 else f"{r['tokens_per_s']:.0f}"
+            line = (f"| {cells(k)} | {impl} | {rate} | {mean(r)} | {speeds[0]:.2f} x "
+                    f"| {speeds[1]:.2f} x |")
+            for field, _ in ideals:
+                best = r.get(field) if r["name"] == exit_name else None
+                line += (f" {best:.2f} x | {100 * speeds[0] / best:.0f} % / {100 * speeds[1] / best:.0f} % |"
+                         if best else " - | - |")
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def ouro_tables(data) -> str:
+    """Ouro generating with its exit gate (bench/test_bench_ouro.py) against
+    our every-loop path and the release, and the cache's bytes after it."""
+    parts = [exits_table(
+        [r for r in data["rows"] if r["group"] == "ouro_generate"], "Ouro generation, batch",
+        lambda r: r["batch"], str, "gate", "every_loop", "ours every loop",
+        "mean exit loop, all tokens / new",
+        lambda r: f"{r['mean_exit']:.2f} / {r['new_mean_exit']:.2f}" if "mean_exit" in r else "-",
+        (("ideal_speedup", "ideal (loops / mean exit, all tokens)"),))]
+    for r in [r for r in data["rows"] if r["group"] == "ouro_cache_bytes"][-1:]:   # the latest run's
+        parts.append(f"Ouro's cache after generating {r['new_tokens']} tokens for {r['batch']} prompts ({r['tokens']} "
+                     f"tokens, mean exit loop {r['mean_exit']:.2f}, gate threshold {r['threshold']}): ours with the "
+                     f"gate's exits {r['gate_rows']} rows, {r['gate_bytes'] / MIB:.1f} MiB in use, "
+                     f"{r['gate_allocated_bytes'] / MIB:.1f} MiB allocated; ours with every loop (exit fixed) "
+                     f"{r['fixed_rows']} rows, {r['fixed_bytes'] / MIB:.1f} MiB ({r['fixed_allocated_bytes'] / MIB:.1f} "
+                     f"MiB allocated); the release's DynamicCache {r['release_bytes'] / MIB:.1f} MiB "
+                     f"({r['release_unpadded_bytes'] / MIB:.1f} MiB without its padding): "
+                     f"{r['fixed_bytes'] / r['gate_bytes']:.2f} x fewer bytes in use than every loop, "
+                     f"{r['release_bytes'] / r['gate_bytes']:.2f} x fewer than the release.")
+    return "\n\n".join(p for p in parts if p)
+
+
+def huginn_generate_table(data) -> str:
+    """Huginn generating with the kl exit (bench/test_bench_huginn.py) against
+    our path with no exit and the release: both ideals, num_steps over the
+    new tokens' mean steps and what the criterion's coda and head at every
+    step leave of it."""
+    return exits_table(
+        [r for r in data["rows"] if r["group"] == "huginn_generate"], "Huginn generation, num_steps x batch",
+        lambda r: (r["num_steps"], r["batch"]), lambda k: f"{k[0]} x {k[1]}", "kl", "fixed", "ours every step",
+        "mean steps, new tokens", lambda r: f"{r['mean_steps_new']:.2f}" if "mean_steps_new" in r else "-",
+        (("ideal_speedup", "ideal (num_steps / mean)"),
+         ("ideal_with_criterion_coda", "ideal with the criterion's coda at every step")))
+
+
 def heading(data) -> str:
-    return (f"{data['device']} (torch {data['torch']}, triton {data['triton']}, "
-            f"commit {data['commit']}, {data['date'][:10]})")
+    """The device, then the versions, commit and date the file names (each file kind records its own)."""
+    facts = [f"{name} {data[name]}" for name in ("torch", "triton", "transformers", "vllm") if data.get(name)]
+    facts.append(f"commit {data.get('commit', 'unknown')}")
+    if data.get("date"):
+        facts.append(data["date"][:10])
+    return f"{data.get('device', 'unknown device')} ({', '.join(facts)})"
 
 
 def device_tables(data) -> str:
@@ -334,7 +409,7 @@ def device_tables(data) -> str:
         parts.append(f"Measured device copy bandwidth: {data['copy_GBps']:.0f} GB/s\n")
     parts.append(ponder_table(data) + "\n")
     for table in (layer_table, encoder_table, equal_work_table, host_floor_table, attention_table,
-                  pondernet_table, lm_tables, hf_tables, exit_tables):
+                  pondernet_table, lm_tables, hf_tables, exit_tables, ouro_tables, huginn_generate_table):
         text = table(data)
         if text.strip():
             parts.append(text + "\n")
@@ -342,6 +417,96 @@ def device_tables(data) -> str:
     parts.append(kernel_table(data, "combine_backward"))
     return "\n".join(parts)
 
+
+CLOCKS = {"process_time": "the process's CPU time", "perf_counter": "wall time"}
+
+
+def timed_by(data, timers) -> str:
+    threads = data.get("threads")
+    count = "one thread" if threads == 1 else f"{threads} threads" if threads else "threads not recorded"
+    return (f"Timed by {' and '.join(CLOCKS.get(t, t) for t in timers)}, {count}, the cases in alternation in one "
+            "process.")
+
+
+def queue_table(data) -> str:
+    """bench/queue_workloads.py's rows: ours through the slots (or at a fixed
+    batch) against transformers' generate of the unrolled model, and against
+    vLLM where the file has its alternations (the controlled shallow queue)."""
+    runs = data.get("vllm_runs") or []
+    lines = ["| setting | source | mix | mean N (new) | at max_steps | schedule | tokens/s | transformers tokens/s "
+             "| vs transformers | ideal | % of ideal | vLLM tokens/s | vs vLLM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        size = f"{r['prompts']} prompts, {r['slots']} slots" if r["setting"] == "queue" else f"batch {r['prompts']}"
+        vllm = vs = "-"
+        if runs and r["setting"] == "queue" and r["source"] == "controlled" and r["mix"] == "shallow":
+            rates = [x["vllm_tokens_per_s"] for x in runs]
+            ratios = [x["vs_vllm"][r["schedule"]] for x in runs]
+            vllm = f"{min(rates):.0f}-{max(rates):.0f}" if len(runs) > 1 else f"{rates[0]:.0f}"
+            vs = f"{min(ratios):.2f}-{max(ratios):.2f} x" if len(runs) > 1 else f"{ratios[0]:.2f} x"
+        lines.append(f"| {size}, {r['new_tokens']} new | {r['source']} | {r['mix']} | {r['mean_n']:.2f} | "
+                     f"{100 * r['at_max']:.0f} % | {r['schedule']} | {r['tokens_per_s']:.0f} | "
+                     f"{r['hf_tokens_per_s']:.0f} | {r['vs_hf']:.2f} x | {r['ideal']:.2f} x | "
+                     f"{r['pct_of_ideal']:.0f} % | {vllm} | {vs} |")
+    return "\n".join(lines)
+
+
+def queue_tables(data) -> str:
+    return (f"### A queue through slots, bench/queue_workloads.py: {heading(data)}\n\n"
+            f"{timed_by(data, [data.get('timer', 'perf_counter')])}\n\n{queue_table(data)}")
+
+
+def huginn_tables(data) -> str:
+    """bench/huginn_workloads.py's alternation: per num_steps and batch the
+    release, ours with no exit (depth-wise and synchronous) and ours with the
+    kl exit at each threshold, timed in turn in one process; the block
+    iterations the kl exits leave (a depth-wise batch runs as many as its
+    deepest row needs) and the cache's bytes after generation."""
+    rows = data["rows"]
+    timers = sorted({r.get("timer", "perf_counter") for r in rows})
+    parts = [f"### Huginn in alternation, bench/huginn_workloads.py: {heading(data)}",
+             f"{timed_by(data, timers)} Ours with the kl exit and with no exit run depth-wise unless named "
+             "synchronous.",
+             exits_table(rows, "Huginn, num_steps x batch", lambda r: (r["num_steps"], r["batch"]),
+                         lambda k: f"{k[0]} x {k[1]}", "kl", "fixed_depthwise", "ours every step",
+                         "mean steps, new tokens (the deepest row's)",
+                         lambda r: f"{r['mean_steps_new']:.2f}" + (f" ({r['deepest_row_mean_steps']:.2f})"
+                                                                  if "deepest_row_mean_steps" in r else ""),
+                         (("ideal", "ideal (num_steps / mean)"),
+                          ("ideal_with_criterion_coda", "ideal with the criterion's coda at every step")))]
+    kl = [r for r in rows if r["name"] == "kl" and "iterations" in r]
+    if kl:
+        lines = ["| Huginn, num_steps x batch | kl threshold | block iterations | with no exit "
+                 "| depth-wise floor (no exit / kl) |", "|---|---|---|---|---|"]
+        for r in sorted(kl, key=lambda r: (r["num_steps"], r["batch"], r["threshold"])):
+            lines.append(f"| {r['num_steps']} x {r['batch']} | {r['threshold']} | {r['iterations']} "
+                         f"| {r['iterations_no_exit']} | {r['iteration_ideal']:.2f} x |")
+        parts.append("\n".join(lines))
+    for c in data.get("cache_bytes", []):
+        parts.append(f"Cache after generating {c['new_tokens']} tokens for {c['batch']} prompts at num_steps "
+                     f"{c['num_steps']} ({c['tokens']} tokens; kl {c['threshold']}, new tokens' mean steps "
+                     f"{c['new_mean_steps']:.2f}): ours {c['kl_bytes'] / MIB:.1f} MiB in use "
+                     f"({c['kl_allocated_bytes'] / MIB:.1f} MiB allocated), ours with no exit "
+                     f"{c['fixed_bytes'] / MIB:.1f} MiB, the release's DynamicCache {c['release_bytes'] / MIB:.1f} MiB "
+                     f"({c['release_unpadded_bytes'] / MIB:.1f} MiB without its padding): "
+                     f"{c['release_bytes'] / c['kl_bytes']:.2f} x ours in use.")
+    return "\n\n".join(p for p in parts if p)
+
+
+def kind(data) -> str | None:
+    """Which script wrote a results file, told by its rows' fields."""
+    rows = data.get("rows") or [{}]
+    if "group" in rows[0]:
+        return "device"
+    if "setting" in rows[0] or "vllm_runs" in data:
+        return "queue"
+    if "num_steps" in rows[0]:
+        return "huginn"
+    return None
+
+
+# each kind's tables, in the order bench/README.md shows them
+TABLES = {"device": device_tables, "queue": queue_tables, "huginn": huginn_tables}
 
 # family: (result group, what a row's size is, the baseline row, its label)
 SUMMARY = (
@@ -424,21 +589,28 @@ def replace_block(path: Path, name: str, body: str) -> None:
     path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
 
 
-def main():
-    files = sorted(RESULTS.glob("*.json"))
-    if not files:
-        sys.exit("no results in bench/results/; run: pytest bench/ --benchmark-only")
-    devices = [json.loads(f.read_text()) for f in files]
-    tables = "\n\n".join(device_tables(d) for d in devices)
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    bench_only = "--bench-only" in argv
+    folders = [a for a in argv if a != "--bench-only"]
+    results = Path(folders[0]) if folders else HERE / "results"
+    files = {f: json.loads(f.read_text()) for f in sorted(results.glob("*.json"))}
+    kinds = {f: kind(data) for f, data in files.items()}
+    for f in (f for f, k in kinds.items() if k is None):
+        print(f"skipped {f}: not a results file this script reads", file=sys.stderr)
+    if not any(kinds.values()):
+        sys.exit(f"no results in {results}; run: pytest bench/ --benchmark-only")
+    devices = [data for f, data in files.items() if kinds[f] == "device"]
+    tables = "\n\n".join(TABLES[k](files[f]) for k in TABLES for f in files if kinds[f] == k)
     summary = "\n\n".join(f"**{heading(d)}**\n\n{summary_table(d)}" for d in devices)
-    if RESULTS.resolve() == (HERE / "results").resolve():
+    if results.resolve() == (HERE / "results").resolve():
         # the READMEs show the repository's own results, never another folder's
         replace_block(HERE / "README.md", "tables", tables)
-        if not BENCH_ONLY:
+        if not bench_only:
             replace_block(HERE.parent / "README.md", "summary", summary)
-    for f, data in zip(files, devices):
-        plot(data, f.with_suffix(".png"))
-    print(summary + "\n\n" + tables)
+    for f in (f for f in files if kinds[f] == "device"):
+        plot(files[f], f.with_suffix(".png"))
+    print("\n\n".join(text for text in (summary, tables) if text))
 
 
 if __name__ == "__main__":
