@@ -74,8 +74,11 @@ class Slots:
     """The slot table both policies share: refill, parallel feeds, choosing,
     the host learning a token's value, finishing."""
 
-    def __init__(self, prefill, caches, prompts, max_new_tokens, choose, stop, on_token, max_len):
+    def __init__(self, prefill, caches, prompts, max_new_tokens, choose, stop, on_token, max_len,
+                 running: Optional[int] = None):
         self.prefill, self.caches, self._choose, self.stop, self.on_token = prefill, caches, choose, stop, on_token
+        # at most `running` sequences step at once; cache sequences past that hold prompts prefilled ahead
+        self.running = caches[0].batch_size if running is None else running
         self.max_new_tokens, self.max_len = max_new_tokens, max_len
         # the prompts' tokens are read once, here: choose and stop see every sequence on the host
         self.runs = [Run(i, p, p.tolist(), p) for i, p in enumerate(prompts)]
@@ -160,7 +163,16 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
     §17). A chosen token stays on the device, in its slot's row of
     next_token: it enters the next iteration from there, and the host learns
     its value from that iteration's one read (with the halting flags), before
-    the token can halt, so that choose and stop see every sequence whole."""
+    the token can halt, so that choose and stop see every sequence whole.
+
+    With more cache sequences than table.running, prompts are prefilled
+    ahead: whenever no prefilled sequence waits to start, every free cache
+    sequence takes a waiting prompt in one prefill call (its first token
+    chosen there), and those sequences start stepping as running ones finish.
+    A prefill call's host work and per-step passes do not grow with its
+    prompts (one 81-token prompt alone costs about twice its share of a
+    call of 16), so a queue's prompts are prefilled in a few large calls,
+    not one call per freed slot."""
     caches, device = iter(table.caches), table.caches[0].device     # one per stack present, in order
     prelude_cache, block_cache, coda_cache = [None if m is None else next(caches) for m in (prelude, block, coda)]
     tensor = partial(torch.tensor, dtype=torch.int64)
@@ -176,18 +188,22 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
     engine = DepthwiseBlock(block, block_cache, attention, exit, partial(next_logits, commit=False))
     next_token = torch.zeros(len(table.slots), dtype=torch.int64, device=device)
     chosen: List[int] = []     # the slots whose next token is chosen and waits to enter
+    staged: deque = deque()    # prefilled slots, their first token chosen, waiting for room to start
     held: List[int] = []       # halted slots whose coda waits: their sequences are ahead (`hold`)
     held_out: List[Tensor] = []
 
-    def take(slots: List[int], tokens: Optional[Tensor]) -> None:
+    def take(slots: List[int], tokens: Optional[Tensor], into=chosen) -> None:
         if slots:
             next_token.index_copy_(0, tensor(slots).to(device), tokens)
-            chosen.extend(slots)
+            into.extend(slots)
 
     while table.waiting or table.occupied():
-        fresh = table.refill()
-        if fresh:
-            take(*table.feed(fresh))
+        if not staged:
+            fresh = table.refill()
+            if fresh:
+                take(*table.feed(fresh), into=staged)
+        room = table.running - (len(table.occupied()) - len(staged))
+        chosen.extend(staged.popleft() for _ in range(min(room, len(staged))))
         entering, entered = sorted(chosen), None
         chosen.clear()
         if entering:
@@ -197,7 +213,8 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
             if prelude is not None:
                 h = prelude.extend(prelude_cache, h, list(range(len(entering) + 1)), entering, positions=where)
             engine.enter(entering, h if enter is None else enter(h))
-        running = [s for s in table.occupied() if s not in held]     # every other occupied slot has a token in flight
+        # every other occupied slot has a token in flight, or is staged
+        running = [s for s in table.occupied() if s not in held and s not in staged]
         if not running:
             if held:                   # nothing left to wait for
                 slots, h = release(held, held_out)
@@ -217,7 +234,7 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
         if going:
             slots = [halted[j] for j in going]
             h = out[tensor(going).to(device)] if len(going) < len(halted) else out
-            if not engine.peeked_exit and hold(table, slots, held):
+            if not engine.peeked_exit and not staged and hold(table, slots, held):
                 held.extend(slots)
                 held_out.append(h)
                 continue
@@ -275,7 +292,7 @@ def generate_slots(schedule: str, *, prefill: Callable, caches: Sequence, prompt
                    on_token: Optional[Callable] = None, max_len: Optional[int] = None, embed: Optional[Callable] = None,
                    prelude=None, block=None, coda=None, head: Optional[Callable] = None,
                    attention: Optional[str] = None, fixed_rows: bool = False, exit=None,
-                   enter: Optional[Callable] = None) -> Generated:
+                   enter: Optional[Callable] = None, running: Optional[int] = None) -> Generated:
     """Generates after every prompt, over caches (one per stack; their
     batch size is the number of slots).
 
@@ -292,9 +309,11 @@ def generate_slots(schedule: str, *, prefill: Callable, caches: Sequence, prompt
     caches follow; head(h) -> logits; attention: the concrete attention
     backend; fixed_rows: one row per slot in every block iteration; exit:
     an inference exit rule (design §16) in place of ACT's halting; enter(h)
-    -> the block's input rows from the prelude's (None: h itself)."""
+    -> the block's input rows from the prelude's (None: h itself); running:
+    at most this many sequences step at once (default: every cache
+    sequence), the other cache sequences take prompts prefilled ahead."""
     check_schedule(schedule, fixed_rows)
-    table = Slots(prefill, caches, prompts, max_new_tokens, choose, stop, on_token, max_len)
+    table = Slots(prefill, caches, prompts, max_new_tokens, choose, stop, on_token, max_len, running)
     if schedule == "synchronous":
         iterations = synchronous(table)
     else:

@@ -96,18 +96,28 @@ def test_the_block_runs_about_mean_n_times_per_token_not_max_n():
 
 
 @pytest.mark.parametrize("slots", [1, 2, 4])
-def test_continuous_batching_and_eos_under_both_schedules(slots):
+def test_continuous_batching_and_eos_under_both_schedules(slots, monkeypatch):
     model = make(seed=10)
     given = prompts((4, 2, 7, 3, 5, 1, 6), seed=11)
     free = generate(model, given, 8, schedule="synchronous")
     eos = int(free.sequences[1][2 + 3])            # the second sequence's fourth new token
     sync = generate(model, given, 8, eos_token_id=eos, max_batch_size=slots, schedule="synchronous")
+    rows = []
+    original = DepthwiseBlock.iterate
+
+    def iterate(self, slots_, positions, active=None, read_with=None):
+        rows.append(len(slots_))
+        return original(self, slots_, positions, active, read_with)
+
+    monkeypatch.setattr(DepthwiseBlock, "iterate", iterate)
     deep = generate(model, given, 8, eos_token_id=eos, max_batch_size=slots)
     same(sync, deep)
     assert any(s.numel() < f.numel() for s, f in zip(deep.sequences, free.sequences))
     check_against_forward(model, given, deep)
-    if slots == 1:   # one slot: every iteration steps one token, as many as the synchronous calls' steps
-        assert deep.iterations == sync.iterations
+    assert max(rows) <= slots        # prompts prefilled ahead never step beyond max_batch_size
+    if slots == 1:   # one slot: every decode iteration steps one token, one per step of every fed token
+        fed = sum(int(s[p.numel():].sum()) for s, p in zip(deep.steps, given))
+        assert rows == [1] * fed
 
 
 def test_fixed_rows_give_the_same_output_at_a_fixed_row_count(monkeypatch):
