@@ -15,8 +15,10 @@ prelude and coda run once. num_steps (default: the config's
 mean_recurrence, as the release runs at inference) is the fixed depth; at
 inference a token may exit earlier by Huginn's criteria (`exit=` "kl",
 "entropy-diff", "latent-diff", "argmax-stability", with `threshold` and
-`min_steps`): in generate (schedule "depthwise") every new token on its own,
-the prompt at num_steps; "latent-diff" also per token in forward. An exited
+`min_steps`), every token on its own: in generate (either schedule) every
+new token, the prompt at num_steps; in forward every token ("latent-diff"
+in the parallel forward; the criteria that read the coda feed the tokens
+one position at a time through a cache, as decoded tokens). An exited
 token freezes for later tokens (design §9).
 
 Initial state: state_init "zero" or init_values.std 0 give zeros; otherwise
@@ -262,8 +264,11 @@ class HuginnForCausalLM(PublishedLoopedLM):
                 num_steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
                 exit: Optional[str] = None, threshold: Optional[float] = None, min_steps: int = 0, **kwargs):
         """As LoopedCausalLM.forward, at num_steps recurrent steps (default
-        config.mean_recurrence); exit="latent-diff" lets each token exit on
-        its own (the criteria that read the coda run in generate)."""
+        config.mean_recurrence); exit= one of Huginn's criteria lets each
+        token exit on its own: "latent-diff" in the parallel forward; "kl",
+        "entropy-diff" and "argmax-stability" read the coda at every step, so
+        the tokens are fed one position at a time through a cache, each
+        exiting as a decoded token does (one call per position)."""
         with self._call(num_steps, generator):
             return super().forward(input_ids, attention_mask, labels, exit=exit, threshold=threshold,
                                    min_steps=min_steps, **kwargs)
@@ -275,7 +280,7 @@ class HuginnForCausalLM(PublishedLoopedLM):
         """As LoopedCausalLM.generate, at num_steps (default
         config.mean_recurrence); exit= one of Huginn's criteria ("kl",
         "entropy-diff", "latent-diff", "argmax-stability") with threshold
-        and min_steps (schedule "depthwise": new tokens exit on their own,
+        and min_steps (either schedule: new tokens exit on their own,
         prompts run num_steps). state_generator: the initial states' draws."""
         with self._call(num_steps, state_generator):
             return super().generate(input_ids, attention_mask, *args, min_steps=min_steps, **kwargs)

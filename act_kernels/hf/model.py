@@ -199,7 +199,11 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
         (exit once ||s_t - s_t-1|| / ||s_t|| < threshold) or "fixed" (every
         token max_steps: the model with its block unrolled), each a hard
         exit at or after min_steps whose output is the state at the exit;
-        "kl" reads the coda at every step and runs in `generate` only.
+        "kl" (below, in `generate`) reads the coda at every step: here the
+        tokens are fed one position at a time through a cache, every one
+        exiting on its own as a decoded token does (the logits and steps of
+        feeding each row token by token with `extend(..., decode=True)`; one
+        call per position, not one, and no autograd graph).
         `.steps` are then the exit steps, `.ponder_cost` the steps run.
         every_loop: the reference mode that computes every loop for every
         token and picks each token's exit afterwards (no token freezes)."""
@@ -276,7 +280,7 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
         the first step t >= max(2, min_steps) whose next-token distribution
         (the coda and head run on the in-flight tokens at every step) is
         within KL threshold of step t - 1's; prompt tokens run prefill_steps
-        (default max_steps). "kl" needs schedule="depthwise"."""
+        (default max_steps), under either schedule."""
         config, tokenizer = call_config(self, generation_config, kwargs)
         valid = self._check_ids(input_ids, attention_mask)
         if streamer is not None and input_ids.shape[0] != 1:

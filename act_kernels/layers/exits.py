@@ -8,7 +8,8 @@ per token, each a hard exit that returns the token's state at its exit step
             ||s_t − s_{t−1}|| / ||s_t|| < threshold
     kl      exit at the first t >= max(2, min_steps) with
             KL(P_t || P_{t−1}) < threshold, P_t the next-token distribution
-            of s_t through the coda and head (decoding only)
+            of s_t through the coda and head (tokens decoded one per
+            sequence: `Peek`)
     fixed   every token max_steps
 
 and at max_steps whatever the rule. An exited token freezes (design §9):
@@ -44,7 +45,7 @@ class ExitRule:
     name = ""
     reads_coda = False     # the rule reads each step's next-token logits (through the coda and head)
     settles = False        # the rule compares a step with the one before: no exit before step 2
-    fixed_prefill = False  # prompt tokens run prefill_steps, every one (generate, depth-wise only)
+    fixed_prefill = False  # prompt tokens run prefill_steps, every one; decoded and forward tokens exit on their own
 
     def __init__(self, threshold: Optional[float], min_steps: int, prefill_steps: Optional[int] = None,
                  every_loop: bool = False):
@@ -107,7 +108,7 @@ class LatentExit(ExitRule):
 
 class KLExit(ExitRule):
     """KL(P_t || P_{t−1}) < threshold, P_t the next-token distribution of s_t
-    through the coda and head (decoding only)."""
+    through the coda and head (tokens decoded one per sequence)."""
     name = "kl"
     settles = True
     reads_coda = True
@@ -196,13 +197,16 @@ def exits_now(rule: ExitRule, n, max_steps: int, new: Tensor, old: Tensor, weigh
     return (torch.as_tensor(n >= rule.first_exit, device=new.device) & met) | last
 
 
-def ponder_with_exit(step, x: Tensor, rule: ExitRule, weight: Tensor, bias: Tensor, max_steps: int):
+def ponder_with_exit(step, x: Tensor, rule: ExitRule, weight: Tensor, bias: Tensor, max_steps: int,
+                     peek: Optional["Peek"] = None):
     """The ragged loop of design §2 with an exit rule instead of ACT's
     halting: step(state of the running rows, n, their indices ascending) ->
     their new states, as `ak.ponder` calls it. Returns (the state of every
     row at its exit, steps (T,) int64: the exit steps, and the steps run,
     which differ only under every_loop). One device read per step: how many
-    rows still run."""
+    rows still run (with a peek: which rows exit, read by the peek).
+    peek: for a rule that reads the coda, each step's next-token logits of
+    the running rows (`Peek`)."""
     rows = x.shape[0]
     out = torch.empty_like(x)
     steps = torch.zeros(rows, dtype=torch.int64, device=x.device)
@@ -212,7 +216,8 @@ def ponder_with_exit(step, x: Tensor, rule: ExitRule, weight: Tensor, bias: Tens
     current = x
     for n in range(1, max_steps + 1):
         new = step(current, n, active)
-        gone = exits_now(rule, n, max_steps, new, current, weight, bias, state, active)
+        logits, previous = peek(new) if peek is not None else (None, None)
+        gone = exits_now(rule, n, max_steps, new, current, weight, bias, state, active, logits, previous)
         if rule.every_loop:   # every row runs on; the rule only picks its output
             fresh = gone & ~picked
             picked.masked_fill_(fresh, True)
@@ -222,12 +227,26 @@ def ponder_with_exit(step, x: Tensor, rule: ExitRule, weight: Tensor, bias: Tens
             continue
         out.index_copy_(0, active, new)
         steps.index_fill_(0, active, n)
-        stay = torch.nonzero(~gone).squeeze(1)
+        stay = torch.nonzero(~gone).squeeze(1) if peek is None else peek.settle(gone)
         if stay.numel() == 0:
             break
         active, current = active[stay], new[stay]
     ran = torch.full_like(steps, max_steps) if rule.every_loop else steps
     return out, steps, ran
+
+
+class Peek:
+    """What `ponder_with_exit` asks of a rule that reads the coda: at every
+    step, `peek(states (R, D))` -> (their next-token logits, the same rows'
+    logits at the step before), the rows being the ones still running, in
+    order; and `settle(exits (R,) bool)` -> the indices of the rows that go
+    on, after which only those run (one device read: which rows exit)."""
+
+    def __call__(self, states: Tensor):
+        raise NotImplementedError
+
+    def settle(self, exits: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
 
@@ -376,5 +395,5 @@ def next_token_divergence(logits: Tensor, previous: Tensor) -> Tensor:
 
 
 __all__ = ["RULES", "HARD", "ExitRule", "FixedExit", "GateExit", "LatentExit", "KLExit", "ExitState",
-           "RecurrentExit", "RECURRENT_RULES", "Memory", "make_exit_rule", "exits_now", "ponder_with_exit",
+           "RecurrentExit", "RECURRENT_RULES", "Memory", "make_exit_rule", "exits_now", "ponder_with_exit", "Peek",
            "next_token_divergence", "token_pondernet_loss", "check_pondernet_args"]

@@ -28,7 +28,7 @@ from .cache import (ACTCache, CacheContext, ChunkLayout, SlotLayout, check_exten
                     chunk_lengths)
 from .rows import BufferStep, SegmentStep
 from .checks import check_layer_input, check_layer_options
-from .exits import ExitRule, FixedExit, ponder_with_exit
+from .exits import ExitRule, FixedExit, Peek, ponder_with_exit
 from ..backends import resolve_encoder
 from ..ops.attention import key_table
 from .kinds import DecoderLayers, EncoderLayers
@@ -295,19 +295,24 @@ class ACTTransformerEncoder(RaggedBlock):
         self.steps = out.steps
         return out
 
-    def _ponder_with_exit(self, step: SegmentStep, x: Tensor, exit: ExitRule, prompt: bool = False) -> Tensor:
+    def _ponder_with_exit(self, step: SegmentStep, x: Tensor, exit: ExitRule, prompt: bool = False,
+                          peek: Optional[Peek] = None) -> Tensor:
         if prompt and exit.fixed_prefill:   # prompt tokens under such a rule: a fixed depth (design §16)
-            exit, depth = FixedExit(None, 1), exit.prefill_steps
+            exit, depth, peek = FixedExit(None, 1), exit.prefill_steps, None
         else:
             depth = self.max_steps
-        state, steps, ran = ponder_with_exit(step, x, exit, self.halting.weight, self.halting.bias, depth)
+        if exit.reads_coda and peek is None:
+            raise ValueError(f"exit={exit.name!r} reads the coda at every step: give the peek at the next-token "
+                             "logits (decoded tokens in extend), or run it in forward or generate")
+        state, steps, ran = ponder_with_exit(step, x, exit, self.halting.weight, self.halting.bias, depth, peek)
         self.ponder_cost, self.steps, self.steps_run = ran.to(torch.float32), steps, ran
         return state
 
     @torch.no_grad()
     def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
                is_causal: bool = True, layout: Optional[ChunkLayout] = None,
-               positions: Optional[Tensor] = None, exit: Optional[ExitRule] = None) -> Tensor:
+               positions: Optional[Tensor] = None, exit: Optional[ExitRule] = None, prompt: bool = True,
+               peek: Optional[Peek] = None) -> Tensor:
         """Causal incremental evaluation (design §14): appends a chunk of new
         tokens to each of the cache's `sequences` (any subset, each once) and
         ponders them. x (T_new, D): the chunks back to back; cu_seqlens: their
@@ -318,10 +323,16 @@ class ACTTransformerEncoder(RaggedBlock):
         `forward(..., is_causal=True)` on the whole sequences. Inference
         only: it records no autograd graph. `layout`: the call's
         `ChunkLayout`, when the caller made it once for several caches of the
-        same sequences (a language model's stacks)."""
+        same sequences (a language model's stacks).
+
+        Under an exit rule with a fixed prefill (kl, Huginn's criteria, design
+        §16) the chunks are prompts, run at the rule's prefill_steps; with
+        prompt=False they are decoded tokens, each exiting on its own by the
+        rule, and a rule that reads the coda takes `peek` (layers/exits.py
+        `Peek`) at every step."""
         chosen, context, step = self._cached_step(cache, x, cu_seqlens, sequences, is_causal, layout, positions)
         if exit is not None:
-            state = self._ponder_with_exit(step, x, exit, prompt=True)
+            state = self._ponder_with_exit(step, x, exit, prompt=prompt, peek=peek)
         else:
             out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                          backend=chosen.halting)

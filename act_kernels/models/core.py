@@ -17,6 +17,7 @@ kind and says how tokens become rows (`_embed`) and rows logits (`_head`).
 from __future__ import annotations
 
 import contextlib
+from itertools import accumulate
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from ..layers.cache import ChunkLayout, check_sequences, chunk_lengths
 from ..generation.depthwise import check_schedule
-from ..layers.exits import ExitRule, check_pondernet_args, make_exit_rule, token_pondernet_loss
+from ..layers.exits import ExitRule, Peek, check_pondernet_args, make_exit_rule, token_pondernet_loss
 from ..generation.scheduler import eos_ids, generate_slots
 
 
@@ -139,11 +140,38 @@ class LoopedCore:
     def _forward_tokens(self, input_ids: Tensor, valid: Tensor, rule: Optional[ExitRule]):
         """Logits (B, L, V), ponder cost (B, L) float32 and steps (B, L) int64,
         0 at padding."""
-        if rule is not None and rule.reads_coda:
-            raise ValueError("exit='kl' reads the coda at every step: it runs in generate only")
+        if rule is not None and rule.reads_coda and valid.numel():
+            return self._forward_decoded(input_ids, valid, rule)
         packed = pack(valid)
         h, cost, steps = self._layers(self._embed(input_ids[valid], packed.positions), packed, rule)
         return unpack(valid, self._head(h)), unpack(valid, cost), unpack(valid, steps)
+
+    @torch.compiler.disable   # a loop over positions with host reads: runs eagerly under torch.compile
+    @torch.no_grad()
+    def _forward_decoded(self, input_ids: Tensor, valid: Tensor, rule: ExitRule):
+        """`_forward_tokens` under a rule that reads the coda (design §16):
+        every token is fed one position at a time through a fresh cache and
+        exits on its own, as a decoded token does (the coda and head at each
+        of its steps, their rows kept at its exit), so the logits and steps
+        are those of feeding each row token by token with `extend(...,
+        decode=True)`. One call per position for all rows (a row's padding
+        is never fed): L calls, not one. Records no autograd graph."""
+        batch, length = valid.shape
+        caches = self.new_cache(batch)
+        real = valid.tolist()
+        logits = cost = steps = None
+        for j in range(length):
+            rows = [b for b in range(batch) if real[b][j]]
+            if not rows:                  # a column of padding only
+                continue
+            out = self._extend(caches, input_ids[rows, j], list(range(len(rows) + 1)), rows, rule, decode=True)
+            if logits is None:
+                logits = out.new_zeros(batch, length, out.shape[-1])
+                cost = torch.zeros(batch, length, dtype=torch.float32, device=out.device)
+                steps = torch.zeros(batch, length, dtype=torch.int64, device=out.device)
+            at = (torch.tensor(rows, device=out.device), j)
+            logits[at], cost[at], steps[at] = out, self.block.ponder_cost, self.block.steps
+        return logits, cost, steps
 
     @torch.compiler.disable   # a data-dependent loop with a host read per step: runs eagerly under torch.compile
     def _layers(self, h: Tensor, packed: Packed, rule: Optional[ExitRule]):
@@ -204,11 +232,17 @@ class LoopedCore:
 
     @torch.no_grad()
     def extend(self, caches, tokens: Tensor, cu_seqlens: Sequence[int], sequences: Sequence[int], *,
-               exit: Optional[ExitRule] = None) -> Tensor:
+               exit: Optional[ExitRule] = None, decode: bool = False) -> Tensor:
         """Appends chunks of tokens (T_new,) to cache `sequences` and returns
         their logits (T_new, V); `.block.steps` becomes (T_new,). Exactly the
         causal forward's, for any chunking (design §14). exit: a checked exit
-        rule (layers/exits.py) for the block."""
+        rule (layers/exits.py) for the block. Under a rule with a fixed
+        prefill (kl, Huginn's criteria) the chunks are prompts, run at its
+        prefill_steps; decode=True feeds decoded tokens instead, one per
+        sequence, each exiting on its own (a rule that reads the coda runs
+        the coda and head at each of its steps)."""
+        if not isinstance(decode, bool):
+            raise TypeError(f"decode must be a bool, got {type(decode).__name__}")
         self._check_tokens(tokens, "tokens")
         if not isinstance(caches, (list, tuple)) or len(caches) != len(self._stacks()):
             raise TypeError("caches must be the list that model.new_cache(batch_size) returns")
@@ -216,13 +250,15 @@ class LoopedCore:
         chunk_lengths(offsets)                     # offsets rising from 0
         sequences = list(sequences)
         check_sequences(caches[0], sequences)
-        return self._extend(caches, tokens, offsets, sequences, exit)
+        return self._extend(caches, tokens, offsets, sequences, exit, decode)
 
     def _extend(self, caches, tokens: Tensor, offsets: List[int], sequences: List[int],
-                exit: Optional[ExitRule]) -> Tensor:
+                exit: Optional[ExitRule], decode: bool = False) -> Tensor:
         """`extend` without the checks of its arguments (the scheduler's calls:
         tokens the model chose, caches it made; no device read for them)."""
         new_lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if decode and any(n != 1 for n in new_lengths):
+            raise ValueError("decode=True feeds decoded tokens: one token per sequence")
         cached = [caches[0].lengths[s] for s in sequences]
         if self.max_len is not None and any(c + n > self.max_len for c, n in zip(cached, new_lengths)):
             raise ValueError(f"a sequence would exceed max_len = {self.max_len} tokens")
@@ -231,13 +267,41 @@ class LoopedCore:
         positions = layout.new_positions - torch.repeat_interleave(
             layout.cu_seqlens[:-1].to(torch.int64), layout.new_counts, output_size=layout.new_positions.numel())
         h = self._embed(tokens, positions)
+        given = iter(caches)       # one per stack present, in order
+        prelude_cache, block_cache, coda_cache = [None if m is None else next(given)
+                                                  for m in (self.prelude, self.block, self.coda)]
+        peek = CodaPeek(self, coda_cache, sequences, positions) if decode and exit is not None and exit.reads_coda \
+            else None
         with self._scope():
-            for stack, cache in zip(self._stacks(), caches):
-                rule = {}
-                if stack is self.block:
-                    h, rule = self._enter_block(h), dict(exit=exit)
-                h = stack.extend(cache, h, offsets, sequences, layout=layout, positions=positions, **rule)
+            if self.prelude is not None:
+                h = self.prelude.extend(prelude_cache, h, offsets, sequences, layout=layout, positions=positions)
+            h = self.block.extend(block_cache, self._enter_block(h), offsets, sequences, layout=layout,
+                                  positions=positions, exit=exit, prompt=not decode, peek=peek)
+            if peek is not None and not exit.every_loop:
+                return peek.logits      # each token's at its exit step, its coda rows kept there
+            if self.coda is not None:
+                h = self.coda.extend(coda_cache, h, offsets, sequences, layout=layout, positions=positions)
         return self._head(h)
+
+    def _feed(self, caches, tokens: Tensor, offsets: List[int], sequences: List[int], rule: ExitRule):
+        """One scheduler feed under a rule with a fixed prefill: prompts (the
+        sequences with nothing cached) run its prefill_steps, the decoded
+        tokens exit on their own; a feed that holds both runs them as two
+        calls. Returns the logits and steps in the feed's order."""
+        decoded = [caches[0].lengths[s] > 0 for s in sequences]
+        if len(set(decoded)) == 1:
+            return self._extend(caches, tokens, offsets, sequences, rule, decode=decoded[0]), self.block.steps
+        logits = steps = None
+        for decode in (False, True):
+            chunks = [j for j, d in enumerate(decoded) if d == decode]
+            index = torch.tensor([i for j in chunks for i in range(offsets[j], offsets[j + 1])], device=tokens.device)
+            out = self._extend(caches, tokens[index], [0, *accumulate(offsets[j + 1] - offsets[j] for j in chunks)],
+                               [sequences[j] for j in chunks], rule, decode)
+            if logits is None:
+                logits = out.new_empty(tokens.shape[0], out.shape[-1])
+                steps = torch.empty(tokens.shape[0], dtype=torch.int64, device=out.device)
+            logits[index], steps[index] = out, self.block.steps
+        return logits, steps
 
     def _generate(self, input_ids: Tensor, valid: Tensor, max_new_tokens: int, *, choose, stop, on_token=None,
                   max_batch_size: Optional[int], schedule: str, fixed_rows: bool, rule: Optional[ExitRule]):
@@ -246,15 +310,14 @@ class LoopedCore:
         check_max_new_tokens(max_new_tokens)
         check_max_batch_size(max_batch_size)
         check_schedule(schedule, fixed_rows)
-        if rule is not None and rule.fixed_prefill and schedule != "depthwise":
-            raise ValueError(f"exit={rule.name!r} runs under schedule='depthwise' only (its prompt tokens run a "
-                             "fixed depth, its new tokens exit on their own)")
         prompts = [row[keep] for row, keep in zip(input_ids, valid)]
         slots = min(max_batch_size or len(prompts), len(prompts))
         was_training = self.training
         self.eval()
         try:
             def prefill(caches, tokens, offsets, slots):
+                if rule is not None and rule.fixed_prefill:     # prompts at a fixed depth, new tokens on their own
+                    return self._feed(caches, tokens, list(offsets), list(slots), rule)
                 return self._extend(caches, tokens, list(offsets), list(slots), rule), self.block.steps
 
             self.block.iterations = 0
@@ -269,6 +332,49 @@ class LoopedCore:
         finally:
             self.train(was_training)
         return out._replace(iterations=out.iterations + self.block.iterations)
+
+
+class CodaPeek(Peek):
+    """The coda and head on decoded tokens' states at every step of the
+    block, for a rule that reads the coda (design §16), as the depth-wise
+    engine peeks: one token per sequence, the coda reading the earlier
+    tokens' committed rows and writing its own to scratch rows
+    (`CausalStack.extend(commit=False)`). At a token's exit step the rows
+    it peeked at are committed (`commit_peeked`), so the coda never runs
+    twice (under every_loop nothing is committed: the coda runs after the
+    block on the state the rule picked). `.logits` (T, V): each token's
+    logits at its latest step, at its exit once the block is done."""
+
+    def __init__(self, model: "LoopedCore", cache, sequences: List[int], positions: Tensor):
+        self.model, self.cache, self.sequences, self.positions = model, cache, sequences, positions
+        self.running = list(range(len(sequences)))      # the rows still running, ascending (host)
+        self.index = torch.arange(len(sequences), device=positions.device)
+        self.logits: Optional[Tensor] = None
+
+    def __call__(self, states: Tensor):
+        h = states
+        if self.model.coda is not None:
+            h = self.model.coda.extend(self.cache, states, list(range(len(self.running) + 1)),
+                                       [self.sequences[r] for r in self.running],
+                                       positions=self.positions[self.index], commit=False)
+        logits = self.model._head(h)
+        if self.logits is None:      # a first step's previous logits: zeros (no rule reads them at step 1)
+            self.logits = logits.new_zeros(len(self.sequences), logits.shape[-1])
+        previous = self.logits[self.index]
+        self.logits.index_copy_(0, self.index, logits)
+        return logits, previous
+
+    def settle(self, exits: Tensor) -> Tensor:
+        flags = exits.tolist()
+        done = [i for i, flag in enumerate(flags) if flag]
+        if done and self.model.coda is not None:
+            self.model.coda.commit_peeked(self.cache, [self.sequences[self.running[i]] for i in done],
+                                          torch.tensor(done, device=exits.device))
+        stay = [i for i, flag in enumerate(flags) if not flag]
+        self.running = [self.running[i] for i in stay]
+        kept = torch.tensor(stay, dtype=torch.int64, device=exits.device)
+        self.index = self.index[kept]
+        return kept
 
 
 def lay_out(input_ids: Tensor, valid: Tensor, generated, pad: int):
@@ -323,5 +429,5 @@ def check_generator(generator) -> None:
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
 
-__all__ = ["LoopedCore", "Packed", "PonderNetTerms", "check_attention_mask", "pack", "unpack", "lay_out",
+__all__ = ["LoopedCore", "CodaPeek", "Packed", "PonderNetTerms", "check_attention_mask", "pack", "unpack", "lay_out",
            "scores_by_column", "stop_at", "check_max_new_tokens", "check_max_batch_size", "check_generator"]

@@ -151,8 +151,10 @@ class ACTLanguageModel(LoopedCore, nn.Module):
 
         exit (inference only: under no_grad or in eval): "act" (ACT's mean
         field, the default), "gate", "latent" or "fixed", each a hard exit
-        per token that returns its state at its exit (design §16; "kl" reads
-        the coda at every step and runs in `generate` only); `.steps` are
+        per token that returns its state at its exit (design §16), or "kl",
+        which reads the coda at every step: its forward feeds the tokens one
+        position at a time through a cache, every token exiting on its own as
+        a decoded token does (one call per position, not one); `.steps` are
         then the exit steps and `.ponder_cost` the steps run. every_loop:
         the reference mode of computing every loop for every token and
         picking each token's exit afterwards (no token freezes; every token

@@ -2,7 +2,8 @@
 rule equals the forward's argmax with the same rule and equal steps (both
 schedulers, left padding, continuous batching); "fixed" is transformers' own
 model with the block unrolled; the every-loop reference mode; "kl" in
-decoding; bad input refused before anything runs."""
+decoding (its other paths: test_coda_exit_paths.py); bad input refused
+before anything runs."""
 import copy
 
 import pytest
@@ -158,6 +159,18 @@ def test_an_act_language_model_takes_the_same_rules():
                 assert torch.equal(forward.logits[0][prompt.numel() - 1:-1].argmax(-1), seq[prompt.numel():])
     kl = generate(model, given, 4, exit="kl", threshold=1e-2, prefill_steps=2)
     assert all(bool((s[:p.numel()] == 2).all()) for s, p in zip(kl.steps, given))
+    synchronous = generate(model, given, 4, exit="kl", threshold=1e-2, prefill_steps=2, schedule="synchronous")
+    assert all(torch.equal(a, b) for a, b in zip(synchronous.sequences, kl.sequences))
+    assert all(torch.equal(a, b) for a, b in zip(synchronous.steps, kl.steps))
+    # the forward feeds every token as a decoded one, one position at a time through the cache
+    seq, rule, caches = kl.sequences[2], model._exit_rule("kl", 1e-2, 1, False), model.new_cache(1)
+    with torch.no_grad():
+        forward = model(seq[None], exit="kl", threshold=1e-2)
+    for j in range(seq.numel()):
+        logits = model.extend(caches, seq[j:j + 1], [0, 1], [0], exit=rule, decode=True)
+        torch.testing.assert_close(forward.logits[0, j], logits[0], atol=1e-10, rtol=0)
+        assert int(forward.steps[0, j]) == int(model.block.steps[0])
+    assert len(set(forward.steps[0].tolist())) > 1
 
 
 @pytest.mark.parametrize("kw,error,match", [
@@ -172,7 +185,6 @@ def test_an_act_language_model_takes_the_same_rules():
     (dict(threshold=0.5), ValueError, "not to act"),
     (dict(exit="act", min_steps=2), ValueError, "not to act"),
     (dict(every_loop=True), ValueError, "every_loop picks"),
-    (dict(exit="kl", threshold=0.1), ValueError, "runs in generate only"),
 ])
 def test_bad_rules_are_refused_before_anything_runs(kw, error, match):
     looped = looped_model()
@@ -190,9 +202,6 @@ def test_inference_rules_refuse_training_and_bad_generate_options():
     with torch.no_grad():
         looped(ids, mask, exit="gate", threshold=0.5)              # under no_grad it is inference
     looped.eval()
-    with pytest.raises(ValueError, match="runs under schedule='depthwise' only"):
-        looped.generate(ids, mask, max_new_tokens=2, exit="kl", threshold=0.1, schedule="synchronous",
-                        return_dict_in_generate=True)
     with pytest.raises(ValueError, match="prefill_steps must be an int in"):
         looped.generate(ids, mask, max_new_tokens=2, exit="kl", threshold=0.1, prefill_steps=0, return_dict_in_generate=True)
     with pytest.raises(ValueError, match="prefill_steps applies to exit='kl' only"):

@@ -1,8 +1,9 @@
 """act_kernels.hf.HuginnForCausalLM against the independent float64 oracle
 (tests/huginn/oracle.py), on tiny checkpoints written in Huginn's published
 format by tests/huginn/checkpoints.py: loading with no remote code, exactness
-at a fixed number of steps, Huginn's exit criteria per token in generate and
-forward, the initial state's rule, saving back."""
+at a fixed number of steps, Huginn's exit criteria per token in generate
+(both schedulers, equal) and forward, the initial state's rule, saving
+back."""
 import pytest
 import torch
 
@@ -147,3 +148,69 @@ def test_settings_we_do_not_compute_are_refused():
         HuginnConfig(test_time_noise=0.1)
     with pytest.raises(ValueError, match="block_class_name"):
         HuginnConfig(block_class_name="TransformerPreNormBlock")
+
+
+CODA_CRITERIA = [("kl", 5e-2, 0), ("kl", 5e-2, 2), ("entropy-diff", 5e-2, 0), ("argmax-stability", 2, 1)]
+
+
+@pytest.mark.parametrize("criterion,threshold,min_steps", CODA_CRITERIA + [("latent-diff", 0.5, 0)])
+def test_synchronous_generation_equals_depthwise(checkpoint, criterion, threshold, min_steps):
+    """Every criterion, under both schedulers: the prompts at num_steps, each
+    new token exiting on its own; the same tokens, steps and scores, greedy
+    and sampled, with continuous batching (a prompt entering beside decoded
+    tokens)."""
+    model = checkpoint[3]
+    ids, mask = padded_batch(True)
+    kw = dict(max_new_tokens=4, exit=criterion, threshold=threshold, min_steps=min_steps, pad_token_id=0,
+              eos_token_id=None, return_dict_in_generate=True, output_scores=True)
+    spread = set()
+    for sampling in (dict(do_sample=False), dict(do_sample=True, temperature=2.0)):
+        draws = (lambda: dict(generator=torch.Generator().manual_seed(3))) if sampling["do_sample"] else dict
+        depthwise = model.generate(ids, mask, **kw, **sampling, **draws())
+        for more in (dict(), dict(max_batch_size=2)):
+            synchronous = model.generate(ids, mask, schedule="synchronous", **kw, **sampling, **draws(), **more)
+            assert torch.equal(synchronous.sequences, depthwise.sequences)
+            assert torch.equal(synchronous.steps, depthwise.steps)
+            for a, b in zip(synchronous.scores, depthwise.scores):
+                torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+        new = depthwise.steps[:, ids.shape[1]:]
+        spread |= set(new[new > 0].tolist())
+    assert len(spread) > 1
+
+
+def decoded_token_by_token(model, ids, mask, rule):
+    """Each row alone through the cache, its real tokens fed one at a time as decoded tokens."""
+    logits = torch.zeros(*ids.shape, model.vocab_size, dtype=torch.float64)
+    steps = torch.zeros(ids.shape, dtype=torch.int64)
+    for row in range(ids.shape[0]):
+        caches = model.new_cache(1)
+        for j in mask[row].nonzero().flatten().tolist():
+            logits[row, j] = model.extend(caches, ids[row, j:j + 1], [0, 1], [0], exit=rule, decode=True)[0]
+            steps[row, j] = model.block.steps[0]
+    return logits, steps
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+@pytest.mark.parametrize("criterion,threshold,min_steps", CODA_CRITERIA)
+def test_criteria_that_read_the_coda_in_forward(checkpoint, criterion, threshold, min_steps, left):
+    """forward feeds every token as a decoded one: equal to feeding each
+    row token by token through the cache, and a row's first token (it reads
+    no other) exits where the oracle's evaluator loop says."""
+    _, config, params, model = checkpoint
+    ids, mask = padded_batch(left)
+    keep = mask.bool()
+    with torch.no_grad():
+        out = model(ids, mask, exit=criterion, threshold=threshold, min_steps=min_steps)
+    rule = model._exit_rule(criterion, threshold, min_steps, False)
+    logits, steps = decoded_token_by_token(model, ids, mask, rule)
+    assert torch.equal(out.steps, steps) and bool((out.steps[~keep] == 0).all())
+    torch.testing.assert_close(out.logits[keep], logits[keep], atol=1e-10, rtol=0)
+    assert torch.equal(out.ponder_cost, out.steps.to(torch.float32))
+    first = keep.long().argmax(1)
+    for b in range(3):
+        token = ids[b, first[b]].view(1, 1)
+        want_logits, states = huginn_step_logits(params, config, token, num_steps=STEPS)
+        want = exit_steps(want_logits[:, 0, -1][:, None], states[:, 0, -1][:, None], criterion, threshold, min_steps)
+        assert int(out.steps[b, first[b]]) == int(want[0]), b
+        torch.testing.assert_close(out.logits[b, first[b]], want_logits[int(want[0]), 0, 0], rtol=0, atol=1e-10)
+    assert len(set(out.steps[keep].tolist())) > 1
