@@ -312,6 +312,9 @@ class LoopedCore:
         check_schedule(schedule, fixed_rows)
         prompts = [row[keep] for row, keep in zip(input_ids, valid)]
         slots = min(max_batch_size or len(prompts), len(prompts))
+        # depth-wise: prompts that wait for a slot are prefilled in groups of up to `slots`, ahead of their slot,
+        # into cache sequences of their own (one call per group, not one per freed slot; scheduler.depthwise)
+        ahead = min(slots, len(prompts) - slots) if schedule == "depthwise" and not fixed_rows else 0
         was_training = self.training
         self.eval()
         try:
@@ -322,7 +325,8 @@ class LoopedCore:
 
             self.block.iterations = 0
             with self._scope():
-                out = generate_slots(schedule, prefill=prefill, caches=self.new_cache(slots), prompts=prompts,
+                out = generate_slots(schedule, prefill=prefill, caches=self.new_cache(slots + ahead), prompts=prompts,
+                                     running=slots,
                                      max_new_tokens=max_new_tokens, choose=choose, stop=stop, on_token=on_token,
                                      max_len=self.max_len, embed=self._embed, prelude=self.prelude, block=self.block,
                                      coda=self.coda, head=self._head, enter=self._enter_block,
