@@ -2,12 +2,13 @@
 `VerifyAndUpdateConfig`, registered by `register()`): vLLM calls it while it
 builds the engine's config, in the calling process, after hf_overrides are
 applied, so a setting the plugin does not serve fails `vllm.LLM(...)` (or
-`vllm serve`) at once with an error naming it, before any worker starts."""
+`vllm serve`) at once with an error naming it, before any worker starts. Under the exit rule "act" it also turns CUDA
+graphs off (the model runs eager, looped.py)."""
 from __future__ import annotations
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from .checks import check_config
+from .checks import check_config, exit_rule
 
 
 class LoopedConfigCheck(VerifyAndUpdateConfig):
@@ -22,6 +23,13 @@ class LoopedConfigCheck(VerifyAndUpdateConfig):
         if stages != 1:
             raise ValueError(f"pipeline_parallel_size = {stages}: the vLLM plugin runs the looped model on one "
                              "pipeline stage (tensor parallelism is supported)")
+        if exit_rule(vllm_config.model_config.hf_config) == "act":
+            # "act" sizes its products by the tokens still running (a host sync per loop): no CUDA graph can be
+            # replayed over it, and the model is left out of torch.compile (looped.py). Set before vLLM fills in
+            # its defaults, which keep a value already set.
+            from vllm.config import CUDAGraphMode
+
+            vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
 
 
 __all__ = ["LoopedConfigCheck"]

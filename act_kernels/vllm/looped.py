@@ -20,19 +20,33 @@ The exit rule (`act_exit` in the config, or `hf_overrides`; checks.py):
 - "fixed": every token runs max_steps loops, the model with its block
   unrolled: `looped(ids, exit="fixed")` and `looped.generate(...,
   exit="fixed")`.
-- "act" (LoopedCausalLM's default): ACT's mean field (design §1, §9), with
-  every loop computed for every token. Per token the halting unit reads
-  each loop's output s_n (after the final norm with step_norm), h_n =
-  σ(w·s_n + c) in float32, N the first n with h_1 + … + h_n ≥ 1 − eps (or
-  max_steps), p_n = h_n before N and the remainder at N; the block's output
-  is S = Σ p_n s_n. A token that halted is frozen for the later loops as
-  design §9 and §14 define it: its state stays s^N, so at loop n > N the
-  block's first layer writes the keys and values of s^N into loop n's cache,
-  and every other block layer writes the rows of its own input at step N
-  (kept per layer); its outputs there are discarded. Later tokens (in the
-  same forward or in later decode steps) so read exactly what our engine's
-  ragged cache gives them. Every loop still runs for every token: the work
-  is the fixed rule's; only the values follow ACT.
+- "act" (LoopedCausalLM's default): ACT's mean field (design §1, §9). Per
+  token the halting unit reads each loop's output s_n (after the final
+  norm with step_norm), h_n = σ(w·s_n + c) in float32, N the first n with
+  h_1 + … + h_n ≥ 1 − eps (or max_steps), p_n = h_n before N and the
+  remainder at N; the block's output is S = Σ p_n s_n. A token that halted
+  leaves every later loop: the output projection, the residual, the
+  post-attention norm and the MLP of each block layer, the final norm
+  (step_norm) and the halting unit run on the running tokens' rows only.
+  Its keys and values there follow the frozen-token rule of design §9 and
+  §14 (its state stays s^N: block layer 1 reads s^N at every loop n > N,
+  every other block layer its own input at step N), so later tokens read
+  exactly what our engine's ragged cache gives them. Those keys and values
+  are constants: each block layer keeps every token's last (q, k, v) rows,
+  post-rotary; at each loop only the running tokens' rows are recomputed
+  (norm, qkv projection, q/k norms, rotary), plus, at block layer 1, the
+  rows of the tokens that halted at the loop before (their input moved to
+  s^N once). vLLM's attention still runs on every token of the batch: it
+  writes every token's keys and values into this loop's cache (the later
+  tokens need them) in the same call as it attends, and its metadata
+  (query offsets, sequence lengths, slots) is built once per batch by the
+  attention backend; cutting it to the running rows would mean rebuilding
+  it per loop for each backend, which the plugin does not do. So the halted
+  tokens' queries are attended too and their outputs dropped: per halted
+  token and loop, one attention row over its context and the cache write.
+  The row counts depend on the data (a host sync per loop), so under "act"
+  the model is left out of vLLM's torch.compile and CUDA graphs are off
+  (config.py): it runs eager; "fixed" compiles as vLLM's own models.
 """
 from __future__ import annotations
 
@@ -90,8 +104,15 @@ def _share(copy_: nn.Module, original: nn.Module) -> None:
         setattr(copy_, name, getattr(original, name))
 
 
+def _compiled(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM's torch.compile takes the model: not under "act", whose
+    row counts depend on the data (a host sync per loop, shapes no graph
+    holds); "fixed" compiles as vLLM's own models do."""
+    return exit_rule(vllm_config.model_config.hf_config) != "act"
+
+
 @support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0,
-                                         "inputs_embeds": 0})
+                                         "inputs_embeds": 0}, enable_if=_compiled)
 class LoopedModel(nn.Module):
     """Embedding, decoder layers (loop 1's), the loops' attention copies,
     final norm and the halting unit; forward returns the final hidden states."""
@@ -166,36 +187,111 @@ class LoopedModel(nn.Module):
         return h, residual
 
     def _act(self, positions, v):
-        """ACT's mean field over the loops, v the block's input (T, D); every
-        loop computed for every token, halted tokens frozen (module docstring)."""
+        """ACT's mean field over the loops, v the block's input (T, D): each
+        loop runs the block's MLP, output projection and norms on the tokens
+        still running only; halted tokens are frozen (module docstring) and
+        their keys and values at the later loops come from the rows kept per
+        block layer. Eager only (data-dependent row counts)."""
         tokens = v.shape[0]
         accumulate = torch.float64 if v.dtype == torch.float64 else torch.float32
+        every = torch.arange(tokens, device=v.device)
         running = torch.ones(tokens, dtype=torch.bool, device=v.device)
         total = torch.zeros(tokens, dtype=accumulate, device=v.device)
         out = torch.zeros(v.shape, dtype=accumulate, device=v.device)
         weight = self.halting.weight.to(accumulate)
         bias = self.halting.bias.to(accumulate)
-        kept = [None] * len(self.loops[0])      # each block layer's input at a token's last step (layers 2..)
+        v = v.clone()                               # the tokens' states, written row-wise below
+        kept = [None] * len(self.loops[0])          # each block layer's (q, k, v) rows of every token, post-rotary
+        rows = every                                # the tokens running this loop
         for n, layers in enumerate(self.loops):
+            last = n == len(self.loops) - 1
+            # block layer 1's keys and values: the tokens that ran the previous loop read their new state (a
+            # token that halted there writes s^N now and, its input fixed, the same rows at every later loop)
+            fresh = rows if n else every
+            rows = every[running] if n else every   # host sync: the running count sizes every product below
             x = v
-            keep = running.unsqueeze(-1)
             for k, layer in enumerate(layers):
-                if k:
-                    x = kept[k] = x if n == 0 else torch.where(keep, x, kept[k])
-                x, res = layer(positions, x, None)
-                x = x + res
+                x = _layer_rows(layer, positions, kept, k, x, rows, fresh if k == 0 else rows)
+            if not rows.numel():
+                continue                            # keys and values written; nothing runs on
             if self.step_norm:
                 x = self.norm(x)
             s = x.to(accumulate)
             h = torch.sigmoid(F.linear(s, weight, bias)).squeeze(-1)
-            added = total + h
-            halts = running if n == len(self.loops) - 1 else running & (added >= 1 - self.eps)
-            p = torch.where(halts, 1 - total, torch.where(running, h, torch.zeros_like(h)))
-            out = out + p.unsqueeze(-1) * s
-            total = torch.where(running, added, total)
-            v = torch.where(keep, x, v)
-            running = running & ~halts
+            before = total.index_select(0, rows)
+            added = before + h
+            halts = torch.ones_like(added, dtype=torch.bool) if last else added >= 1 - self.eps
+            p = torch.where(halts, 1 - before, h)
+            out.index_copy_(0, rows, out.index_select(0, rows) + p.unsqueeze(-1) * s)
+            total.index_copy_(0, rows, added)
+            v.index_copy_(0, rows, x)
+            running.index_copy_(0, rows, ~halts)
         return out.to(v.dtype)
+
+
+def _qkv(attn: nn.Module, positions: torch.Tensor, a: torch.Tensor):
+    """The family's attention forward up to its `Attention`: q, k, v of the
+    normed rows a, per-head q/k norms (Qwen3, Qwen2 with qk_norm), rotary."""
+    qkv, _ = attn.qkv_proj(a)
+    q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q.reshape(*q.shape[:-1], -1, attn.head_dim)).reshape(q.shape)
+        k = attn.k_norm(k.reshape(*k.shape[:-1], -1, attn.head_dim)).reshape(k.shape)
+    return (*attn.rotary_emb(positions, q, k), v)
+
+
+def _writes_apart(attention) -> bool:
+    """Whether the attention backend writes keys and values into the paged
+    cache in an op of its own (vLLM's CPU, FlashAttention, Triton and Flex
+    backends), so a loop where no token runs can write them and skip the
+    attention itself."""
+    return not attention.attn_backend.forward_includes_kv_cache_update and \
+        attention.kv_sharing_target_layer_name is None
+
+
+def _write_cache(attention, key: torch.Tensor, value: torch.Tensor) -> None:
+    """The cache write of `attention.forward` alone (the same op, the same views)."""
+    from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+
+    unified_kv_cache_update(key.view(-1, attention.num_kv_heads, attention.head_size),
+                            value.view(-1, attention.num_kv_heads, attention.head_size_v), attention.layer_name)
+
+
+def _layer_rows(layer, positions, kept, k, x, rows, fresh):
+    """vLLM's decoder layer (Llama, Qwen2, Qwen3: the same attribute names)
+    on the running rows of one loop: x the layer's input, the running rows
+    (R, D), or, for block layer 1 (k == 0), every token's state (T, D), of
+    which the rows `fresh` get new keys and values. Keys and values of the
+    others are kept[k]'s, computed at their last loop; vLLM's attention runs
+    on every token (its batch metadata cannot be cut to a subset), writes
+    every token's keys and values into this loop's cache, and only the
+    running rows' outputs go on (o_proj, residual, norm, MLP). Where no
+    token runs, only the cache write runs (if the backend has it apart)."""
+    attn = layer.self_attn
+    every = positions.shape[0]
+    a = None
+    if k == 0:
+        if fresh.numel():
+            a = layer.input_layernorm(x if fresh.numel() == every else x.index_select(0, fresh))
+        x = x.index_select(0, rows)               # the running rows' input goes on to the residual
+    elif fresh.numel():
+        a = layer.input_layernorm(x)
+    if kept[k] is None:                           # loop 1: every token's rows are new
+        kept[k] = _qkv(attn, positions, a)
+    elif fresh.numel():
+        for whole, part in zip(kept[k], _qkv(attn, positions.index_select(0, fresh), a)):
+            whole.index_copy_(0, fresh, part)
+    if not rows.numel() and _writes_apart(attn.attn):
+        _write_cache(attn.attn, kept[k][1], kept[k][2])   # no query runs: this loop's cache write is all it needs
+        return x
+    o = attn.attn(*kept[k])
+    if not rows.numel():
+        return x
+    if rows.numel() != every:
+        o = o.index_select(0, rows)
+    o, _ = attn.o_proj(o)
+    h, residual = layer.post_attention_layernorm(o, x)
+    return layer.mlp(h) + residual
 
 
 class VLLMLoopedCausalLM(nn.Module):

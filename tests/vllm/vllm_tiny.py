@@ -10,6 +10,7 @@ Runs in the vLLM environment only (the test modules skip without vllm):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import pytest
@@ -130,3 +131,26 @@ def logprob_gaps(looped, exit, prompt, tokens, logprobs, prompt_logprobs):
     for j in range(1, len(prompt)):        # prompt token j is predicted at position j - 1
         gap = max(gap, *(abs(lp.logprob - ours[j - 1, tok].item()) for tok, lp in prompt_logprobs[j].items()))
     return gap
+
+
+def count_mlp_rows(model) -> None:
+    """Run in the worker (llm.apply_model): forward hooks that count the rows
+    each decoder layer's MLP sees, under the model's `mlp_rows` (layer index ->
+    rows; a block layer's MLP serves every loop). Call once per engine."""
+    inner = model.model
+    inner.mlp_rows = {}
+    for i, layer in enumerate(inner.layers):
+        inner.mlp_rows[i] = 0
+        layer.mlp.register_forward_hook(functools.partial(_count_rows, inner.mlp_rows, i))
+
+
+def _count_rows(counts, i, module, args, output) -> None:
+    counts[i] += args[0].shape[0]
+
+
+def reset_mlp_rows(model) -> None:
+    model.model.mlp_rows.update(dict.fromkeys(model.model.mlp_rows, 0))
+
+
+def read_mlp_rows(model) -> dict:
+    return dict(model.model.mlp_rows)

@@ -1,0 +1,68 @@
+"""The vLLM plugin's "act" rule skips the work of tokens that halted: the
+MLP of each block layer (shared by every loop) sees, over a whole greedy
+generation, exactly the rows of the tokens still running at each loop, the
+sum of the tokens' ACT steps that our own generate reports for the same
+prompts, and fewer rows than every loop for every token; the layers outside
+the block see each token once. Counted by forward hooks installed in the
+worker (llm.apply_model; vLLM then pickles the functions, so the module
+allows its insecure serialization), prefix caching off so that every prompt
+token runs.
+
+vLLM environment only (see vllm_tiny.py); one engine for the module:
+
+    /work/vllm-venv/bin/python -m pytest tests/vllm -p no:xdist -o addopts=""
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import vllm_tiny
+
+vllm = vllm_tiny.require_vllm()
+
+pytestmark = pytest.mark.vllm
+
+BLOCK = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("looped_skip")
+    looped = vllm_tiny.build_looped(folder, block=BLOCK)
+    before = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    llm = vllm_tiny.engine(folder, enable_prefix_caching=False)
+    try:
+        llm.apply_model(vllm_tiny.count_mlp_rows)
+        llm.apply_model(vllm_tiny.reset_mlp_rows)
+        greedy = vllm_tiny.vllm_greedy(llm)
+        (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
+        yield looped, greedy, rows
+    finally:
+        vllm_tiny.shutdown(llm)
+        if before is None:
+            os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
+        else:
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = before
+
+
+def test_counted_generation_equals_ours(counted):
+    looped, got, _ = counted
+    want = vllm_tiny.ours_greedy(looped, "act")
+    assert [g[0] for g in got] == [w[0] for w in want]
+
+
+def test_block_mlps_see_the_running_rows_only(counted):
+    looped, _, rows = counted
+    want = vllm_tiny.ours_greedy(looped, "act")
+    # the engine's forwards see the prompt and every new token but the last (no step reads it)
+    fed = [steps[:len(p) + vllm_tiny.NEW_TOKENS - 1] for p, (_, steps) in zip(vllm_tiny.PROMPTS, want)]
+    tokens = sum(len(f) for f in fed)
+    ran = sum(sum(f) for f in fed)
+    start, stop = BLOCK
+    assert min(min(f) for f in fed) >= 1
+    assert ran < looped.max_steps * tokens, "the tiny model's tokens should halt before max_steps"
+    for i, seen in sorted(rows.items()):
+        assert seen == (ran if start <= i < stop else tokens), (i, seen, ran, tokens)
