@@ -186,11 +186,16 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
         return head(h)
 
     engine = DepthwiseBlock(block, block_cache, attention, exit, partial(next_logits, commit=False))
+
+    def logits_of(h: Tensor, slots: List[int]) -> Tensor:
+        """Halted tokens' next-token logits from what is kept of them: their
+        outputs, or the logits a rule that reads the coda peeked at."""
+        return h if engine.peeked_exit else next_logits(h, slots)
     next_token = torch.zeros(len(table.slots), dtype=torch.int64, device=device)
     chosen: List[int] = []     # the slots whose next token is chosen and waits to enter
     staged: deque = deque()    # prefilled slots, their first token chosen, waiting for room to start
     held: List[int] = []       # halted slots whose coda waits: their sequences are ahead (`hold`)
-    held_out: List[Tensor] = []
+    held_out: List[Tensor] = []   # their outputs (or, a rule that read the coda, their logits)
 
     def take(slots: List[int], tokens: Optional[Tensor], into=chosen) -> None:
         if slots:
@@ -218,7 +223,7 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
         if not running:
             if held:                   # nothing left to wait for
                 slots, h = release(held, held_out)
-                take(*table.choose(next_logits(h, slots), slots))
+                take(*table.choose(logits_of(h, slots), slots))
             continue
         active = [run is not None and s not in held for s, run in enumerate(table.slots)] if fixed_rows else None
         if fixed_rows:                 # one row per slot, the free ones idle
@@ -233,20 +238,19 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
         going = [j for j, s in enumerate(halted) if table.fed(s, reported[j:j + 1])]
         if going:
             slots = [halted[j] for j in going]
-            h = out[tensor(going).to(device)] if len(going) < len(halted) else out
-            if not engine.peeked_exit and not staged and hold(table, slots, held):
+            if engine.peeked_exit:   # the rule ran the coda and head on these states at their exit step
+                if coda is not None:     # its scratch rows last this iteration: committed now, held or not
+                    coda.commit_peeked(coda_cache, slots, tensor([engine.halted_local[j] for j in going]).to(device))
+                h = engine.previous_logits[tensor(slots).to(device)]      # their next-token logits
+            else:
+                h = out[tensor(going).to(device)] if len(going) < len(halted) else out
+            if not staged and hold(table, slots, held):
                 held.extend(slots)
                 held_out.append(h)
                 continue
-            if held:                 # the coda runs now: the held tokens go through it with these
+            if held:                 # the coda (or the choice) runs now: the held tokens go with these
                 slots, h = release(held, held_out, slots, h)
-            if engine.peeked_exit:   # the rule ran the coda and head on these states at their exit step
-                at = tensor(slots).to(device)
-                if coda is not None:
-                    coda.commit_peeked(coda_cache, slots, tensor([engine.halted_local[j] for j in going]).to(device))
-                take(*table.choose(engine.previous_logits[at], slots))
-            else:
-                take(*table.choose(next_logits(h, slots), slots))
+            take(*table.choose(logits_of(h, slots), slots))
     for layer in block_cache.layers:       # the in-flight rows' tail is no longer needed
         layer.reserve_tail(0)
     return engine.iterations
@@ -258,7 +262,9 @@ HOLD_AHEAD = 2
 
 def hold(table: Slots, halted: List[int], held: List[int]) -> bool:
     """Whether the coda of these halted tokens (their sequences' next
-    tokens, the prelude of those) waits for a later iteration. Each coda
+    tokens, the prelude of those; under a rule that read the coda, which
+    ran at the exit step, the choice and the prelude) waits for a later
+    iteration. Each coda
     or prelude call reads its layers' weights whatever its rows, so an
     iteration costs about two layer calls more when tokens halt in it; a
     batch whose run is bound by its slowest sequences gains by running them

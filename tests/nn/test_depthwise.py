@@ -249,3 +249,34 @@ def test_sequences_ahead_wait_for_the_coda_without_changing_anything(monkeypatch
         check_against_forward(model, given, held)
         assert held.iterations == plain.iterations
         assert 0 < held_calls < plain_calls, (held_calls, plain_calls)
+
+
+
+def test_sequences_ahead_wait_for_their_next_token_under_a_rule_that_reads_the_coda(monkeypatch):
+    """Under kl the coda ran at the exit step (the peek, committed there), so
+    a held sequence waits for the choice of its next token and that token's
+    prelude: the same tokens, steps, scores and iterations, fewer prelude calls."""
+    import act_kernels.generation.scheduler as scheduler
+    from act_kernels.layers.transformer import CausalStack
+
+    model = make(seed=8)
+    given = prompts((5, 3, 8, 1, 6, 2), seed=9)
+    prelude_calls = []
+    extend = CausalStack.extend
+
+    def counted(self, *args, **kwargs):
+        if self is model.prelude:
+            prelude_calls.append(1)
+        return extend(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalStack, "extend", counted)
+    runs = {}
+    for ahead in (10 ** 9, 2):
+        monkeypatch.setattr(scheduler, "HOLD_AHEAD", ahead)
+        prelude_calls.clear()
+        runs[ahead] = generate(model, given, 12, exit="kl", threshold=1e-2, prefill_steps=2), len(prelude_calls)
+    (plain, plain_calls), (held, held_calls) = runs[10 ** 9], runs[2]
+    same(plain, held)
+    assert len({int(n) for s in held.steps for n in s}) > 2          # tokens exit at different steps
+    assert held.iterations == plain.iterations
+    assert 0 < held_calls < plain_calls, (held_calls, plain_calls)
