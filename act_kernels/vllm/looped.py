@@ -36,21 +36,31 @@ The exit rule (`act_exit` in the config, or `hf_overrides`; checks.py):
   post-rotary; at each loop only the running tokens' rows are recomputed
   (norm, qkv projection, q/k norms, rotary), plus, at block layer 1, the
   rows of the tokens that halted at the loop before (their input moved to
-  s^N once). vLLM's attention still runs on every token of the batch: it
-  writes every token's keys and values into this loop's cache (the later
-  tokens need them) in the same call as it attends, and its metadata
-  (query offsets, sequence lengths, slots) is built once per batch by the
-  attention backend; cutting it to the running rows would mean rebuilding
-  it per loop for each backend, which the plugin does not do. So the halted
-  tokens' queries are attended too and their outputs dropped: per halted
-  token and loop, one attention row over its context and the cache write.
-  The row counts depend on the data (a host sync per loop), so under "act"
-  the model is left out of vLLM's torch.compile and CUDA graphs are off
-  (config.py): it runs eager; "fixed" compiles as vLLM's own models.
+  s^N once). vLLM's attention backends take each sequence's queries as one
+  contiguous range with its causal offset, so a sequence's queries can be
+  left out only as a whole: at a loop where some sequences of the batch
+  have no running token left, on vLLM's CPU backend the loop's attention
+  runs on the sequences that still have one only, with attention metadata
+  cut to them (query offsets, sequence lengths, block table, slots and the
+  backend's scheduler plan rebuilt, once per loop, read by the loop's
+  layers through the forward context), and the other tokens' keys and
+  values are written into the loop's cache apart (later tokens read them).
+  In a decode batch (one query per sequence) a halted token's query leaves
+  exactly; a prefill chunk keeps all its queries while any of its tokens
+  runs. Other backends (vLLM's GPU ones) keep the whole batch's metadata:
+  there the halted tokens' queries are attended too and their outputs
+  dropped, one attention row over its context per halted token and loop.
+  A loop where no token runs only writes the cache (backends with a
+  separate cache write). The row counts depend on the data (a host sync
+  per loop), so under "act" the model is left out of vLLM's torch.compile
+  and CUDA graphs are off (config.py): it runs eager; "fixed" compiles as
+  vLLM's own models.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -203,15 +213,18 @@ class LoopedModel(nn.Module):
         v = v.clone()                               # the tokens' states, written row-wise below
         kept = [None] * len(self.loops[0])          # each block layer's (q, k, v) rows of every token, post-rotary
         rows = every                                # the tokens running this loop
+        batch = _Sequences.of(self.loops[1:], tokens, v.dtype)
         for n, layers in enumerate(self.loops):
             last = n == len(self.loops) - 1
             # block layer 1's keys and values: the tokens that ran the previous loop read their new state (a
             # token that halted there writes s^N now and, its input fixed, the same rows at every later loop)
             fresh = rows if n else every
             rows = every[running] if n else every   # host sync: the running count sizes every product below
+            cut = batch.cut(running, rows) if batch is not None and 0 < rows.numel() < tokens else None
             x = v
-            for k, layer in enumerate(layers):
-                x = _layer_rows(layer, positions, kept, k, x, rows, fresh if k == 0 else rows)
+            with contextlib.nullcontext() if cut is None else cut.reading(layers):
+                for k, layer in enumerate(layers):
+                    x = _layer_rows(layer, positions, kept, k, x, rows, fresh if k == 0 else rows, cut)
             if not rows.numel():
                 continue                            # keys and values written; nothing runs on
             if self.step_norm:
@@ -257,16 +270,17 @@ def _write_cache(attention, key: torch.Tensor, value: torch.Tensor) -> None:
                             value.view(-1, attention.num_kv_heads, attention.head_size_v), attention.layer_name)
 
 
-def _layer_rows(layer, positions, kept, k, x, rows, fresh):
+def _layer_rows(layer, positions, kept, k, x, rows, fresh, cut):
     """vLLM's decoder layer (Llama, Qwen2, Qwen3: the same attribute names)
     on the running rows of one loop: x the layer's input, the running rows
     (R, D), or, for block layer 1 (k == 0), every token's state (T, D), of
     which the rows `fresh` get new keys and values. Keys and values of the
-    others are kept[k]'s, computed at their last loop; vLLM's attention runs
-    on every token (its batch metadata cannot be cut to a subset), writes
-    every token's keys and values into this loop's cache, and only the
-    running rows' outputs go on (o_proj, residual, norm, MLP). Where no
-    token runs, only the cache write runs (if the backend has it apart)."""
+    others are kept[k]'s, computed at their last loop. vLLM's attention
+    writes every token's keys and values into this loop's cache and attends
+    every query, or, with a cut (`_Cut`), the queries of the sequences that
+    still have a running token; only the running rows' outputs go on
+    (o_proj, residual, norm, MLP). Where no token runs, only the cache
+    write runs (if the backend has it apart)."""
     attn = layer.self_attn
     every = positions.shape[0]
     a = None
@@ -284,14 +298,139 @@ def _layer_rows(layer, positions, kept, k, x, rows, fresh):
     if not rows.numel() and _writes_apart(attn.attn):
         _write_cache(attn.attn, kept[k][1], kept[k][2])   # no query runs: this loop's cache write is all it needs
         return x
-    o = attn.attn(*kept[k])
+    if cut is None:
+        o = attn.attn(*kept[k])
+        if rows.numel() != every:
+            o = o.index_select(0, rows)
+    else:
+        q, key, value = kept[k]
+        _write_slots(attn.attn, key.index_select(0, cut.rest), value.index_select(0, cut.rest), cut.rest_slots)
+        o = attn.attn(q.index_select(0, cut.keep), key.index_select(0, cut.keep), value.index_select(0, cut.keep))
+        o = o.index_select(0, cut.pick)
     if not rows.numel():
         return x
-    if rows.numel() != every:
-        o = o.index_select(0, rows)
     o, _ = attn.o_proj(o)
     h, residual = layer.post_attention_layernorm(o, x)
     return layer.mlp(h) + residual
+
+
+def _write_slots(attention, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    """The backend's cache write of the rows key, value into the given
+    slots of this layer's paged cache (what `unified_kv_cache_update` does
+    with the batch's slots)."""
+    attention.impl.do_kv_cache_update(attention, key.view(-1, attention.num_kv_heads, attention.head_size),
+                                      value.view(-1, attention.num_kv_heads, attention.head_size_v),
+                                      attention.kv_cache, slots)
+
+
+class _Sequences:
+    """One batch's sequences as vLLM's CPU attention backend sees them at
+    the loop copies' layers (loops 2..), which share one metadata object
+    and one slot mapping (one KV cache group): which sequence each token
+    belongs to, so that a loop can cut the metadata to the sequences that
+    still have a running token (`cut`)."""
+
+    def __init__(self, context, metadata, slots, attention, dtype):
+        self.context, self.metadata, self.slots = context, metadata, slots
+        self.attention, self.dtype = attention, dtype
+        starts = metadata.query_start_loc
+        self.lengths = starts[1:] - starts[:-1]
+        self.owner = torch.repeat_interleave(torch.arange(self.lengths.numel(), device=starts.device),
+                                             self.lengths)
+
+    @classmethod
+    def of(cls, loops, tokens: int, dtype: torch.dtype) -> _Sequences | None:
+        """The batch's sequences, or None where the metadata cannot be cut
+        safely: a backend other than vLLM's CPU one (the GPU backends keep
+        plans and fields the plugin does not rebuild), a cache write inside
+        the attention op, encoder or dynamically causal attention, more
+        than one metadata object or slot mapping over the loop copies,
+        padded token rows, or no forward context (profiling runs)."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+        from vllm.v1.attention.backend import AttentionType
+
+        attentions = [layer.self_attn.attn for layers in loops for layer in layers]
+        if not attentions or not is_forward_context_available():
+            return None
+        if any(a.attn_backend.get_name() != "CPU_ATTN" or not _writes_apart(a) or a.attn_type != AttentionType.DECODER
+               for a in attentions):
+            return None
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+        context = get_forward_context()
+        if not isinstance(context.attn_metadata, dict) or not isinstance(context.slot_mapping, dict):
+            return None
+        names = [a.layer_name for a in attentions]
+        metadata = {id(context.attn_metadata.get(name)): context.attn_metadata.get(name) for name in names}
+        slots = {id(context.slot_mapping.get(name)): context.slot_mapping.get(name) for name in names}
+        if len(metadata) != 1 or len(slots) != 1:
+            return None
+        (metadata,), (slots,) = metadata.values(), slots.values()
+        if not isinstance(metadata, CPUAttentionMetadata) or slots is None or metadata.dynamic_causal is not None \
+                or metadata.encoder_cache is not None or metadata.use_sdpa_prefill \
+                or metadata.num_actual_tokens != tokens or slots.shape[0] != tokens \
+                or metadata.query_start_loc.shape[0] != metadata.seq_lens.shape[0] + 1:
+            return None
+        return cls(context, metadata, slots, attentions[0], dtype)
+
+    def cut(self, running: torch.Tensor, rows: torch.Tensor) -> _Cut | None:
+        """The metadata of the sequences with a running token (running: (T,)
+        bool, rows: its indices), or None where every sequence has one
+        (nothing to cut)."""
+        from vllm import _custom_ops as ops
+        from vllm import envs
+
+        alive = torch.zeros_like(self.lengths).index_add_(0, self.owner, running.to(self.lengths.dtype)) > 0
+        count = int(alive.sum())                  # host sync: sizes the cut
+        if count == alive.numel():
+            return None
+        keep = alive.index_select(0, self.owner).nonzero().squeeze(1)
+        rest = (~alive).index_select(0, self.owner).nonzero().squeeze(1)
+        lengths, seq_lens = self.lengths[alive], self.metadata.seq_lens[alive]
+        starts = torch.zeros(count + 1, dtype=self.metadata.query_start_loc.dtype, device=lengths.device)
+        torch.cumsum(lengths, 0, out=starts[1:])
+        impl = self.attention.impl
+        # the backend's own builder call (CPUAttentionMetadataBuilder.build) on the cut sequences
+        plan = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=count, num_heads=impl.num_heads, num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size,
+            seq_lens=seq_lens, dtype=self.dtype, query_start_loc=starts, causal=self.metadata.causal,
+            sliding_window_size=impl.sliding_window, isa=self.attention.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=impl.kv_cache_dtype)
+        keep_slots = self.slots.index_select(0, keep)
+        metadata = dataclasses.replace(
+            self.metadata, num_actual_tokens=keep.numel(), max_query_len=int(lengths.max()),
+            query_start_loc=starts, max_seq_len=int(seq_lens.max()), seq_lens=seq_lens,
+            block_table=self.metadata.block_table[:alive.numel()][alive], slot_mapping=keep_slots,
+            scheduler_metadata=plan)
+        # where each running token's row sits among the kept ones (every running token's sequence is kept)
+        where = torch.empty_like(running, dtype=torch.long)
+        where[keep] = torch.arange(keep.numel(), device=keep.device)
+        return _Cut(self.context, metadata, keep, keep_slots, rest, self.slots.index_select(0, rest), where[rows])
+
+
+class _Cut:
+    """One loop's attention on the sequences that still have a running
+    token: their token rows `keep` (with their slots and the cut metadata),
+    the other tokens' rows `rest` and slots (written into the cache apart),
+    and `pick`, the running tokens' places among the kept rows."""
+
+    def __init__(self, context, metadata, keep, keep_slots, rest, rest_slots, pick):
+        self.context, self.metadata = context, metadata
+        self.keep, self.keep_slots, self.rest, self.rest_slots, self.pick = keep, keep_slots, rest, rest_slots, pick
+
+    @contextlib.contextmanager
+    def reading(self, layers):
+        """The forward context with the cut metadata and the kept rows' slots
+        under the names of these layers' attention, the batch's restored after."""
+        context = self.context
+        names = [layer.self_attn.attn.layer_name for layer in layers]
+        metadata, slots = context.attn_metadata, context.slot_mapping
+        context.attn_metadata = {**metadata, **dict.fromkeys(names, self.metadata)}
+        context.slot_mapping = {**slots, **dict.fromkeys(names, self.keep_slots)}
+        try:
+            yield
+        finally:
+            context.attn_metadata, context.slot_mapping = metadata, slots
 
 
 class VLLMLoopedCausalLM(nn.Module):

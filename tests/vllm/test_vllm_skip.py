@@ -3,10 +3,12 @@ MLP of each block layer (shared by every loop) sees, over a whole greedy
 generation, exactly the rows of the tokens still running at each loop, the
 sum of the tokens' ACT steps that our own generate reports for the same
 prompts, and fewer rows than every loop for every token; the layers outside
-the block see each token once. Counted by forward hooks installed in the
-worker (llm.apply_model; vLLM then pickles the functions, so the module
-allows its insecure serialization), prefix caching off so that every prompt
-token runs.
+the block see each token once. At each loop n >= 2 the attention of the
+loop's layers receives the queries of the sequences with a token still
+running only (vLLM's CPU backend: the metadata cut per loop). Counted by
+forward hooks installed in the worker (llm.apply_model; vLLM then pickles
+the functions, so the module allows its insecure serialization), prefix
+caching off so that every prompt token runs.
 
 vLLM environment only (see vllm_tiny.py); one engine for the module:
 
@@ -36,10 +38,13 @@ def counted(tmp_path_factory):
     llm = vllm_tiny.engine(folder, enable_prefix_caching=False)
     try:
         llm.apply_model(vllm_tiny.count_mlp_rows)
+        llm.apply_model(vllm_tiny.count_attention_queries)
         llm.apply_model(vllm_tiny.reset_mlp_rows)
+        llm.apply_model(vllm_tiny.reset_attention_queries)
         greedy = vllm_tiny.vllm_greedy(llm)
         (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
-        yield looped, greedy, rows
+        ((queries, batches),) = llm.apply_model(vllm_tiny.read_attention_queries)
+        yield looped, greedy, rows, queries, batches
     finally:
         vllm_tiny.shutdown(llm)
         if before is None:
@@ -49,13 +54,13 @@ def counted(tmp_path_factory):
 
 
 def test_counted_generation_equals_ours(counted):
-    looped, got, _ = counted
+    looped, got, *_ = counted
     want = vllm_tiny.ours_greedy(looped, "act")
     assert [g[0] for g in got] == [w[0] for w in want]
 
 
 def test_block_mlps_see_the_running_rows_only(counted):
-    looped, _, rows = counted
+    looped, _, rows, *_ = counted
     want = vllm_tiny.ours_greedy(looped, "act")
     # the engine's forwards see the prompt and every new token but the last (no step reads it)
     fed = [steps[:len(p) + vllm_tiny.NEW_TOKENS - 1] for p, (_, steps) in zip(vllm_tiny.PROMPTS, want)]
@@ -66,3 +71,31 @@ def test_block_mlps_see_the_running_rows_only(counted):
     assert ran < looped.max_steps * tokens, "the tiny model's tokens should halt before max_steps"
     for i, seen in sorted(rows.items()):
         assert seen == (ran if start <= i < stop else tokens), (i, seen, ran, tokens)
+
+
+def test_loop_attention_sees_the_running_sequences_only(counted):
+    """At loop n >= 2 the attention of each loop copy receives the queries of
+    the sequences (prefill chunks, decode tokens) with a token still running
+    at n, the whole chunk while any of its tokens runs; fewer than every
+    query of each batch where any token runs."""
+    looped, got, _, queries, batches = counted
+    want = vllm_tiny.ours_greedy(looped, "act")
+    full = [p + tokens for p, (tokens, *_) in zip(vllm_tiny.PROMPTS, got)]
+    start, stop = BLOCK
+    width, layers = stop - start, looped.model.config.num_hidden_layers
+    expected, every = {}, {}
+    for ids, positions, starts in batches:
+        chunks = []                               # per sequence of the batch: its tokens' ACT steps
+        for a, b in zip(starts[:-1], starts[1:]):
+            owners = [j for j, seq in enumerate(full) if seq[positions[a]:positions[b - 1] + 1] == ids[a:b]]
+            steps = {tuple(want[j][1][positions[a]:positions[b - 1] + 1]) for j in owners}
+            assert len(steps) == 1, (ids[a:b], positions[a:b], owners)
+            chunks.append(steps.pop())
+        for n in range(2, looped.max_steps + 1):
+            ran = sum(len(c) for c in chunks if max(c) >= n)
+            expected[n] = expected.get(n, 0) + ran
+            every[n] = every.get(n, 0) + (len(ids) if ran else 0)
+    for u, seen in sorted(queries.items()):
+        n = 2 + (u - layers) // width
+        assert seen == expected[n], (u, n, seen, expected[n], every[n])
+    assert sum(expected.values()) < sum(every.values()), "some batch should hold a sequence with no running token"

@@ -154,3 +154,42 @@ def reset_mlp_rows(model) -> None:
 
 def read_mlp_rows(model) -> dict:
     return dict(model.model.mlp_rows)
+
+
+def count_attention_queries(model) -> None:
+    """Run in the worker (llm.apply_model): forward pre-hooks that count the
+    query rows each loop copy's attention (loops 2..) receives, under the
+    model's `query_rows` (unrolled layer index -> rows), and record each
+    forward's batch under `batches`: (token ids, positions, the sequences'
+    query offsets). Call once per engine."""
+    inner = model.model
+    inner.query_rows, inner.batches = {}, []
+    for u, layer in inner.loop_layers.items():
+        inner.query_rows[int(u)] = 0
+        layer.self_attn.attn.register_forward_pre_hook(functools.partial(_count_queries, inner.query_rows, int(u)))
+    name = next(iter(inner.loop_layers.values())).self_attn.attn.layer_name
+    # on the outer model: the inner one's compile wrapper calls its forward without hooks
+    model.register_forward_pre_hook(functools.partial(_record_batch, inner.batches, name), with_kwargs=True)
+
+
+def _count_queries(counts, u, module, args) -> None:
+    counts[u] += args[0].shape[0]
+
+
+def _record_batch(batches, name, module, args, kwargs) -> None:
+    from vllm.forward_context import get_forward_context
+
+    metadata = get_forward_context().attn_metadata
+    if metadata:                                  # None in the engine's dummy runs
+        named = dict(zip(("input_ids", "positions"), args)) | kwargs
+        input_ids, positions = named["input_ids"], named["positions"]
+        batches.append((input_ids.tolist(), positions.tolist(), metadata[name].query_start_loc.tolist()))
+
+
+def reset_attention_queries(model) -> None:
+    model.model.query_rows.update(dict.fromkeys(model.model.query_rows, 0))
+    model.model.batches.clear()
+
+
+def read_attention_queries(model) -> tuple[dict, list]:
+    return dict(model.model.query_rows), list(model.model.batches)
