@@ -16,6 +16,10 @@ config is read. `register()`:
   an exit setting the plugin does not serve is refused when the engine's
   config is built (in the calling process, before any worker starts),
   with an error naming the setting.
+- registers Ouro's published architecture "OuroForCausalLM" (model_type
+  "ouro", whose AutoConfig `act_kernels.hf` registers) as
+  `act_kernels.vllm.ouro:VLLMOuroForCausalLM`, with its config check (the
+  exit gate's `early_exit_threshold` in (0, 1]). See ouro.py.
 
 The exit rule is the config's `act_exit` (set it with
 `LLM(..., hf_overrides={"act_exit": "fixed"})`): "act" (the default, as
@@ -29,9 +33,10 @@ on a CPU one) and transformers; importing this package imports neither.
 """
 from __future__ import annotations
 
-from .checks import ARCHITECTURE, EXIT_KEY, EXITS, exit_rule
+from .checks import ARCHITECTURE, EXIT_KEY, EXITS, OURO_ARCHITECTURE, exit_rule
 
 MODEL_CLASS = "act_kernels.vllm.looped:VLLMLoopedCausalLM"
+OURO_MODEL_CLASS = "act_kernels.vllm.ouro:VLLMOuroForCausalLM"
 
 
 def register() -> None:
@@ -40,13 +45,17 @@ def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from ..hf.config import MODEL_TYPE, LoopedConfig
-    from .config import LoopedConfigCheck
+    from ..hf.config import MODEL_TYPE, LoopedConfig   # importing act_kernels.hf registers Ouro's AutoConfig
+    from .config import LoopedConfigCheck, OuroConfigCheck
 
     AutoConfig.register(MODEL_TYPE, LoopedConfig, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     MODELS_CONFIG_MAP[ARCHITECTURE] = LoopedConfigCheck
+    if OURO_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(OURO_ARCHITECTURE, OURO_MODEL_CLASS)
+    MODELS_CONFIG_MAP[OURO_ARCHITECTURE] = OuroConfigCheck
 
 
-__all__ = ["register", "ARCHITECTURE", "EXIT_KEY", "EXITS", "exit_rule", "MODEL_CLASS"]
+__all__ = ["register", "ARCHITECTURE", "EXIT_KEY", "EXITS", "exit_rule", "MODEL_CLASS", "OURO_ARCHITECTURE",
+           "OURO_MODEL_CLASS"]

@@ -72,4 +72,23 @@ def check_config(config) -> tuple[int, int]:
     return int(start), int(stop)
 
 
-__all__ = ["ARCHITECTURE", "EXIT_KEY", "EXITS", "NOT_SERVED", "FAMILIES", "exit_rule", "check_config"]
+OURO_ARCHITECTURE = "OuroForCausalLM"           # Ouro's published config.json (model_type "ouro")
+OURO_THRESHOLD_KEY = "early_exit_threshold"     # the config attribute (or hf_overrides key): the exit gate's threshold
+
+
+def check_ouro_config(config) -> float:
+    """An Ouro config the plugin can serve: returns the exit gate's threshold.
+    OuroConfig checks its own arguments, but vLLM applies hf_overrides to the
+    built config, past those checks: the exit settings are checked again here."""
+    threshold = getattr(config, OURO_THRESHOLD_KEY, 1.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+        raise ValueError(f"{OURO_THRESHOLD_KEY} = {threshold!r} (hf_overrides or config.json): the exit gate's "
+                         "threshold is a probability mass in (0, 1]")
+    steps = config.total_ut_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"total_ut_steps = {steps!r} (hf_overrides or config.json) must be an int >= 1")
+    return float(threshold)
+
+
+__all__ = ["ARCHITECTURE", "EXIT_KEY", "EXITS", "NOT_SERVED", "FAMILIES", "exit_rule", "check_config",
+           "OURO_ARCHITECTURE", "OURO_THRESHOLD_KEY", "check_ouro_config"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from .checks import check_config, exit_rule
+from .checks import check_config, check_ouro_config, exit_rule
 
 
 class LoopedConfigCheck(VerifyAndUpdateConfig):
@@ -32,4 +32,21 @@ class LoopedConfigCheck(VerifyAndUpdateConfig):
             vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
 
 
-__all__ = ["LoopedConfigCheck"]
+class OuroConfigCheck(VerifyAndUpdateConfig):
+    """Ouro's hook: the exit settings (checks.py), and CUDA graphs off, as
+    under "act": the gate's exits size the products by the tokens still
+    running (ouro.py runs eager)."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        check_ouro_config(model_config.hf_config)
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        from vllm.config import CUDAGraphMode
+
+        check_ouro_config(vllm_config.model_config.hf_config)
+        vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+
+
+__all__ = ["LoopedConfigCheck", "OuroConfigCheck"]
