@@ -36,7 +36,11 @@ T the tokens the engine ran (prompts + new tokens but the last) and sum N
 their ACT steps as counted in the looped engine (forward hooks on the MLPs
 of the prelude's first layer and the block's first layer, one untimed
 call); the share of the ideal reached; the looped engine against our
-generate. Checks: vLLM's greedy tokens against our generate's (the first
+generate; the query rows the attention of loops 2.. received per block
+layer (loop_queries, hooks in the untimed call) against the tokens running
+there, sum N - T (loop_queries_per_running: 1 where every attended
+sequence has a running token, as in decode batches; more where a prefill
+chunk keeps all its queries while any of its tokens runs). Checks: vLLM's greedy tokens against our generate's (the first
 difference per prompt: they agree token for token in float32 unless a
 near-tie flips), and the engine's sum N against our generate's steps.
 
@@ -78,24 +82,29 @@ PAUSE = 1.5
 
 def install_counts(model) -> None:
     """Forward hooks counting the rows each decoder layer's MLP sees (a block
-    layer's MLP serves every loop), under model.model.mlp_rows."""
+    layer's MLP serves every loop), under model.model.mlp_rows, and the query
+    rows the attention of the loops 2.. receives, summed over their layers,
+    under model.model.loop_queries["rows"]."""
     import functools
 
-    def count(counts, i, module, args, output):
+    def count(counts, i, module, args, output=None):
         counts[i] += args[0].shape[0]
 
     inner = model.model
     inner.mlp_rows = dict.fromkeys(range(len(inner.layers)), 0)
-    inner.mlp_hooks = [layer.mlp.register_forward_hook(functools.partial(count, inner.mlp_rows, i))
-                       for i, layer in enumerate(inner.layers)]
+    inner.loop_queries = {"rows": 0}
+    inner.count_hooks = [layer.mlp.register_forward_hook(functools.partial(count, inner.mlp_rows, i))
+                         for i, layer in enumerate(inner.layers)]
+    inner.count_hooks += [layer.self_attn.attn.register_forward_pre_hook(
+        functools.partial(count, inner.loop_queries, "rows")) for layer in inner.loop_layers.values()]
 
 
-def take_counts(model) -> dict:
+def take_counts(model) -> tuple[dict, int]:
     """The counts, the hooks removed (the timed calls run without them)."""
     inner = model.model
-    for hook in inner.mlp_hooks:
+    for hook in inner.count_hooks:
         hook.remove()
-    return dict(inner.mlp_rows)
+    return dict(inner.mlp_rows), inner.loop_queries["rows"]
 
 
 # -- this process ------------------------------------------------------------------------------------------
@@ -214,7 +223,7 @@ def main():
         act = engines["vllm_looped_act"]
         act.apply_model(worker.install_counts)
         made = vllm_call(act, size)
-        (rows,) = act.apply_model(worker.take_counts)
+        ((rows, loop_queries),) = act.apply_model(worker.take_counts)
         ours = ours_call(size)
         width = ours.sequences.shape[1] - new
         first_difference = []
@@ -223,10 +232,15 @@ def main():
             first_difference.append(next((j for j, (a, b) in enumerate(zip(tokens, mine)) if a != b), new))
         fed_steps = ours.steps[:, :-1]             # every token but the last new one runs a forward
         tokens_run, steps_sum = rows[0], rows[hw.BLOCK[0]]
+        # the queries attended at loops 2.. per block layer, against the tokens running there (steps beyond the
+        # first): equal where every attended sequence has a running token (decode batches), more where a prefill
+        # chunk keeps its queries while any of its tokens runs
+        loop_queries = loop_queries / (hw.BLOCK[1] - hw.BLOCK[0])
         new_steps = ours.steps[:, width:-1].double()
         checks[size] = {
             "tokens_run": tokens_run, "steps_sum": steps_sum, "mean_steps": steps_sum / tokens_run,
             "mlp_rows_by_layer": rows,
+            "loop_queries": loop_queries, "loop_queries_per_running": round(loop_queries / (steps_sum - tokens_run), 3),
             "ours_tokens_run": int((fed_steps > 0).sum()), "ours_steps_sum": int(fed_steps.sum()),
             "ours_mean_steps_new_tokens": round(float(new_steps.mean()), 3),
             "share_at_max_steps": round(float((fed_steps == hw.MAX_STEPS).sum() / (fed_steps > 0).sum()), 4),
@@ -256,7 +270,8 @@ def main():
         mine = [row for row in rounds if row["size"] == size]
         tokens = new * size
         entry = {"size": size, "new_tokens": tokens, **{k: checks[size][k] for k in (
-            "tokens_run", "steps_sum", "mean_steps", "ours_mean_steps_new_tokens", "share_at_max_steps", "ideal",
+            "tokens_run", "steps_sum", "mean_steps", "loop_queries", "loop_queries_per_running",
+            "ours_mean_steps_new_tokens", "share_at_max_steps", "ideal",
             "greedy_agree", "greedy_first_difference", "ours_steps_sum", "ours_tokens_run")}}
         for clock in ("cpu_s", "wall_s"):
             speed = {case: statistics.median(tokens / row[case][clock] for row in mine) for case in cases}
