@@ -94,9 +94,9 @@ class Slots:
     def occupied(self) -> List[int]:
         return [s for s, run in enumerate(self.slots) if run is not None]
 
-    def refill(self) -> List[int]:
-        """Free slots take the next prompts; returns those slots."""
-        fresh = [s for s, run in enumerate(self.slots) if run is None][:len(self.waiting)]
+    def refill(self, limit: Optional[int] = None) -> List[int]:
+        """Free slots take the next prompts (at most `limit` of them); returns those slots."""
+        fresh = [s for s, run in enumerate(self.slots) if run is None][:min(len(self.waiting), limit or len(self.slots))]
         for s in fresh:
             self.slots[s] = self.waiting.popleft()
             for cache in self.caches:
@@ -166,12 +166,13 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
     the token can halt, so that choose and stop see every sequence whole.
 
     With more cache sequences than table.running, prompts are prefilled
-    ahead: whenever no prefilled sequence waits to start, every free cache
-    sequence takes a waiting prompt in one prefill call (its first token
-    chosen there), and those sequences start stepping as running ones finish.
+    ahead: whenever no prefilled sequence waits to start, free cache
+    sequences take up to table.running waiting prompts in one prefill call
+    (their first tokens chosen there), and those sequences start stepping
+    as running ones finish.
     A prefill call's host work and per-step passes do not grow with its
-    prompts (one 81-token prompt alone costs about twice its share of a
-    call of 16), so a queue's prompts are prefilled in a few large calls,
+    prompts (design §17 measures a prompt alone at about twice its share of
+    a call of 16), so a queue's prompts are prefilled in a few large calls,
     not one call per freed slot."""
     caches, device = iter(table.caches), table.caches[0].device     # one per stack present, in order
     prelude_cache, block_cache, coda_cache = [None if m is None else next(caches) for m in (prelude, block, coda)]
@@ -204,7 +205,7 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
 
     while table.waiting or table.occupied():
         if not staged:
-            fresh = table.refill()
+            fresh = table.refill(table.running)     # a prefill call holds at most max_batch_size prompts
             if fresh:
                 take(*table.feed(fresh), into=staged)
         room = table.running - (len(table.occupied()) - len(staged))
@@ -319,6 +320,11 @@ def generate_slots(schedule: str, *, prefill: Callable, caches: Sequence, prompt
     at most this many sequences step at once (default: every cache
     sequence), the other cache sequences take prompts prefilled ahead."""
     check_schedule(schedule, fixed_rows)
+    if running is not None and not 1 <= running <= caches[0].batch_size:
+        raise ValueError(f"running must be in [1, {caches[0].batch_size}] (the caches' batch size), got {running!r}")
+    if running is not None and running != caches[0].batch_size and (schedule != "depthwise" or fixed_rows):
+        raise ValueError("running below the caches' batch size (prompts prefilled ahead) needs schedule='depthwise' "
+                         "without fixed_rows: the other modes step every cache sequence")
     table = Slots(prefill, caches, prompts, max_new_tokens, choose, stop, on_token, max_len, running)
     if schedule == "synchronous":
         iterations = synchronous(table)

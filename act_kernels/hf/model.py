@@ -263,8 +263,9 @@ class LoopedCausalLM(LoopedCore, PreTrainedModel, GenerationMixin):
         padding); every token ponders on its own over one ragged cache, and
         with max_batch_size at most that many sequences run at once, a
         finished sequence's slot taking the next prompt (continuous batching;
-        depth-wise, the prompts that wait are prefilled ahead in groups of up
-        to max_batch_size, so the cache holds up to twice that many).
+        depth-wise, the prompts that wait are prefilled ahead in calls of up
+        to max_batch_size prompts, so the cache holds up to twice that many
+        sequences).
         Returns the sequences (B, L + new) as transformers lays them out: the
         input as given (its padding kept), then the new tokens, pad_token_id
         after a sequence's end, no column after the last new token of any

@@ -10,6 +10,7 @@ import torch
 
 import act_kernels as ak
 from act_kernels.generation.depthwise import DepthwiseBlock
+from act_kernels.models.core import LoopedCore
 from looped_lm import generate
 from test_language_model import VOCAB, check_against_forward, make, prompts
 
@@ -102,19 +103,26 @@ def test_continuous_batching_and_eos_under_both_schedules(slots, monkeypatch):
     free = generate(model, given, 8, schedule="synchronous")
     eos = int(free.sequences[1][2 + 3])            # the second sequence's fourth new token
     sync = generate(model, given, 8, eos_token_id=eos, max_batch_size=slots, schedule="synchronous")
-    rows = []
-    original = DepthwiseBlock.iterate
+    rows, prefills = [], []
+    original, extend = DepthwiseBlock.iterate, LoopedCore._extend
 
     def iterate(self, slots_, positions, active=None, read_with=None):
         rows.append(len(slots_))
         return original(self, slots_, positions, active, read_with)
 
+    def prefill(self, caches, tokens, offsets, sequences, *args, **kwargs):
+        prefills.append(len(sequences))
+        return extend(self, caches, tokens, offsets, sequences, *args, **kwargs)
+
     monkeypatch.setattr(DepthwiseBlock, "iterate", iterate)
+    monkeypatch.setattr(LoopedCore, "_extend", prefill)
     deep = generate(model, given, 8, eos_token_id=eos, max_batch_size=slots)
     same(sync, deep)
     assert any(s.numel() < f.numel() for s, f in zip(deep.sequences, free.sequences))
     check_against_forward(model, given, deep)
     assert max(rows) <= slots        # prompts prefilled ahead never step beyond max_batch_size
+    # the prompts that wait are prefilled ahead in groups of max_batch_size, not as each slot frees
+    assert prefills == [slots] * (len(given) // slots) + [len(given) % slots] * (len(given) % slots > 0)
     if slots == 1:   # one slot: every decode iteration steps one token, one per step of every fed token
         fed = sum(int(s[p.numel():].sum()) for s, p in zip(deep.steps, given))
         assert rows == [1] * fed
