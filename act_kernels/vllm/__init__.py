@@ -49,12 +49,12 @@ def register() -> None:
     from .config import LoopedConfigCheck, OuroConfigCheck
 
     AutoConfig.register(MODEL_TYPE, LoopedConfig, exist_ok=True)
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    MODELS_CONFIG_MAP[ARCHITECTURE] = LoopedConfigCheck
-    if OURO_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(OURO_ARCHITECTURE, OURO_MODEL_CLASS)
-    MODELS_CONFIG_MAP[OURO_ARCHITECTURE] = OuroConfigCheck
+    for architecture, model_class, check in ((ARCHITECTURE, MODEL_CLASS, LoopedConfigCheck),
+                                             (OURO_ARCHITECTURE, OURO_MODEL_CLASS, OuroConfigCheck)):
+        # our config check goes with our class only: a vLLM (or plugin) with its own class keeps its own check
+        if architecture not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(architecture, model_class)
+            MODELS_CONFIG_MAP[architecture] = check
 
 
 __all__ = ["register", "ARCHITECTURE", "EXIT_KEY", "EXITS", "exit_rule", "MODEL_CLASS", "OURO_ARCHITECTURE",

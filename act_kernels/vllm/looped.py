@@ -68,6 +68,7 @@ from torch import nn
 from torch.nn import functional as F
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -233,13 +234,23 @@ class LoopedModel(nn.Module):
             h = torch.sigmoid(F.linear(s, weight, bias)).squeeze(-1)
             before = total.index_select(0, rows)
             added = before + h
-            halts = torch.ones_like(added, dtype=torch.bool) if last else added >= 1 - self.eps
+            halts = torch.ones_like(added, dtype=torch.bool) if last else agreed(added >= 1 - self.eps)
             p = torch.where(halts, 1 - before, h)
             out.index_copy_(0, rows, out.index_select(0, rows) + p.unsqueeze(-1) * s)
             total.index_copy_(0, rows, added)
             v.index_copy_(0, rows, x)
             running.index_copy_(0, rows, ~halts)
         return out.to(v.dtype)
+
+
+def agreed(flags: torch.Tensor) -> torch.Tensor:
+    """The exit flags every tensor-parallel rank takes: a token leaves where
+    any rank says so. The ranks compute them from the same all-reduced
+    states, so they agree but for rounding; one flag apart, the ranks would
+    run different row counts into the next loop's all-reduces and hang."""
+    if get_tensor_model_parallel_world_size() == 1:
+        return flags
+    return tensor_model_parallel_all_reduce(flags.to(torch.float32)) > 0
 
 
 def _qkv(attn: nn.Module, positions: torch.Tensor, a: torch.Tensor):

@@ -49,7 +49,7 @@ from vllm.sequence import IntermediateTensors
 
 from ..layers.exits import exits_now, make_exit_rule
 from .checks import check_ouro_config
-from .looped import VLLMLoopedCausalLM, _layer_rows, _Sequences, _share
+from .looped import VLLMLoopedCausalLM, _layer_rows, _Sequences, _share, agreed
 
 
 class OuroDecoderLayer(nn.Module):
@@ -152,8 +152,8 @@ class OuroModel(nn.Module):
                 continue                            # keys and values written; nothing runs on
             x = self.norm(x)
             # the gate reads s_n only (no previous state)
-            gone = exits_now(self.rule, n, self.max_steps, x, x, self.early_exit_gate.weight,
-                             self.early_exit_gate.bias, state, rows)
+            gone = agreed(exits_now(self.rule, n, self.max_steps, x, x, self.early_exit_gate.weight,
+                                    self.early_exit_gate.bias, state, rows))
             v.index_copy_(0, rows, x)
             running.index_copy_(0, rows, ~gone)
         return v
