@@ -227,25 +227,32 @@ def test_a_language_model_without_prelude_or_coda():
     check_against_forward(model, given, generate(model, given, 5))
 
 
+def count_calls(monkeypatch, stack) -> list:
+    """A list that grows by one at each call of this stack's `extend` (the
+    prelude's or the coda's: one layer call per iteration that needs it)."""
+    from act_kernels.layers.transformer import CausalStack
+
+    calls, extend = [], CausalStack.extend
+
+    def counted(self, *args, **kwargs):
+        if self is stack:
+            calls.append(1)
+        return extend(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalStack, "extend", counted)
+    return calls
+
+
 def test_sequences_ahead_wait_for_the_coda_without_changing_anything(monkeypatch):
     """With no prompt waiting for a slot, the tokens of sequences HOLD_AHEAD or
     more tokens ahead of the slowest one wait for their coda until one of the
     slowest halts (scheduler.hold): the same tokens, steps and iterations,
     with fewer coda calls, under both row modes."""
     import act_kernels.generation.scheduler as scheduler
-    from act_kernels.layers.transformer import CausalStack
 
     model = make(seed=8)
     given = prompts((5, 3, 8, 1, 6, 2), seed=9)
-    coda_calls = []
-    extend = CausalStack.extend
-
-    def counted(self, *args, **kwargs):
-        if self is model.coda:
-            coda_calls.append(1)
-        return extend(self, *args, **kwargs)
-
-    monkeypatch.setattr(CausalStack, "extend", counted)
+    coda_calls = count_calls(monkeypatch, model.coda)
     for fixed_rows in (False, True):
         runs = {}
         for ahead in (10 ** 9, 2):
@@ -265,19 +272,10 @@ def test_sequences_ahead_wait_for_their_next_token_under_a_rule_that_reads_the_c
     a held sequence waits for the choice of its next token and that token's
     prelude: the same tokens, steps, scores and iterations, fewer prelude calls."""
     import act_kernels.generation.scheduler as scheduler
-    from act_kernels.layers.transformer import CausalStack
 
     model = make(seed=8)
     given = prompts((5, 3, 8, 1, 6, 2), seed=9)
-    prelude_calls = []
-    extend = CausalStack.extend
-
-    def counted(self, *args, **kwargs):
-        if self is model.prelude:
-            prelude_calls.append(1)
-        return extend(self, *args, **kwargs)
-
-    monkeypatch.setattr(CausalStack, "extend", counted)
+    prelude_calls = count_calls(monkeypatch, model.prelude)
     runs = {}
     for ahead in (10 ** 9, 2):
         monkeypatch.setattr(scheduler, "HOLD_AHEAD", ahead)

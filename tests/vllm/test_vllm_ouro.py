@@ -13,7 +13,6 @@ vLLM environment only (see vllm_tiny.py); one engine per threshold:
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -53,21 +52,16 @@ def served(request, folder):
     threshold = request.param
     ours = OuroForCausalLM.from_pretrained(folder, early_exit_threshold=threshold).eval()
     overrides = {} if threshold == THRESHOLD else {"hf_overrides": {"early_exit_threshold": threshold}}
-    before = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"   # apply_model pickles the counting functions
-    llm = vllm_tiny.engine(folder, enable_prefix_caching=False, **overrides)
-    try:
-        llm.apply_model(vllm_tiny.count_mlp_rows)
-        llm.apply_model(vllm_tiny.reset_mlp_rows)
-        greedy = vllm_tiny.vllm_greedy(llm)
-        (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
-        yield threshold, ours, llm, greedy, rows
-    finally:
-        vllm_tiny.shutdown(llm)
-        if before is None:
-            os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
-        else:
-            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = before
+    with vllm_tiny.insecure_serialization():
+        llm = vllm_tiny.engine(folder, enable_prefix_caching=False, **overrides)
+        try:
+            llm.apply_model(vllm_tiny.count_mlp_rows)
+            llm.apply_model(vllm_tiny.reset_mlp_rows)
+            greedy = vllm_tiny.vllm_greedy(llm)
+            (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
+            yield threshold, ours, llm, greedy, rows
+        finally:
+            vllm_tiny.shutdown(llm)
 
 
 def test_ouro_registered(served):

@@ -16,7 +16,6 @@ vLLM environment only (see vllm_tiny.py); one engine for the module:
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -33,24 +32,19 @@ BLOCK = (1, 3)
 def counted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("looped_skip")
     looped = vllm_tiny.build_looped(folder, block=BLOCK)
-    before = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    llm = vllm_tiny.engine(folder, enable_prefix_caching=False)
-    try:
-        llm.apply_model(vllm_tiny.count_mlp_rows)
-        llm.apply_model(vllm_tiny.count_attention_queries)
-        llm.apply_model(vllm_tiny.reset_mlp_rows)
-        llm.apply_model(vllm_tiny.reset_attention_queries)
-        greedy = vllm_tiny.vllm_greedy(llm)
-        (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
-        ((queries, batches),) = llm.apply_model(vllm_tiny.read_attention_queries)
-        yield looped, greedy, rows, queries, batches
-    finally:
-        vllm_tiny.shutdown(llm)
-        if before is None:
-            os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
-        else:
-            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = before
+    with vllm_tiny.insecure_serialization():
+        llm = vllm_tiny.engine(folder, enable_prefix_caching=False)
+        try:
+            llm.apply_model(vllm_tiny.count_mlp_rows)
+            llm.apply_model(vllm_tiny.count_attention_queries)
+            llm.apply_model(vllm_tiny.reset_mlp_rows)
+            llm.apply_model(vllm_tiny.reset_attention_queries)
+            greedy = vllm_tiny.vllm_greedy(llm)
+            (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
+            ((queries, batches),) = llm.apply_model(vllm_tiny.read_attention_queries)
+            yield looped, greedy, rows, queries, batches
+        finally:
+            vllm_tiny.shutdown(llm)
 
 
 def test_counted_generation_equals_ours(counted):

@@ -193,3 +193,20 @@ def reset_attention_queries(model) -> None:
 
 def read_attention_queries(model) -> tuple[dict, list]:
     return dict(model.model.query_rows), list(model.model.batches)
+
+
+@contextlib.contextmanager
+def insecure_serialization():
+    """`LLM.apply_model` pickles the tests' counting functions into the
+    workers: vLLM allows that only with VLLM_ALLOW_INSECURE_SERIALIZATION
+    set. Sets it inside, restores what was there after."""
+    name = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
