@@ -205,35 +205,20 @@ class LoopedModel(nn.Module):
         block layer. Eager only (data-dependent row counts)."""
         tokens = v.shape[0]
         accumulate = torch.float64 if v.dtype == torch.float64 else torch.float32
-        every = torch.arange(tokens, device=v.device)
         running = torch.ones(tokens, dtype=torch.bool, device=v.device)
         total = torch.zeros(tokens, dtype=accumulate, device=v.device)
         out = torch.zeros(v.shape, dtype=accumulate, device=v.device)
         weight = self.halting.weight.to(accumulate)
         bias = self.halting.bias.to(accumulate)
         v = v.clone()                               # the tokens' states, written row-wise below
-        kept = [None] * len(self.loops[0])          # each block layer's (q, k, v) rows of every token, post-rotary
-        rows = every                                # the tokens running this loop
-        batch = _Sequences.of(self.loops[1:], tokens, v.dtype)
-        for n, layers in enumerate(self.loops):
-            last = n == len(self.loops) - 1
-            # block layer 1's keys and values: the tokens that ran the previous loop read their new state (a
-            # token that halted there writes s^N now and, its input fixed, the same rows at every later loop)
-            fresh = rows if n else every
-            rows = every[running] if n else every   # host sync: the running count sizes every product below
-            cut = batch.cut(running, rows) if batch is not None and 0 < rows.numel() < tokens else None
-            x = v
-            with contextlib.nullcontext() if cut is None else cut.reading(layers):
-                for k, layer in enumerate(layers):
-                    x = _layer_rows(layer, positions, kept, k, x, rows, fresh if k == 0 else rows, cut)
-            if not rows.numel():
-                continue                            # keys and values written; nothing runs on
+        for n, rows, x in running_loops(self.loops, positions, v, running):
             if self.step_norm:
                 x = self.norm(x)
             s = x.to(accumulate)
             h = torch.sigmoid(F.linear(s, weight, bias)).squeeze(-1)
             before = total.index_select(0, rows)
             added = before + h
+            last = n == len(self.loops) - 1
             halts = torch.ones_like(added, dtype=torch.bool) if last else agreed(added >= 1 - self.eps)
             p = torch.where(halts, 1 - before, h)
             out.index_copy_(0, rows, out.index_select(0, rows) + p.unsqueeze(-1) * s)
@@ -241,6 +226,33 @@ class LoopedModel(nn.Module):
             v.index_copy_(0, rows, x)
             running.index_copy_(0, rows, ~halts)
         return out.to(v.dtype)
+
+
+def running_loops(loops, positions: torch.Tensor, v: torch.Tensor, running: torch.Tensor):
+    """Runs the loops (each a list of layers) on the tokens still running:
+    yields (n, rows, x) per loop where some token runs, n from 0, rows
+    their indices and x their output rows. v (T, D), every token's state,
+    and running (T,) bool are read at each loop: the caller updates both in
+    place from x before the next one (a halted token keeps its state).
+    Halted tokens' keys and values come from the rows kept per layer; a loop
+    with no running token only writes them (module docstring)."""
+    tokens = v.shape[0]
+    every = torch.arange(tokens, device=v.device)
+    kept = [None] * len(loops[0])               # each layer's (q, k, v) rows of every token, post-rotary
+    rows = every                                # the tokens running this loop
+    batch = _Sequences.of(loops[1:], tokens, v.dtype)
+    for n, layers in enumerate(loops):
+        # layer 1's keys and values: the tokens that ran the previous loop read their new state (a token that
+        # halted there writes its exit state now and, its input fixed, the same rows at every later loop)
+        fresh = rows if n else every
+        rows = every[running] if n else every   # host sync: the running count sizes every product below
+        cut = batch.cut(running, rows) if batch is not None and 0 < rows.numel() < tokens else None
+        x = v
+        with contextlib.nullcontext() if cut is None else cut.reading(layers):
+            for k, layer in enumerate(layers):
+                x = _layer_rows(layer, positions, kept, k, x, rows, fresh if k == 0 else rows, cut)
+        if rows.numel():                        # else keys and values written; nothing runs on
+            yield n, rows, x
 
 
 def agreed(flags: torch.Tensor) -> torch.Tensor:

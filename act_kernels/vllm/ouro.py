@@ -34,7 +34,6 @@ The release's every-loop mode (`every_loop=True`) is not served.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -49,7 +48,7 @@ from vllm.sequence import IntermediateTensors
 
 from ..layers.exits import exits_now, make_exit_rule
 from .checks import check_ouro_config
-from .looped import VLLMLoopedCausalLM, _layer_rows, _Sequences, _share, agreed
+from .looped import VLLMLoopedCausalLM, _share, agreed, running_loops
 
 
 class OuroDecoderLayer(nn.Module):
@@ -132,27 +131,12 @@ class OuroModel(nn.Module):
         every token's state, a token's rows stop changing at its exit."""
         v = (inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)).clone()
         tokens = v.shape[0]
-        every = torch.arange(tokens, device=v.device)
         running = torch.ones(tokens, dtype=torch.bool, device=v.device)
         state = self.rule.new_state(tokens, v.device, v.dtype)
-        kept = [None] * len(self.loops[0])          # each layer's (q, k, v) rows of every token, post-rotary
-        rows = every                                # the tokens running this loop
-        batch = _Sequences.of(self.loops[1:], tokens, v.dtype)
-        for n, layers in enumerate(self.loops, 1):
-            # the first layer's keys and values: the tokens that ran the loop before read their new state (one
-            # that exited there writes its exited state now and, its input fixed, the same rows at every later loop)
-            fresh = rows
-            rows = every[running] if n > 1 else every   # host sync: the running count sizes every product below
-            cut = batch.cut(running, rows) if batch is not None and 0 < rows.numel() < tokens else None
-            x = v
-            with contextlib.nullcontext() if cut is None else cut.reading(layers):
-                for k, layer in enumerate(layers):
-                    x = _layer_rows(layer, positions, kept, k, x, rows, fresh if k == 0 else rows, cut)
-            if not rows.numel():
-                continue                            # keys and values written; nothing runs on
+        for n, rows, x in running_loops(self.loops, positions, v, running):
             x = self.norm(x)
-            # the gate reads s_n only (no previous state)
-            gone = agreed(exits_now(self.rule, n, self.max_steps, x, x, self.early_exit_gate.weight,
+            # the gate reads s_n only (no previous state); loops count from 1 here
+            gone = agreed(exits_now(self.rule, n + 1, self.max_steps, x, x, self.early_exit_gate.weight,
                                     self.early_exit_gate.bias, state, rows))
             v.index_copy_(0, rows, x)
             running.index_copy_(0, rows, ~gone)
