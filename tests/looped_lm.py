@@ -77,3 +77,20 @@ def generate(model, prompts: Sequence[Tensor], max_new_tokens: int, *, left: boo
     out = model.generate(ids, mask, max_new_tokens=max_new_tokens, return_dict_in_generate=True, output_scores=True,
                          **kw)
     return per_sequence(out, ids, mask)
+
+
+def decoded_token_by_token(model, ids: Tensor, mask: Tensor, rule):
+    """Each row alone through a fresh cache, its real tokens fed one at a
+    time as decoded tokens (`extend(..., decode=True)`) under the checked
+    exit rule: logits (B, L, V) in the model's output dtype and steps
+    (B, L), zero at padding."""
+    logits, steps = None, torch.zeros(ids.shape, dtype=torch.int64)
+    for row in range(ids.shape[0]):
+        caches = model.new_cache(1)
+        for j in mask[row].nonzero().flatten().tolist():
+            out = model.extend(caches, ids[row, j:j + 1], [0, 1], [0], exit=rule, decode=True)[0]
+            if logits is None:
+                logits = out.new_zeros(*ids.shape, out.shape[-1])
+            logits[row, j] = out
+            steps[row, j] = model.block.steps[0]
+    return logits, steps

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf.exit_oracle import kl_decode_oracle
+from looped_lm import decoded_token_by_token
 from tiny import batch, llama, qwen3, vary
 
 transformers = pytest.importorskip("transformers")
@@ -56,14 +57,7 @@ def test_synchronous_generation_equals_depthwise(build, block, step_norm, thresh
 def token_by_token(looped, ids, mask, **rule):
     """Each row alone, its real tokens fed one at a time as decoded tokens."""
     exit_rule = looped._exit_rule("kl", rule["threshold"], rule.get("min_steps", 1), rule.get("every_loop", False))
-    logits = torch.zeros(*ids.shape, looped.vocab_size, dtype=torch.float64)
-    steps = torch.zeros(ids.shape, dtype=torch.int64)
-    for row in range(ids.shape[0]):
-        caches = looped.new_cache(1)
-        for j in mask[row].nonzero().flatten().tolist():
-            logits[row, j] = looped.extend(caches, ids[row, j:j + 1], [0, 1], [0], exit=exit_rule, decode=True)[0]
-            steps[row, j] = looped.block.steps[0]
-    return logits, steps
+    return decoded_token_by_token(looped, ids, mask, exit_rule)
 
 
 @pytest.mark.parametrize("build,block,step_norm", CASES)

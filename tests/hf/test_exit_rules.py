@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from looped_lm import generate
+from looped_lm import decoded_token_by_token, generate
 from tiny import batch, llama, positions, qwen3, vary
 
 transformers = pytest.importorskip("transformers")
@@ -163,13 +163,12 @@ def test_an_act_language_model_takes_the_same_rules():
     assert all(torch.equal(a, b) for a, b in zip(synchronous.sequences, kl.sequences))
     assert all(torch.equal(a, b) for a, b in zip(synchronous.steps, kl.steps))
     # the forward feeds every token as a decoded one, one position at a time through the cache
-    seq, rule, caches = kl.sequences[2], model._exit_rule("kl", 1e-2, 1, False), model.new_cache(1)
+    seq, rule = kl.sequences[2], model._exit_rule("kl", 1e-2, 1, False)
     with torch.no_grad():
         forward = model(seq[None], exit="kl", threshold=1e-2)
-    for j in range(seq.numel()):
-        logits = model.extend(caches, seq[j:j + 1], [0, 1], [0], exit=rule, decode=True)
-        torch.testing.assert_close(forward.logits[0, j], logits[0], atol=1e-10, rtol=0)
-        assert int(forward.steps[0, j]) == int(model.block.steps[0])
+    logits, steps = decoded_token_by_token(model, seq[None], torch.ones_like(seq[None]), rule)
+    torch.testing.assert_close(forward.logits, logits, atol=1e-10, rtol=0)
+    assert torch.equal(forward.steps, steps)
     assert len(set(forward.steps[0].tolist())) > 1
 
 

@@ -13,7 +13,7 @@ from act_kernels.hf import HuginnConfig, HuginnForCausalLM  # noqa: E402
 
 from .checkpoints import write_huginn_checkpoint  # noqa: E402
 from .oracle import _Run, exit_steps, greedy_decode, huginn_logits, huginn_step_logits  # noqa: E402
-from looped_lm import padded_batch  # noqa: E402
+from looped_lm import decoded_token_by_token, padded_batch  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("huginn")
 STEPS = 6
@@ -176,18 +176,6 @@ def test_synchronous_generation_equals_depthwise(checkpoint, criterion, threshol
         new = depthwise.steps[:, ids.shape[1]:]
         spread |= set(new[new > 0].tolist())
     assert len(spread) > 1
-
-
-def decoded_token_by_token(model, ids, mask, rule):
-    """Each row alone through the cache, its real tokens fed one at a time as decoded tokens."""
-    logits = torch.zeros(*ids.shape, model.vocab_size, dtype=torch.float64)
-    steps = torch.zeros(ids.shape, dtype=torch.int64)
-    for row in range(ids.shape[0]):
-        caches = model.new_cache(1)
-        for j in mask[row].nonzero().flatten().tolist():
-            logits[row, j] = model.extend(caches, ids[row, j:j + 1], [0, 1], [0], exit=rule, decode=True)[0]
-            steps[row, j] = model.block.steps[0]
-    return logits, steps
 
 
 @pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
