@@ -11,6 +11,16 @@ from vllm.model_executor.models.config import VerifyAndUpdateConfig
 from .checks import check_config, check_ouro_config, exit_rule
 
 
+def no_cuda_graphs(vllm_config) -> None:
+    """Per-token exits size the products by the tokens still running (a host
+    sync per loop): no CUDA graph can be replayed over them, and the model is
+    left out of torch.compile (looped.py, ouro.py). Set before vLLM fills in
+    its defaults, which keep a value already set."""
+    from vllm.config import CUDAGraphMode
+
+    vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+
+
 class LoopedConfigCheck(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -24,12 +34,7 @@ class LoopedConfigCheck(VerifyAndUpdateConfig):
             raise ValueError(f"pipeline_parallel_size = {stages}: the vLLM plugin runs the looped model on one "
                              "pipeline stage (tensor parallelism is supported)")
         if exit_rule(vllm_config.model_config.hf_config) == "act":
-            # "act" sizes its products by the tokens still running (a host sync per loop): no CUDA graph can be
-            # replayed over it, and the model is left out of torch.compile (looped.py). Set before vLLM fills in
-            # its defaults, which keep a value already set.
-            from vllm.config import CUDAGraphMode
-
-            vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+            no_cuda_graphs(vllm_config)
 
 
 class OuroConfigCheck(VerifyAndUpdateConfig):
@@ -43,10 +48,8 @@ class OuroConfigCheck(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        from vllm.config import CUDAGraphMode
-
         check_ouro_config(vllm_config.model_config.hf_config)
-        vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+        no_cuda_graphs(vllm_config)
 
 
 __all__ = ["LoopedConfigCheck", "OuroConfigCheck"]

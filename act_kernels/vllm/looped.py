@@ -469,6 +469,12 @@ class VLLMLoopedCausalLM(nn.Module):
         text = config.text_config
         self.config = config
         self.model = LoopedModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        self._add_head(vllm_config, prefix, text)
+
+    def _add_head(self, vllm_config: VllmConfig, prefix: str, text) -> None:
+        """The head over self.model (tied to its embedding where the config
+        says so) and the logits processor, from the config with the
+        vocabulary and hidden sizes."""
         self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size, quant_config=vllm_config.quant_config,
                                       prefix=maybe_prefix(prefix, "lm_head"))
         self.tied = bool(getattr(text, "tie_word_embeddings", False))
