@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -90,10 +91,24 @@ def meta():
     return _meta
 
 
+# The fields of a row that say which configuration it measured: the parameters
+# the bench files pass to record() (and the clock it was timed by: rows timed by
+# another clock are kept beside each other). Every other field is measured or
+# derived from what was measured (times, tokens/s, mean steps, iterations,
+# ideals, byte and row counts) and may differ between two runs of the same
+# configuration, so it is no part of a row's identity.
+CONFIG_FIELDS = frozenset((
+    "group", "name", "timer", "threads", "dtype", "kind", "case", "schedule", "source", "mix",
+    "batch", "rows", "hidden", "length", "d_model", "heads", "dim", "causal", "running", "steps",
+    "prompts", "slots", "new_tokens", "max_steps", "mean_steps_setting", "threshold", "num_steps", "layers",
+    "loops", "unrolled_layers",
+))
+
+
 def _row_key(row):
-    # what a row measured, without the timings and the figures derived from them
-    derived = ("median_s", "min_s", "rounds", "GBps", "TFLOPs", "tokens_per_s", "per_step_s", "commit", "speedup_vs_fixed")
-    return tuple(sorted((k, v) for k, v in row.items() if k not in derived))
+    """A row's identity when results are merged: its configuration only, so a
+    new run of the same benchmark replaces the old row whatever it measured."""
+    return tuple(sorted((k, v) for k, v in row.items() if k in CONFIG_FIELDS))
 
 
 def _write():
@@ -109,6 +124,9 @@ def _write():
     if path.exists():
         old = json.loads(path.read_text())
         mine = {_row_key(r) for r in _rows}
+        if len(mine) < len(_rows):   # two configurations this run measured look alike: a parameter is missing above
+            warnings.warn("bench/conftest.py: rows of this run share an identity; add the parameter that tells them "
+                          "apart to CONFIG_FIELDS, or earlier rows of one may replace the other's", stacklevel=1)
         kept = [r for r in old.get("rows", []) if _row_key(r) not in mine]
         meta = {k: v for k, v in old.items() if k.endswith("_GBps")}
     commit = _commit()

@@ -1,13 +1,14 @@
 """Turns bench/results/*.json into markdown tables and a plot per device
 (bench/results/<device>.png). Each file is read by its kind: a device's
 pytest-benchmark rows (rows with a "group"), bench/queue_workloads.py's queue
-(rows with a "setting") or bench/huginn_workloads.py's alternation (rows with
-a "num_steps" and no group). It rewrites the block between
-`<!-- report:tables -->` and `<!-- /report -->` in bench/README.md (every
-table) and the one between `<!-- report:summary -->` and `<!-- /report -->`
-in the project README (one summary table per device), and prints both. Given
-another results folder (a device run's $OUT), it only prints and plots; with
---bench-only it leaves the project README alone.
+(rows with a "setting"), bench/huginn_workloads.py's alternation (rows with
+a "num_steps" and no group) or bench/vllm_looped.py's vLLM plugin against
+vLLM unrolled (rows under "results", with a "size" and a "cpu_s"). It
+rewrites the block between `<!-- report:tables -->` and `<!-- /report -->`
+in bench/README.md (every table) and the one between `<!-- report:summary -->`
+and `<!-- /report -->` in the project README (one summary table per device),
+and prints both. Given another results folder (a device run's $OUT), it
+only prints and plots; with --bench-only it leaves the project README alone.
 
     python bench/report.py [--bench-only] [results folder]
 """
@@ -396,7 +397,9 @@ def huginn_generate_table(data) -> str:
 
 def heading(data) -> str:
     """The device, then the versions, commit and date the file names (each file kind records its own)."""
-    facts = [f"{name} {data[name]}" for name in ("torch", "triton", "transformers", "vllm") if data.get(name)]
+    versions = data.get("versions") or {}   # bench/vllm_looped.py keeps them under "versions"
+    facts = [f"{name} {data.get(name) or versions[name]}" for name in ("torch", "triton", "transformers", "vllm")
+             if data.get(name) or versions.get(name)]
     facts.append(f"commit {data.get('commit', 'unknown')}")
     if data.get("date"):
         facts.append(data["date"][:10])
@@ -493,6 +496,58 @@ def huginn_tables(data) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+VLLM_CLOCKS = {"cpu_s": "the process tree's CPU time", "wall_s": "wall time"}
+
+
+def vllm_looped_tables(data) -> str:
+    """bench/vllm_looped.py's rows (under "results"), one table per clock the
+    file has: per concurrency, vLLM serving the looped checkpoint with the
+    exit rule "act" against vLLM serving the block unrolled (its CPU default,
+    compiled, and eager where the file has that engine) and against our
+    depth-wise generate; the ratios are the medians of the rounds' (their
+    range in brackets), the ideal is the unrolled model's layer applications
+    per token over the looped engine's, the share of it the file's own."""
+    results = data["results"]
+    compiled = data.get("compilation", {})
+
+    def engine(name):
+        c = compiled.get(name)
+        return "" if c is None else ", eager" if c.get("enforce_eager") else ", compiled"
+
+    eager = any("vllm_unrolled_eager" in e["cpu_s"]["tokens_per_s"] for e in results)
+    model = data.get("model", {})
+    parts = [f"### vLLM serving the looped checkpoint, bench/vllm_looped.py: {heading(data)}",
+             f"{data.get('new_tokens_each', '?')} new tokens per prompt, greedy; the {model.get('source', '?')} "
+             f"model's {model.get('mix', '?')} mix (max_steps {model.get('max_steps', '?')}, unrolled "
+             f"{model.get('unrolled_layers', '?')} layers); medians over {data.get('repeats', '?')} alternating "
+             f"rounds; {data.get('slots', '?')} slots. Ideal: the unrolled model's layer applications per token over "
+             f"the looped engine's. `{data.get('command', 'bench/vllm_looped.py')}`"]
+
+    def ratio(r):
+        return f"{r['median']:.2f} x ({r['range'][0]:.2f}-{r['range'][1]:.2f})"
+
+    for clock in (c for c in VLLM_CLOCKS if c in results[0]):
+        header = (f"| prompts in flight | mean N (new tokens) | vLLM looped, act (tok/s) "
+                  f"| vLLM unrolled{engine('vllm_unrolled')} (tok/s) | act vs unrolled |")
+        if eager:
+            header += f" vLLM unrolled{engine('vllm_unrolled_eager')} (tok/s) | act vs unrolled eager |"
+        header += " ideal | % of ideal | ours depth-wise (tok/s) | act vs ours | greedy = ours |"
+        lines = [header, "|---" * (header.count("|") - 1) + "|"]
+        for e in results:
+            c = e[clock]
+            t, ra = c["tokens_per_s"], c["ratios"]
+            line = (f"| {e['size']} | {e['ours_mean_steps_new_tokens']:.2f} | {t['vllm_looped_act']:.0f} "
+                    f"| {t['vllm_unrolled']:.0f} | {ratio(ra['act_vs_vllm_unrolled'])} |")
+            if eager:
+                line += (f" {t['vllm_unrolled_eager']:.0f} | {ratio(ra['act_vs_vllm_unrolled_eager'])} |"
+                         if "vllm_unrolled_eager" in t else " - | - |")
+            line += (f" {e['ideal']:.2f} x | {100 * c['share_of_ideal']:.0f} % | {t['ours_depthwise']:.0f} "
+                     f"| {ratio(ra['act_vs_ours_depthwise'])} | {'yes' if e['greedy_agree'] else 'no'} |")
+            lines.append(line)
+        parts.append(f"Timed by {VLLM_CLOCKS[clock]} (`{clock}`):\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def kind(data) -> str | None:
     """Which script wrote a results file, told by its rows' fields."""
     rows = data.get("rows") or [{}]
@@ -502,11 +557,14 @@ def kind(data) -> str | None:
         return "queue"
     if "num_steps" in rows[0]:
         return "huginn"
+    if {"size", "cpu_s"} <= set((data.get("results") or [{}])[0]):
+        return "vllm_looped"
     return None
 
 
 # each kind's tables, in the order bench/README.md shows them
-TABLES = {"device": device_tables, "queue": queue_tables, "huginn": huginn_tables}
+TABLES = {"device": device_tables, "queue": queue_tables, "huginn": huginn_tables,
+          "vllm_looped": vllm_looped_tables}
 
 # family: (result group, what a row's size is, the baseline row, its label)
 SUMMARY = (
