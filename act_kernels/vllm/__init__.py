@@ -20,6 +20,11 @@ config is read. `register()`:
   "ouro", whose AutoConfig `act_kernels.hf` registers) as
   `act_kernels.vllm.ouro:VLLMOuroForCausalLM`, with its config check (the
   exit gate's `early_exit_threshold` in (0, 1]). See ouro.py.
+- registers Huginn's published architecture "RavenForCausalLM" (model_type
+  "huginn_raven", whose AutoConfig `act_kernels.hf` registers) and
+  "HuginnForCausalLM" (what our save_pretrained writes) as
+  `act_kernels.vllm.huginn:VLLMHuginnForCausalLM`, with its config check
+  (huginn_checks.py). See huginn.py.
 
 The exit rule is the config's `act_exit` (set it with
 `LLM(..., hf_overrides={"act_exit": "fixed"})`): "act" (the default, as
@@ -34,9 +39,11 @@ on a CPU one) and transformers; importing this package imports neither.
 from __future__ import annotations
 
 from .checks import ARCHITECTURE, EXIT_KEY, EXITS, OURO_ARCHITECTURE, exit_rule
+from .huginn_checks import HUGINN_ARCHITECTURES
 
 MODEL_CLASS = "act_kernels.vllm.looped:VLLMLoopedCausalLM"
 OURO_MODEL_CLASS = "act_kernels.vllm.ouro:VLLMOuroForCausalLM"
+HUGINN_MODEL_CLASS = "act_kernels.vllm.huginn:VLLMHuginnForCausalLM"
 
 
 def register() -> None:
@@ -46,11 +53,12 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from ..hf.config import MODEL_TYPE, LoopedConfig   # importing act_kernels.hf registers Ouro's AutoConfig
-    from .config import LoopedConfigCheck, OuroConfigCheck
+    from .config import HuginnConfigCheck, LoopedConfigCheck, OuroConfigCheck
 
     AutoConfig.register(MODEL_TYPE, LoopedConfig, exist_ok=True)
-    for architecture, model_class, check in ((ARCHITECTURE, MODEL_CLASS, LoopedConfigCheck),
-                                             (OURO_ARCHITECTURE, OURO_MODEL_CLASS, OuroConfigCheck)):
+    served = [(ARCHITECTURE, MODEL_CLASS, LoopedConfigCheck), (OURO_ARCHITECTURE, OURO_MODEL_CLASS, OuroConfigCheck)]
+    served += [(name, HUGINN_MODEL_CLASS, HuginnConfigCheck) for name in HUGINN_ARCHITECTURES]
+    for architecture, model_class, check in served:
         # our config check goes with our class only: a vLLM (or plugin) with its own class keeps its own check
         if architecture not in ModelRegistry.get_supported_archs():
             ModelRegistry.register_model(architecture, model_class)
@@ -58,4 +66,4 @@ def register() -> None:
 
 
 __all__ = ["register", "ARCHITECTURE", "EXIT_KEY", "EXITS", "exit_rule", "MODEL_CLASS", "OURO_ARCHITECTURE",
-           "OURO_MODEL_CLASS"]
+           "OURO_MODEL_CLASS", "HUGINN_ARCHITECTURES", "HUGINN_MODEL_CLASS"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 from .checks import check_config, check_ouro_config, exit_rule
+from .huginn_checks import check_huginn_config
 
 
 def no_cuda_graphs(vllm_config) -> None:
@@ -52,4 +53,24 @@ class OuroConfigCheck(VerifyAndUpdateConfig):
         no_cuda_graphs(vllm_config)
 
 
-__all__ = ["LoopedConfigCheck", "OuroConfigCheck"]
+class HuginnConfigCheck(VerifyAndUpdateConfig):
+    """Huginn's hook: its settings (huginn_checks.py), and CUDA graphs off:
+    under an exit criterion the row counts depend on the data, and the
+    initial states are drawn on the model's own generator (huginn.py runs
+    eager)."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        check_huginn_config(model_config.hf_config)
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        check_huginn_config(vllm_config.model_config.hf_config)
+        stages = vllm_config.parallel_config.pipeline_parallel_size
+        if stages != 1:
+            raise ValueError(f"pipeline_parallel_size = {stages}: the vLLM plugin runs Huginn on one pipeline stage "
+                             "(tensor parallelism is supported)")
+        no_cuda_graphs(vllm_config)
+
+
+__all__ = ["LoopedConfigCheck", "OuroConfigCheck", "HuginnConfigCheck"]

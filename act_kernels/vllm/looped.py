@@ -333,6 +333,17 @@ def _layer_rows(layer, positions, kept, k, x, rows, fresh, cut):
     if not rows.numel():
         return x
     o, _ = attn.o_proj(o)
+    return _after_attention(layer, o, x)
+
+
+def _after_attention(layer, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The layer's rest after the output projection o of its input x: a
+    layer with its own `after_attention` (a model whose norms sit elsewhere,
+    such as Huginn's sandwich) runs it; vLLM's decoder layers add the
+    residual in their post-attention norm and the MLP's output to it."""
+    finish = getattr(layer, "after_attention", None)
+    if finish is not None:
+        return finish(o, x)
     h, residual = layer.post_attention_layernorm(o, x)
     return layer.mlp(h) + residual
 

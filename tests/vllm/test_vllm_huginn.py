@@ -1,0 +1,206 @@
+"""The vLLM plugin serving Huginn from its published format (config.json
+with architecture "RavenForCausalLM", safetensors under the published
+names, written by tests/huginn/checkpoints.py), zero initial state:
+
+- at the fixed depth (mean_recurrence steps), vLLM's greedy tokens equal
+  our `HuginnForCausalLM.generate`'s token for token and its logprobs our
+  forward's to 1e-4;
+- under "latent-diff" (hf_overrides), every token exits by the criterion,
+  prompt tokens included: vLLM's greedy tokens are the argmax of our
+  `forward(exit="latent-diff")` on the sequence it produced (exits spread
+  over steps 2..4, frozen for later tokens), its logprobs within 1e-4; the
+  core layers' MLPs see exactly the running tokens' rows (the sum of our
+  exit steps), the prelude's and coda's every token once; and the frozen
+  rows change later tokens' logits against the fixed depth, so an engine
+  that ignored the exit would fail;
+- bad exit settings are refused when the engine's config is built, naming
+  the setting.
+
+vLLM environment only (see vllm_tiny.py); one engine per exit setting:
+
+    /work/vllm-venv/bin/python -m pytest tests/vllm -p no:xdist -o addopts=""
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vllm_tiny
+
+vllm = vllm_tiny.require_vllm()
+
+pytestmark = pytest.mark.vllm
+
+STEPS = 4            # mean_recurrence
+THRESHOLD = 0.95     # latent-diff: the tiny random core's steps differ a lot; exits spread over steps 2..4 here
+LATENT = {"act_exit": "latent-diff", "exit_threshold": THRESHOLD}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Huginn in the published format (hidden 64, 2 heads of 32, one
+    prelude, two core and one coda layer, 4 steps, vocabulary 64 unpadded),
+    initial state zeros (init_values.std 0)."""
+    from huginn.checkpoints import write_huginn_checkpoint
+
+    saved = tmp_path_factory.mktemp("huginn_published")
+    write_huginn_checkpoint(saved, seed=0, n_embd=64, n_heads=2, vocab_size=64, padded_vocab_size=64,
+                            mean_recurrence=STEPS, block_size=256, init_values={"std": 0.0})
+    return saved
+
+
+@pytest.fixture(scope="module")
+def ours(folder):
+    from act_kernels.hf import HuginnForCausalLM
+
+    return HuginnForCausalLM.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module", params=["fixed", "latent-diff"])
+def served(request, folder):
+    """An engine on the folder under the exit setting, with the MLP rows
+    counted over its greedy generation."""
+    overrides = {} if request.param == "fixed" else {"hf_overrides": LATENT}
+    with vllm_tiny.insecure_serialization():
+        llm = vllm_tiny.engine(folder, enable_prefix_caching=False, **overrides)
+        try:
+            llm.apply_model(vllm_tiny.count_mlp_rows)
+            llm.apply_model(vllm_tiny.reset_mlp_rows)
+            greedy = vllm_tiny.vllm_greedy(llm)
+            (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
+            yield request.param, llm, greedy, rows
+        finally:
+            vllm_tiny.shutdown(llm)
+
+
+class _Forward:
+    """Our forward under the served exit, as vllm_tiny.logprob_gaps calls it."""
+
+    def __init__(self, model, rule: str):
+        self.model, self.rule = model, rule
+
+    def __call__(self, ids, exit=None):
+        if self.rule == "fixed":
+            return self.model(ids)
+        return self.model(ids, exit="latent-diff", threshold=THRESHOLD)
+
+
+def test_huginn_registered(served):
+    rule, llm, _, _ = served
+    model_config = llm.llm_engine.vllm_config.model_config
+    assert model_config.architecture == "RavenForCausalLM"
+    assert getattr(model_config.hf_config, "act_exit", "fixed") == rule
+
+
+@torch.no_grad()
+def test_greedy_equals_ours(served, ours):
+    rule, _, got, _ = served
+    if rule == "fixed":   # our generate, prompts and new tokens at mean_recurrence steps
+        want = vllm_tiny.ours_greedy(ours, None)
+        assert {s for _, steps in want for s in steps} == {STEPS}
+        assert [g[0] for g in got] == [w[0] for w in want]
+        return
+    exits = set()
+    for prompt, (tokens, _, _) in zip(vllm_tiny.PROMPTS, got):
+        out = ours(torch.tensor([prompt + tokens]), exit="latent-diff", threshold=THRESHOLD)
+        assert out.logits[0, len(prompt) - 1:-1].argmax(-1).tolist() == tokens
+        exits |= set(out.steps[0].tolist())
+    assert exits == {2, 3, STEPS}, f"the tokens should exit at several steps, got {exits}"
+
+
+def test_logprobs_equal_ours(served, ours):
+    rule, _, got, _ = served
+    forward = _Forward(ours, rule)
+    for prompt, (tokens, logprobs, prompt_logprobs) in zip(vllm_tiny.PROMPTS, got):
+        assert vllm_tiny.logprob_gaps(forward, rule, prompt, tokens, logprobs, prompt_logprobs) < 1e-4
+
+
+@torch.no_grad()
+def test_mlps_see_the_running_rows_only(served, ours):
+    """The prelude's and coda's MLPs see every fed token once; each core
+    layer's MLP (shared by the steps) the sum of the fed tokens' exit steps,
+    fewer than every step under the criterion."""
+    rule, _, got, rows = served
+    fed, ran = 0, 0
+    for prompt, (tokens, _, _) in zip(vllm_tiny.PROMPTS, got):
+        # the engine's forwards see the prompt and every new token but the last (no step reads it)
+        ids = torch.tensor([prompt + tokens[:-1]])
+        steps = ours(ids).steps if rule == "fixed" else ours(ids, exit="latent-diff", threshold=THRESHOLD).steps
+        fed, ran = fed + ids.shape[1], ran + int(steps.sum())
+    assert (ran < STEPS * fed) == (rule != "fixed")
+    config = ours.config
+    core = range(config.n_layers_in_prelude, config.n_layers_in_prelude + config.n_layers_in_recurrent_block)
+    assert rows == {i: ran if i in core else fed for i in range(config.num_hidden_layers)}
+
+
+@torch.no_grad()
+def test_frozen_rows_matter(served, ours):
+    """The criterion's exits move the later tokens' logits by more than the
+    tolerance above against the fixed depth (at the fixed depth, nothing moves)."""
+    rule, _, got, _ = served
+    ids = torch.tensor([vllm_tiny.PROMPTS[-1] + got[-1][0]])
+    fixed = ours(ids).logits.log_softmax(-1)
+    gap = (fixed - _Forward(ours, rule)(ids).logits.log_softmax(-1)).abs().max()
+    assert (gap > 1e-2) == (rule != "fixed"), float(gap)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"act_exit": "kl", "exit_threshold": 0.1}, "act_exit"),
+    ({"act_exit": "latent", "exit_threshold": 0.1}, "act_exit"),
+    ({"act_exit": "latent-diff"}, "exit_threshold"),
+    ({"act_exit": "latent-diff", "exit_threshold": -1.0}, "exit_threshold"),
+    ({"act_exit": "latent-diff", "exit_threshold": 0.1, "exit_min_steps": STEPS}, "exit_min_steps"),
+    ({"exit_threshold": 0.1}, "exit_threshold"),
+    ({"mean_recurrence": 0}, "mean_recurrence"),
+    ({"state_init": "normal"}, "state_init"),
+])
+def test_bad_settings_refused_at_start(folder, overrides, named):
+    """Refused while vLLM builds the engine's config, in this process, before a worker starts."""
+    with pytest.raises(ValueError, match=named):
+        vllm_tiny.engine(folder, hf_overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def served_tp(folder):
+    """Under "latent-diff", an engine on two tensor-parallel ranks (one per CPU)."""
+    import os
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("tensor_parallel_size=2 needs two CPUs")
+    bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        with vllm_tiny.serving(folder, tensor_parallel_size=2, enable_prefix_caching=False,
+                               hf_overrides=LATENT) as (llm, greedy):
+            yield llm, greedy
+    finally:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind if bind is not None else "1"
+
+
+@torch.no_grad()
+def test_two_ranks_equal_ours(served_tp, ours):
+    """The heads, MLP halves and vocabulary split over two ranks, the exits
+    agreed across them: the same tokens and logprobs as ours."""
+    llm, got = served_tp
+    assert llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 2
+    forward = _Forward(ours, "latent-diff")
+    for prompt, (tokens, logprobs, prompt_logprobs) in zip(vllm_tiny.PROMPTS, got):
+        assert forward(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].argmax(-1).tolist() == tokens
+        assert vllm_tiny.logprob_gaps(forward, "latent-diff", prompt, tokens, logprobs, prompt_logprobs) < 1e-4
+
+
+def test_initial_states_follow_huginn_rule():
+    """like-init: a normal draw truncated at ±3 std, times √D, from the
+    generator given (the model seeds its own with the engine's seed, alike on
+    every rank): the same seed draws the same states; std 0 gives zeros."""
+    from act_kernels.vllm.huginn import initial_states
+
+    like, std, width = torch.empty(0, dtype=torch.float32), 0.05, 64
+    draws = [initial_states(4096, width, std, torch.Generator().manual_seed(7), like) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    scaled = draws[0] / width ** 0.5
+    assert scaled.abs().max() <= 3 * std and scaled.abs().max() > 2.5 * std
+    assert abs(scaled.std().item() - std * 0.986) < 0.02 * std      # a normal truncated at ±3σ keeps 98.6 % of σ
+    other = initial_states(4096, width, std, torch.Generator().manual_seed(8), like)
+    assert not torch.equal(draws[0], other)
+    assert torch.equal(initial_states(3, width, 0.0, None, like), torch.zeros(3, width))
