@@ -49,8 +49,12 @@ class OuroConfig(PreTrainedConfig):
     """Ouro's published config. Every key of the published config.json is
     read; settings our engine does not compute (sliding windows, RoPE
     scaling, another activation than SiLU) and unknown keys are refused by
-    name. Ours besides: backend (as LoopedCausalLM's) and ponder_weight (τ
-    in loss = lm_loss + τ · mean ponder cost, when training by ACT)."""
+    name. Ours besides: backend (as LoopedCausalLM's), ponder_weight (τ
+    in loss = lm_loss + τ · mean ponder cost, when training by ACT) and
+    every_loop (bool, default False: the mode the vLLM plugin serves, the
+    release's every-loop mode when True; act_kernels.vllm.ouro). Our forward
+    and generate take every_loop per call and do not read this key, as
+    LoopedCausalLM does not read the plugin's act_exit."""
 
     model_type = MODEL_TYPE
 
@@ -61,7 +65,7 @@ class OuroConfig(PreTrainedConfig):
                  early_exit_threshold: float = 1.0, attention_dropout: float = 0.0, initializer_range: float = 0.02,
                  use_sliding_window: bool = False, sliding_window=None, max_window_layers: Optional[int] = None,
                  layer_types=None, use_cache: bool = True, tie_word_embeddings: bool = False, backend: str = "auto",
-                 ponder_weight: float = 0.0, **kwargs):
+                 ponder_weight: float = 0.0, every_loop: bool = False, **kwargs):
         unknown = sorted(set(kwargs) - _COMMON_KEYS)
         if unknown:
             raise ValueError(f"OuroConfig: unknown config keys {unknown} (not in Ouro's published config): refused "
@@ -78,6 +82,8 @@ class OuroConfig(PreTrainedConfig):
             raise ValueError(f"total_ut_steps must be an int >= 1, got {total_ut_steps!r}")
         if not 0.0 < float(early_exit_threshold) <= 1.0:
             raise ValueError(f"early_exit_threshold is a probability mass in (0, 1], got {early_exit_threshold!r}")
+        if not isinstance(every_loop, bool):
+            raise ValueError(f"every_loop must be a bool, got {every_loop!r}")
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
@@ -92,8 +98,9 @@ class OuroConfig(PreTrainedConfig):
         self.max_window_layers = max_window_layers if max_window_layers is not None else num_hidden_layers
         self.layer_types = list(layer_types) if layer_types is not None else ["full_attention"] * num_hidden_layers
         self.use_cache, self.backend = use_cache, backend
-        # ours, not the release's (its loaders ignore them): the kernels' backend, τ of ACT's training loss
-        self.ponder_weight = ponder_weight
+        # ours, not the release's (its loaders ignore them): the kernels' backend, τ of ACT's training loss, the
+        # mode the vLLM plugin serves
+        self.ponder_weight, self.every_loop = ponder_weight, every_loop
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
 

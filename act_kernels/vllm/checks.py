@@ -74,12 +74,20 @@ def check_config(config) -> tuple[int, int]:
 
 OURO_ARCHITECTURE = "OuroForCausalLM"           # Ouro's published config.json (model_type "ouro")
 OURO_THRESHOLD_KEY = "early_exit_threshold"     # the config attribute (or hf_overrides key): the exit gate's threshold
+# the config attribute (or hf_overrides key) selecting the release's every-loop mode (OuroConfig's every_loop: ours)
+OURO_EVERY_LOOP_KEY = "every_loop"
 
 
-def check_ouro_config(config) -> float:
-    """An Ouro config the plugin can serve: returns the exit gate's threshold.
-    OuroConfig checks its own arguments, but vLLM applies hf_overrides to the
-    built config, past those checks: the exit settings are checked again here."""
+def check_ouro_config(config) -> tuple[float, bool]:
+    """An Ouro config the plugin can serve: returns the exit gate's threshold
+    and whether the engine runs the release's every-loop mode (config.
+    every_loop, False when unset). OuroConfig checks its own arguments, but
+    vLLM applies hf_overrides to the built config, past those checks: the
+    exit settings are checked again here."""
+    every_loop = getattr(config, OURO_EVERY_LOOP_KEY, False)
+    if not isinstance(every_loop, bool):
+        raise ValueError(f"{OURO_EVERY_LOOP_KEY} = {every_loop!r} (hf_overrides or config.json) must be a bool: "
+                         "True serves the release's every-loop mode, False (the default) the frozen exits")
     threshold = getattr(config, OURO_THRESHOLD_KEY, 1.0)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
         raise ValueError(f"{OURO_THRESHOLD_KEY} = {threshold!r} (hf_overrides or config.json): the exit gate's "
@@ -87,8 +95,8 @@ def check_ouro_config(config) -> float:
     steps = config.total_ut_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"total_ut_steps = {steps!r} (hf_overrides or config.json) must be an int >= 1")
-    return float(threshold)
+    return float(threshold), every_loop
 
 
 __all__ = ["ARCHITECTURE", "EXIT_KEY", "EXITS", "NOT_SERVED", "FAMILIES", "exit_rule", "check_config",
-           "OURO_ARCHITECTURE", "OURO_THRESHOLD_KEY", "check_ouro_config"]
+           "OURO_ARCHITECTURE", "OURO_THRESHOLD_KEY", "OURO_EVERY_LOOP_KEY", "check_ouro_config"]

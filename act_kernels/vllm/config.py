@@ -39,9 +39,11 @@ class LoopedConfigCheck(VerifyAndUpdateConfig):
 
 
 class OuroConfigCheck(VerifyAndUpdateConfig):
-    """Ouro's hook: the exit settings (checks.py), and CUDA graphs off, as
-    under "act": the gate's exits size the products by the tokens still
-    running (ouro.py runs eager)."""
+    """Ouro's hook: the exit settings (checks.py), and, with the frozen
+    exits, CUDA graphs off, as under "act": the gate's exits size the
+    products by the tokens still running (ouro.py runs eager). The
+    every-loop mode runs every token through every loop (fixed shapes):
+    compiled, with vLLM's CUDA graphs, as "fixed"."""
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -49,8 +51,9 @@ class OuroConfigCheck(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        check_ouro_config(vllm_config.model_config.hf_config)
-        no_cuda_graphs(vllm_config)
+        _, every_loop = check_ouro_config(vllm_config.model_config.hf_config)
+        if not every_loop:
+            no_cuda_graphs(vllm_config)
 
 
 class HuginnConfigCheck(VerifyAndUpdateConfig):

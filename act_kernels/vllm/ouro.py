@@ -29,8 +29,18 @@ state, at every other layer those of its exit loop, kept per layer and
 re-sent to attention, the attention cut to the sequences with a running
 token on vLLM's CPU backend as under looped.py's "act". The row counts
 depend on the data (a host sync per loop): the model is left out of vLLM's
-torch.compile (no `support_torch_compile`) and CUDA graphs are off.
-The release's every-loop mode (`every_loop=True`) is not served.
+torch.compile and CUDA graphs are off.
+
+The release's every-loop mode (config `every_loop` = True, or `hf_overrides=
+{"every_loop": True}`; a bool, checked when the engine's config is built):
+every token runs all total_ut_steps loops and nobody freezes, so every
+layer copy runs the whole batch as the unrolled model would (no row
+skipping, no attention cut), later tokens reading every token's state at
+each loop; the gate's rule only picks the loop whose normed state the head
+reads, the first whose cumulative p reaches the threshold, as our
+`OuroForCausalLM.generate(..., every_loop=True)` and forward do. Its shapes
+do not depend on the data: it is compiled by vLLM's torch.compile, CUDA
+graphs on, as looped.py's "fixed".
 """
 from __future__ import annotations
 
@@ -38,6 +48,7 @@ import copy
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -66,6 +77,11 @@ class OuroDecoderLayer(nn.Module):
         self.input_layernorm, self.input_layernorm_2 = RMSNorm(d, eps=eps), RMSNorm(d, eps=eps)
         self.post_attention_layernorm, self.post_attention_layernorm_2 = RMSNorm(d, eps=eps), RMSNorm(d, eps=eps)
 
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The layer on every row (the every-loop mode): Ouro's sandwich."""
+        x = x + self.input_layernorm_2(self.self_attn(positions, self.input_layernorm(x)))
+        return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
+
 
 class _Sandwich:
     """An Ouro layer under the names `_layer_rows` calls (vLLM's Llama
@@ -86,6 +102,15 @@ class _Sandwich:
         return self.layer.post_attention_layernorm_2(self.layer.mlp(h))
 
 
+def _compiled(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM's torch.compile takes the model: in the every-loop mode
+    only, whose shapes do not depend on the data (the frozen exits size the
+    products by the tokens still running, a host sync per loop)."""
+    return check_ouro_config(vllm_config.model_config.hf_config)[1]
+
+
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0,
+                                         "inputs_embeds": 0}, enable_if=_compiled)
 class OuroModel(nn.Module):
     """Embedding, the layers (loop 1's) and their loop copies, the norm and
     the exit gate; forward returns each token's normed state at its exit."""
@@ -93,9 +118,9 @@ class OuroModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        threshold = check_ouro_config(config)
+        threshold, self.every_loop = check_ouro_config(config)
         self.max_steps = steps = config.total_ut_steps
-        self.rule = make_exit_rule("gate", threshold, 1, steps, training=False)
+        self.rule = make_exit_rule("gate", threshold, 1, steps, training=False, every_loop=self.every_loop)
         num_layers = config.num_hidden_layers
         # vLLM's Llama attention reads config.layer_types[its layer index]: a list covering the loop copies' indices
         # (all full attention: OuroConfig refuses sliding windows)
@@ -125,10 +150,33 @@ class OuroModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        v = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        return self._every_loop(positions, v) if self.every_loop else self._frozen(positions, v.clone())
+
+    def _every_loop(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Every token through every loop (the unrolled model); each token's
+        output is its normed state at the first loop the gate's rule picks.
+        No host sync: the picks are masks (compiled, module docstring)."""
+        tokens = x.shape[0]
+        every = torch.arange(tokens, device=x.device)
+        state = self.rule.new_state(tokens, x.device, x.dtype)
+        picked = torch.zeros(tokens, dtype=torch.bool, device=x.device)
+        out = x
+        for n, layers in enumerate(self.loops):
+            for layer in layers:
+                x = layer.layer(positions, x)
+            x = self.norm(x)
+            # the same flags on every tensor-parallel rank: the head's vocabulary shards must read the same loop
+            gone = agreed(exits_now(self.rule, n + 1, self.max_steps, x, x, self.early_exit_gate.weight,
+                                    self.early_exit_gate.bias, state, every))
+            out = torch.where((gone & ~picked).unsqueeze(-1), x, out)   # the last loop picks every token left
+            picked = picked | gone
+        return out
+
+    def _frozen(self, positions: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The loops on the running tokens' rows only (looped.py's "act",
         with the gate's hard exit in place of ACT's mean field): v holds
         every token's state, a token's rows stop changing at its exit."""
-        v = (inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)).clone()
         tokens = v.shape[0]
         running = torch.ones(tokens, dtype=torch.bool, device=v.device)
         state = self.rule.new_state(tokens, v.device, v.dtype)

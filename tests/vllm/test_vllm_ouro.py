@@ -3,11 +3,16 @@
 with the exit gate's per-token exit: vLLM's greedy tokens equal our
 generate's token for token and its logprobs our forward's to 1e-4, at the
 config's threshold (tokens exit after 1 to 4 loops, frozen for the later
-tokens) and at 1.0 set by hf_overrides (every loop); the layers' MLPs see
-exactly the rows of the tokens still running; a threshold out of (0, 1] is
+tokens), at 1.0 set by hf_overrides (every loop), and in the release's
+every-loop mode set by hf_overrides (every_loop: every token runs every
+loop, the gate picks the loop the head reads; exits after 1 to 4 loops); at
+threshold 0.6 each mode's logprobs are far from the other mode's, so
+neither would pass served as the other. The layers' MLPs see exactly the
+rows of the tokens still running (every row at every loop in the every-loop
+mode); a threshold out of (0, 1] or an every_loop that is not a bool is
 refused when the engine's config is built, naming the setting.
 
-vLLM environment only (see vllm_tiny.py); one engine per threshold:
+vLLM environment only (see vllm_tiny.py); one engine per mode:
 
     /work/vllm-venv/bin/python -m pytest tests/vllm -p no:xdist -o addopts=""
 """
@@ -15,7 +20,6 @@ from __future__ import annotations
 
 
 import pytest
-import torch
 
 import vllm_tiny
 
@@ -43,39 +47,55 @@ def folder(tmp_path_factory):
     return saved
 
 
-@pytest.fixture(scope="module", params=[THRESHOLD, 1.0], ids=["config", "override_1.0"])
+# (threshold, every_loop): the config's threshold, 1.0 by hf_overrides, the every-loop mode by hf_overrides
+MODES = {"config": (THRESHOLD, False), "override_1.0": (1.0, False), "every_loop": (THRESHOLD, True)}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
 def served(request, folder):
-    """Ours at the threshold, and an engine on the folder (threshold 1.0 by
-    hf_overrides) with the MLP rows counted over its greedy generation."""
+    """Ours at the mode's threshold, and an engine on the folder in that
+    mode (its settings by hf_overrides) with the MLP rows counted over its
+    greedy generation."""
     from act_kernels.hf import OuroForCausalLM
 
-    threshold = request.param
+    threshold, every_loop = MODES[request.param]
     ours = OuroForCausalLM.from_pretrained(folder, early_exit_threshold=threshold).eval()
-    overrides = {} if threshold == THRESHOLD else {"hf_overrides": {"early_exit_threshold": threshold}}
+    overrides = {}
+    if threshold != THRESHOLD:
+        overrides["early_exit_threshold"] = threshold
+    if every_loop:
+        overrides["every_loop"] = True
     with vllm_tiny.insecure_serialization():
-        llm = vllm_tiny.engine(folder, enable_prefix_caching=False, **overrides)
+        llm = vllm_tiny.engine(folder, enable_prefix_caching=False, hf_overrides=overrides)
         try:
             llm.apply_model(vllm_tiny.count_mlp_rows)
             llm.apply_model(vllm_tiny.reset_mlp_rows)
             greedy = vllm_tiny.vllm_greedy(llm)
             (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
-            yield threshold, ours, llm, greedy, rows
+            yield threshold, every_loop, ours, llm, greedy, rows
         finally:
             vllm_tiny.shutdown(llm)
+
+
+def ours_greedy(ours, every_loop: bool):
+    """Our generate in the mode; eos (token 0 here) held off for the NEW_TOKENS
+    tokens, as vLLM's min_tokens holds off the generation config's eos."""
+    return vllm_tiny.ours_greedy(ours, "gate", every_loop=every_loop, min_new_tokens=vllm_tiny.NEW_TOKENS)
 
 
 def test_ouro_registered(served):
     from act_kernels.vllm import OURO_ARCHITECTURE
 
-    threshold, _, llm, _, _ = served
+    threshold, every_loop, _, llm, _, _ = served
     model_config = llm.llm_engine.vllm_config.model_config
     assert model_config.architecture == OURO_ARCHITECTURE
     assert model_config.hf_config.early_exit_threshold == threshold
+    assert model_config.hf_config.every_loop is every_loop
 
 
 def test_greedy_equals_ours(served):
-    threshold, ours, _, got, _ = served
-    want = vllm_tiny.ours_greedy(ours, "gate")
+    threshold, every_loop, ours, _, got, _ = served
+    want = ours_greedy(ours, every_loop)
     steps = {s for _, st in want for s in st}
     if threshold == 1.0:
         assert steps == {LOOPS}, "at 1.0 every token runs every loop here"
@@ -85,31 +105,38 @@ def test_greedy_equals_ours(served):
 
 
 def test_logprobs_equal_ours(served):
-    _, ours, _, got, _ = served
+    _, every_loop, ours, _, got, _ = served
     for prompt, (tokens, logprobs, prompt_logprobs) in zip(vllm_tiny.PROMPTS, got):
-        assert vllm_tiny.logprob_gaps(ours, "gate", prompt, tokens, logprobs, prompt_logprobs) < 1e-4
+        assert vllm_tiny.logprob_gaps(ours, "gate", prompt, tokens, logprobs, prompt_logprobs,
+                                      every_loop=every_loop) < 1e-4
 
 
-@torch.no_grad()
-def test_frozen_is_not_every_loop(served):
-    """Below 1.0 the frozen-token rule changes the later tokens' logits here
-    (at 1.0 nobody freezes), so the tests above would catch an engine that
-    computed every loop and picked the exits afterwards (the release's way)."""
-    threshold, ours, _, got, _ = served
-    ids = torch.tensor([vllm_tiny.PROMPTS[-1] + got[-1][0]])
-    gap = (ours(ids).logits.log_softmax(-1) - ours(ids, every_loop=True).logits.log_softmax(-1)).abs().max()
-    assert (gap > 1e-2) == (threshold < 1.0), float(gap)
+def test_the_modes_differ(served):
+    """Below 1.0 the other mode's logprobs are far from the engine's (at 1.0
+    nobody exits early, nobody freezes: the modes agree), so the tests above
+    would catch an engine that served one mode for the other: the frozen
+    exits computed every loop and picked afterwards (the release's way), or
+    an every_loop setting ignored."""
+    threshold, every_loop, ours, _, got, _ = served
+    gap = max(vllm_tiny.logprob_gaps(ours, "gate", prompt, tokens, logprobs, prompt_logprobs,
+                                     every_loop=not every_loop)
+              for prompt, (tokens, logprobs, prompt_logprobs) in zip(vllm_tiny.PROMPTS, got))
+    assert (gap > 1e-2) == (threshold < 1.0), gap
 
 
 def test_mlps_see_the_running_rows_only(served):
     """Each layer's MLP (shared by the loops) sees, over the generation, the
-    sum of the fed tokens' exit loops: fewer than every loop below 1.0."""
-    threshold, ours, _, _, rows = served
-    want = vllm_tiny.ours_greedy(ours, "gate")
+    sum of the fed tokens' exit loops: fewer than every loop below 1.0; in
+    the every-loop mode every fed token at every loop."""
+    threshold, every_loop, ours, _, _, rows = served
+    if every_loop and not vllm_tiny.EAGER:
+        pytest.skip("the every-loop mode is compiled: vLLM's graph runs no forward hooks")
+    want = ours_greedy(ours, every_loop)
     # the engine's forwards see the prompt and every new token but the last (no step reads it)
     fed = [steps[:len(p) + vllm_tiny.NEW_TOKENS - 1] for p, (_, steps) in zip(vllm_tiny.PROMPTS, want)]
-    ran = sum(sum(f) for f in fed)
-    assert (ran < LOOPS * sum(len(f) for f in fed)) == (threshold < 1.0)
+    tokens = sum(len(f) for f in fed)
+    ran = LOOPS * tokens if every_loop else sum(sum(f) for f in fed)
+    assert (ran < LOOPS * tokens) == (threshold < 1.0 and not every_loop)
     assert rows == dict.fromkeys(range(ours.config.num_hidden_layers), ran)
 
 
@@ -119,3 +146,10 @@ def test_bad_threshold_refused_at_start(folder, threshold):
     with pytest.raises(ValueError, match="early_exit_threshold"):
         vllm_tiny.engine(folder, hf_overrides={"early_exit_threshold": threshold})
 
+
+
+@pytest.mark.parametrize("every_loop", ["yes", 1, 0, None])
+def test_bad_every_loop_refused_at_start(folder, every_loop):
+    """The every-loop setting is a bool: anything else is refused when the engine's config is built."""
+    with pytest.raises(ValueError, match="every_loop"):
+        vllm_tiny.engine(folder, hf_overrides={"every_loop": every_loop})

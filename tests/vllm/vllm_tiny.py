@@ -107,22 +107,24 @@ def vllm_greedy(llm, prompts=PROMPTS):
     return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs, o.prompt_logprobs) for o in outs]
 
 
-def ours_greedy(looped, exit: str):
-    """Our generate's greedy continuations and steps, one prompt at a time."""
+def ours_greedy(looped, exit: str, **options):
+    """Our generate's greedy continuations and steps, one prompt at a time;
+    options: more of generate's keywords (every_loop, min_new_tokens, ...)."""
     made = []
     for p in PROMPTS:
         out = looped.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, exit=exit,
-                              return_dict_in_generate=True)
+                              return_dict_in_generate=True, **options)
         made.append((out.sequences[0, len(p):].tolist(), out.steps[0].tolist()))
     return made
 
 
 @torch.no_grad()
-def logprob_gaps(looped, exit, prompt, tokens, logprobs, prompt_logprobs):
+def logprob_gaps(looped, exit, prompt, tokens, logprobs, prompt_logprobs, **options):
     """Largest |vLLM's logprob - ours| over every logprob vLLM returned for the
     sequence prompt + tokens (the new tokens' top-TOPK and the prompt's),
-    ours from the forward on the whole sequence with the same exit rule."""
-    ours = looped(torch.tensor([prompt + tokens]), exit=exit).logits[0].double().log_softmax(-1)
+    ours from the forward on the whole sequence with the same exit rule
+    (options: more of the forward's keywords, e.g. every_loop)."""
+    ours = looped(torch.tensor([prompt + tokens]), exit=exit, **options).logits[0].double().log_softmax(-1)
     gap = 0.0
     for i, given in enumerate(logprobs):   # new token i is predicted at position len(prompt) - 1 + i
         assert len(given) >= TOPK
