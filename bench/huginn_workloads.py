@@ -167,7 +167,8 @@ def _release_class():
             return _rms_norm(block.norm_4, block.mlp.proj(F.silu(a) * b) + x)
 
         def forward(self, input_ids: Tensor, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                    num_steps=None, logits_to_keep: int = 0, **kwargs):
+                    num_steps=None, logits_to_keep: int = 0, past_key_values=None, **kwargs):
+            cache = cache if cache is not None else past_key_values   # transformers < 5.20 names it so (vLLM's env)
             c, t = self.config, self.transformer
             steps = c.mean_recurrence if num_steps is None else int(num_steps)
             B, L = input_ids.shape
@@ -188,7 +189,7 @@ def _release_class():
             for i, block in enumerate(t.coda):
                 x = self._block(block, x, cos, sin, mask, cache, P + steps * K + i)
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-            return CausalLMOutputWithPast(logits=self.lm_head(_rms_norm(t.ln_f, x[:, keep])), cache=cache)
+            return CausalLMOutputWithPast(logits=self.lm_head(_rms_norm(t.ln_f, x[:, keep])), **{_CACHE: cache})
 
     return ReleaseHuginn
 
@@ -207,13 +208,25 @@ def generate_ours(model, ids, mask, num_steps: int, threshold=None, new: int = N
                           return_dict_in_generate=True, **exit)
 
 
+def _cache_name() -> str:
+    """What transformers calls the cache in generate and the model outputs:
+    "cache" from 5.20 on, "past_key_values" before (vLLM's environment pins < 5.20)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+_CACHE = _cache_name()
+
+
 def generate_release(dense, ids, mask, num_steps: int, new: int = NEW_TOKENS):
     """transformers' generate of the release: greedy, no eos, a DynamicCache
     (made empty: it grows a layer per slot, P + K N + C of them)."""
     from transformers import DynamicCache
 
     return dense.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=PAD,
-                          eos_token_id=None, cache=DynamicCache(), num_steps=num_steps, return_dict_in_generate=True)
+                          eos_token_id=None, num_steps=num_steps, return_dict_in_generate=True,
+                          **{_CACHE: DynamicCache()})
 
 
 def release_cache(out):

@@ -57,10 +57,10 @@ class OuroConfigCheck(VerifyAndUpdateConfig):
 
 
 class HuginnConfigCheck(VerifyAndUpdateConfig):
-    """Huginn's hook: its settings (huginn_checks.py), and CUDA graphs off:
-    under an exit criterion the row counts depend on the data, and the
-    initial states are drawn on the model's own generator (huginn.py runs
-    eager)."""
+    """Huginn's hook: its settings (huginn_checks.py), and CUDA graphs off
+    where the model runs eager: under an exit criterion the row counts
+    depend on the data, and drawn initial states come from the model's own
+    generator (`HuginnSettings.compiles`)."""
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -73,7 +73,8 @@ class HuginnConfigCheck(VerifyAndUpdateConfig):
         if stages != 1:
             raise ValueError(f"pipeline_parallel_size = {stages}: the vLLM plugin runs Huginn on one pipeline stage "
                              "(tensor parallelism is supported)")
-        no_cuda_graphs(vllm_config)
+        if not check_huginn_config(vllm_config.model_config.hf_config).compiles:
+            no_cuda_graphs(vllm_config)
 
 
 __all__ = ["LoopedConfigCheck", "OuroConfigCheck", "HuginnConfigCheck"]

@@ -47,9 +47,11 @@ times √D per token, from the model's own generator seeded with the
 engine's seed, drawn alike on every tensor-parallel rank (the draws follow
 vLLM's batches, so they are not ours token for token).
 
-The model runs eager with CUDA graphs off (config.py): under the exit the
-row counts depend on the data, and the draws of the initial state are
-made on the host's generator.
+At the fixed depth with zero initial states the model is compiled as
+vLLM's own models are (torch.compile, CUDA graphs); otherwise it runs eager
+with CUDA graphs off (config.py): under the exit the row counts depend on
+the data (a host sync per step), and the initial states are drawn from the
+model's own generator.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
@@ -172,6 +175,14 @@ def initial_states(rows: int, width: int, std: float, generator: torch.Generator
     return (draw * math.sqrt(width)).to(like.dtype)
 
 
+def _compiled(vllm_config: VllmConfig) -> bool:
+    """vLLM's torch.compile takes the model at the fixed depth with zero
+    initial states only (`HuginnSettings.compiles`)."""
+    return check_huginn_config(vllm_config.model_config.hf_config).compiles
+
+
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": -1, "intermediate_tensors": 0,
+                                         "inputs_embeds": 0}, enable_if=_compiled)
 class HuginnModel(nn.Module):
     """Embedding, prelude, the core (step 1's layers and their step copies),
     adapter, coda and ln_f; forward returns the hidden states the head reads."""

@@ -29,6 +29,14 @@ class HuginnSettings(NamedTuple):
     steps: int         # num_steps: config.mean_recurrence
     std: float         # the initial state's std (0.0: zeros)
 
+    @property
+    def compiles(self) -> bool:
+        """Whether vLLM's torch.compile and CUDA graphs take the model: at the
+        fixed depth with zero initial states its shapes are the batch's; an
+        exit sizes the products by the running tokens (a host sync per step),
+        and the initial states' draws come from the model's own generator."""
+        return self.exit == "fixed" and self.std == 0.0
+
 
 def check_huginn_config(config) -> HuginnSettings:
     """A Huginn config the plugin can serve, and its settings. HuginnConfig

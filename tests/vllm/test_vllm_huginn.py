@@ -90,6 +90,10 @@ def test_huginn_registered(served):
     model_config = llm.llm_engine.vllm_config.model_config
     assert model_config.architecture == "RavenForCausalLM"
     assert getattr(model_config.hf_config, "act_exit", "fixed") == rule
+    if rule != "fixed":   # an exit runs eager: its row counts depend on the data
+        from vllm.config import CUDAGraphMode
+
+        assert llm.llm_engine.vllm_config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
 
 
 @torch.no_grad()
@@ -121,6 +125,9 @@ def test_mlps_see_the_running_rows_only(served, ours):
     layer's MLP (shared by the steps) the sum of the fed tokens' exit steps,
     fewer than every step under the criterion."""
     rule, _, got, rows = served
+    if rule == "fixed" and not vllm_tiny.EAGER:
+        pytest.skip("compiled (the fixed depth under ACT_KERNELS_VLLM_COMPILE=1): module hooks do not run inside "
+                    "vLLM's compiled graph")
     fed, ran = 0, 0
     for prompt, (tokens, _, _) in zip(vllm_tiny.PROMPTS, got):
         # the engine's forwards see the prompt and every new token but the last (no step reads it)
