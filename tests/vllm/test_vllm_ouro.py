@@ -8,9 +8,14 @@ every-loop mode set by hf_overrides (every_loop: every token runs every
 loop, the gate picks the loop the head reads; exits after 1 to 4 loops); at
 threshold 0.6 each mode's logprobs are far from the other mode's, so
 neither would pass served as the other. The layers' MLPs see exactly the
-rows of the tokens still running (every row at every loop in the every-loop
-mode); a threshold out of (0, 1] or an every_loop that is not a bool is
-refused when the engine's config is built, naming the setting.
+rows of the tokens still running, and the attention of loops 2.. the
+queries of the sequences with a token still running (vLLM's CPU backend
+cuts the batch's metadata per loop), both by our generate's exit loops
+(every row and query at every loop in the every-loop mode); counted by
+forward hooks installed in the worker (vllm_tiny), prefix caching off so
+that every prompt token runs. A threshold out of (0, 1] or an every_loop
+that is not a bool is refused when the engine's config is built, naming
+the setting.
 
 vLLM environment only (see vllm_tiny.py); one engine per mode:
 
@@ -54,8 +59,8 @@ MODES = {"config": (THRESHOLD, False), "override_1.0": (1.0, False), "every_loop
 @pytest.fixture(scope="module", params=list(MODES))
 def served(request, folder):
     """Ours at the mode's threshold, and an engine on the folder in that
-    mode (its settings by hf_overrides) with the MLP rows counted over its
-    greedy generation."""
+    mode (its settings by hf_overrides) with the MLP rows and the loop
+    copies' attention queries counted over its greedy generation."""
     from act_kernels.hf import OuroForCausalLM
 
     threshold, every_loop = MODES[request.param]
@@ -69,10 +74,13 @@ def served(request, folder):
         llm = vllm_tiny.engine(folder, enable_prefix_caching=False, hf_overrides=overrides)
         try:
             llm.apply_model(vllm_tiny.count_mlp_rows)
+            llm.apply_model(vllm_tiny.count_attention_queries)
             llm.apply_model(vllm_tiny.reset_mlp_rows)
+            llm.apply_model(vllm_tiny.reset_attention_queries)
             greedy = vllm_tiny.vllm_greedy(llm)
             (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
-            yield threshold, every_loop, ours, llm, greedy, rows
+            (queries,) = llm.apply_model(vllm_tiny.read_attention_queries)
+            yield threshold, every_loop, ours, llm, greedy, (rows, queries)
         finally:
             vllm_tiny.shutdown(llm)
 
@@ -128,7 +136,7 @@ def test_mlps_see_the_running_rows_only(served):
     """Each layer's MLP (shared by the loops) sees, over the generation, the
     sum of the fed tokens' exit loops: fewer than every loop below 1.0; in
     the every-loop mode every fed token at every loop."""
-    threshold, every_loop, ours, _, _, rows = served
+    threshold, every_loop, ours, _, _, (rows, _) = served
     if every_loop and not vllm_tiny.EAGER:
         pytest.skip("the every-loop mode is compiled: vLLM's graph runs no forward hooks")
     want = ours_greedy(ours, every_loop)
@@ -138,6 +146,30 @@ def test_mlps_see_the_running_rows_only(served):
     ran = LOOPS * tokens if every_loop else sum(sum(f) for f in fed)
     assert (ran < LOOPS * tokens) == (threshold < 1.0 and not every_loop)
     assert rows == dict.fromkeys(range(ours.config.num_hidden_layers), ran)
+
+
+def test_loop_attention_sees_the_running_sequences_only(served):
+    """At loop n >= 2 the attention of each loop copy receives the queries of
+    the sequences (prefill chunks, decode tokens) with a token still running
+    at n (by our generate's exit loops), the whole chunk while any of its
+    tokens runs (vLLM's CPU backend: the metadata cut per loop); fewer than
+    every query of each batch where any token runs below 1.0. At 1.0 and in
+    the every-loop mode every query at every loop."""
+    threshold, every_loop, ours, _, got, (_, (queries, batches)) = served
+    if every_loop and not vllm_tiny.EAGER:
+        pytest.skip("the every-loop mode is compiled: vLLM's graph runs no forward hooks")
+    want = ours_greedy(ours, every_loop)
+    sequences = [p + tokens for p, (tokens, *_) in zip(vllm_tiny.PROMPTS, got)]
+    # the loops each token runs: its exit loop, or every loop in the every-loop mode (nobody freezes)
+    steps = [[LOOPS] * len(st) if every_loop else st for _, st in want]
+    expected, every = vllm_tiny.queries_per_loop(batches, sequences, steps, LOOPS)
+    layers = ours.config.num_hidden_layers
+    assert sorted(queries) == list(range(layers, LOOPS * layers))
+    for u, seen in sorted(queries.items()):
+        n = 2 + (u - layers) // layers     # loop n's copy of layer u mod L
+        assert seen == expected[n], (u, n, seen, expected[n], every[n])
+    assert (sum(expected.values()) < sum(every.values())) == (threshold < 1.0 and not every_loop)
+    assert sum(every.values()) > 0
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.5, -0.2, float("nan"), "high"])

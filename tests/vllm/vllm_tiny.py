@@ -197,6 +197,31 @@ def read_attention_queries(model) -> tuple[dict, list]:
     return dict(model.model.query_rows), list(model.model.batches)
 
 
+def queries_per_loop(batches, sequences, steps, max_steps: int) -> tuple[dict, dict]:
+    """The queries the attention of each loop n >= 2 should receive on vLLM's
+    CPU backend (looped.py's cut) over the recorded batches
+    (`read_attention_queries`): per batch, each sequence's queries (its
+    prefill chunk or decode token) while any of them runs at n, none
+    after. sequences: each sequence's token ids (prompt and new tokens);
+    steps: each of its tokens' loops run (our generate's steps), per
+    sequence. Returns (expected, every): loop n -> those queries, and ->
+    every query of the batches where some token runs at n (no cut)."""
+    expected, every = dict.fromkeys(range(2, max_steps + 1), 0), dict.fromkeys(range(2, max_steps + 1), 0)
+    for ids, positions, starts in batches:
+        chunks = []                               # per sequence of the batch: its tokens' steps
+        for a, b in zip(starts[:-1], starts[1:]):
+            span = slice(positions[a], positions[b - 1] + 1)
+            owners = [j for j, seq in enumerate(sequences) if seq[span] == ids[a:b]]
+            ran = {tuple(steps[j][span]) for j in owners}
+            assert len(ran) == 1, (ids[a:b], positions[a:b], owners)
+            chunks.append(ran.pop())
+        for n in range(2, max_steps + 1):
+            queries = sum(len(c) for c in chunks if max(c) >= n)
+            expected[n] += queries
+            every[n] += len(ids) if queries else 0
+    return expected, every
+
+
 @contextlib.contextmanager
 def insecure_serialization():
     """`LLM.apply_model` pickles the tests' counting functions into the
