@@ -39,7 +39,7 @@ from ..ops.act import get_kernels
 from ..ops.state import accumulation_dtype
 from ..layers.cache import SlotLayout
 from ..layers.rows import BufferStep
-from ..layers.exits import ExitRule, exits_now
+from ..layers.exits import ExitRule, LatestLogits, exits_now
 
 
 class DepthwiseBlock:
@@ -61,7 +61,8 @@ class DepthwiseBlock:
             self.picked_state = torch.zeros(cache.batch_size, block.kind.d_model, device=cache.device,
                                             dtype=cache.dtype)
             self.picked_step = torch.zeros(cache.batch_size, dtype=torch.int64, device=cache.device)
-        self.previous_logits: Optional[Tensor] = None
+        # under a rule that reads the coda: each slot's logits at its latest step (`LatestLogits`)
+        self.latest = LatestLogits(cache.batch_size)
         self.block, self.cache, self.kind, self.attention = block, cache, kind, attention
         self.max_steps = block.max_steps
         slots, device, dtype = cache.batch_size, cache.device, cache.dtype
@@ -194,10 +195,7 @@ class DepthwiseBlock:
         logits = previous = None
         if self.exit.reads_coda:
             logits = self.peek(x, slots)
-            if self.previous_logits is None:
-                self.previous_logits = logits.new_zeros(self.cache.batch_size, logits.shape[-1])
-            previous = self.previous_logits[index]
-            self.previous_logits.index_copy_(0, index, logits)
+            previous = self.latest.update(index, logits)
         fired = exits_now(self.exit, n, self.max_steps, x, self.state[index], self.halt_w, self.halt_b,
                           self.exit_state, index, logits, previous)
         if not self.exit.every_loop:
@@ -208,6 +206,13 @@ class DepthwiseBlock:
         self.picked_state.index_copy_(0, where, x[fresh])
         self.picked_step.index_copy_(0, where, n[fresh])
         return n >= self.max_steps                   # every token runs every loop
+
+    @property
+    def previous_logits(self) -> Optional[Tensor]:
+        """(slots, V): each slot's next-token logits at its latest step (the
+        step before, once its next step runs): a halted token's logits at its
+        exit step, which the scheduler reads under `peeked_exit`."""
+        return self.latest.logits
 
     @property
     def peeked_exit(self) -> bool:

@@ -249,6 +249,30 @@ class Peek:
         raise NotImplementedError
 
 
+class LatestLogits:
+    """Each row's next-token logits at its latest step, for a rule that
+    compares a step's next-token distribution with the step before (kl,
+    Huginn's criteria that read the coda): `update(index, logits)` stores
+    the logits of rows `index` and returns what those rows held, their
+    logits at the step before (zeros before a row's first update; a row
+    reused for a new token is not cleared: no rule's exit at a token's
+    first step depends on them). `.logits` (rows, V): made at the first
+    update, in its logits' dtype and device; None before. The synchronous
+    decode's peek keeps one with a row per fed token (models/core.py
+    `CodaPeek`), the depth-wise engine one with a row per slot
+    (generation/depthwise.py)."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.logits: Optional[Tensor] = None
+
+    def update(self, index: Tensor, logits: Tensor) -> Tensor:
+        if self.logits is None:
+            self.logits = logits.new_zeros(self.rows, logits.shape[-1])
+        previous = self.logits[index]
+        self.logits.index_copy_(0, index, logits)
+        return previous
+
 
 class RecurrentExit(ExitRule):
     """Huginn's inference criteria (recurrent-depth LMs): from step
@@ -396,4 +420,5 @@ def next_token_divergence(logits: Tensor, previous: Tensor) -> Tensor:
 
 __all__ = ["RULES", "HARD", "ExitRule", "FixedExit", "GateExit", "LatentExit", "KLExit", "ExitState",
            "RecurrentExit", "RECURRENT_RULES", "Memory", "make_exit_rule", "exits_now", "ponder_with_exit", "Peek",
+           "LatestLogits",
            "next_token_divergence", "token_pondernet_loss", "check_pondernet_args"]

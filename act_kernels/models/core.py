@@ -26,7 +26,8 @@ from torch import Tensor
 
 from ..layers.cache import ChunkLayout, check_sequences, chunk_lengths
 from ..generation.depthwise import check_schedule
-from ..layers.exits import ExitRule, Peek, check_pondernet_args, make_exit_rule, token_pondernet_loss
+from ..layers.exits import (ExitRule, LatestLogits, Peek, check_pondernet_args, make_exit_rule,
+                            token_pondernet_loss)
 from ..generation.scheduler import eos_ids, generate_slots
 
 
@@ -353,7 +354,11 @@ class CodaPeek(Peek):
         self.model, self.cache, self.sequences, self.positions = model, cache, sequences, positions
         self.running = list(range(len(sequences)))      # the rows still running, ascending (host)
         self.index = torch.arange(len(sequences), device=positions.device)
-        self.logits: Optional[Tensor] = None
+        self.latest = LatestLogits(len(sequences))
+
+    @property
+    def logits(self) -> Optional[Tensor]:
+        return self.latest.logits
 
     def __call__(self, states: Tensor):
         h = states
@@ -362,11 +367,7 @@ class CodaPeek(Peek):
                                        [self.sequences[r] for r in self.running],
                                        positions=self.positions[self.index], commit=False)
         logits = self.model._head(h)
-        if self.logits is None:      # a first step's previous logits: zeros (no rule reads them at step 1)
-            self.logits = logits.new_zeros(len(self.sequences), logits.shape[-1])
-        previous = self.logits[self.index]
-        self.logits.index_copy_(0, self.index, logits)
-        return logits, previous
+        return logits, self.latest.update(self.index, logits)
 
     def settle(self, exits: Tensor) -> Tensor:
         flags = exits.tolist()
