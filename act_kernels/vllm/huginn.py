@@ -14,7 +14,7 @@ to each head's queries and keys before vLLM's rotary embedding on adjacent
 pairs (GPT-J style, rope_base), and vLLM's paged `Attention`. Every
 recurrent step has its own paged KV cache, as every loop does in looped.py:
 step t's copy of core layer i shares every submodule of step 1's but its
-`Attention` (`looped._share`). Layer names carry distinct integers (vLLM's
+`Attention` (`rows.share_weights`). Layer names carry distinct integers (vLLM's
 KV binding reads one per attention layer): `model.layers.{u}` are the
 prelude, the core's step 1 and the coda, u counting through them, and
 `model.loop_layers.{u}` the core's steps 2.. counting on; the published
@@ -29,7 +29,7 @@ arithmetic): a token exits after the first step n > min_steps where
 ||s_n − s_prev|| / ||s_n|| < threshold, and leaves every later step: the
 core layers' projections, norms and MLP, the adapter, and its attention
 query (on vLLM's CPU backend) run on the running tokens only, through
-looped.py's `running_loops`. Its keys and values at the later steps follow
+rows.py's `running_loops`. Its keys and values at the later steps follow
 the frozen-token rule: at core layer 1 those of adapter([s_N, e]), at the
 other layers those of its exit step. vLLM's forward cannot tell a prompt's
 tokens from decoded ones (no request's prompt length reaches the model; a
@@ -76,12 +76,12 @@ from vllm.sequence import IntermediateTensors
 
 from ..layers.exits import RECURRENT_RULES, exits_now
 from .huginn_checks import check_huginn_config
-from .looped import _qkv, _share, agreed, running_loops
+from .rows import agreed, query_key_value, running_loops, share_weights
 
 
 class _HeadBias(nn.Module):
     """qk_bias's queries' or keys' half on this rank's heads, added per head
-    (called where `looped._qkv` calls a family's q/k norm)."""
+    (called where `rows.query_key_value` calls a family's q/k norm)."""
 
     def __init__(self, heads: int, head_dim: int):
         super().__init__()
@@ -98,7 +98,7 @@ class _HeadBias(nn.Module):
 
 
 class SandwichAttention(nn.Module):
-    """Huginn's attention from vLLM's layers, under the names `looped._qkv`
+    """Huginn's attention from vLLM's layers, under the names `rows.query_key_value`
     reads: the q/k/v projection (the published Wqkv), per-head qk_bias,
     rotary on adjacent pairs, paged attention, the output projection."""
 
@@ -120,7 +120,7 @@ class SandwichAttention(nn.Module):
                               cache_config=vllm_config.cache_config, quant_config=quant, prefix=f"{prefix}.attn")
 
     def forward(self, positions: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        o, _ = self.o_proj(self.attn(*_qkv(self, positions, a)))
+        o, _ = self.o_proj(self.attn(*query_key_value(self, positions, a)))
         return o
 
 
@@ -144,7 +144,7 @@ class GatedMLP(nn.Module):
 
 class SandwichLayer(nn.Module):
     """One sandwich block; `input_layernorm` and `after_attention` are the
-    names `looped._layer_rows` calls to run it on the running rows."""
+    names `rows.running_loops` calls to run it on the running rows."""
 
     def __init__(self, vllm_config: VllmConfig, config, prefix: str):
         super().__init__()
@@ -209,7 +209,7 @@ class HuginnModel(nn.Module):
         copies = {}
         for u in range(named, named + (self.steps - 1) * core):
             layer = SandwichLayer(vllm_config, config, f"{prefix}.loop_layers.{u}")
-            _share(layer, self.layers[prelude + (u - named) % core])
+            share_weights(layer, self.layers[prelude + (u - named) % core])
             copies[str(u)] = layer
         self.loop_layers = nn.ModuleDict(copies)
         # every rank holds the whole state (the row-parallel outputs are all-reduced): the adapter is replicated

@@ -12,7 +12,7 @@ input_layernorm(x))), x += post_attention_layernorm_2(mlp(
 post_attention_layernorm(x))). As in looped.py, every loop has its own
 paged KV cache: loop t's copy of layer i is `model.loop_layers.{u}`, u = t·L
 + i counting on from the L layers, sharing every submodule of
-`model.layers.{i}` but its `Attention` (`_share`). The parameters carry the
+`model.layers.{i}` but its `Attention` (`rows.share_weights`). The parameters carry the
 published names (the q/k/v and gate/up projections stacked at loading).
 
 The exit: the gate `model.early_exit_gate` reads each loop's normed state
@@ -22,7 +22,7 @@ threshold (config `early_exit_threshold`, or `hf_overrides`; checked in
 (0, 1] when the engine's config is built: config.py) — `exit="gate"`, whose
 arithmetic (act_kernels.layers.exits) is reused here. An exited token leaves
 every later loop: its projections, norms and MLP run on the running tokens'
-rows only, through looped.py's `_layer_rows` (an Ouro layer seen as vLLM's
+rows only, through rows.py's `running_loops` (an Ouro layer seen as vLLM's
 Llama layer, `_Sandwich`). Its keys and values at the later loops follow
 the frozen-token rule: at the first layer those of its exited (normed)
 state, at every other layer those of its exit loop, kept per layer and
@@ -58,7 +58,8 @@ from vllm.sequence import IntermediateTensors
 
 from ..layers.exits import exits_now, make_exit_rule
 from .checks import check_ouro_config
-from .looped import VLLMLoopedCausalLM, _share, agreed, running_loops
+from .looped import VLLMLoopedCausalLM
+from .rows import agreed, running_loops, share_weights
 
 
 class OuroDecoderLayer(nn.Module):
@@ -84,7 +85,7 @@ class OuroDecoderLayer(nn.Module):
 
 
 class _Sandwich:
-    """An Ouro layer under the names `_layer_rows` calls (vLLM's Llama
+    """An Ouro layer under the names `rows.running_loops` calls (vLLM's Llama
     layer's, whose norm after attention fuses the residual), so that the
     running rows and the frozen keys and values are handled in one place:
     `post_attention_layernorm(o, x)` -> (the MLP's normed input, the
@@ -134,12 +135,12 @@ class OuroModel(nn.Module):
         copies = {}
         for u in range(num_layers, num_layers * steps):
             layer = OuroDecoderLayer(vllm_config, layer_config, f"{prefix}.loop_layers.{u}")
-            _share(layer, self.layers[u % num_layers])
+            share_weights(layer, self.layers[u % num_layers])
             copies[str(u)] = layer
         self.loop_layers = nn.ModuleDict(copies)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.early_exit_gate = nn.Linear(config.hidden_size, 1)
-        # the layers each loop runs, in order, as `_layer_rows` reads them (the modules are registered above)
+        # the layers each loop runs, in order, as `rows.running_loops` reads them (the modules are registered above)
         stack = list(self.layers) + list(self.loop_layers.values())
         self.loops = [[_Sandwich(layer) for layer in stack[t * num_layers:(t + 1) * num_layers]]
                       for t in range(steps)]

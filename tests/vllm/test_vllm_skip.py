@@ -68,16 +68,17 @@ def test_block_mlps_see_the_running_rows_only(counted):
 
 
 def test_loop_attention_sees_the_running_sequences_only(counted):
-    """At loop n >= 2 the attention of each loop copy receives the queries of
-    the sequences (prefill chunks, decode tokens) with a token still running
-    at n, the whole chunk while any of its tokens runs; fewer than every
-    query of each batch where any token runs."""
+    """At loop n >= 2 the attention of each loop copy receives, per sequence
+    of the batch (prefill chunk, decode token), the queries from its first
+    token still running at n to its last (none where none runs); fewer than
+    every query of each batch where any token runs, and, in some prefill
+    chunk, fewer than the whole chunk while a token of it runs."""
     looped, got, _, queries, batches = counted
     want = vllm_tiny.ours_greedy(looped, "act")
     full = [p + tokens for p, (tokens, *_) in zip(vllm_tiny.PROMPTS, got)]
     start, stop = BLOCK
     width, layers = stop - start, looped.model.config.num_hidden_layers
-    expected, every = {}, {}
+    expected, every, whole = {}, {}, {}
     for ids, positions, starts in batches:
         chunks = []                               # per sequence of the batch: its tokens' ACT steps
         for a, b in zip(starts[:-1], starts[1:]):
@@ -86,10 +87,13 @@ def test_loop_attention_sees_the_running_sequences_only(counted):
             assert len(steps) == 1, (ids[a:b], positions[a:b], owners)
             chunks.append(steps.pop())
         for n in range(2, looped.max_steps + 1):
-            ran = sum(len(c) for c in chunks if max(c) >= n)
+            spans = [[i for i, s in enumerate(c) if s >= n] for c in chunks]
+            ran = sum(span[-1] - span[0] + 1 for span in spans if span)
             expected[n] = expected.get(n, 0) + ran
             every[n] = every.get(n, 0) + (len(ids) if ran else 0)
+            whole[n] = whole.get(n, 0) + sum(len(c) for c, span in zip(chunks, spans) if span)
     for u, seen in sorted(queries.items()):
         n = 2 + (u - layers) // width
         assert seen == expected[n], (u, n, seen, expected[n], every[n])
     assert sum(expected.values()) < sum(every.values()), "some batch should hold a sequence with no running token"
+    assert sum(expected.values()) < sum(whole.values()), "some prefill chunk should end or start with halted tokens"
