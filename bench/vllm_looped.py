@@ -38,10 +38,10 @@ of the prelude's first layer and the block's first layer, one untimed
 call); the share of the ideal reached; the looped engine against our
 generate; the query rows the attention of loops 2.. received per block
 layer (loop_queries, hooks in the untimed call) against the tokens running
-there, sum N - T (loop_queries_per_running: 1 where every attended
-sequence has a running token, as in decode batches; more where a prefill
-chunk keeps all its queries while any of its tokens runs). Checks: vLLM's greedy tokens against our generate's (the first
-difference per prompt: they agree token for token in float32 unless a
+there, sum N - T (loop_queries_per_running: 1 where every attended query
+is a running token's, as in decode batches; more where a prefill chunk
+keeps halted queries between two running ones). Checks: vLLM's greedy
+tokens against our generate's (the first difference per prompt: they agree token for token in float32 unless a
 near-tie flips), and the engine's sum N against our generate's steps.
 
 Runs in the vLLM environment (act_kernels installed editable there):
@@ -233,8 +233,8 @@ def main():
         fed_steps = ours.steps[:, :-1]             # every token but the last new one runs a forward
         tokens_run, steps_sum = rows[0], rows[hw.BLOCK[0]]
         # the queries attended at loops 2.. per block layer, against the tokens running there (steps beyond the
-        # first): equal where every attended sequence has a running token (decode batches), more where a prefill
-        # chunk keeps its queries while any of its tokens runs
+        # first): equal where every attended query is a running token's (decode batches), more where a prefill
+        # chunk keeps halted queries between two running ones
         loop_queries = loop_queries / (hw.BLOCK[1] - hw.BLOCK[0])
         new_steps = ours.steps[:, width:-1].double()
         checks[size] = {
