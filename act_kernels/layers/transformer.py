@@ -236,7 +236,7 @@ class ACTTransformerEncoder(RaggedBlock):
         chosen = resolve_encoder(self.backend, x.device, x.dtype)
         if exit is not None:
             step = SegmentStep(self, x, cu_seqlens, bool(is_causal), max_seqlen, chosen.attention, positions=positions)
-            return self._ponder_with_exit(step, x, exit)
+            return self._ponder_with_exit(step, x, exit, decode=True)   # every token exits on its own
         if chosen.pool_path and self.kind.pool_path_supported(self.training):
             keys = self._key_table(chosen, cu_seqlens, x, max_seqlen, bool(is_causal), lengths)
             out = pool_ponder(self.kind, keys, get_kernels(chosen.kernels), x, self.halting.weight,
@@ -295,9 +295,12 @@ class ACTTransformerEncoder(RaggedBlock):
         self.steps = out.steps
         return out
 
-    def _ponder_with_exit(self, step: SegmentStep, x: Tensor, exit: ExitRule, prompt: bool = False,
+    def _ponder_with_exit(self, step: SegmentStep, x: Tensor, exit: ExitRule, *, decode: bool,
                           peek: Optional[Peek] = None) -> Tensor:
-        if prompt and exit.fixed_prefill:   # prompt tokens under such a rule: a fixed depth (design §16)
+        """decode: the tokens exit on their own by the rule; False: they are
+        prompt tokens, which a rule with a fixed prefill runs at its
+        prefill_steps."""
+        if not decode and exit.fixed_prefill:   # prompt tokens under such a rule: a fixed depth (design §16)
             exit, depth, peek = FixedExit(None, 1), exit.prefill_steps, None
         else:
             depth = self.max_steps
@@ -311,7 +314,7 @@ class ACTTransformerEncoder(RaggedBlock):
     @torch.no_grad()
     def extend(self, cache: ACTCache, x: Tensor, cu_seqlens, sequences: Sequence[int], *,
                is_causal: bool = True, layout: Optional[ChunkLayout] = None,
-               positions: Optional[Tensor] = None, exit: Optional[ExitRule] = None, prompt: bool = True,
+               positions: Optional[Tensor] = None, exit: Optional[ExitRule] = None, decode: bool = False,
                peek: Optional[Peek] = None) -> Tensor:
         """Causal incremental evaluation (design §14): appends a chunk of new
         tokens to each of the cache's `sequences` (any subset, each once) and
@@ -327,12 +330,13 @@ class ACTTransformerEncoder(RaggedBlock):
 
         Under an exit rule with a fixed prefill (kl, Huginn's criteria, design
         §16) the chunks are prompts, run at the rule's prefill_steps; with
-        prompt=False they are decoded tokens, each exiting on its own by the
-        rule, and a rule that reads the coda takes `peek` (layers/exits.py
-        `Peek`) at every step."""
+        decode=True they are decoded tokens (as `LoopedCore.extend`'s flag
+        of the same name), each exiting on its own by the rule, and a rule
+        that reads the coda takes `peek` (layers/exits.py `Peek`) at every
+        step."""
         chosen, context, step = self._cached_step(cache, x, cu_seqlens, sequences, is_causal, layout, positions)
         if exit is not None:
-            state = self._ponder_with_exit(step, x, exit, prompt=prompt, peek=peek)
+            state = self._ponder_with_exit(step, x, exit, decode=decode, peek=peek)
         else:
             out = ponder(step, x, self.halting.weight, self.halting.bias, max_steps=self.max_steps, eps=self.eps,
                          backend=chosen.halting)

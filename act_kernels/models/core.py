@@ -240,8 +240,9 @@ class LoopedCore:
         rule (layers/exits.py) for the block. Under a rule with a fixed
         prefill (kl, Huginn's criteria) the chunks are prompts, run at its
         prefill_steps; decode=True feeds decoded tokens instead, one per
-        sequence, each exiting on its own (a rule that reads the coda runs
-        the coda and head at each of its steps)."""
+        sequence, each exiting on its own (the flag goes to the block's
+        `extend` under the same name; a rule that reads the coda runs the
+        coda and head at each of its steps)."""
         if not isinstance(decode, bool):
             raise TypeError(f"decode must be a bool, got {type(decode).__name__}")
         self._check_tokens(tokens, "tokens")
@@ -277,7 +278,7 @@ class LoopedCore:
             if self.prelude is not None:
                 h = self.prelude.extend(prelude_cache, h, offsets, sequences, layout=layout, positions=positions)
             h = self.block.extend(block_cache, self._enter_block(h), offsets, sequences, layout=layout,
-                                  positions=positions, exit=exit, prompt=not decode, peek=peek)
+                                  positions=positions, exit=exit, decode=decode, peek=peek)
             if peek is not None and not exit.every_loop:
                 return peek.logits      # each token's at its exit step, its coda rows kept there
             if self.coda is not None:
