@@ -2,14 +2,15 @@
 rule equals the forward's argmax with the same rule and equal steps (both
 schedulers, left padding, continuous batching); "fixed" is transformers' own
 model with the block unrolled; the every-loop reference mode; "kl" in
-decoding (its other paths: test_coda_exit_paths.py); bad input refused
-before anything runs."""
+decoding (its other paths: test_coda_exit_paths.py) and, on
+ACTLanguageModel, the kl forward against an independent token-by-token
+oracle; bad input refused before anything runs."""
 import copy
 
 import pytest
 import torch
 
-from looped_lm import decoded_token_by_token, generate
+from looped_lm import generate, padded
 from tiny import batch, llama, positions, qwen3, vary
 
 transformers = pytest.importorskip("transformers")
@@ -35,6 +36,69 @@ def unrolled(model, block, times):
     if getattr(model.config, "layer_types", None) is not None:
         model.config.layer_types = [model.config.layer_types[0]] * len(new)
     return model
+
+
+def act_lm_kl_oracle(model, sequence, *, threshold, min_steps=1):
+    """An ACTLanguageModel's kl rule on one sequence (1-D ids) with every
+    token decoded (none a prompt), evaluated token by token with torch's own
+    layers (tests/dense_encoder.py: a layer with the keys and values given),
+    sharing no code with act_kernels. The prelude runs once, causal. Token i
+    at step n applies the block's layers to its own row; their attention
+    reads, for every earlier token j (final, exited at N_j), at the first
+    layer s_j^min(n-1, N_j) and at layer k > 1 j's input to layer k at its
+    step min(n, N_j), then i's own input (design §9, §14). At each step the
+    coda (causal, over the earlier tokens' exit states and s_i^n), the final
+    norm and the head give P_n; i exits at the first n >= max(2, min_steps)
+    with KL(P_n || P_{n-1}) < threshold, else at max_steps. Returns (logits
+    (L, V) at each token's exit, steps (L,))."""
+    from dense_encoder import _layer_with_keys
+
+    def layers_of(stack):
+        if stack is None:
+            return []
+        module = stack.layer
+        assert getattr(module, "norm", None) is None       # no norm closes a stack's layers
+        return list(module.layers) if isinstance(module, torch.nn.TransformerEncoder) else [module]
+
+    def causal(rows, layers):
+        """The layers on rows (i + 1, D) of tokens 0..i, causal: every row."""
+        future = torch.ones(rows.shape[0], rows.shape[0], dtype=torch.bool).triu(1)
+        for layer in layers:
+            rows = _layer_with_keys(layer, rows[None], rows[None], future, None)[0]
+        return rows
+
+    def own_row(layer, earlier, y):
+        """`layer` on token i's row y, its attention over the earlier rows and y."""
+        return _layer_with_keys(layer, y[None, None], torch.stack(earlier + [y])[None], None, None)[0, 0]
+
+    prelude, block, coda = layers_of(model.prelude), layers_of(model.block), layers_of(model.coda)
+    length, most = sequence.shape[0], model.max_steps
+    x0 = causal(model.embed(sequence) + model.position(torch.arange(length)), prelude)
+    states, inputs, steps, finals, logits = [], [], [], [], []   # per token: s^0..s^N; inputs[j][k][n - 1]
+    for i in range(length):
+        mine, my_inputs, previous = [x0[i]], [[] for _ in block], None
+        for n in range(1, most + 1):
+            y = mine[-1]
+            for k, layer in enumerate(block):
+                if k == 0:
+                    earlier = [states[j][min(n - 1, steps[j])] for j in range(i)]
+                else:
+                    my_inputs[k].append(y)
+                    earlier = [inputs[j][k][min(n, steps[j]) - 1] for j in range(i)]
+                y = own_row(layer, earlier, y)
+            mine.append(y)
+            out = model.head(model.norm(causal(torch.stack(finals + [y]), coda)[-1]))
+            logp = torch.log_softmax(out.double(), -1)
+            quiet = previous is not None and float((logp.exp() * (logp - previous)).sum()) < threshold
+            previous = logp
+            if n == most or (n >= max(2, min_steps) and quiet):
+                break
+        states.append(mine)
+        inputs.append(my_inputs)
+        steps.append(n)
+        finals.append(mine[-1])
+        logits.append(out)
+    return torch.stack(logits), torch.tensor(steps)
 
 
 def check_generate_against_forward(looped, ids, mask, new, **kw):
@@ -162,14 +226,20 @@ def test_an_act_language_model_takes_the_same_rules():
     synchronous = generate(model, given, 4, exit="kl", threshold=1e-2, prefill_steps=2, schedule="synchronous")
     assert all(torch.equal(a, b) for a, b in zip(synchronous.sequences, kl.sequences))
     assert all(torch.equal(a, b) for a, b in zip(synchronous.steps, kl.steps))
-    # the forward feeds every token as a decoded one, one position at a time through the cache
-    seq, rule = kl.sequences[2], model._exit_rule("kl", 1e-2, 1, False)
-    with torch.no_grad():
-        forward = model(seq[None], exit="kl", threshold=1e-2)
-    logits, steps = decoded_token_by_token(model, seq[None], torch.ones_like(seq[None]), rule)
-    torch.testing.assert_close(forward.logits, logits, atol=1e-10, rtol=0)
-    assert torch.equal(forward.steps, steps)
-    assert len(set(forward.steps[0].tolist())) > 1
+    # the forward decodes every token (none a prompt): the independent token-by-token oracle's exits and logits,
+    # the three sequences together in one padded batch (left and right padding)
+    for left in (True, False):
+        ids, mask = padded(kl.sequences, left)
+        keep = mask.bool()
+        for threshold, min_steps in ((1e-2, 1), (5e-3, 4)):   # exits 3-4; 4-5, min_steps binding
+            with torch.no_grad():
+                forward = model(ids, mask, exit="kl", threshold=threshold, min_steps=min_steps)
+                for row, seq in enumerate(kl.sequences):
+                    logits, steps = act_lm_kl_oracle(model, seq, threshold=threshold, min_steps=min_steps)
+                    assert torch.equal(forward.steps[row][keep[row]], steps)
+                    torch.testing.assert_close(forward.logits[row][keep[row]], logits, atol=1e-10, rtol=0)
+            assert bool((forward.steps[~keep] == 0).all())
+            assert len(set(forward.steps[keep].tolist())) > 1
 
 
 @pytest.mark.parametrize("kw,error,match", [
