@@ -25,7 +25,8 @@ in float64 (the release rounds to float32 inside).
 """
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -43,13 +44,78 @@ _SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
                "initializer_range", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types",
                "use_cache", "tie_word_embeddings")
 _COMMON_KEYS = COMMON_KEYS | {"rope_parameters"}
+# ours, beside the published keys (OuroConfig's docstring)
+_OUR_KEYS = ("backend", "ponder_weight", "every_loop")
+# what `check_ouro_settings` reads of a built config (the vLLM plugin's check, after hf_overrides)
+CHECKED_KEYS = ("rope_theta", "rope_parameters", "use_sliding_window", "layer_types", "hidden_act", "total_ut_steps",
+                "early_exit_threshold", "every_loop")
+
+
+def check_ouro_settings(settings: Mapping[str, Any]) -> None:
+    """What an Ouro config may not hold, refused by name: the one place that
+    decides, run by OuroConfig on its arguments and by the vLLM plugin on
+    the built config as vLLM's hf_overrides left it (act_kernels.vllm.checks).
+    settings: config keys -> values; a key that is absent is not checked.
+    Refused: keys that are neither the published config's, ours nor those
+    every transformers config reads; RoPE scaling (rope_scaling or
+    rope_parameters of another rope_type than "default", or whose
+    rope_theta is not rope_theta: our rotary reads rope_theta alone);
+    sliding windows (use_sliding_window, layer_types other than full
+    attention); another activation than SiLU; total_ut_steps not an int
+    >= 1; early_exit_threshold not a probability mass in (0, 1];
+    every_loop not a bool."""
+    unknown = sorted(set(settings) - set(_SHAPE_KEYS) - set(_OUR_KEYS) - _COMMON_KEYS)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown} (not in Ouro's published config, nor ours): refused rather "
+                         "than ignored")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = settings.get(key)
+        why = None if rope is None else _rope_refused(rope, settings.get("rope_theta"))
+        if why:
+            raise ValueError(f"{key} = {rope!r} is not supported: {why}")
+    layer_types = settings.get("layer_types") or ()
+    if settings.get("use_sliding_window") or any(t != "full_attention" for t in layer_types):
+        raise ValueError("sliding-window attention (use_sliding_window / layer_types) is not supported: Ouro's "
+                         "published models use full causal attention")
+    if "hidden_act" in settings and settings["hidden_act"] != "silu":
+        raise ValueError(f"hidden_act = {settings['hidden_act']!r}: Ouro's MLP is SwiGLU (silu)")
+    if "total_ut_steps" in settings:
+        steps = settings["total_ut_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"total_ut_steps must be an int >= 1, got {steps!r}")
+    if "early_exit_threshold" in settings:
+        threshold = settings["early_exit_threshold"]
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            raise ValueError(f"early_exit_threshold is the exit gate's threshold, a probability mass in (0, 1], got "
+                             f"{threshold!r}")
+    if "every_loop" in settings and not isinstance(settings["every_loop"], bool):
+        raise ValueError(f"every_loop must be a bool (True: the release's every-loop mode), got "
+                         f"{settings['every_loop']!r}")
+
+
+def _rope_refused(rope, theta) -> Optional[str]:
+    """Why RoPE parameters (a dict, or per layer type a dict of dicts) ask
+    for more than our rotary embedding computes, plain RoPE at rope_theta;
+    None where they do not."""
+    if not isinstance(rope, Mapping):
+        return "not a dict of RoPE parameters"
+    if rope and all(isinstance(v, Mapping) for v in rope.values()):   # per layer type
+        return next(filter(None, (_rope_refused(v, theta) for v in rope.values())), None)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        return f"RoPE scaling ({kind!r}): our rotary embedding computes plain RoPE (the published Ouro configs " \
+               "have none)"
+    given = rope.get("rope_theta")
+    if given is not None and theta is not None and float(given) != float(theta):
+        return f"its rope_theta {given!r} is not rope_theta = {theta!r}, which our rotary embedding reads"
+    return None
 
 
 class OuroConfig(PreTrainedConfig):
     """Ouro's published config. Every key of the published config.json is
     read; settings our engine does not compute (sliding windows, RoPE
-    scaling, another activation than SiLU) and unknown keys are refused by
-    name. Ours besides: backend (as LoopedCausalLM's), ponder_weight (τ
+    scaling, another activation than SiLU), bad exit settings and unknown
+    keys are refused by name (`check_ouro_settings`). Ours besides: backend (as LoopedCausalLM's), ponder_weight (τ
     in loss = lm_loss + τ · mean ponder cost, when training by ACT) and
     every_loop (bool, default False: the mode the vLLM plugin serves, the
     release's every-loop mode when True; act_kernels.vllm.ouro). Our forward
@@ -66,24 +132,12 @@ class OuroConfig(PreTrainedConfig):
                  use_sliding_window: bool = False, sliding_window=None, max_window_layers: Optional[int] = None,
                  layer_types=None, use_cache: bool = True, tie_word_embeddings: bool = False, backend: str = "auto",
                  ponder_weight: float = 0.0, every_loop: bool = False, **kwargs):
-        unknown = sorted(set(kwargs) - _COMMON_KEYS)
-        if unknown:
-            raise ValueError(f"OuroConfig: unknown config keys {unknown} (not in Ouro's published config): refused "
-                             "rather than ignored")
+        check_ouro_settings({**kwargs, "rope_theta": rope_theta, "rope_scaling": rope_scaling,
+                             "use_sliding_window": use_sliding_window, "layer_types": layer_types,
+                             "hidden_act": hidden_act, "total_ut_steps": total_ut_steps,
+                             "early_exit_threshold": early_exit_threshold, "every_loop": every_loop})
+        # plain RoPE at rope_theta (checked above): the key is not kept, as rope_scaling below
         kwargs.pop("rope_parameters", None)
-        if rope_scaling is not None:
-            raise ValueError(f"rope_scaling = {rope_scaling!r} is not supported (the published Ouro configs have none)")
-        if use_sliding_window or any(t != "full_attention" for t in (layer_types or ())):
-            raise ValueError("sliding-window attention (use_sliding_window / layer_types) is not supported: Ouro's "
-                             "published models use full causal attention")
-        if hidden_act != "silu":
-            raise ValueError(f"hidden_act = {hidden_act!r}: Ouro's MLP is SwiGLU (silu)")
-        if not isinstance(total_ut_steps, int) or total_ut_steps < 1:
-            raise ValueError(f"total_ut_steps must be an int >= 1, got {total_ut_steps!r}")
-        if not 0.0 < float(early_exit_threshold) <= 1.0:
-            raise ValueError(f"early_exit_threshold is a probability mass in (0, 1], got {early_exit_threshold!r}")
-        if not isinstance(every_loop, bool):
-            raise ValueError(f"every_loop must be a bool, got {every_loop!r}")
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
@@ -228,4 +282,4 @@ class OuroForCausalLM(PublishedLoopedLM):
         return super()._exit_rule(exit, threshold, min_steps, every_loop, prefill_steps)
 
 
-__all__ = ["OuroConfig", "OuroForCausalLM", "MODEL_TYPE"]
+__all__ = ["OuroConfig", "OuroForCausalLM", "MODEL_TYPE", "check_ouro_settings", "CHECKED_KEYS"]

@@ -78,24 +78,24 @@ OURO_THRESHOLD_KEY = "early_exit_threshold"     # the config attribute (or hf_ov
 OURO_EVERY_LOOP_KEY = "every_loop"
 
 
-def check_ouro_config(config) -> tuple[float, bool]:
+def check_ouro_config(config, overrides=()) -> tuple[float, bool]:
     """An Ouro config the plugin can serve: returns the exit gate's threshold
     and whether the engine runs the release's every-loop mode (config.
-    every_loop, False when unset). OuroConfig checks its own arguments, but
-    vLLM applies hf_overrides to the built config, past those checks: the
-    exit settings are checked again here."""
-    every_loop = getattr(config, OURO_EVERY_LOOP_KEY, False)
-    if not isinstance(every_loop, bool):
-        raise ValueError(f"{OURO_EVERY_LOOP_KEY} = {every_loop!r} (hf_overrides or config.json) must be a bool: "
-                         "True serves the release's every-loop mode, False (the default) the frozen exits")
-    threshold = getattr(config, OURO_THRESHOLD_KEY, 1.0)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
-        raise ValueError(f"{OURO_THRESHOLD_KEY} = {threshold!r} (hf_overrides or config.json): the exit gate's "
-                         "threshold is a probability mass in (0, 1]")
-    steps = config.total_ut_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"total_ut_steps = {steps!r} (hf_overrides or config.json) must be an int >= 1")
-    return float(threshold), every_loop
+    every_loop, False when unset). OuroConfig refuses what its arguments may
+    not hold (`act_kernels.hf.ouro.check_ouro_settings`), but vLLM applies
+    hf_overrides to the built config, past those checks: the same function
+    runs here on the config as the overrides left it. overrides: the
+    hf_overrides keys, read too (an unknown one is refused as OuroConfig
+    refuses an unknown key)."""
+    # imported here: importing act_kernels.vllm imports no transformers
+    from ..hf.ouro import CHECKED_KEYS, check_ouro_settings
+
+    settings = {key: getattr(config, key) for key in (*CHECKED_KEYS, *overrides) if hasattr(config, key)}
+    try:
+        check_ouro_settings(settings)
+    except ValueError as error:
+        raise ValueError(f"{error} (hf_overrides or config.json)") from None
+    return float(settings.get(OURO_THRESHOLD_KEY, 1.0)), settings.get(OURO_EVERY_LOOP_KEY, False)
 
 
 __all__ = ["ARCHITECTURE", "EXIT_KEY", "EXITS", "NOT_SERVED", "FAMILIES", "exit_rule", "check_config",

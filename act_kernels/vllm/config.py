@@ -39,21 +39,29 @@ class LoopedConfigCheck(VerifyAndUpdateConfig):
 
 
 class OuroConfigCheck(VerifyAndUpdateConfig):
-    """Ouro's hook: the exit settings (checks.py), and, with the frozen
-    exits, CUDA graphs off, as under "act": the gate's exits size the
-    products by the tokens still running (ouro.py runs eager). The
-    every-loop mode runs every token through every loop (fixed shapes):
-    compiled, with vLLM's CUDA graphs, as "fixed"."""
+    """Ouro's hook: what OuroConfig refuses, on the config as hf_overrides
+    left it and the overrides' keys (checks.py), and, with the frozen exits,
+    CUDA graphs off, as under "act": the gate's exits size the products by
+    the tokens still running (ouro.py runs eager). The every-loop mode runs
+    every token through every loop (fixed shapes): compiled, with vLLM's
+    CUDA graphs, as "fixed"."""
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
-        check_ouro_config(model_config.hf_config)
+        check_ouro_config(model_config.hf_config, OuroConfigCheck.override_keys(model_config))
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        _, every_loop = check_ouro_config(vllm_config.model_config.hf_config)
+        model_config = vllm_config.model_config
+        _, every_loop = check_ouro_config(model_config.hf_config, OuroConfigCheck.override_keys(model_config))
         if not every_loop:
             no_cuda_graphs(vllm_config)
+
+    @staticmethod
+    def override_keys(model_config) -> tuple[str, ...]:
+        """The keys of the engine's hf_overrides (none read from a callable one)."""
+        overrides = model_config.hf_overrides
+        return tuple(overrides) if isinstance(overrides, dict) else ()
 
 
 class HuginnConfigCheck(VerifyAndUpdateConfig):

@@ -12,8 +12,9 @@ input_layernorm(x))), x += post_attention_layernorm_2(mlp(
 post_attention_layernorm(x))). As in looped.py, every loop has its own
 paged KV cache: loop t's copy of layer i is `model.loop_layers.{u}`, u = t·L
 + i counting on from the L layers, sharing every submodule of
-`model.layers.{i}` but its `Attention` (`rows.share_weights`). The parameters carry the
-published names (the q/k/v and gate/up projections stacked at loading).
+`model.layers.{i}` but its `Attention` (`rows.share_weights`). The
+parameters carry the published names (the q/k/v and gate/up projections
+stacked at loading).
 
 The exit: the gate `model.early_exit_gate` reads each loop's normed state
 s_t, λ_t = σ(gate(s_t)), p_t = λ_t Π_{j<t}(1 − λ_j), the last loop takes the
@@ -26,8 +27,9 @@ rows only, through rows.py's `running_loops` (an Ouro layer seen as vLLM's
 Llama layer, `_Sandwich`). Its keys and values at the later loops follow
 the frozen-token rule: at the first layer those of its exited (normed)
 state, at every other layer those of its exit loop, kept per layer and
-re-sent to attention, the attention cut to the sequences with a running
-token on vLLM's CPU backend as under looped.py's "act". The row counts
+re-sent to attention; on vLLM's CPU backend a loop's attention is cut to
+the queries from each sequence's first running token to its last
+(attention_cut.py), as under looped.py's "act". The row counts
 depend on the data (a host sync per loop): the model is left out of vLLM's
 torch.compile and CUDA graphs are off.
 

@@ -147,6 +147,33 @@ def test_settings_we_do_not_compute_are_refused():
         OuroConfig(hidden_act="gelu")
 
 
+@pytest.mark.parametrize("setting, match", [
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope_parameters.*RoPE scaling"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0}}}, "rope_parameters.*RoPE scaling"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "rope_parameters.*rope_theta"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
+    ({"total_ut_steps": 0}, "total_ut_steps"),
+    ({"total_ut_steps": True}, "total_ut_steps"),
+    ({"early_exit_threshold": 0.0}, "early_exit_threshold"),
+    ({"early_exit_threshold": float("nan")}, "early_exit_threshold"),
+    ({"every_loop": "yes"}, "every_loop"),
+])
+def test_settings_refused_by_name(setting, match):
+    """Each refusal names its setting: OuroConfig and the vLLM plugin's check
+    (after hf_overrides) run the same check_ouro_settings."""
+    with pytest.raises(ValueError, match=match):
+        OuroConfig(**setting)
+
+
+def test_plain_rope_parameters_and_every_loop_kept(tmp_path):
+    """rope_parameters of plain RoPE at rope_theta are accepted (what vLLM
+    and transformers 5 write); every_loop (ours) is saved and read back."""
+    config = OuroConfig(rope_theta=1e4, rope_parameters={"rope_type": "default", "rope_theta": 1e4}, every_loop=True)
+    config.save_pretrained(tmp_path)
+    assert OuroConfig.from_pretrained(tmp_path).every_loop is True
+    assert OuroConfig.from_pretrained(tmp_path).rope_theta == 1e4
+
+
 def test_the_gate_trains(tmp_path):
     """Ouro's objective (pondernet, entropy=True) and ACT's loss with ponder_weight both reach the gate."""
     write_ouro_checkpoint(tmp_path, seed=2, dtype=torch.float32)

@@ -9,13 +9,15 @@ loop, the gate picks the loop the head reads; exits after 1 to 4 loops); at
 threshold 0.6 each mode's logprobs are far from the other mode's, so
 neither would pass served as the other. The layers' MLPs see exactly the
 rows of the tokens still running, and the attention of loops 2.. the
-queries of the sequences with a token still running (vLLM's CPU backend
-cuts the batch's metadata per loop), both by our generate's exit loops
-(every row and query at every loop in the every-loop mode); counted by
-forward hooks installed in the worker (vllm_tiny), prefix caching off so
-that every prompt token runs. A threshold out of (0, 1] or an every_loop
-that is not a bool is refused when the engine's config is built, naming
-the setting.
+queries from each sequence's first token still running to its last
+(vLLM's CPU backend: the batch's metadata cut per loop), both by our
+generate's exit loops (every row and query at every loop in the every-loop
+mode); counted by forward hooks installed in the worker (vllm_tiny),
+prefix caching off so that every prompt token runs. A threshold out of
+(0, 1], an every_loop that is not a bool, and any hf_overrides setting
+that OuroConfig refuses (RoPE scaling, sliding windows, another
+activation, unknown keys) are refused when the engine's config is built,
+naming the setting.
 
 vLLM environment only (see vllm_tiny.py); one engine per mode:
 
@@ -149,12 +151,14 @@ def test_mlps_see_the_running_rows_only(served):
 
 
 def test_loop_attention_sees_the_running_sequences_only(served):
-    """At loop n >= 2 the attention of each loop copy receives the queries of
-    the sequences (prefill chunks, decode tokens) with a token still running
-    at n (by our generate's exit loops), the whole chunk while any of its
-    tokens runs (vLLM's CPU backend: the metadata cut per loop); fewer than
-    every query of each batch where any token runs below 1.0. At 1.0 and in
-    the every-loop mode every query at every loop."""
+    """At loop n >= 2 the attention of each loop copy receives, per sequence
+    of the batch (prefill chunk, decode token), the queries from its first
+    token still running at n to its last (by our generate's exit loops),
+    none where none runs (vLLM's CPU backend: the metadata cut per loop).
+    Below 1.0 that is fewer than every query of each batch where a token
+    runs, and, in some prefill chunk, fewer than the whole chunk while a
+    token of it runs; at 1.0 and in the every-loop mode every query at
+    every loop."""
     threshold, every_loop, ours, _, got, (_, (queries, batches)) = served
     if every_loop and not vllm_tiny.EAGER:
         pytest.skip("the every-loop mode is compiled: vLLM's graph runs no forward hooks")
@@ -162,13 +166,15 @@ def test_loop_attention_sees_the_running_sequences_only(served):
     sequences = [p + tokens for p, (tokens, *_) in zip(vllm_tiny.PROMPTS, got)]
     # the loops each token runs: its exit loop, or every loop in the every-loop mode (nobody freezes)
     steps = [[LOOPS] * len(st) if every_loop else st for _, st in want]
-    expected, every = vllm_tiny.queries_per_loop(batches, sequences, steps, LOOPS)
+    expected, whole, every = vllm_tiny.queries_per_loop(batches, sequences, steps, LOOPS)
     layers = ours.config.num_hidden_layers
     assert sorted(queries) == list(range(layers, LOOPS * layers))
     for u, seen in sorted(queries.items()):
         n = 2 + (u - layers) // layers     # loop n's copy of layer u mod L
-        assert seen == expected[n], (u, n, seen, expected[n], every[n])
-    assert (sum(expected.values()) < sum(every.values())) == (threshold < 1.0 and not every_loop)
+        assert seen == expected[n], (u, n, seen, expected[n], whole[n], every[n])
+    cut = threshold < 1.0 and not every_loop
+    assert (sum(expected.values()) < sum(every.values())) == cut, "some batch should hold a sequence with none running"
+    assert (sum(expected.values()) < sum(whole.values())) == cut, "some chunk should start or end with exited tokens"
     assert sum(every.values()) > 0
 
 
@@ -178,6 +184,30 @@ def test_bad_threshold_refused_at_start(folder, threshold):
     with pytest.raises(ValueError, match="early_exit_threshold"):
         vllm_tiny.engine(folder, hf_overrides={"early_exit_threshold": threshold})
 
+
+@pytest.mark.parametrize("override, match", [
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.*RoPE scaling"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128}},
+     "rope_parameters.*RoPE scaling"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "rope_parameters.*rope_theta"),
+    ({"use_sliding_window": True, "sliding_window": 16}, "sliding-window"),
+    ({"layer_types": ["sliding_attention"] * 2}, "sliding-window"),
+    ({"hidden_act": "gelu"}, "hidden_act.*silu"),
+    ({"total_ut_steps": 0}, "total_ut_steps"),
+    ({"foo": 1}, "unknown config keys.*'foo'"),
+], ids=["rope_scaling", "rope_parameters", "rope_theta", "sliding_window", "layer_types", "hidden_act",
+        "total_ut_steps", "unknown_key"])
+def test_what_ouro_config_refuses_is_refused_at_start(folder, override, match):
+    """An hf_overrides setting that OuroConfig refuses at construction is
+    refused by the engine's config check with the same error naming it
+    (one check_ouro_settings decides both), not served silently: vLLM
+    applies the overrides to the built config, past OuroConfig's checks."""
+    from act_kernels.hf import OuroConfig
+
+    with pytest.raises(ValueError, match=match):
+        OuroConfig(**override)
+    with pytest.raises(ValueError, match=match):
+        vllm_tiny.engine(folder, hf_overrides=override)
 
 
 @pytest.mark.parametrize("every_loop", ["yes", 1, 0, None])

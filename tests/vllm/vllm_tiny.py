@@ -197,16 +197,19 @@ def read_attention_queries(model) -> tuple[dict, list]:
     return dict(model.model.query_rows), list(model.model.batches)
 
 
-def queries_per_loop(batches, sequences, steps, max_steps: int) -> tuple[dict, dict]:
+def queries_per_loop(batches, sequences, steps, max_steps: int) -> tuple[dict, dict, dict]:
     """The queries the attention of each loop n >= 2 should receive on vLLM's
-    CPU backend (looped.py's cut) over the recorded batches
-    (`read_attention_queries`): per batch, each sequence's queries (its
-    prefill chunk or decode token) while any of them runs at n, none
-    after. sequences: each sequence's token ids (prompt and new tokens);
-    steps: each of its tokens' loops run (our generate's steps), per
-    sequence. Returns (expected, every): loop n -> those queries, and ->
-    every query of the batches where some token runs at n (no cut)."""
-    expected, every = dict.fromkeys(range(2, max_steps + 1), 0), dict.fromkeys(range(2, max_steps + 1), 0)
+    CPU backend (act_kernels/vllm/attention_cut.py) over the recorded
+    batches (`read_attention_queries`): per sequence of a batch (its prefill
+    chunk or decode token), the queries from its first token still running
+    at n to its last, none where none runs. sequences: each sequence's
+    token ids (prompt and new tokens); steps: each of its tokens' loops run
+    (our generate's steps), per sequence. Returns (expected, whole, every):
+    loop n -> those queries; -> the whole chunks of the sequences with a
+    running token; -> every query of the batches where some token runs (no
+    cut)."""
+    loops = range(2, max_steps + 1)
+    expected, whole, every = dict.fromkeys(loops, 0), dict.fromkeys(loops, 0), dict.fromkeys(loops, 0)
     for ids, positions, starts in batches:
         chunks = []                               # per sequence of the batch: its tokens' steps
         for a, b in zip(starts[:-1], starts[1:]):
@@ -215,11 +218,13 @@ def queries_per_loop(batches, sequences, steps, max_steps: int) -> tuple[dict, d
             ran = {tuple(steps[j][span]) for j in owners}
             assert len(ran) == 1, (ids[a:b], positions[a:b], owners)
             chunks.append(ran.pop())
-        for n in range(2, max_steps + 1):
-            queries = sum(len(c) for c in chunks if max(c) >= n)
+        for n in loops:
+            running = [[i for i, s in enumerate(c) if s >= n] for c in chunks]
+            queries = sum(r[-1] - r[0] + 1 for r in running if r)
             expected[n] += queries
+            whole[n] += sum(len(c) for c, r in zip(chunks, running) if r)
             every[n] += len(ids) if queries else 0
-    return expected, every
+    return expected, whole, every
 
 
 @contextlib.contextmanager
