@@ -19,7 +19,8 @@ config is read. `register()`:
 - registers Ouro's published architecture "OuroForCausalLM" (model_type
   "ouro", whose AutoConfig `act_kernels.hf` registers) as
   `act_kernels.vllm.ouro:VLLMOuroForCausalLM`, with its config check (the
-  exit gate's `early_exit_threshold` in (0, 1]). See ouro.py.
+  exit gate's `early_exit_threshold` in (0, 1], `every_loop` a bool, and
+  what OuroConfig itself refuses, rerun after hf_overrides). See ouro.py.
 - registers Huginn's published architecture "RavenForCausalLM" (model_type
   "huginn_raven", whose AutoConfig `act_kernels.hf` registers) and
   "HuginnForCausalLM" (what our save_pretrained writes) as

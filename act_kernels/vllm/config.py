@@ -22,6 +22,16 @@ def no_cuda_graphs(vllm_config) -> None:
     vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
 
 
+def one_stage(vllm_config, model: str) -> None:
+    """The plugin's models run their loops on one pipeline stage: a loop
+    copy's layers would sit on another stage than the layers they share
+    weights with (tensor parallelism splits every layer alike instead)."""
+    stages = vllm_config.parallel_config.pipeline_parallel_size
+    if stages != 1:
+        raise ValueError(f"pipeline_parallel_size = {stages}: the vLLM plugin runs {model} on one pipeline stage "
+                         "(tensor parallelism is supported)")
+
+
 class LoopedConfigCheck(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
@@ -30,10 +40,7 @@ class LoopedConfigCheck(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         check_config(vllm_config.model_config.hf_config)
-        stages = vllm_config.parallel_config.pipeline_parallel_size
-        if stages != 1:
-            raise ValueError(f"pipeline_parallel_size = {stages}: the vLLM plugin runs the looped model on one "
-                             "pipeline stage (tensor parallelism is supported)")
+        one_stage(vllm_config, "the looped model")
         if exit_rule(vllm_config.model_config.hf_config) == "act":
             no_cuda_graphs(vllm_config)
 
@@ -54,6 +61,7 @@ class OuroConfigCheck(VerifyAndUpdateConfig):
     def verify_and_update_config(vllm_config) -> None:
         model_config = vllm_config.model_config
         _, every_loop = check_ouro_config(model_config.hf_config, OuroConfigCheck.override_keys(model_config))
+        one_stage(vllm_config, "Ouro")
         if not every_loop:
             no_cuda_graphs(vllm_config)
 
@@ -76,12 +84,9 @@ class HuginnConfigCheck(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        check_huginn_config(vllm_config.model_config.hf_config)
-        stages = vllm_config.parallel_config.pipeline_parallel_size
-        if stages != 1:
-            raise ValueError(f"pipeline_parallel_size = {stages}: the vLLM plugin runs Huginn on one pipeline stage "
-                             "(tensor parallelism is supported)")
-        if not check_huginn_config(vllm_config.model_config.hf_config).compiles:
+        settings = check_huginn_config(vllm_config.model_config.hf_config)
+        one_stage(vllm_config, "Huginn")
+        if not settings.compiles:
             no_cuda_graphs(vllm_config)
 
 

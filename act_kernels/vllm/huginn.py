@@ -260,7 +260,8 @@ class HuginnModel(nn.Module):
             gone = agreed(exits_now(self.rule, n + 1, self.steps, x, s.index_select(0, rows), None, None, memory,
                                     rows))
             s.index_copy_(0, rows, x)
-            v.index_copy_(0, rows, self.adapter(torch.cat([x, e.index_select(0, rows)], -1)))
+            if n + 1 < self.steps:   # the next step's input (an exited token's too: its frozen keys and values)
+                v.index_copy_(0, rows, self.adapter(torch.cat([x, e.index_select(0, rows)], -1)))
             running.index_copy_(0, rows, ~gone)
         return s
 

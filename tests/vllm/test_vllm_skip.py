@@ -76,22 +76,9 @@ def test_loop_attention_sees_the_running_sequences_only(counted):
     looped, got, _, queries, batches = counted
     want = vllm_tiny.ours_greedy(looped, "act")
     full = [p + tokens for p, (tokens, *_) in zip(vllm_tiny.PROMPTS, got)]
+    expected, whole, every = vllm_tiny.queries_per_loop(batches, full, [steps for _, steps in want], looped.max_steps)
     start, stop = BLOCK
     width, layers = stop - start, looped.model.config.num_hidden_layers
-    expected, every, whole = {}, {}, {}
-    for ids, positions, starts in batches:
-        chunks = []                               # per sequence of the batch: its tokens' ACT steps
-        for a, b in zip(starts[:-1], starts[1:]):
-            owners = [j for j, seq in enumerate(full) if seq[positions[a]:positions[b - 1] + 1] == ids[a:b]]
-            steps = {tuple(want[j][1][positions[a]:positions[b - 1] + 1]) for j in owners}
-            assert len(steps) == 1, (ids[a:b], positions[a:b], owners)
-            chunks.append(steps.pop())
-        for n in range(2, looped.max_steps + 1):
-            spans = [[i for i, s in enumerate(c) if s >= n] for c in chunks]
-            ran = sum(span[-1] - span[0] + 1 for span in spans if span)
-            expected[n] = expected.get(n, 0) + ran
-            every[n] = every.get(n, 0) + (len(ids) if ran else 0)
-            whole[n] = whole.get(n, 0) + sum(len(c) for c, span in zip(chunks, spans) if span)
     for u, seen in sorted(queries.items()):
         n = 2 + (u - layers) // width
         assert seen == expected[n], (u, n, seen, expected[n], every[n])
