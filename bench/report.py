@@ -2,8 +2,9 @@
 (bench/results/<device>.png). Each file is read by its kind: a device's
 pytest-benchmark rows (rows with a "group"), bench/queue_workloads.py's queue
 (rows with a "setting"), bench/huginn_workloads.py's alternation (rows with
-a "num_steps" and no group) or bench/vllm_looped.py's vLLM plugin against
-vLLM unrolled (rows under "results", with a "size" and a "cpu_s"). It
+a "num_steps" and no group), bench/vllm_looped.py's vLLM plugin against
+vLLM unrolled (rows under "results", with a "size" and a "cpu_s") or
+bench/vllm_huginn.py's (its "benchmark" field names it). It
 rewrites the block between `<!-- report:tables -->` and `<!-- /report -->`
 in bench/README.md (every table) and the one between `<!-- report:summary -->`
 and `<!-- /report -->` in the project README (one summary table per device),
@@ -548,6 +549,25 @@ def vllm_looped_tables(data) -> str:
     return "\n\n".join(parts)
 
 
+def vllm_huginn_tables(data) -> str:
+    """bench/vllm_huginn.py's results: vLLM serving Huginn with latent-diff
+    exits against the same checkpoint at the fixed depth, our depth-wise
+    generate and the release in transformers (the script's own table, CPU time)."""
+    if str(HERE) not in sys.path:   # loaded by file (tests): its sibling module by name
+        sys.path.insert(0, str(HERE))
+    from vllm_huginn import table
+
+    model = data.get("model", {})
+    return "\n\n".join([
+        f"### vLLM serving Huginn, bench/vllm_huginn.py: {heading(data)}",
+        f"{data.get('new_tokens_each', '?')} new tokens per prompt, greedy; num_steps {model.get('num_steps', '?')}, "
+        f"latent-diff at {model.get('threshold', '?')} (the adapter's state half scaled by "
+        f"{model.get('contraction', '?')}: a contracting recurrence); medians over {data.get('repeats', '?')} "
+        f"alternating rounds, process-tree CPU time. Ideal: the fixed depth's layer applications per token over "
+        f"the exit engine's. `{data.get('command', 'bench/vllm_huginn.py')}`",
+        table(data)])
+
+
 def kind(data) -> str | None:
     """Which script wrote a results file, told by its rows' fields."""
     rows = data.get("rows") or [{}]
@@ -557,6 +577,8 @@ def kind(data) -> str | None:
         return "queue"
     if "num_steps" in rows[0]:
         return "huginn"
+    if data.get("benchmark") == "bench/vllm_huginn.py":
+        return "vllm_huginn"
     if {"size", "cpu_s"} <= set((data.get("results") or [{}])[0]):
         return "vllm_looped"
     return None
@@ -564,7 +586,7 @@ def kind(data) -> str | None:
 
 # each kind's tables, in the order bench/README.md shows them
 TABLES = {"device": device_tables, "queue": queue_tables, "huginn": huginn_tables,
-          "vllm_looped": vllm_looped_tables}
+          "vllm_looped": vllm_looped_tables, "vllm_huginn": vllm_huginn_tables}
 
 # family: (result group, what a row's size is, the baseline row, its label)
 SUMMARY = (

@@ -1,7 +1,8 @@
 """The benchmark tools outside the timed code: bench/conftest.py's merge of a
 run's rows into bench/results/<device>.json (a row's identity is its
 configuration, never what it measured) and bench/report.py's reading of
-bench/vllm_looped.py's results file. Synthetic rows only: nothing is timed."""
+bench/vllm_looped.py's and bench/vllm_huginn.py's results files. Synthetic
+rows only: nothing is timed."""
 import importlib.util
 import json
 from pathlib import Path
@@ -117,3 +118,28 @@ def test_report_prints_a_folder_with_the_vllm_looped_file(report, tmp_path, caps
     report.main([str(tmp_path)])
     out = capsys.readouterr()
     assert "bench/vllm_looped.py" in out.out and "skipped" not in out.err
+
+
+def _huginn_file():
+    def clock(latent):
+        return {"tokens_per_s": {"vllm_latent": latent, "vllm_fixed": 500.0, "ours_depthwise": 400.0},
+                "ratios": {"latent_vs_vllm_fixed": {"median": latent / 500.0, "range": [1.1, 1.3]},
+                           "latent_vs_ours_depthwise": {"median": latent / 400.0, "range": [1.4, 1.6]}},
+                "share_of_ideal": round(latent / 500.0 / 1.9, 3)}
+
+    results = [{"size": size, "new_tokens": 48 * size, "mean_steps": 3.6, "ideal": 1.9, "cpu_s": clock(600.0),
+                "wall_s": clock(610.0)} for size in (16, 64)]
+    return {"benchmark": "bench/vllm_huginn.py", "date": "2026-12-07T05:40:00", "device": "cpu x86_64",
+            "commit": "abc1234", "versions": {"vllm": "0.32.0", "torch": "2.13.0+cpu"},
+            "model": {"num_steps": 8, "threshold": 0.2, "contraction": 0.3}, "new_tokens_each": 48, "repeats": 3,
+            "results": results, "rounds": []}
+
+
+def test_report_reads_the_vllm_huginn_file(report):
+    """Its own kind (it has "size" and "cpu_s" under "results" too, but not the looped file's fields)."""
+    data = _huginn_file()
+    assert report.kind(data) == "vllm_huginn"
+    text = report.TABLES["vllm_huginn"](data)
+    assert "vllm 0.32.0" in text and "latent-diff at 0.2" in text
+    assert "| 16 | 3.60 | 600 | 500 | 1.20x (1.10-1.30) | 1.90x | 63% | 400 | 1.50x (1.40-1.60) |" in text
+    assert "release" not in text   # no release engine in the file
