@@ -549,14 +549,35 @@ def vllm_looped_tables(data) -> str:
     return "\n\n".join(parts)
 
 
+def vllm_huginn_table(report) -> str:
+    """bench/vllm_huginn.py's CPU-time figures as a markdown table (the script prints it too)."""
+    release = any("latent_vs_release" in e["cpu_s"]["ratios"] for e in report["results"])
+    head = ("| prompts in flight | mean N (every token) | vLLM latent-diff (tok/s) | vLLM fixed depth (tok/s) | "
+            "vs fixed | ideal | % of ideal | ours depth-wise (tok/s) | vs ours |"
+            + (" release in transformers (tok/s) | vs release |" if release else "") + " greedy = ours |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for e in report["results"]:
+        t, ra = e["cpu_s"]["tokens_per_s"], e["cpu_s"]["ratios"]
+
+        def ratio(case):
+            r = ra[f"latent_vs_{case}"]
+            return f"{r['median']:.2f}x ({r['range'][0]:.2f}-{r['range'][1]:.2f})"
+
+        line = (f"| {e['size']} | {e['mean_steps']:.2f} | {t['vllm_latent']:.0f} | {t['vllm_fixed']:.0f} | "
+                f"{ratio('vllm_fixed')} | {e['ideal']:.2f}x | {e['cpu_s']['share_of_ideal']:.0%} | "
+                f"{t['ours_depthwise']:.0f} | {ratio('ours_depthwise')} |")
+        if release:
+            line += f" {t['release']:.0f} | {ratio('release')} |"
+        # latent-diff: our forward's argmax on the first prompts; the fixed depth: our generate on every prompt
+        agree = e.get("latent_agree_first_4") and e.get("fixed_agree_share") == 1.0
+        lines.append(line + f" {'yes' if agree else 'no'} |")
+    return "\n".join(lines)
+
+
 def vllm_huginn_tables(data) -> str:
     """bench/vllm_huginn.py's results: vLLM serving Huginn with latent-diff
     exits against the same checkpoint at the fixed depth, our depth-wise
     generate and the release in transformers (the script's own table, CPU time)."""
-    if str(HERE) not in sys.path:   # loaded by file (tests): its sibling module by name
-        sys.path.insert(0, str(HERE))
-    from vllm_huginn import table
-
     model = data.get("model", {})
     return "\n\n".join([
         f"### vLLM serving Huginn, bench/vllm_huginn.py: {heading(data)}",
@@ -565,7 +586,7 @@ def vllm_huginn_tables(data) -> str:
         f"{model.get('contraction', '?')}: a contracting recurrence); medians over {data.get('repeats', '?')} "
         f"alternating rounds, process-tree CPU time. Ideal: the fixed depth's layer applications per token over "
         f"the exit engine's. `{data.get('command', 'bench/vllm_huginn.py')}`",
-        table(data)])
+        vllm_huginn_table(data)])
 
 
 def kind(data) -> str | None:

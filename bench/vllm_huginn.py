@@ -216,30 +216,9 @@ def main():
         "command": " ".join([Path(sys.executable).name] + sys.argv),
     }
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(table(report))
+    from report import vllm_huginn_table
 
-
-def table(report) -> str:
-    """The CPU-time figures as a markdown table."""
-    release = any("latent_vs_release" in e["cpu_s"]["ratios"] for e in report["results"])
-    head = ("| prompts in flight | mean N (every token) | vLLM latent-diff (tok/s) | vLLM fixed depth (tok/s) | "
-            "vs fixed | ideal | % of ideal | ours depth-wise (tok/s) | vs ours |"
-            + (" release in transformers (tok/s) | vs release |" if release else ""))
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for e in report["results"]:
-        t, ra = e["cpu_s"]["tokens_per_s"], e["cpu_s"]["ratios"]
-
-        def ratio(case):
-            r = ra[f"latent_vs_{case}"]
-            return f"{r['median']:.2f}x ({r['range'][0]:.2f}-{r['range'][1]:.2f})"
-
-        line = (f"| {e['size']} | {e['mean_steps']:.2f} | {t['vllm_latent']:.0f} | {t['vllm_fixed']:.0f} | "
-                f"{ratio('vllm_fixed')} | {e['ideal']:.2f}x | {e['cpu_s']['share_of_ideal']:.0%} | "
-                f"{t['ours_depthwise']:.0f} | {ratio('ours_depthwise')} |")
-        if release:
-            line += f" {t['release']:.0f} | {ratio('release')} |"
-        lines.append(line)
-    return "\n".join(lines)
+    print(vllm_huginn_table(report))
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ class DepthwiseBlock:
         return n >= self.max_steps                   # every token runs every loop
 
     @property
-    def previous_logits(self) -> Optional[Tensor]:
+    def latest_logits(self) -> Optional[Tensor]:
         """(slots, V): each slot's next-token logits at its latest step (the
         step before, once its next step runs): a halted token's logits at its
         exit step, which the scheduler reads under `peeked_exit`."""

@@ -242,7 +242,7 @@ def depthwise(table: Slots, embed: Callable, prelude, block, coda, head: Callabl
             if engine.peeked_exit:   # the rule ran the coda and head on these states at their exit step
                 if coda is not None:     # its scratch rows last this iteration: committed now, held or not
                     coda.commit_peeked(coda_cache, slots, tensor([engine.halted_local[j] for j in going]).to(device))
-                h = engine.previous_logits[tensor(slots).to(device)]      # their next-token logits
+                h = engine.latest_logits[tensor(slots).to(device)]      # their next-token logits
             else:
                 h = out[tensor(going).to(device)] if len(going) < len(halted) else out
             if not staged and hold(table, slots, held):

@@ -41,7 +41,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from ..layers import ACTTransformerEncoder, CausalStack
 from ..layers.exits import RECURRENT_RULES, FixedExit
 from ..layers.kinds import RMSNorm, linear_rows
-from ..layers.kinds.sandwich import PairRotary, SandwichLayers
+from ..layers.kinds.sandwich import PairRotary, SandwichLayers, initial_states
 from ..models.core import check_generator
 from .published import COMMON_KEYS, PublishedLoopedLM
 
@@ -106,10 +106,23 @@ class HuginnConfig(PreTrainedConfig):
         kwargs["tie_word_embeddings"] = tie_embeddings
         super().__init__(**kwargs)
 
-    # what transformers' generation and pipelines read
+    @classmethod
+    def known_keys(cls) -> frozenset:
+        """Every key a Huginn config may hold: the published ones (read,
+        kept or naming hard-wired parts), ours and the common ones."""
+        import inspect
+
+        named = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        return frozenset(named | set(_NAMED) | set(_KEPT) | _COMMON_KEYS)
+
+    # what transformers' generation and pipelines (and vLLM, for the longest sequence) read
     @property
     def hidden_size(self) -> int:
         return self.n_embd
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.block_size
 
     @property
     def num_attention_heads(self) -> int:
@@ -220,12 +233,8 @@ class HuginnForCausalLM(PublishedLoopedLM):
         """(rows, D) initial states: zeros for state_init "zero" or std 0;
         else a normal draw truncated at ±3 std, times √D (Huginn's rule),
         from the generator the call was given (else torch's default)."""
-        d, std = self.config.n_embd, float(self.config.init_values.get("std", 0.0))
-        if self.config.state_init == "zero" or not std > 0:
-            return like.new_zeros(rows, d)
-        draw = torch.empty(rows, d, dtype=torch.float32, device=like.device)
-        nn.init.trunc_normal_(draw, std=std, a=-3 * std, b=3 * std, generator=self._state_generator)
-        return (draw * math.sqrt(d)).to(like.dtype)
+        std = 0.0 if self.config.state_init == "zero" else float(self.config.init_values.get("std", 0.0))
+        return initial_states(rows, self.config.n_embd, std, self._state_generator, like)
 
     def _exit_rule(self, exit, threshold, min_steps, every_loop, prefill_steps=None):
         if exit in RECURRENT_RULES:

@@ -72,6 +72,9 @@ def check_config(config) -> tuple[int, int]:
     return int(start), int(stop)
 
 
+# hf_overrides keys vLLM itself reads off the model's config (ModelConfig.head_dtype): never the model's own
+VLLM_OVERRIDE_KEYS = ("head_dtype",)
+
 OURO_ARCHITECTURE = "OuroForCausalLM"           # Ouro's published config.json (model_type "ouro")
 OURO_THRESHOLD_KEY = "early_exit_threshold"     # the config attribute (or hf_overrides key): the exit gate's threshold
 # the config attribute (or hf_overrides key) selecting the release's every-loop mode (OuroConfig's every_loop: ours)
@@ -90,6 +93,7 @@ def check_ouro_config(config, overrides=()) -> tuple[float, bool]:
     # imported here: importing act_kernels.vllm imports no transformers
     from ..hf.ouro import CHECKED_KEYS, check_ouro_settings
 
+    overrides = [key for key in overrides if key not in VLLM_OVERRIDE_KEYS]
     settings = {key: getattr(config, key) for key in (*CHECKED_KEYS, *overrides) if hasattr(config, key)}
     try:
         check_ouro_settings(settings)
@@ -99,4 +103,4 @@ def check_ouro_config(config, overrides=()) -> tuple[float, bool]:
 
 
 __all__ = ["ARCHITECTURE", "EXIT_KEY", "EXITS", "NOT_SERVED", "FAMILIES", "exit_rule", "check_config",
-           "OURO_ARCHITECTURE", "OURO_THRESHOLD_KEY", "OURO_EVERY_LOOP_KEY", "check_ouro_config"]
+           "VLLM_OVERRIDE_KEYS", "OURO_ARCHITECTURE", "OURO_THRESHOLD_KEY", "OURO_EVERY_LOOP_KEY", "check_ouro_config"]

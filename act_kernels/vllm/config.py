@@ -22,6 +22,12 @@ def no_cuda_graphs(vllm_config) -> None:
     vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
 
 
+def override_keys(model_config) -> tuple[str, ...]:
+    """The keys of the engine's hf_overrides (none read from a callable one)."""
+    overrides = model_config.hf_overrides
+    return tuple(overrides) if isinstance(overrides, dict) else ()
+
+
 def one_stage(vllm_config, model: str) -> None:
     """The plugin's models run their loops on one pipeline stage: a loop
     copy's layers would sit on another stage than the layers they share
@@ -55,21 +61,16 @@ class OuroConfigCheck(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
-        check_ouro_config(model_config.hf_config, OuroConfigCheck.override_keys(model_config))
+        check_ouro_config(model_config.hf_config, override_keys(model_config))
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         model_config = vllm_config.model_config
-        _, every_loop = check_ouro_config(model_config.hf_config, OuroConfigCheck.override_keys(model_config))
+        _, every_loop = check_ouro_config(model_config.hf_config, override_keys(model_config))
         one_stage(vllm_config, "Ouro")
         if not every_loop:
             no_cuda_graphs(vllm_config)
 
-    @staticmethod
-    def override_keys(model_config) -> tuple[str, ...]:
-        """The keys of the engine's hf_overrides (none read from a callable one)."""
-        overrides = model_config.hf_overrides
-        return tuple(overrides) if isinstance(overrides, dict) else ()
 
 
 class HuginnConfigCheck(VerifyAndUpdateConfig):
@@ -80,11 +81,12 @@ class HuginnConfigCheck(VerifyAndUpdateConfig):
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
-        check_huginn_config(model_config.hf_config)
+        check_huginn_config(model_config.hf_config, override_keys(model_config))
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        settings = check_huginn_config(vllm_config.model_config.hf_config)
+        model_config = vllm_config.model_config
+        settings = check_huginn_config(model_config.hf_config, override_keys(model_config))
         one_stage(vllm_config, "Huginn")
         if not settings.compiles:
             no_cuda_graphs(vllm_config)

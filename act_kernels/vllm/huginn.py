@@ -75,13 +75,13 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from ..layers.exits import RECURRENT_RULES, exits_now
+from ..layers.kinds.sandwich import initial_states
 from .huginn_checks import check_huginn_config
 from .rows import agreed, query_key_value, running_loops, share_weights
 
 
 class _HeadBias(nn.Module):
-    """qk_bias's queries' or keys' half on this rank's heads, added per head
-    (called where `rows.query_key_value` calls a family's q/k norm)."""
+    """qk_bias's queries' or keys' half on this rank's heads, added per head."""
 
     def __init__(self, heads: int, head_dim: int):
         super().__init__()
@@ -112,12 +112,19 @@ class SandwichAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(d, self.head_dim, heads, heads, bias=False, quant_config=quant,
                                           prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(d, d, bias=False, quant_config=quant, prefix=f"{prefix}.o_proj")
-        self.q_norm = _HeadBias(self.num_heads, self.head_dim) if config.qk_bias else None
-        self.k_norm = _HeadBias(self.num_heads, self.head_dim) if config.qk_bias else None
+        self.q_bias = _HeadBias(self.num_heads, self.head_dim) if config.qk_bias else None
+        self.k_bias = _HeadBias(self.num_heads, self.head_dim) if config.qk_bias else None
         self.rotary_emb = get_rope(self.head_dim, max_position=config.block_size, is_neox_style=False,
                                    rope_parameters={"rope_theta": float(config.rope_base)})
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, num_kv_heads=self.num_heads,
                               cache_config=vllm_config.cache_config, quant_config=quant, prefix=f"{prefix}.attn")
+
+    def per_head(self, q: torch.Tensor, k: torch.Tensor):
+        """qk_bias on the queries and keys (..., heads, head_dim), before the
+        rotary embedding (`rows.query_key_value` calls it)."""
+        if self.q_bias is None:
+            return q, k
+        return self.q_bias(q), self.k_bias(k)
 
     def forward(self, positions: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         o, _ = self.o_proj(self.attn(*query_key_value(self, positions, a)))
@@ -163,16 +170,6 @@ class SandwichLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.after_attention(self.self_attn(positions, self.norm_1(x)), x)
-
-
-def initial_states(rows: int, width: int, std: float, generator: torch.Generator | None, like: torch.Tensor):
-    """(rows, width) initial states: zeros for std 0, else Huginn's rule, a
-    normal draw truncated at ±3 std, times √width, from generator."""
-    if not std > 0:
-        return like.new_zeros(rows, width)
-    draw = torch.empty(rows, width, dtype=torch.float32, device=like.device)
-    nn.init.trunc_normal_(draw, std=std, a=-3 * std, b=3 * std, generator=generator)
-    return (draw * math.sqrt(width)).to(like.dtype)
 
 
 def _compiled(vllm_config: VllmConfig) -> bool:
@@ -318,6 +315,10 @@ class VLLMHuginnForCausalLM(nn.Module):
                  "coda": config.n_layers_in_prelude + config.n_layers_in_recurrent_block}
         if part in first:
             index, _, rest = rest.partition(".")
+            count = {"prelude": config.n_layers_in_prelude, "core_block": config.n_layers_in_recurrent_block,
+                     "coda": config.n_layers_in_coda}[part]
+            if not index.isdigit() or int(index) >= count:
+                raise KeyError(f"checkpoint weight {name!r}: the config has {count} {part} layers")
             name = f"layers.{first[part] + int(index)}.{rest}"
             for old, new in _RENAMED:
                 name = name.replace(old, new)
@@ -334,14 +335,11 @@ class VLLMHuginnForCausalLM(nn.Module):
                 continue
             if name.endswith(".self_attn.qk_bias"):       # (2, 1, H, hd): the queries' half, the keys' half
                 stem = name[:-len("qk_bias")]
-                for half, which in zip(tensor, ("q_norm", "k_norm")):
-                    param = params[f"{stem}{which}.bias"]
+                for half, which in zip(tensor, ("q_bias", "k_bias")):
+                    param = params[self._first(f"{stem}{which}.bias", checkpoint_name, params, loaded)]
                     param.weight_loader(param, half)
-                    loaded.add(f"{stem}{which}.bias")
                 continue
-            if name not in params:
-                raise KeyError(f"checkpoint weight {checkpoint_name!r} (as {name!r}) has no parameter here")
-            param = params[name]
+            param = params[self._first(name, checkpoint_name, params, loaded)]
             if ".qkv_proj." in name:
                 for shard, part in zip(("q", "k", "v"), tensor.chunk(3, 0)):
                     param.weight_loader(param, part, shard)
@@ -350,8 +348,17 @@ class VLLMHuginnForCausalLM(nn.Module):
                     param.weight_loader(param, part, shard)
             else:
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-            loaded.add(name)
         return loaded
+
+    @staticmethod
+    def _first(name: str, checkpoint_name: str, params: dict, loaded: set) -> str:
+        """name, a parameter here loaded once only (recorded in loaded)."""
+        if name not in params:
+            raise KeyError(f"checkpoint weight {checkpoint_name!r} (as {name!r}) has no parameter here")
+        if name in loaded:
+            raise KeyError(f"checkpoint weight {checkpoint_name!r}: {name!r} was loaded already")
+        loaded.add(name)
+        return name
 
 
 __all__ = ["VLLMHuginnForCausalLM", "HuginnModel", "SandwichLayer", "initial_states"]

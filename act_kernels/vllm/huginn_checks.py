@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .checks import EXIT_KEY
+from .checks import EXIT_KEY, VLLM_OVERRIDE_KEYS
 
 HUGINN_ARCHITECTURES = ("RavenForCausalLM", "HuginnForCausalLM")   # the published name, and the one we save
 HUGINN_EXITS = ("fixed", "latent-diff")
@@ -38,11 +38,21 @@ class HuginnSettings(NamedTuple):
         return self.exit == "fixed" and self.std == 0.0
 
 
-def check_huginn_config(config) -> HuginnSettings:
+def check_huginn_config(config, overrides=()) -> HuginnSettings:
     """A Huginn config the plugin can serve, and its settings. HuginnConfig
     checks its own arguments, but vLLM applies hf_overrides to the built
     config, past those checks: the keys that shape the forward are checked
-    again here."""
+    again here. overrides: the hf_overrides keys; one that is neither
+    HuginnConfig's, the exit settings' nor vLLM's own is refused (a typo
+    would be served silently)."""
+    # imported here: importing act_kernels.vllm imports no transformers
+    from ..hf.huginn import HuginnConfig
+
+    unknown = sorted(set(overrides) - set(HuginnConfig.known_keys()) - {EXIT_KEY, THRESHOLD_KEY, MIN_STEPS_KEY}
+                     - set(VLLM_OVERRIDE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown hf_overrides keys {unknown} for Huginn: neither HuginnConfig's nor the exit "
+                         f"settings ({EXIT_KEY}, {THRESHOLD_KEY}, {MIN_STEPS_KEY})")
     steps = getattr(config, "mean_recurrence", None)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"mean_recurrence = {steps!r} (hf_overrides or config.json): the recurrence's steps, "
@@ -74,8 +84,11 @@ def check_huginn_config(config) -> HuginnSettings:
     if state_init not in ("like-init", "zero"):
         raise ValueError(f"state_init = {state_init!r} (hf_overrides or config.json): 'like-init' (the published "
                          "rule) or 'zero'")
-    std = float((getattr(config, "init_values", None) or {}).get("std", 0.0) or 0.0)
-    if not math.isfinite(std) or std < 0:
+    init_values = getattr(config, "init_values", None) or {}
+    if not isinstance(init_values, dict):
+        raise ValueError(f"init_values = {init_values!r}: a dict such as {{'std': 0.02}}")
+    std = init_values.get("std", 0.0) or 0.0
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std < 0:
         raise ValueError(f"init_values.std = {std!r}: a finite std >= 0")
     if getattr(config, "test_time_noise", 0):
         raise ValueError("test_time_noise > 0 (noise injected before every step) is not supported")
@@ -84,7 +97,7 @@ def check_huginn_config(config) -> HuginnSettings:
     for key in ("n_layers_in_recurrent_block", "n_layers_in_coda"):
         if getattr(config, key) < 1:
             raise ValueError(f"{key} = {getattr(config, key)!r}: at least one layer")
-    return HuginnSettings(rule, float(threshold), int(min_steps), steps, 0.0 if state_init == "zero" else std)
+    return HuginnSettings(rule, float(threshold), int(min_steps), steps, 0.0 if state_init == "zero" else float(std))
 
 
 __all__ = ["HUGINN_ARCHITECTURES", "HUGINN_EXITS", "HUGINN_NOT_SERVED", "THRESHOLD_KEY", "MIN_STEPS_KEY",

@@ -85,12 +85,19 @@ def agreed(flags: torch.Tensor) -> torch.Tensor:
 
 def query_key_value(attn: nn.Module, positions: torch.Tensor, a: torch.Tensor):
     """The family's attention forward up to its `Attention`: q, k, v of the
-    normed rows a, per-head q/k norms (Qwen3, Qwen2 with qk_norm), rotary."""
+    normed rows a, a per-head step before the rotary embedding (Qwen3's and
+    Qwen2's q/k norms; an attention's own `per_head(q, k)`, such as Huginn's
+    qk_bias), rotary."""
     qkv, _ = attn.qkv_proj(a)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    if getattr(attn, "q_norm", None) is not None:
-        q = attn.q_norm(q.reshape(*q.shape[:-1], -1, attn.head_dim)).reshape(q.shape)
-        k = attn.k_norm(k.reshape(*k.shape[:-1], -1, attn.head_dim)).reshape(k.shape)
+    per_head = getattr(attn, "per_head", None)
+    if per_head is None and getattr(attn, "q_norm", None) is not None:
+        def per_head(q_heads, k_heads):
+            return attn.q_norm(q_heads), attn.k_norm(k_heads)
+    if per_head is not None:
+        q_heads, k_heads = per_head(q.reshape(*q.shape[:-1], -1, attn.head_dim),
+                                    k.reshape(*k.shape[:-1], -1, attn.head_dim))
+        q, k = q_heads.reshape(q.shape), k_heads.reshape(k.shape)
     return (*attn.rotary_emb(positions, q, k), v)
 
 

@@ -128,7 +128,8 @@ def _huginn_file():
                 "share_of_ideal": round(latent / 500.0 / 1.9, 3)}
 
     results = [{"size": size, "new_tokens": 48 * size, "mean_steps": 3.6, "ideal": 1.9, "cpu_s": clock(600.0),
-                "wall_s": clock(610.0)} for size in (16, 64)]
+                "wall_s": clock(610.0), "latent_agree_first_4": True, "fixed_agree_share": 1.0 if size == 16 else 0.9}
+               for size in (16, 64)]
     return {"benchmark": "bench/vllm_huginn.py", "date": "2026-12-07T05:40:00", "device": "cpu x86_64",
             "commit": "abc1234", "versions": {"vllm": "0.32.0", "torch": "2.13.0+cpu"},
             "model": {"num_steps": 8, "threshold": 0.2, "contraction": 0.3}, "new_tokens_each": 48, "repeats": 3,
@@ -141,5 +142,6 @@ def test_report_reads_the_vllm_huginn_file(report):
     assert report.kind(data) == "vllm_huginn"
     text = report.TABLES["vllm_huginn"](data)
     assert "vllm 0.32.0" in text and "latent-diff at 0.2" in text
-    assert "| 16 | 3.60 | 600 | 500 | 1.20x (1.10-1.30) | 1.90x | 63% | 400 | 1.50x (1.40-1.60) |" in text
+    assert "| 16 | 3.60 | 600 | 500 | 1.20x (1.10-1.30) | 1.90x | 63% | 400 | 1.50x (1.40-1.60) | yes |" in text
+    assert text.rstrip().endswith("| no |")   # a fixed-depth engine that disagreed with ours on one prompt in ten
     assert "release" not in text   # no release engine in the file

@@ -34,6 +34,9 @@ pytestmark = pytest.mark.vllm
 STEPS = 4            # mean_recurrence
 THRESHOLD = 0.95     # latent-diff: the tiny random core's steps differ a lot; exits spread over steps 2..4 here
 LATENT = {"act_exit": "latent-diff", "exit_threshold": THRESHOLD}
+# the tensor-parallel engine's exit_min_steps: the criterion is first checked at step 2, against the initial
+# state (zeros: never met), so its tokens exit at steps 3 and 4 only, where min_steps 0 lets some exit at 2
+TP_MIN_STEPS = 1
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +79,13 @@ def served(request, folder):
 class _Forward:
     """Our forward under the served exit, as vllm_tiny.logprob_gaps calls it."""
 
-    def __init__(self, model, rule: str):
-        self.model, self.rule = model, rule
+    def __init__(self, model, rule: str, min_steps: int = 0):
+        self.model, self.rule, self.min_steps = model, rule, min_steps
 
     def __call__(self, ids, exit=None):
         if self.rule == "fixed":
             return self.model(ids)
-        return self.model(ids, exit="latent-diff", threshold=THRESHOLD)
+        return self.model(ids, exit="latent-diff", threshold=THRESHOLD, min_steps=self.min_steps)
 
 
 def test_huginn_registered(served):
@@ -143,12 +146,14 @@ def test_mlps_see_the_running_rows_only(served, ours):
 @torch.no_grad()
 def test_frozen_rows_matter(served, ours):
     """The criterion's exits move the later tokens' logits by more than the
-    tolerance above against the fixed depth (at the fixed depth, nothing moves)."""
+    tolerance above against the fixed depth, so an engine that ignored them fails."""
     rule, _, got, _ = served
+    if rule == "fixed":
+        pytest.skip("nothing exits at the fixed depth")
     ids = torch.tensor([vllm_tiny.PROMPTS[-1] + got[-1][0]])
     fixed = ours(ids).logits.log_softmax(-1)
     gap = (fixed - _Forward(ours, rule)(ids).logits.log_softmax(-1)).abs().max()
-    assert (gap > 1e-2) == (rule != "fixed"), float(gap)
+    assert gap > 1e-2, float(gap)
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -160,6 +165,8 @@ def test_frozen_rows_matter(served, ours):
     ({"exit_threshold": 0.1}, "exit_threshold"),
     ({"mean_recurrence": 0}, "mean_recurrence"),
     ({"state_init": "normal"}, "state_init"),
+    ({"act_exit": "latent-diff", "exit_threshold": 0.1, "exit_min_step": 1}, "exit_min_step"),   # a typo
+    ({"init_values": 0.02}, "init_values"),
 ])
 def test_bad_settings_refused_at_start(folder, overrides, named):
     """Refused while vLLM builds the engine's config, in this process, before a worker starts."""
@@ -169,7 +176,7 @@ def test_bad_settings_refused_at_start(folder, overrides, named):
 
 @pytest.fixture(scope="module")
 def served_tp(folder):
-    """Under "latent-diff", an engine on two tensor-parallel ranks (one per CPU)."""
+    """Under "latent-diff" with exit_min_steps, an engine on two tensor-parallel ranks (one per CPU)."""
     import os
 
     if (os.cpu_count() or 1) < 2:
@@ -178,7 +185,7 @@ def served_tp(folder):
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     try:
         with vllm_tiny.serving(folder, tensor_parallel_size=2, enable_prefix_caching=False,
-                               hf_overrides=LATENT) as (llm, greedy):
+                               hf_overrides={**LATENT, "exit_min_steps": TP_MIN_STEPS}) as (llm, greedy):
             yield llm, greedy
     finally:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind if bind is not None else "1"
@@ -187,27 +194,34 @@ def served_tp(folder):
 @torch.no_grad()
 def test_two_ranks_equal_ours(served_tp, ours):
     """The heads, MLP halves and vocabulary split over two ranks, the exits
-    agreed across them: the same tokens and logprobs as ours."""
+    agreed across them, no exit before step exit_min_steps + 1: the same
+    tokens and logprobs as ours with that min_steps (whose exits differ from
+    min_steps 0's here)."""
     llm, got = served_tp
     assert llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 2
-    forward = _Forward(ours, "latent-diff")
+    forward = _Forward(ours, "latent-diff", TP_MIN_STEPS)
+    exits, moved = set(), False
     for prompt, (tokens, logprobs, prompt_logprobs) in zip(vllm_tiny.PROMPTS, got):
-        assert forward(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].argmax(-1).tolist() == tokens
+        ids = torch.tensor([prompt + tokens])
+        out = forward(ids)
+        assert out.logits[0, len(prompt) - 1:-1].argmax(-1).tolist() == tokens
         assert vllm_tiny.logprob_gaps(forward, "latent-diff", prompt, tokens, logprobs, prompt_logprobs) < 1e-4
+        exits |= set(out.steps[0].tolist())
+        moved |= not torch.equal(out.steps, _Forward(ours, "latent-diff")(ids).steps)
+    assert exits == {3, STEPS} and moved, exits
 
 
-def test_initial_states_follow_huginn_rule():
-    """like-init: a normal draw truncated at ±3 std, times √D, from the
-    generator given (the model seeds its own with the engine's seed, alike on
-    every rank): the same seed draws the same states; std 0 gives zeros."""
-    from act_kernels.vllm.huginn import initial_states
+def test_a_longer_context_than_the_rotary_table_refused(folder):
+    """block_size (256 here) bounds the positions: vLLM reads it as the
+    longest sequence and refuses a longer max_model_len at start."""
+    from vllm import LLM
 
-    like, std, width = torch.empty(0, dtype=torch.float32), 0.05, 64
-    draws = [initial_states(4096, width, std, torch.Generator().manual_seed(7), like) for _ in range(2)]
-    assert torch.equal(draws[0], draws[1])
-    scaled = draws[0] / width ** 0.5
-    assert scaled.abs().max() <= 3 * std and scaled.abs().max() > 2.5 * std
-    assert abs(scaled.std().item() - std * 0.986) < 0.02 * std      # a normal truncated at ±3σ keeps 98.6 % of σ
-    other = initial_states(4096, width, std, torch.Generator().manual_seed(8), like)
-    assert not torch.equal(draws[0], other)
-    assert torch.equal(initial_states(3, width, 0.0, None, like), torch.zeros(3, width))
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(model=str(folder), skip_tokenizer_init=True, dtype="float32", gpu_memory_utilization=0.3,
+            max_model_len=512, enforce_eager=True)
+
+
+def test_pipeline_stages_refused(folder):
+    """The loops' copies share their weights with loop 1's layers: one pipeline stage only."""
+    with pytest.raises(ValueError, match="runs Huginn on one pipeline stage"):
+        vllm_tiny.engine(folder, pipeline_parallel_size=2)

@@ -166,7 +166,7 @@ def test_loop_attention_sees_the_running_sequences_only(served):
     sequences = [p + tokens for p, (tokens, *_) in zip(vllm_tiny.PROMPTS, got)]
     # the loops each token runs: its exit loop, or every loop in the every-loop mode (nobody freezes)
     steps = [[LOOPS] * len(st) if every_loop else st for _, st in want]
-    expected, whole, every = vllm_tiny.queries_per_loop(batches, sequences, steps, LOOPS)
+    expected, whole, every, tails = vllm_tiny.queries_per_loop(batches, sequences, steps, LOOPS)
     layers = ours.config.num_hidden_layers
     assert sorted(queries) == list(range(layers, LOOPS * layers))
     for u, seen in sorted(queries.items()):
@@ -175,6 +175,7 @@ def test_loop_attention_sees_the_running_sequences_only(served):
     cut = threshold < 1.0 and not every_loop
     assert (sum(expected.values()) < sum(every.values())) == cut, "some batch should hold a sequence with none running"
     assert (sum(expected.values()) < sum(whole.values())) == cut, "some chunk should start or end with exited tokens"
+    assert (sum(tails.values()) > 0) == cut, "some chunk's range should end early (its sequence length shortened)"
     assert sum(every.values()) > 0
 
 

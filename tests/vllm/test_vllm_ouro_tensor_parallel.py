@@ -3,7 +3,7 @@
 layers split each layer's heads (2 query heads and 2 key/value heads here,
 one of each per rank) and MLP across the ranks, and the exit gate, which is
 not split, reads the all-reduced loop outputs on every rank, the ranks
-taking the same exits (`looped.agreed`). With the gate's frozen exits (the
+taking the same exits (`rows.agreed`). With the gate's frozen exits (the
 running rows and the attention cut per rank) and in the every-loop mode,
 at a threshold where the tokens exit after 1 to 4 loops, the greedy tokens
 equal our generate's token for token and the logprobs our forward's to

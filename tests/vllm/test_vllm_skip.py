@@ -72,11 +72,13 @@ def test_loop_attention_sees_the_running_sequences_only(counted):
     of the batch (prefill chunk, decode token), the queries from its first
     token still running at n to its last (none where none runs); fewer than
     every query of each batch where any token runs, and, in some prefill
-    chunk, fewer than the whole chunk while a token of it runs."""
+    chunk, fewer than the whole chunk while a token of it runs, its range
+    ended early in some."""
     looped, got, _, queries, batches = counted
     want = vllm_tiny.ours_greedy(looped, "act")
     full = [p + tokens for p, (tokens, *_) in zip(vllm_tiny.PROMPTS, got)]
-    expected, whole, every = vllm_tiny.queries_per_loop(batches, full, [steps for _, steps in want], looped.max_steps)
+    expected, whole, every, tails = vllm_tiny.queries_per_loop(batches, full, [steps for _, steps in want],
+                                                               looped.max_steps)
     start, stop = BLOCK
     width, layers = stop - start, looped.model.config.num_hidden_layers
     for u, seen in sorted(queries.items()):
@@ -84,3 +86,4 @@ def test_loop_attention_sees_the_running_sequences_only(counted):
         assert seen == expected[n], (u, n, seen, expected[n], every[n])
     assert sum(expected.values()) < sum(every.values()), "some batch should hold a sequence with no running token"
     assert sum(expected.values()) < sum(whole.values()), "some prefill chunk should end or start with halted tokens"
+    assert sum(tails.values()) > 0, "some chunk's range should end early (its sequence length shortened)"

@@ -204,12 +204,14 @@ def queries_per_loop(batches, sequences, steps, max_steps: int) -> tuple[dict, d
     chunk or decode token), the queries from its first token still running
     at n to its last, none where none runs. sequences: each sequence's
     token ids (prompt and new tokens); steps: each of its tokens' loops run
-    (our generate's steps), per sequence. Returns (expected, whole, every):
-    loop n -> those queries; -> the whole chunks of the sequences with a
-    running token; -> every query of the batches where some token runs (no
-    cut)."""
+    (our generate's steps), per sequence. Returns (expected, whole, every,
+    tails): loop n -> those queries; -> the whole chunks of the sequences
+    with a running token; -> every query of the batches where some token
+    runs (no cut); -> the chunks whose last token no longer runs while an
+    earlier one does (the cut ends their range early and shortens their
+    sequence length)."""
     loops = range(2, max_steps + 1)
-    expected, whole, every = dict.fromkeys(loops, 0), dict.fromkeys(loops, 0), dict.fromkeys(loops, 0)
+    expected, whole, every, tails = (dict.fromkeys(loops, 0) for _ in range(4))
     for ids, positions, starts in batches:
         chunks = []                               # per sequence of the batch: its tokens' steps
         for a, b in zip(starts[:-1], starts[1:]):
@@ -224,7 +226,8 @@ def queries_per_loop(batches, sequences, steps, max_steps: int) -> tuple[dict, d
             expected[n] += queries
             whole[n] += sum(len(c) for c, r in zip(chunks, running) if r)
             every[n] += len(ids) if queries else 0
-    return expected, whole, every
+            tails[n] += sum(1 for c, r in zip(chunks, running) if r and r[-1] < len(c) - 1)
+    return expected, whole, every, tails
 
 
 @contextlib.contextmanager

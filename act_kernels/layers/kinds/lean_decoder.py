@@ -108,7 +108,9 @@ class LeanLayer:
 # layout (torch.ops.mkldnn, what inductor uses for frozen weights): F.linear repacks the whole weight on
 # every call, which at a few rows costs more than the product (1.3-2.1x faster at 1 to 256 rows for this
 # model family's shapes, weights out of the L2 cache). The packed copy is kept per weight tensor and
-# rebuilt when the weight changes (its data pointer or version counter). Other dtypes: a product of 2 to 8
+# rebuilt when the weight changes (its data pointer or version counter; a write through `.data` bumps
+# neither, so it is not seen: write through the parameter under torch.no_grad(), as load_state_dict and
+# the optimizers do). Other dtypes: a product of 2 to 8
 # rows as (weight @ rows^T)^T, which skips the repacking (1.4-2x); one row and more than 8 take F.linear.
 FEW_ROWS = range(2, 9)
 PACKED_ROWS_HINT = 16

@@ -19,6 +19,7 @@ recurrence, again after the coda).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 import torch
@@ -50,6 +51,17 @@ class PairRotary(nn.Module):
                              / self.head_dim)
         angles = positions.to(torch.float64)[..., None] * freq
         return angles.cos().to(probe.dtype), angles.sin().to(probe.dtype)
+
+
+def initial_states(rows: int, width: int, std: float, generator: Optional[torch.Generator], like: Tensor) -> Tensor:
+    """(rows, width) initial states of the recurrence: zeros for std 0, else
+    Huginn's rule, a normal draw truncated at ±3 std, times √width, from
+    generator (torch's default where None), in like's dtype and device."""
+    if not std > 0:
+        return like.new_zeros(rows, width)
+    draw = torch.empty(rows, width, dtype=torch.float32, device=like.device)
+    nn.init.trunc_normal_(draw, std=std, a=-3 * std, b=3 * std, generator=generator)
+    return (draw * math.sqrt(width)).to(like.dtype)
 
 
 class _Carry:
@@ -151,4 +163,4 @@ class SandwichLayers:
             raise ValueError(f"input has {x.shape[-1]} features, expected {self.d_model}")
 
 
-__all__ = ["SandwichLayers", "SandwichRows", "PairRotary", "rotate_pairs"]
+__all__ = ["SandwichLayers", "SandwichRows", "PairRotary", "rotate_pairs", "initial_states"]
