@@ -44,9 +44,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
-import statistics
 import sys
 from pathlib import Path
 
@@ -56,7 +54,6 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "vllm_huginn_cpu.json"
 DEFAULT_FOLDER = "/tmp/act_vllm_huginn"
 STEPS, CONTRACTION, THRESHOLD = 8, 0.3, 0.2
-SLOTS = 64
 
 
 def save_model(folder: Path):
@@ -82,12 +79,8 @@ def main():
     parser.add_argument("--no-release", action="store_true", help="leave out the release in transformers")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    bind = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
-    if bind not in ("auto", "nobind", "all"):
-        import vllm_unrolled
-        os.sched_setaffinity(0, vllm_unrolled.parse_ids(bind))
+    bind = worker.pin_to_bind()
 
-    import psutil
     import torch
     import transformers
     import vllm
@@ -99,17 +92,15 @@ def main():
     import save_unrolled
 
     torch.set_num_threads(1)
-    assert max(args.sizes) <= SLOTS
+    assert max(args.sizes) <= worker.SLOTS
     new, folder = args.new, Path(args.folder)
     model = save_model(folder)
     prompts = save_unrolled.prompts()
     ids, mask = hw.left_padded(len(prompts), save_unrolled.LOW, save_unrolled.HIGH)
     latent = {"act_exit": "latent-diff", "exit_threshold": THRESHOLD}
 
-    common = dict(skip_tokenizer_init=True, dtype="float32", max_num_seqs=SLOTS, gpu_memory_utilization=0.3,
-                  max_model_len=512, enable_prefix_caching=False, seed=0)
-    engines = {"vllm_latent": LLM(model=str(folder), hf_overrides=latent, **common),
-               "vllm_fixed": LLM(model=str(folder), **common)}
+    engines = {"vllm_latent": LLM(model=str(folder), hf_overrides=latent, **worker.ENGINE),
+               "vllm_fixed": LLM(model=str(folder), **worker.ENGINE)}
     compilation = {name: {"mode": getattr(llm.llm_engine.vllm_config.compilation_config.mode, "name", "?"),
                           "cudagraph_mode": str(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode)}
                    for name, llm in engines.items()}
@@ -164,42 +155,15 @@ def main():
         print(json.dumps({"check": size, **{k: v for k, v in checks[size].items() if k != "mlp_rows_by_layer"}}),
               file=sys.stderr)
 
-    me = psutil.Process()
-    cases = list(engines) + ["ours_depthwise"] + ([] if dense is None else ["release"])
-    rounds = []
-    for r in range(1 + args.repeats):   # round 0 warms up
-        for size in args.sizes:
-            row = {"round": r, "size": size}
-            for case in cases:
-                call = {"ours_depthwise": lambda: ours_call(size), "release": lambda: release_call(size)}.get(
-                    case, lambda: vllm_call(engines[case], size))
-                _, cpu, wall = worker.timed(me, call)
-                row[case] = {"cpu_s": round(cpu, 3), "wall_s": round(wall, 3)}
-            if r:
-                rounds.append(row)
-            print(json.dumps(row), file=sys.stderr)
-
-    results = []
-    for size in args.sizes:
-        mine = [row for row in rounds if row["size"] == size]
-        tokens = new * size
-        entry = {"size": size, "new_tokens": tokens, **checks[size]}
-        for clock in ("cpu_s", "wall_s"):
-            speed = {case: statistics.median(tokens / row[case][clock] for row in mine) for case in cases}
-            ratio = {f"latent_vs_{case}": [row[case][clock] / row["vllm_latent"][clock] for row in mine]
-                     for case in cases if case != "vllm_latent"}
-            entry[clock] = {"tokens_per_s": {k: round(v, 1) for k, v in speed.items()},
-                            "ratios": {k: {"median": round(statistics.median(v), 3),
-                                           "range": [round(min(v), 3), round(max(v), 3)]} for k, v in ratio.items()}}
-            entry[clock]["share_of_ideal"] = round(statistics.median(ratio["latent_vs_vllm_fixed"]) / entry["ideal"],
-                                                   3)
-        results.append(entry)
-
-    for llm in engines.values():
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:
-            pass
+    calls = {name: (lambda size, llm=llm: vllm_call(llm, size)) for name, llm in engines.items()}
+    calls["ours_depthwise"] = ours_call
+    if dense is not None:
+        calls["release"] = release_call
+    rounds = worker.alternate(calls, args.sizes, args.repeats)
+    results = [{"size": size, "new_tokens": new * size, **checks[size],
+                **worker.summarize(rounds, size, new * size, "vllm_latent", "latent", "vllm_fixed",
+                                   checks[size]["ideal"])} for size in args.sizes]
+    worker.shutdown(engines)
 
     report = {
         "benchmark": "bench/vllm_huginn.py", "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -210,7 +174,7 @@ def main():
                                                     "python": platform.python_version()},
         "model": {"hidden": hw.HIDDEN, "prelude": hw.PRELUDE, "core": hw.CORE, "coda": hw.CODA, "num_steps": STEPS,
                   "contraction": CONTRACTION, "exit": "latent-diff", "threshold": THRESHOLD},
-        "prompts": len(prompts), "new_tokens_each": new, "slots": SLOTS, "repeats": args.repeats,
+        "prompts": len(prompts), "new_tokens_each": new, "slots": worker.SLOTS, "repeats": args.repeats,
         "clock": "cpu_s: process-tree CPU seconds (everything pinned to one core); wall_s: wall clock",
         "compilation": compilation, "results": results, "rounds": rounds,
         "command": " ".join([Path(sys.executable).name] + sys.argv),

@@ -155,6 +155,64 @@ def git_commit() -> str:
         return "unknown"
 
 
+def pin_to_bind() -> str:
+    """This process (and so its children) on the CPUs of VLLM_CPU_OMP_THREADS_BIND; returns the setting."""
+    bind = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    if bind not in ("auto", "nobind", "all"):
+        import vllm_unrolled
+        os.sched_setaffinity(0, vllm_unrolled.parse_ids(bind))
+    return bind
+
+
+# the engines' settings: greedy token ids in and out, SLOTS sequences, no prefix cache (every call computes)
+ENGINE = dict(skip_tokenizer_init=True, dtype="float32", max_num_seqs=SLOTS, gpu_memory_utilization=0.3,
+              max_model_len=512, enable_prefix_caching=False, seed=0)
+
+
+def alternate(calls: dict, sizes, repeats: int) -> list:
+    """Rounds of every case at every size in turn (calls: case -> call(size)),
+    round 0 a warm-up left out; each row the cases' CPU and wall seconds."""
+    import psutil
+
+    me, rounds = psutil.Process(), []
+    for r in range(1 + repeats):
+        for size in sizes:
+            row = {"round": r, "size": size}
+            for case, call in calls.items():
+                _, cpu, wall = timed(me, lambda: call(size))
+                row[case] = {"cpu_s": round(cpu, 3), "wall_s": round(wall, 3)}
+            if r:
+                rounds.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    return rounds
+
+
+def summarize(rounds: list, size: int, tokens: int, subject: str, label: str, baseline: str, ideal: float) -> dict:
+    """Per clock at one size: the cases' tokens/s (medians over the rounds),
+    the subject's speed-up over each other case ("{label}_vs_{case}": median
+    and range of the rounds' ratios) and its share of the ideal over the baseline."""
+    mine = [row for row in rounds if row["size"] == size]
+    cases = [case for case in mine[0] if case not in ("round", "size")]
+    entry = {}
+    for clock in ("cpu_s", "wall_s"):
+        speed = {case: statistics.median(tokens / row[case][clock] for row in mine) for case in cases}
+        ratio = {f"{label}_vs_{case}": [row[case][clock] / row[subject][clock] for row in mine]
+                 for case in cases if case != subject}
+        entry[clock] = {"tokens_per_s": {k: round(v, 1) for k, v in speed.items()},
+                        "ratios": {k: {"median": round(statistics.median(v), 3),
+                                       "range": [round(min(v), 3), round(max(v), 3)]} for k, v in ratio.items()},
+                        "share_of_ideal": round(statistics.median(ratio[f"{label}_vs_{baseline}"]) / ideal, 3)}
+    return entry
+
+
+def shutdown(engines: dict) -> None:
+    for llm in engines.values():
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:   # already gone
+            pass
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", default=DEFAULT_FOLDER)
@@ -166,12 +224,8 @@ def main():
     parser.add_argument("--unrolled-eager", action="store_true", help="also an enforce_eager unrolled engine")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    bind = os.environ["VLLM_CPU_OMP_THREADS_BIND"]
-    if bind not in ("auto", "nobind", "all"):
-        import vllm_unrolled
-        os.sched_setaffinity(0, vllm_unrolled.parse_ids(bind))
+    bind = pin_to_bind()
 
-    import psutil
     import torch
     import transformers
     import vllm
@@ -193,12 +247,10 @@ def main():
     prompts = save_unrolled.prompts()
     ids, mask = hw.left_padded(len(prompts), save_unrolled.LOW, save_unrolled.HIGH)
 
-    common = dict(skip_tokenizer_init=True, dtype="float32", max_num_seqs=SLOTS, gpu_memory_utilization=0.3,
-                  max_model_len=512, enable_prefix_caching=False, seed=0)
-    engines = {"vllm_looped_act": LLM(model=str(folder / "looped"), **common),
-               "vllm_unrolled": LLM(model=str(folder / "unrolled"), **common)}
+    engines = {"vllm_looped_act": LLM(model=str(folder / "looped"), **ENGINE),
+               "vllm_unrolled": LLM(model=str(folder / "unrolled"), **ENGINE)}
     if args.unrolled_eager:
-        engines["vllm_unrolled_eager"] = LLM(model=str(folder / "unrolled"), enforce_eager=True, **common)
+        engines["vllm_unrolled_eager"] = LLM(model=str(folder / "unrolled"), enforce_eager=True, **ENGINE)
     compilation = {}
     for name, llm in engines.items():
         c = llm.llm_engine.vllm_config.compilation_config
@@ -250,45 +302,17 @@ def main():
         print(json.dumps({"check": size, **{k: v for k, v in checks[size].items() if k != "mlp_rows_by_layer"}}),
               file=sys.stderr)
 
-    me = psutil.Process()
-    cases = list(engines) + ["ours_depthwise"]
-    rounds = []
-    for r in range(1 + args.repeats):   # round 0 warms up
-        for size in args.sizes:
-            row = {"round": r, "size": size}
-            for case in cases:
-                call = (lambda: ours_call(size)) if case == "ours_depthwise" else \
-                    (lambda: vllm_call(engines[case], size))
-                _, cpu, wall = timed(me, call)
-                row[case] = {"cpu_s": round(cpu, 3), "wall_s": round(wall, 3)}
-            if r:
-                rounds.append(row)
-            print(json.dumps(row), file=sys.stderr)
-
+    calls = {name: (lambda size, llm=llm: vllm_call(llm, size)) for name, llm in engines.items()}
+    rounds = alternate({**calls, "ours_depthwise": ours_call}, args.sizes, args.repeats)
     results = []
     for size in args.sizes:
-        mine = [row for row in rounds if row["size"] == size]
-        tokens = new * size
-        entry = {"size": size, "new_tokens": tokens, **{k: checks[size][k] for k in (
+        entry = {"size": size, "new_tokens": new * size, **{k: checks[size][k] for k in (
             "tokens_run", "steps_sum", "mean_steps", "loop_queries", "loop_queries_per_running",
             "ours_mean_steps_new_tokens", "share_at_max_steps", "ideal",
             "greedy_agree", "greedy_first_difference", "ours_steps_sum", "ours_tokens_run")}}
-        for clock in ("cpu_s", "wall_s"):
-            speed = {case: statistics.median(tokens / row[case][clock] for row in mine) for case in cases}
-            ratio = {f"act_vs_{case}": [row[case][clock] / row["vllm_looped_act"][clock] for row in mine]
-                     for case in cases if case != "vllm_looped_act"}
-            entry[clock] = {"tokens_per_s": {k: round(v, 1) for k, v in speed.items()},
-                            "ratios": {k: {"median": round(statistics.median(v), 3),
-                                           "range": [round(min(v), 3), round(max(v), 3)]} for k, v in ratio.items()}}
-            entry[clock]["share_of_ideal"] = round(
-                statistics.median(ratio["act_vs_vllm_unrolled"]) / entry["ideal"], 3)
+        entry.update(summarize(rounds, size, new * size, "vllm_looped_act", "act", "vllm_unrolled", entry["ideal"]))
         results.append(entry)
-
-    for llm in engines.values():
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:
-            pass
+    shutdown(engines)
 
     report = {
         "benchmark": "bench/vllm_looped.py", "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -67,15 +67,15 @@ from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from ..layers.exits import RECURRENT_RULES, exits_now
 from ..layers.kinds.sandwich import initial_states
+from .causal_lm import LoopedForCausalLM
 from .huginn_checks import check_huginn_config
 from .rows import agreed, query_key_value, running_loops, share_weights
 
@@ -269,7 +269,7 @@ _RENAMED = [(".attn.proj.", ".self_attn.o_proj."), (".mlp.proj.", ".mlp.down_pro
             (".attn.qk_bias", ".self_attn.qk_bias")]
 
 
-class VLLMHuginnForCausalLM(nn.Module):
+class VLLMHuginnForCausalLM(LoopedForCausalLM):
     """The architectures "RavenForCausalLM" and "HuginnForCausalLM" for vLLM
     (see the module docstring). Weights under the published names:
     `transformer.{wte, prelude.i, core_block.i, coda.i, adapter, ln_f}`,
@@ -281,24 +281,9 @@ class VLLMHuginnForCausalLM(nn.Module):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.model = HuginnModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        self.lm_head = ParallelLMHead(config.padded_vocab_size, config.n_embd, quant_config=vllm_config.quant_config,
-                                      prefix=maybe_prefix(prefix, "lm_head"))
-        self.tied = bool(config.tie_embeddings)
-        if self.tied:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         # vLLM's sampler sizes logits by config.vocab_size: the padding rows of the padded vocabulary are cut
-        self.logits_processor = LogitsProcessor(config.padded_vocab_size, config.vocab_size)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        self.add_head(vllm_config, prefix, vocab_size=config.padded_vocab_size, hidden_size=config.n_embd,
+                      tied=bool(config.tie_embeddings), sampled_vocab_size=config.vocab_size)
 
     def vllm_name(self, name: str) -> str | None:
         """A published name as a parameter name here; None for what is not read."""

@@ -45,12 +45,12 @@ from torch.nn import functional as F
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
+from .causal_lm import LoopedForCausalLM
 from .checks import check_config, exit_rule
 from .rows import agreed, running_loops, share_weights
 
@@ -205,7 +205,7 @@ class LoopedModel(nn.Module):
 
 
 
-class VLLMLoopedCausalLM(nn.Module):
+class VLLMLoopedCausalLM(LoopedForCausalLM):
     """The architecture "LoopedCausalLM" for vLLM (see the module docstring).
     Weights: the checkpoint of LoopedCausalLM.save_pretrained, `model.model.*`
     (the inner model), `model.lm_head.*` and `block.halting.*`."""
@@ -221,26 +221,11 @@ class VLLMLoopedCausalLM(nn.Module):
         self._add_head(vllm_config, prefix, text)
 
     def _add_head(self, vllm_config: VllmConfig, prefix: str, text) -> None:
-        """The head over self.model (tied to its embedding where the config
-        says so) and the logits processor, from the config with the
-        vocabulary and hidden sizes."""
-        self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size, quant_config=vllm_config.quant_config,
-                                      prefix=maybe_prefix(prefix, "lm_head"))
-        self.tied = bool(getattr(text, "tie_word_embeddings", False))
-        if self.tied:
-            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        self.logits_processor = LogitsProcessor(text.vocab_size, scale=getattr(text, "logit_scale", 1.0))
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_input_ids(input_ids)
-
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
-                intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        return self.logits_processor(self.lm_head, hidden_states)
+        """The head from a transformers text config (vocabulary and hidden
+        sizes, tie_word_embeddings, logit_scale)."""
+        self.add_head(vllm_config, prefix, vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+                      tied=bool(getattr(text, "tie_word_embeddings", False)),
+                      scale=getattr(text, "logit_scale", 1.0))
 
     @staticmethod
     def vllm_name(name: str) -> str:
