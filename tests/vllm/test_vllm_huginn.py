@@ -13,6 +13,8 @@ names, written by tests/huginn/checkpoints.py), zero initial state:
   exit steps), the prelude's and coda's every token once; and the frozen
   rows change later tokens' logits against the fixed depth, so an engine
   that ignored the exit would fail;
+- on two tensor-parallel ranks, a vocabulary padded to more rows than it
+  has and an untied head: our tokens and logprobs over the real vocabulary;
 - bad exit settings are refused when the engine's config is built, naming
   the setting.
 
@@ -21,6 +23,8 @@ vLLM environment only (see vllm_tiny.py); one engine per exit setting:
     /work/vllm-venv/bin/python -m pytest tests/vllm -p no:xdist -o addopts=""
 """
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,13 +83,17 @@ def served(request, folder):
 class _Forward:
     """Our forward under the served exit, as vllm_tiny.logprob_gaps calls it."""
 
-    def __init__(self, model, rule: str, min_steps: int = 0):
-        self.model, self.rule, self.min_steps = model, rule, min_steps
+    def __init__(self, model, rule: str, min_steps: int = 0, vocab: int | None = None):
+        self.model, self.rule, self.min_steps, self.vocab = model, rule, min_steps, vocab
 
     def __call__(self, ids, exit=None):
         if self.rule == "fixed":
-            return self.model(ids)
-        return self.model(ids, exit="latent-diff", threshold=THRESHOLD, min_steps=self.min_steps)
+            out = self.model(ids)
+        else:
+            out = self.model(ids, exit="latent-diff", threshold=THRESHOLD, min_steps=self.min_steps)
+        if self.vocab is not None:   # what vLLM samples from: the logits of the real vocabulary
+            out = SimpleNamespace(logits=out.logits[..., :self.vocab], steps=out.steps)
+        return out
 
 
 def test_huginn_registered(served):
@@ -175,8 +183,27 @@ def test_bad_settings_refused_at_start(folder, overrides, named):
 
 
 @pytest.fixture(scope="module")
-def served_tp(folder):
-    """Under "latent-diff" with exit_min_steps, an engine on two tensor-parallel ranks (one per CPU)."""
+def padded(tmp_path_factory):
+    """The module's Huginn (seed 0: the same embedding, layers and adapter,
+    so the same exits) with the published layout's two other cases: a
+    vocabulary of 61 padded to 64 rows, and an untied head of its own.
+    Returns (folder, our model)."""
+    from huginn.checkpoints import write_huginn_checkpoint
+
+    from act_kernels.hf import HuginnForCausalLM
+
+    saved = tmp_path_factory.mktemp("huginn_padded_untied")
+    write_huginn_checkpoint(saved, seed=0, n_embd=64, n_heads=2, vocab_size=61, padded_vocab_size=64,
+                            mean_recurrence=STEPS, block_size=256, init_values={"std": 0.0}, tie_embeddings=False)
+    model = HuginnForCausalLM.from_pretrained(saved).eval()
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    return saved, model
+
+
+@pytest.fixture(scope="module")
+def served_tp(padded):
+    """Under "latent-diff" with exit_min_steps, the padded, untied checkpoint
+    on two tensor-parallel ranks (one per CPU)."""
     import os
 
     if (os.cpu_count() or 1) < 2:
@@ -184,7 +211,7 @@ def served_tp(folder):
     bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     try:
-        with vllm_tiny.serving(folder, tensor_parallel_size=2, enable_prefix_caching=False,
+        with vllm_tiny.serving(padded[0], tensor_parallel_size=2, enable_prefix_caching=False,
                                hf_overrides={**LATENT, "exit_min_steps": TP_MIN_STEPS}) as (llm, greedy):
             yield llm, greedy
     finally:
@@ -192,14 +219,16 @@ def served_tp(folder):
 
 
 @torch.no_grad()
-def test_two_ranks_equal_ours(served_tp, ours):
+def test_two_ranks_equal_ours(served_tp, padded):
     """The heads, MLP halves and vocabulary split over two ranks, the exits
     agreed across them, no exit before step exit_min_steps + 1: the same
     tokens and logprobs as ours with that min_steps (whose exits differ from
-    min_steps 0's here)."""
+    min_steps 0's here), our logits cut to the real vocabulary as vLLM's
+    sampler cuts the padded head's (the untied head loaded from its own rows)."""
     llm, got = served_tp
     assert llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 2
-    forward = _Forward(ours, "latent-diff", TP_MIN_STEPS)
+    ours = padded[1]
+    forward = _Forward(ours, "latent-diff", TP_MIN_STEPS, vocab=ours.config.vocab_size)
     exits, moved = set(), False
     for prompt, (tokens, logprobs, prompt_logprobs) in zip(vllm_tiny.PROMPTS, got):
         ids = torch.tensor([prompt + tokens])
