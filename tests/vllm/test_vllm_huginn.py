@@ -68,16 +68,8 @@ def served(request, folder):
     """An engine on the folder under the exit setting, with the MLP rows
     counted over its greedy generation."""
     overrides = {} if request.param == "fixed" else {"hf_overrides": LATENT}
-    with vllm_tiny.insecure_serialization():
-        llm = vllm_tiny.engine(folder, enable_prefix_caching=False, **overrides)
-        try:
-            llm.apply_model(vllm_tiny.count_mlp_rows)
-            llm.apply_model(vllm_tiny.reset_mlp_rows)
-            greedy = vllm_tiny.vllm_greedy(llm)
-            (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
-            yield request.param, llm, greedy, rows
-        finally:
-            vllm_tiny.shutdown(llm)
+    with vllm_tiny.counting(folder, enable_prefix_caching=False, **overrides) as (llm, greedy, rows, _):
+        yield request.param, llm, greedy, rows
 
 
 class _Forward:

@@ -72,19 +72,9 @@ def served(request, folder):
         overrides["early_exit_threshold"] = threshold
     if every_loop:
         overrides["every_loop"] = True
-    with vllm_tiny.insecure_serialization():
-        llm = vllm_tiny.engine(folder, enable_prefix_caching=False, hf_overrides=overrides)
-        try:
-            llm.apply_model(vllm_tiny.count_mlp_rows)
-            llm.apply_model(vllm_tiny.count_attention_queries)
-            llm.apply_model(vllm_tiny.reset_mlp_rows)
-            llm.apply_model(vllm_tiny.reset_attention_queries)
-            greedy = vllm_tiny.vllm_greedy(llm)
-            (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
-            (queries,) = llm.apply_model(vllm_tiny.read_attention_queries)
-            yield threshold, every_loop, ours, llm, greedy, (rows, queries)
-        finally:
-            vllm_tiny.shutdown(llm)
+    with vllm_tiny.counting(folder, attention=True, enable_prefix_caching=False,
+                            hf_overrides=overrides) as (llm, greedy, rows, queries):
+        yield threshold, every_loop, ours, llm, greedy, (rows, queries)
 
 
 def ours_greedy(ours, every_loop: bool):

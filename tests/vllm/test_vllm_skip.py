@@ -32,19 +32,9 @@ BLOCK = (1, 3)
 def counted(tmp_path_factory):
     folder = tmp_path_factory.mktemp("looped_skip")
     looped = vllm_tiny.build_looped(folder, block=BLOCK)
-    with vllm_tiny.insecure_serialization():
-        llm = vllm_tiny.engine(folder, enable_prefix_caching=False)
-        try:
-            llm.apply_model(vllm_tiny.count_mlp_rows)
-            llm.apply_model(vllm_tiny.count_attention_queries)
-            llm.apply_model(vllm_tiny.reset_mlp_rows)
-            llm.apply_model(vllm_tiny.reset_attention_queries)
-            greedy = vllm_tiny.vllm_greedy(llm)
-            (rows,) = llm.apply_model(vllm_tiny.read_mlp_rows)
-            ((queries, batches),) = llm.apply_model(vllm_tiny.read_attention_queries)
-            yield looped, greedy, rows, queries, batches
-        finally:
-            vllm_tiny.shutdown(llm)
+    with vllm_tiny.counting(folder, attention=True, enable_prefix_caching=False) as (_, greedy, rows, counted):
+        queries, batches = counted
+        yield looped, greedy, rows, queries, batches
 
 
 def test_counted_generation_equals_ours(counted):

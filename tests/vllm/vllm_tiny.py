@@ -231,6 +231,30 @@ def queries_per_loop(batches, sequences, steps, max_steps: int) -> tuple[dict, d
 
 
 @contextlib.contextmanager
+def counting(folder, attention: bool = False, **kwargs):
+    """An engine on the saved folder (`engine`'s keywords) whose worker counts,
+    over its greedy outputs for PROMPTS, the rows each decoder layer's MLP
+    sees and, with attention, the queries each loop copy's attention
+    receives and the batches. Yields (llm, greedy, MLP rows, (queries,
+    batches) or None); the engine is shut down afterwards."""
+    with insecure_serialization():
+        llm = engine(folder, **kwargs)
+        try:
+            llm.apply_model(count_mlp_rows)
+            if attention:
+                llm.apply_model(count_attention_queries)
+            llm.apply_model(reset_mlp_rows)
+            if attention:
+                llm.apply_model(reset_attention_queries)
+            greedy = vllm_greedy(llm)
+            (rows,) = llm.apply_model(read_mlp_rows)
+            queries = llm.apply_model(read_attention_queries)[0] if attention else None
+            yield llm, greedy, rows, queries
+        finally:
+            shutdown(llm)
+
+
+@contextlib.contextmanager
 def insecure_serialization():
     """`LLM.apply_model` pickles the tests' counting functions into the
     workers: vLLM allows that only with VLLM_ALLOW_INSECURE_SERIALIZATION
