@@ -72,7 +72,6 @@ class OuroConfigCheck(VerifyAndUpdateConfig):
             no_cuda_graphs(vllm_config)
 
 
-
 class HuginnConfigCheck(VerifyAndUpdateConfig):
     """Huginn's hook: its settings (huginn_checks.py), and CUDA graphs off
     where the model runs eager: under an exit criterion the row counts

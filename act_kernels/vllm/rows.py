@@ -90,13 +90,12 @@ def query_key_value(attn: nn.Module, positions: torch.Tensor, a: torch.Tensor):
     qk_bias), rotary."""
     qkv, _ = attn.qkv_proj(a)
     q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-    per_head = getattr(attn, "per_head", None)
-    if per_head is None and getattr(attn, "q_norm", None) is not None:
-        def per_head(q_heads, k_heads):
-            return attn.q_norm(q_heads), attn.k_norm(k_heads)
-    if per_head is not None:
-        q_heads, k_heads = per_head(q.reshape(*q.shape[:-1], -1, attn.head_dim),
-                                    k.reshape(*k.shape[:-1], -1, attn.head_dim))
+    per_head, q_norm = getattr(attn, "per_head", None), getattr(attn, "q_norm", None)
+    if per_head is not None or q_norm is not None:
+        q_heads = q.reshape(*q.shape[:-1], -1, attn.head_dim)
+        k_heads = k.reshape(*k.shape[:-1], -1, attn.head_dim)
+        q_heads, k_heads = per_head(q_heads, k_heads) if per_head is not None else \
+            (q_norm(q_heads), attn.k_norm(k_heads))
         q, k = q_heads.reshape(q.shape), k_heads.reshape(k.shape)
     return (*attn.rotary_emb(positions, q, k), v)
 
